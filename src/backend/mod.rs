@@ -1,0 +1,72 @@
+//! Backends: each one renders or executes a [`StepIr`](crate::ir::StepIr); none re-derives the math.
+
+pub mod interp;
+
+use crate::error::{Error, Result};
+use crate::shape::Layout;
+use crate::state::TensorState;
+
+/// The runtime hyper-parameters of one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hyper {
+    /// Learning rate (after any μP scaling).
+    pub lr: f32,
+    /// Weight decay (≥ 0), applied as `P ← P − lr·wd·P` after the update.
+    pub weight_decay: f32,
+}
+
+impl Hyper {
+    /// Checks that `lr` is finite and `weight_decay` finite and not negative.
+    pub fn validate(&self) -> Result<()> {
+        if !self.lr.is_finite() {
+            return Err(Error::argument(
+                "lr",
+                format!("{} is not a finite number", self.lr),
+            ));
+        }
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
+            return Err(Error::argument(
+                "weight_decay",
+                format!("{} must be a finite number ≥ 0", self.weight_decay),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a step's arguments against the layout before anything is touched.
+pub fn check_step_args(layout: &Layout, param: usize, grad: usize, hyper: &Hyper) -> Result<()> {
+    let n = layout.numel();
+    for (name, len) in [("param", param), ("grad", grad)] {
+        if len != n {
+            return Err(Error::argument(
+                name,
+                format!(
+                    "has {len} values; the program is compiled for shape {} ({n} values)",
+                    layout.shape()
+                ),
+            ));
+        }
+    }
+    hyper.validate()
+}
+
+/// Something that steps one tensor with host-side buffers and keeps its state: what
+/// `mulo-compile replay` and the property tests drive, whatever the backend.
+pub trait TensorStepper {
+    /// The backend's name (`interp`, `onnx`, `cuda`).
+    fn target(&self) -> &'static str;
+
+    /// The tensor layout the stepper was compiled for.
+    fn layout(&self) -> &Layout;
+
+    /// One step: updates `param` in place and the internal state. On error, `param` and the
+    /// state are left as they were.
+    fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> Result<()>;
+
+    /// The current state, canonical layout.
+    fn state(&self) -> Result<TensorState>;
+
+    /// Replaces the state (e.g. to start from a PyLO state or a checkpoint).
+    fn set_state(&mut self, state: TensorState) -> Result<()>;
+}

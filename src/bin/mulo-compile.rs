@@ -1,0 +1,230 @@
+//! `mulo-compile`: compile μLO_M optimizer steps for concrete tensor shapes, and check them
+//! against trajectories recorded from PyLO.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mulo::backend::interp::InterpStepper;
+use mulo::backend::TensorStepper;
+use mulo::lopt::LearnedOptimizer;
+use mulo::shape::{Layout, Shape};
+use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Compile the μLO_M learned optimizer into optimizer-step programs for one tensor shape.
+///
+/// Compile form (no subcommand): `mulo-compile --shape 1024x512 --target cuda`.
+///
+/// Weights: `--weights` takes a directory in the Hub layout (model.safetensors + config.json),
+/// a .safetensors file, or a Hub key owner/name looked up in the local Hugging Face cache
+/// ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub). Without it, btherien/mulo
+/// is used if the cache has it, else the bundled DEMO network (not the trained μLO_M).
+#[derive(Parser, Debug)]
+#[command(name = "mulo-compile", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    compile: CompileArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replay trajectories recorded from PyLO and report the worst error relative to the
+    /// displacement; exits with status 1 if any case is over the tolerance.
+    Replay(ReplayArgs),
+    /// Write the bundled demo meta-network in the Hub layout (model.safetensors + config.json).
+    DemoWeights {
+        /// Directory to write into.
+        #[arg(short, long, default_value = "mulo-demo-weights")]
+        output: PathBuf,
+    },
+}
+
+/// Where the learned optimizer comes from.
+#[derive(Args, Debug, Clone)]
+struct WeightsArgs {
+    /// Weights: a Hub-layout directory, a .safetensors file, or a Hub key owner/name in the
+    /// local Hugging Face cache. Default: btherien/mulo from the cache, else the bundled demo.
+    #[arg(long, value_name = "W")]
+    weights: Option<String>,
+    /// JSON file overriding meta-parameters (exp_mult, step_mult, momentum_decays, rms_decay,
+    /// adafactor_decays); fields left out keep μLO_M's values.
+    #[arg(long, value_name = "FILE")]
+    meta: Option<PathBuf>,
+}
+
+impl WeightsArgs {
+    fn load(&self) -> Result<LearnedOptimizer> {
+        let lopt = match &self.weights {
+            Some(spec) => LearnedOptimizer::load(spec)?,
+            None => LearnedOptimizer::load_default(),
+        };
+        let lopt = match &self.meta {
+            Some(path) => lopt.with_meta_file(path)?,
+            None => lopt,
+        };
+        eprintln!("weights: {}", lopt.origin);
+        Ok(lopt)
+    }
+}
+
+/// What the compile form produces.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum CompileTarget {
+    /// The step IR's text form, on standard output (or into -o FILE).
+    Ir,
+    /// An ONNX graph of one step (mulo_step.onnx).
+    Onnx,
+    /// CUDA C JIT-compiled with NVRTC (mulo_step.cu, .ptx, .json).
+    Cuda,
+}
+
+#[derive(Args, Debug)]
+struct CompileArgs {
+    /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`.
+    #[arg(long, value_name = "SHAPE")]
+    shape: Option<String>,
+    /// What to produce.
+    #[arg(long, value_enum, default_value = "ir")]
+    target: CompileTarget,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// Output file (ir, onnx) or directory (cuda).
+    #[arg(short, long, value_name = "OUT")]
+    output: Option<PathBuf>,
+}
+
+/// Backends that can execute steps.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RunTarget {
+    /// The reference interpreter (f32).
+    Interp,
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    /// Backend to replay through.
+    #[arg(long, value_enum, default_value = "interp")]
+    target: RunTarget,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// Tolerance on max |p − p_ref| / max |pT − p0| (and on the final state, relative to its size).
+    #[arg(long, default_value_t = DEFAULT_TOLERANCE)]
+    tol: f64,
+    /// Trajectory files (safetensors, the golden format).
+    #[arg(required = true, value_name = "CASE.safetensors")]
+    cases: Vec<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Replay(args)) => run_replay(&args),
+        Some(Command::DemoWeights { output }) => write_demo(&output),
+        None => run_compile(&cli.compile),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn run_compile(args: &CompileArgs) -> Result<i32> {
+    let Some(shape_text) = &args.shape else {
+        bail!(
+            "--shape is required (e.g. `mulo-compile --shape 1024x512 --target cuda`); see --help"
+        );
+    };
+    let shape = Shape::parse(shape_text)?;
+    let lopt = args.weights.load()?;
+    let started = Instant::now();
+    let ir = mulo::compile_step(&shape, &lopt)?;
+    match args.target {
+        CompileTarget::Ir => {
+            let text = ir.to_text();
+            match &args.output {
+                Some(path) => {
+                    std::fs::write(path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!(
+                        "wrote {} ({} nodes) in {:.1?}",
+                        path.display(),
+                        ir.nodes.len(),
+                        started.elapsed()
+                    );
+                }
+                None => print!("{text}"),
+            }
+        }
+        CompileTarget::Onnx | CompileTarget::Cuda => {
+            bail!(
+                "target {:?} is not available in this build yet; use --target ir",
+                args.target
+            )
+        }
+    }
+    Ok(0)
+}
+
+fn make_stepper(
+    target: RunTarget,
+    layout: &Layout,
+    lopt: &LearnedOptimizer,
+) -> Result<Box<dyn TensorStepper>> {
+    let ir = Arc::new(mulo::compile_step(layout.shape(), lopt)?);
+    Ok(match target {
+        RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
+    })
+}
+
+fn run_replay(args: &ReplayArgs) -> Result<i32> {
+    let lopt = args.weights.load()?;
+    let mut failed = 0;
+    println!(
+        "{:<24} {:>6} {:>12} {:>12}  result",
+        "case", "steps", "param err", "state err"
+    );
+    for path in &args.cases {
+        let traj = Trajectory::load(path)?;
+        let layout = Layout::new(traj.shape.clone());
+        let mut stepper = make_stepper(args.target, &layout, &lopt)?;
+        let started = Instant::now();
+        let report = replay(stepper.as_mut(), &traj)?;
+        let state_err = report.state_errors.iter().map(|e| e.1).fold(0f64, f64::max);
+        let ok = report.worst() <= args.tol;
+        if !ok {
+            failed += 1;
+        }
+        println!(
+            "{:<24} {:>6} {:>12.3e} {:>12.3e}  {} ({:.1?})",
+            report.name,
+            report.steps,
+            report.param_error,
+            state_err,
+            if ok { "ok" } else { "OVER TOLERANCE" },
+            started.elapsed()
+        );
+    }
+    println!(
+        "{} of {} cases within tolerance {:e} (target {:?})",
+        args.cases.len() - failed,
+        args.cases.len(),
+        args.tol,
+        args.target
+    );
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+fn write_demo(output: &Path) -> Result<i32> {
+    mulo::lopt::demo::demo_network().save_hub_layout(output)?;
+    eprintln!(
+        "wrote the DEMO meta-network (not the trained μLO_M) to {}",
+        output.display()
+    );
+    Ok(0)
+}

@@ -1,0 +1,46 @@
+//! # mulo
+//!
+//! Compiles the μLO_M learned optimizer (arXiv 2406.00153, Hub model `btherien/mulo`) into
+//! optimizer-step programs for one concrete tensor shape.
+//!
+//! The centre is the step IR ([`ir::StepIr`]), built from the math of SPEC.md by
+//! [`frontend::build_step`] and optimized by [`passes::optimize`]. Backends render it:
+//! the reference interpreter ([`backend::interp`]) executes it on the CPU in f32 or f64.
+//!
+//! ```no_run
+//! use mulo::{compile_step, backend::{Hyper, TensorStepper, interp::InterpStepper},
+//!            lopt::LearnedOptimizer, shape::Shape};
+//! use std::sync::Arc;
+//!
+//! let lopt = LearnedOptimizer::load("btherien/mulo")?; // or a directory, or a .safetensors file
+//! let ir = compile_step(&Shape::parse("1024x512")?, &lopt)?;
+//! let mut stepper = InterpStepper::new(Arc::new(ir), 0);
+//! let (mut param, grad) = (vec![0.1f32; 1024 * 512], vec![0.01f32; 1024 * 512]);
+//! stepper.step(&mut param, &grad, Hyper { lr: 1e-3, weight_decay: 0.0 })?;
+//! # Ok::<(), mulo::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod error;
+pub mod frontend;
+pub mod ir;
+pub mod lopt;
+pub mod passes;
+pub mod shape;
+pub mod state;
+pub mod trajectory;
+
+pub use error::{Error, Result};
+
+use ir::StepIr;
+use lopt::LearnedOptimizer;
+use shape::{Layout, Shape};
+
+/// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `shape`.
+pub fn compile_step(shape: &Shape, lopt: &LearnedOptimizer) -> Result<StepIr> {
+    let ir = frontend::build_step(&Layout::new(shape.clone()), lopt);
+    ir::verify(&ir)?;
+    passes::optimize(ir)
+}

@@ -1,0 +1,418 @@
+//! Tensor shapes, the factored-axis rule of SPEC.md §2, and the iteration domains of the IR.
+//!
+//! Every value of the step IR lives on a [`Domain`]: the whole tensor, the tensor with the
+//! largest axis (d0) removed (where the Adafactor "row" accumulators live), with d1 removed
+//! ("column" accumulators), with both removed, or a single value per step. A value on a
+//! smaller domain is broadcast along the axes it lacks when a larger one uses it.
+
+use crate::error::{Error, Result};
+use std::fmt;
+
+/// Largest number of elements a tensor may have (2^40): beyond this, index arithmetic in the
+/// generated code and the memory any machine has are both out of reach.
+pub const MAX_ELEMENTS: u128 = 1 << 40;
+
+/// Largest supported rank.
+pub const MAX_RANK: usize = 16;
+
+/// The shape of one parameter tensor, as the user gave it (0-d allowed).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Shape(Vec<usize>);
+
+impl Shape {
+    /// A shape from its dimensions; rejects zero dimensions, too many axes and too many elements.
+    pub fn new(dims: Vec<usize>) -> Result<Self> {
+        let text = dims
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        let reject = |reason: String| Error::Shape {
+            text: text.clone(),
+            reason,
+        };
+        if dims.len() > MAX_RANK {
+            return Err(reject(format!(
+                "rank {} is over the maximum {MAX_RANK}",
+                dims.len()
+            )));
+        }
+        if let Some(axis) = dims.iter().position(|&d| d == 0) {
+            return Err(reject(format!(
+                "dimension {axis} is 0: every dimension must be at least 1"
+            )));
+        }
+        let product: u128 = dims.iter().map(|&d| d as u128).product();
+        if product > MAX_ELEMENTS {
+            return Err(reject(format!(
+                "{product} elements is over the maximum 2^40 = {MAX_ELEMENTS}"
+            )));
+        }
+        Ok(Shape(dims))
+    }
+
+    /// Parses `1024x512`, `768`, `16x8x3x3`, or `scalar` (a 0-d tensor).
+    pub fn parse(text: &str) -> Result<Self> {
+        let trimmed = text.trim();
+        let reject = |reason: &str| Error::Shape {
+            text: text.to_string(),
+            reason: reason.to_string(),
+        };
+        if trimmed.eq_ignore_ascii_case("scalar") || trimmed == "()" {
+            return Ok(Shape(Vec::new()));
+        }
+        if trimmed.is_empty() {
+            return Err(reject(
+                "empty shape; write dimensions like 1024x512, 768 or 16x8x3x3",
+            ));
+        }
+        let mut dims = Vec::new();
+        for (axis, part) in trimmed.split(['x', 'X', ',']).enumerate() {
+            let part = part.trim();
+            if part.is_empty() {
+                return Err(reject(&format!(
+                    "dimension {axis} is missing; write dimensions like 1024x512"
+                )));
+            }
+            if !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(reject(&format!(
+                    "dimension {axis} `{part}` is not a positive whole number"
+                )));
+            }
+            let d: u128 = part
+                .parse()
+                .map_err(|_| reject(&format!("dimension {axis} `{part}` is too large")))?;
+            if d == 0 {
+                return Err(reject(&format!(
+                    "dimension {axis} is 0: every dimension must be at least 1"
+                )));
+            }
+            if d > MAX_ELEMENTS {
+                return Err(reject(&format!(
+                    "dimension {axis} is over the maximum of 2^40 elements"
+                )));
+            }
+            dims.push(d as usize);
+        }
+        Shape::new(dims).map_err(|e| match e {
+            Error::Shape { reason, .. } => reject(&reason),
+            other => other,
+        })
+    }
+
+    /// The dimensions as given (empty for a 0-d tensor).
+    pub fn dims(&self) -> &[usize] {
+        &self.0
+    }
+
+    /// Number of elements (1 for a 0-d tensor).
+    pub fn numel(&self) -> usize {
+        self.0.iter().product()
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return write!(f, "scalar");
+        }
+        let parts: Vec<String> = self.0.iter().map(|d| d.to_string()).collect();
+        write!(f, "{}", parts.join("x"))
+    }
+}
+
+impl std::str::FromStr for Shape {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Shape::parse(s)
+    }
+}
+
+/// The two axes the Adafactor accumulators are factored over (SPEC.md §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FactoredAxes {
+    /// The largest axis: the row accumulators R are reduced over it.
+    pub d0: usize,
+    /// The second largest: the column accumulators C are reduced over it.
+    pub d1: usize,
+}
+
+/// Where a value of the IR lives: which axes of the tensor it varies along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Domain {
+    /// One value per element of the tensor.
+    Elem,
+    /// One value per element of the tensor with axis d0 removed (the R accumulators).
+    Row,
+    /// One value per element of the tensor with axis d1 removed (the C accumulators).
+    Col,
+    /// One value per element of the tensor with d0 and d1 removed (the row-mean of R).
+    Rest,
+    /// One value per step (time features, normalization statistics, runtime scalars).
+    Step,
+}
+
+impl Domain {
+    /// All domains, largest first.
+    pub const ALL: [Domain; 5] = [
+        Domain::Elem,
+        Domain::Row,
+        Domain::Col,
+        Domain::Rest,
+        Domain::Step,
+    ];
+
+    /// The short name used in the IR's text form.
+    pub fn name(self) -> &'static str {
+        match self {
+            Domain::Elem => "elem",
+            Domain::Row => "row",
+            Domain::Col => "col",
+            Domain::Rest => "rest",
+            Domain::Step => "step",
+        }
+    }
+
+    /// Which of the two factored axes this domain has removed: (d0 removed, d1 removed).
+    /// `Step` removes every axis and is handled separately.
+    fn removes(self) -> (bool, bool) {
+        match self {
+            Domain::Elem => (false, false),
+            Domain::Row => (true, false),
+            Domain::Col => (false, true),
+            Domain::Rest => (true, true),
+            Domain::Step => (true, true),
+        }
+    }
+
+    /// Whether a value on `smaller` can be broadcast to this domain (every axis of `smaller`
+    /// is an axis of `self`).
+    pub fn contains(self, smaller: Domain) -> bool {
+        if smaller == Domain::Step {
+            return true;
+        }
+        if self == Domain::Step {
+            return false;
+        }
+        let (a0, a1) = self.removes();
+        let (b0, b1) = smaller.removes();
+        (b0 || !a0) && (b1 || !a1)
+    }
+
+    /// The smallest domain that contains both (the domain of an operation on them).
+    pub fn join(self, other: Domain) -> Domain {
+        if self.contains(other) {
+            self
+        } else if other.contains(self) {
+            other
+        } else {
+            // Row and Col: only the whole tensor holds both.
+            Domain::Elem
+        }
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A shape with its factored axes resolved: everything the IR needs to know about a tensor.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Layout {
+    shape: Shape,
+    dims: Vec<usize>,
+    factored: Option<FactoredAxes>,
+}
+
+impl Layout {
+    /// Resolves the factored axes of `shape` (SPEC.md §2); a 0-d tensor is treated as `[1]`.
+    pub fn new(shape: Shape) -> Self {
+        let dims = if shape.dims().is_empty() {
+            vec![1]
+        } else {
+            shape.dims().to_vec()
+        };
+        let factored = if dims.len() >= 2 {
+            let mut order: Vec<usize> = (0..dims.len()).collect();
+            // Stable sort by size, ascending: equal sizes keep the lower axis first.
+            order.sort_by_key(|&axis| dims[axis]);
+            Some(FactoredAxes {
+                d0: order[order.len() - 1],
+                d1: order[order.len() - 2],
+            })
+        } else {
+            None
+        };
+        Layout {
+            shape,
+            dims,
+            factored,
+        }
+    }
+
+    /// The shape as the user gave it.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// The dimensions the step works on (`[1]` for a 0-d tensor).
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// The factored axes, or `None` for a tensor of rank ≤ 1.
+    pub fn factored(&self) -> Option<FactoredAxes> {
+        self.factored
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// The domains that exist for this tensor: all five when factored, else `Elem` and `Step`.
+    pub fn domains(&self) -> Vec<Domain> {
+        if self.factored.is_some() {
+            Domain::ALL.to_vec()
+        } else {
+            vec![Domain::Elem, Domain::Step]
+        }
+    }
+
+    /// Whether `domain` exists for this tensor.
+    pub fn has_domain(&self, domain: Domain) -> bool {
+        matches!(domain, Domain::Elem | Domain::Step) || self.factored.is_some()
+    }
+
+    /// The axes of `dims()` a domain keeps, in order.
+    pub fn domain_axes(&self, domain: Domain) -> Vec<usize> {
+        if domain == Domain::Step {
+            return Vec::new();
+        }
+        let (drop0, drop1) = domain.removes();
+        let f = self.factored;
+        (0..self.dims.len())
+            .filter(|&axis| match f {
+                Some(f) => !(drop0 && axis == f.d0) && !(drop1 && axis == f.d1),
+                None => true,
+            })
+            .collect()
+    }
+
+    /// The shape of a domain (the kept axes' sizes; empty for `Step`, and for `Rest` of a 2-d tensor).
+    pub fn domain_shape(&self, domain: Domain) -> Vec<usize> {
+        self.domain_axes(domain)
+            .into_iter()
+            .map(|a| self.dims[a])
+            .collect()
+    }
+
+    /// Number of points of a domain.
+    pub fn domain_len(&self, domain: Domain) -> usize {
+        self.domain_shape(domain).iter().product()
+    }
+
+    /// For every point of `big` (row-major), the index of the point of `small` it broadcasts from.
+    /// `small` must be contained in `big`.
+    pub fn broadcast_index(&self, big: Domain, small: Domain) -> Vec<usize> {
+        debug_assert!(big.contains(small));
+        let big_axes = self.domain_axes(big);
+        let small_axes = self.domain_axes(small);
+        // Row-major strides of `small`, placed on the axes of `big`.
+        let mut stride_in_small = vec![0usize; big_axes.len()];
+        let mut stride = 1usize;
+        for &axis in small_axes.iter().rev() {
+            let pos = big_axes
+                .iter()
+                .position(|&a| a == axis)
+                .expect("small domain's axes are a subset of big's");
+            stride_in_small[pos] = stride;
+            stride *= self.dims[axis];
+        }
+        let sizes: Vec<usize> = big_axes.iter().map(|&a| self.dims[a]).collect();
+        let total: usize = sizes.iter().product();
+        let mut out = Vec::with_capacity(total);
+        let mut coord = vec![0usize; sizes.len()];
+        let mut index = 0usize;
+        for _ in 0..total {
+            out.push(index);
+            // Advance the row-major coordinate, updating the small index incrementally.
+            for k in (0..sizes.len()).rev() {
+                coord[k] += 1;
+                index += stride_in_small[k];
+                if coord[k] < sizes[k] {
+                    break;
+                }
+                index -= stride_in_small[k] * sizes[k];
+                coord[k] = 0;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn axes(dims: &[usize]) -> Option<(usize, usize)> {
+        Layout::new(Shape::new(dims.to_vec()).unwrap())
+            .factored()
+            .map(|f| (f.d0, f.d1))
+    }
+
+    #[test]
+    fn factored_axes_follow_spec_examples() {
+        assert_eq!(axes(&[1024, 512]), Some((0, 1)));
+        assert_eq!(axes(&[64, 256]), Some((1, 0)));
+        assert_eq!(axes(&[48, 48]), Some((1, 0)));
+        assert_eq!(axes(&[16, 8, 3, 3]), Some((0, 1)));
+        assert_eq!(axes(&[1, 300]), Some((1, 0)));
+        assert_eq!(axes(&[37]), None);
+        assert_eq!(axes(&[]), None);
+    }
+
+    #[test]
+    fn parse_accepts_and_rejects() {
+        assert_eq!(Shape::parse("1024x512").unwrap().dims(), &[1024, 512]);
+        assert_eq!(Shape::parse("768").unwrap().dims(), &[768]);
+        assert_eq!(Shape::parse("16x8x3x3").unwrap().dims(), &[16, 8, 3, 3]);
+        assert!(Shape::parse("scalar").unwrap().dims().is_empty());
+        for bad in ["0x5", "1024x", "x", "-3", "", "12a", "1048576x1048577"] {
+            let err = Shape::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{bad}`")), "{bad}: {err}");
+        }
+        assert!(Shape::parse("1048576x1048576").is_ok()); // exactly 2^40
+    }
+
+    #[test]
+    fn broadcast_index_drops_removed_axes() {
+        let layout = Layout::new(Shape::new(vec![2, 3]).unwrap()); // d0 = 1, d1 = 0
+                                                                   // Row removes d0 (axis 1): R has shape [2]; element (i, j) reads R[i].
+        assert_eq!(
+            layout.broadcast_index(Domain::Elem, Domain::Row),
+            vec![0, 0, 0, 1, 1, 1]
+        );
+        // Col removes d1 (axis 0): C has shape [3]; element (i, j) reads C[j].
+        assert_eq!(
+            layout.broadcast_index(Domain::Elem, Domain::Col),
+            vec![0, 1, 2, 0, 1, 2]
+        );
+        assert_eq!(
+            layout.broadcast_index(Domain::Row, Domain::Rest),
+            vec![0, 0]
+        );
+        assert_eq!(layout.domain_len(Domain::Rest), 1);
+    }
+
+    #[test]
+    fn domain_lattice() {
+        assert!(Domain::Elem.contains(Domain::Row));
+        assert!(Domain::Row.contains(Domain::Rest));
+        assert!(!Domain::Row.contains(Domain::Col));
+        assert_eq!(Domain::Row.join(Domain::Col), Domain::Elem);
+        assert_eq!(Domain::Rest.join(Domain::Step), Domain::Rest);
+    }
+}

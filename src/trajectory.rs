@@ -1,0 +1,259 @@
+//! Trajectories recorded from PyLO (the golden format) and replaying them through any backend.
+//!
+//! A trajectory file is a safetensors file holding `p0`, the gradients `g1..gT`, the
+//! parameters after each step `p1..pT` (some may be left out; `pT` never is), PyLO's final
+//! state `state.mom`, `state.rms`, `state.fac_vec_*` (optional), and string metadata `shape`
+//! (JSON list), `steps`, `lr`, `weight_decay`, `start_step`.
+
+use crate::backend::{Hyper, TensorStepper};
+use crate::error::{Error, Result};
+use crate::shape::{Layout, Shape};
+use crate::state::TensorState;
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+
+/// The default tolerance: max |p − p_ref| ≤ 1e-4 · max |pT − p0| (golden/README.md).
+pub const DEFAULT_TOLERANCE: f64 = 1e-4;
+
+/// A recorded trajectory of one tensor.
+#[derive(Clone, Debug)]
+pub struct Trajectory {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// Case name (file stem).
+    pub name: String,
+    /// The tensor's shape.
+    pub shape: Shape,
+    /// Learning rate of every step.
+    pub lr: f32,
+    /// Weight decay of every step.
+    pub weight_decay: f32,
+    /// Step counter before the first step.
+    pub start_step: u64,
+    /// The parameter before the first step.
+    pub p0: Vec<f32>,
+    /// Gradient of step k+1 at index k.
+    pub grads: Vec<Vec<f32>>,
+    /// Parameter after step k+1 at index k, where recorded.
+    pub params: Vec<Option<Vec<f32>>>,
+    /// PyLO's state after the last step, converted to the canonical layout, if recorded.
+    pub final_state: Option<TensorState>,
+}
+
+impl Trajectory {
+    /// Reads a trajectory file, checking every tensor's dtype and shape.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+        let tensors = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |key: &str| -> Result<&String> {
+            meta.get(key)
+                .ok_or_else(|| Error::bad_file(path, format!("metadata `{key}` is missing")))
+        };
+        let parse_err = |key: &str, v: &str| {
+            Error::bad_file(path, format!("metadata `{key}` = `{v}` is not valid"))
+        };
+        let dims: Vec<usize> = serde_json::from_str(field("shape")?)
+            .map_err(|_| parse_err("shape", field("shape").unwrap()))?;
+        let shape = Shape::new(dims).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        let steps: usize = field("steps")?
+            .parse()
+            .map_err(|_| parse_err("steps", field("steps").unwrap()))?;
+        let lr: f32 = field("lr")?
+            .parse()
+            .map_err(|_| parse_err("lr", field("lr").unwrap()))?;
+        let weight_decay: f32 = field("weight_decay")?
+            .parse()
+            .map_err(|_| parse_err("weight_decay", field("weight_decay").unwrap()))?;
+        let start_step: u64 = match meta.get("start_step") {
+            Some(v) => v.parse().map_err(|_| parse_err("start_step", v))?,
+            None => 0,
+        };
+        let layout = Layout::new(shape.clone());
+        let read = |name: &str, want: &[usize]| -> Result<Option<Vec<f32>>> {
+            let Ok(view) = tensors.tensor(name) else {
+                return Ok(None);
+            };
+            if view.dtype() != Dtype::F32 {
+                return Err(Error::bad_file(
+                    path,
+                    format!("tensor `{name}` has dtype {:?}, expected F32", view.dtype()),
+                ));
+            }
+            if view.shape() != want {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected {want:?}",
+                        view.shape()
+                    ),
+                ));
+            }
+            Ok(Some(
+                view.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ))
+        };
+        let dims = shape.dims().to_vec();
+        let required = |name: &str| -> Result<Vec<f32>> {
+            read(name, &dims)?
+                .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` is missing")))
+        };
+        let p0 = required("p0")?;
+        let grads = (1..=steps)
+            .map(|k| required(&format!("g{k}")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut params = (1..=steps)
+            .map(|k| read(&format!("p{k}"), &dims))
+            .collect::<Result<Vec<_>>>()?;
+        if steps == 0 || params[steps - 1].is_none() {
+            return Err(Error::bad_file(
+                path,
+                format!("tensor `p{steps}` (the final parameter) is missing"),
+            ));
+        }
+        params.truncate(steps);
+        let has_state = tensors.names().iter().any(|n| n.starts_with("state."));
+        let final_state = if has_state {
+            let mut error = None;
+            let state = TensorState::from_pylo(&layout, start_step + steps as u64, |name| {
+                let want = crate::state::pylo_shape(
+                    crate::ir::Buffer::state_for_layout(&layout)
+                        .into_iter()
+                        .find(|b| crate::state::pylo_name(*b) == name)?,
+                    &layout,
+                );
+                match read(&format!("state.{name}"), &want) {
+                    Ok(v) => v.map(|v| (want, v)),
+                    Err(e) => {
+                        error = Some(e);
+                        None
+                    }
+                }
+            });
+            if let Some(e) = error {
+                return Err(e);
+            }
+            Some(state.map_err(|e| Error::bad_file(path, e.to_string()))?)
+        } else {
+            None
+        };
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Trajectory {
+            path: path.to_path_buf(),
+            name,
+            shape,
+            lr,
+            weight_decay,
+            start_step,
+            p0,
+            grads,
+            params,
+            final_state,
+        })
+    }
+
+    /// max |pT − p0|: the scale errors are measured against.
+    pub fn displacement(&self) -> f64 {
+        let last = self
+            .params
+            .last()
+            .and_then(|p| p.as_ref())
+            .expect("pT is present");
+        max_abs_diff(last, &self.p0)
+    }
+}
+
+/// What replaying one trajectory found.
+#[derive(Clone, Debug)]
+pub struct ReplayReport {
+    /// Case name.
+    pub name: String,
+    /// Steps replayed.
+    pub steps: usize,
+    /// max over recorded steps of max |p − p_ref|, divided by max |pT − p0|.
+    pub param_error: f64,
+    /// For each state buffer recorded: max |s − s_ref| / max |s_ref|.
+    pub state_errors: Vec<(String, f64)>,
+}
+
+impl ReplayReport {
+    /// The worst of all errors.
+    pub fn worst(&self) -> f64 {
+        self.state_errors
+            .iter()
+            .map(|(_, e)| *e)
+            .fold(self.param_error, f64::max)
+    }
+}
+
+/// Replays `traj` through `stepper` from zero state at the trajectory's start step.
+pub fn replay(stepper: &mut dyn TensorStepper, traj: &Trajectory) -> Result<ReplayReport> {
+    let layout = Layout::new(traj.shape.clone());
+    if stepper.layout() != &layout {
+        return Err(Error::argument(
+            "trajectory",
+            format!(
+                "{} is for shape {}, the stepper for {}",
+                traj.name,
+                traj.shape,
+                stepper.layout().shape()
+            ),
+        ));
+    }
+    stepper.set_state(TensorState::zeros(&layout, traj.start_step))?;
+    let hyper = Hyper {
+        lr: traj.lr,
+        weight_decay: traj.weight_decay,
+    };
+    let scale = traj.displacement().max(f64::MIN_POSITIVE);
+    let mut param = traj.p0.clone();
+    let mut param_error = 0f64;
+    for (grad, want) in traj.grads.iter().zip(&traj.params) {
+        stepper.step(&mut param, grad, hyper)?;
+        if let Some(want) = want {
+            param_error = param_error.max(max_abs_diff(&param, want) / scale);
+        }
+    }
+    let mut state_errors = Vec::new();
+    if let Some(want) = &traj.final_state {
+        let got = stepper.state()?;
+        for (buffer, values) in want.iter() {
+            let scale = values
+                .iter()
+                .fold(0f64, |m, v| m.max(v.abs() as f64))
+                .max(f64::MIN_POSITIVE);
+            let err = max_abs_diff(got.get(buffer), values) / scale;
+            state_errors.push((crate::state::pylo_name(buffer).to_string(), err));
+        }
+        if got.step != want.step {
+            state_errors.push(("step".into(), f64::INFINITY));
+        }
+    }
+    Ok(ReplayReport {
+        name: traj.name.clone(),
+        steps: traj.grads.len(),
+        param_error,
+        state_errors,
+    })
+}
+
+/// max |a − b| in f64; NaN anywhere counts as infinite.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).fold(0f64, |m, (&x, &y)| {
+        let d = (x as f64 - y as f64).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d)
+        }
+    })
+}
