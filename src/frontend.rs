@@ -74,8 +74,7 @@ pub fn build_step(layout: &Layout, lopt: &LearnedOptimizer) -> StepIr {
         b.note(q_row, "mean of q over d0");
         let q_col = b.mean(q, Domain::Col);
         b.note(q_col, "mean of q over d1");
-        for i in 0..3 {
-            let beta = meta.adafactor_decays[i];
+        for (i, (&beta, &momentum)) in meta.adafactor_decays.iter().zip(&momenta).enumerate() {
             let r = decayed(&mut b, Buffer::FacRow, i as u32, beta, q_row);
             b.note(r, format!("R_{}", i + 1));
             let c = decayed(&mut b, Buffer::FacCol, i as u32, beta, q_col);
@@ -92,7 +91,7 @@ pub fn build_step(layout: &Layout, lopt: &LearnedOptimizer) -> StepIr {
             b.note(col, format!("col_{}", i + 1));
             let g_row = b.mul(g, row);
             fg.push(b.mul(g_row, col));
-            let m_row = b.mul(momenta[i], row);
+            let m_row = b.mul(momentum, row);
             fm.push(b.mul(m_row, col));
             first_factors.push(r);
             second_factors.push(c);
@@ -112,7 +111,7 @@ pub fn build_step(layout: &Layout, lopt: &LearnedOptimizer) -> StepIr {
             fg.push(b.mul(g, scale_g));
             let f_rms = b.add_const(f, eps::RMS);
             let scale_m = b.rsqrt(f_rms);
-            fm.push(b.mul(momenta[i], scale_m));
+            fm.push(b.mul(momentum, scale_m));
             first_factors.push(f);
             second_factors.push(f);
             let f_rs = b.add_const(f, eps::FACTOR_RSQRT);

@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod bench;
 pub mod error;
 pub mod frontend;
 pub mod ir;

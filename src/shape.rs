@@ -295,7 +295,7 @@ impl Layout {
         let f = self.factored;
         (0..self.dims.len())
             .filter(|&axis| match f {
-                Some(f) => !(drop0 && axis == f.d0) && !(drop1 && axis == f.d1),
+                Some(f) => !(drop0 && axis == f.d0 || drop1 && axis == f.d1),
                 None => true,
             })
             .collect()

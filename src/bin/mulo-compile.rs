@@ -34,6 +34,9 @@ enum Command {
     /// Replay trajectories recorded from PyLO and report the worst error relative to the
     /// displacement; exits with status 1 if any case is over the tolerance.
     Replay(ReplayArgs),
+    /// Time steps of one shape on a backend and print, as the last line, one JSON object with
+    /// shape, target, steps, median_ns, ns_per_element and the fraction of the roofline reached.
+    Bench(BenchArgs),
     /// Write the bundled demo meta-network in the Hub layout (model.safetensors + config.json).
     DemoWeights {
         /// Directory to write into.
@@ -118,10 +121,36 @@ struct ReplayArgs {
     cases: Vec<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`.
+    #[arg(long, value_name = "SHAPE")]
+    shape: String,
+    /// Backend to time.
+    #[arg(long, value_enum, default_value = "interp")]
+    target: RunTarget,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Peak multiply-adds per second of the machine, for the compute floor (default: the
+    /// 150 G/s of the 2-core CI machine; set your own).
+    #[arg(long, default_value_t = 150e9)]
+    peak_madds: f64,
+    /// Memory bandwidth in bytes per second, for the memory floor (0: not modelled).
+    #[arg(long, default_value_t = 0.0)]
+    bandwidth: f64,
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Replay(args)) => run_replay(&args),
+        Some(Command::Bench(args)) => run_bench(&args),
         Some(Command::DemoWeights { output }) => write_demo(&output),
         None => run_compile(&cli.compile),
     };
@@ -218,6 +247,53 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
         args.target
     );
     Ok(if failed > 0 { 1 } else { 0 })
+}
+
+fn run_bench(args: &BenchArgs) -> Result<i32> {
+    let shape = Shape::parse(&args.shape)?;
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let lopt = args.weights.load()?;
+    let layout = Layout::new(shape.clone());
+    let ir = mulo::compile_step(&shape, &lopt)?;
+    let mut stepper = make_stepper(args.target, &layout, &lopt)?;
+    let n = layout.numel();
+    // Deterministic, varied data: the timing must not depend on special values.
+    let mut param: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+        .collect();
+    let grad: Vec<f32> = (0..n)
+        .map(|i| ((i * 104729 % 997) as f32 - 498.0) * 1e-4)
+        .collect();
+    let hyper = mulo::backend::Hyper {
+        lr: 1e-3,
+        weight_decay: 0.0,
+    };
+    eprintln!(
+        "bench: {} steps of {} on {:?} after {} warm-up steps",
+        args.steps, shape, args.target, args.warmup
+    );
+    let times = mulo::bench::time_steps(args.warmup, args.steps, || {
+        stepper.step(&mut param, &grad, hyper)
+    })?;
+    let report = mulo::bench::BenchReport::new(
+        &ir,
+        &format!("{:?}", args.target).to_lowercase(),
+        &times,
+        args.peak_madds,
+        args.bandwidth,
+    );
+    eprintln!(
+        "median {:.3} ms per step, {:.1} ns per element; compute floor {:.1} ns per element ({:.0} folded multiply-adds), {:.1}% of the roofline",
+        report.median_ns as f64 / 1e6,
+        report.ns_per_element,
+        report.compute_floor_ns_per_element,
+        report.cost.madds_per_element,
+        report.roofline_fraction * 100.0
+    );
+    println!("{}", report.to_json());
+    Ok(0)
 }
 
 fn write_demo(output: &Path) -> Result<i32> {

@@ -31,10 +31,12 @@ pub fn resolve_hub_snapshot(key: &str) -> Result<PathBuf> {
     let refs_main = repo.join("refs").join("main");
     let revision = match std::fs::read_to_string(&refs_main) {
         Ok(text) => text.trim().to_string(),
-        Err(_) => return Err(Error::WeightsNotFound(format!(
+        Err(_) => {
+            return Err(Error::WeightsNotFound(format!(
             "Hub model {key} is not in the local Hugging Face cache (looked for {}); {how_to_get}",
             refs_main.display()
-        ))),
+        )))
+        }
     };
     if revision.is_empty() || revision.contains(['/', '\\']) || revision.starts_with('.') {
         return Err(Error::bad_file(
