@@ -101,8 +101,8 @@ pub fn build_step(layout: &Layout, lopt: &LearnedOptimizer) -> StepIr {
             second_rsqrt.push(b.rsqrt(c_eps));
         }
     } else {
-        for i in 0..3 {
-            let f = decayed(&mut b, Buffer::FacV, i as u32, meta.adafactor_decays[i], q);
+        for (i, (&beta, &momentum)) in meta.adafactor_decays.iter().zip(&momenta).enumerate() {
+            let f = decayed(&mut b, Buffer::FacV, i as u32, beta, q);
             b.note(f, format!("F_{}", i + 1));
             // The two epsilons differ on purpose: that is what the reference does.
             let f_eps = b.add_const(f, eps::ADAFACTOR);
