@@ -87,7 +87,7 @@ enum CompileTarget {
 #[derive(Args, Debug)]
 struct CompileArgs {
     /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`.
-    #[arg(long, value_name = "SHAPE")]
+    #[arg(long, value_name = "SHAPE", allow_hyphen_values = true)]
     shape: Option<String>,
     /// What to produce.
     #[arg(long, value_enum, default_value = "ir")]
@@ -124,7 +124,7 @@ struct ReplayArgs {
 #[derive(Args, Debug)]
 struct BenchArgs {
     /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`.
-    #[arg(long, value_name = "SHAPE")]
+    #[arg(long, value_name = "SHAPE", allow_hyphen_values = true)]
     shape: String,
     /// Backend to time.
     #[arg(long, value_enum, default_value = "interp")]

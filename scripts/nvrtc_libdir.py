@@ -1,0 +1,10 @@
+"""Prints the lib folder of the nvidia-cuda-nvrtc-cu12 wheel (empty if not installed)."""
+import glob
+import os
+import sys
+
+for base in sys.path:
+    hits = glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*"))
+    if hits:
+        print(os.path.dirname(hits[0]))
+        break

@@ -1,0 +1,165 @@
+//! The `mulo-compile` command line: compile form, shape errors, replay, weights messages.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn mulo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mulo-compile"))
+        .args(args)
+        // An empty cache, so the default weights are predictable.
+        .env("HF_HUB_CACHE", common::temp_dir("cli-empty-cache"))
+        .output()
+        .expect("mulo-compile runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_documents_the_compile_form_and_subcommands() {
+    let (stdout, _) = text(&mulo(&["--help"]));
+    for word in [
+        "--shape",
+        "--target",
+        "--weights",
+        "--meta",
+        "--output",
+        "replay",
+        "bench",
+        "demo-weights",
+    ] {
+        assert!(stdout.contains(word), "--help lacks {word}:\n{stdout}");
+    }
+    let (stdout, _) = text(&mulo(&["replay", "--help"]));
+    assert!(
+        stdout.contains("--tol") && stdout.contains("--target"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn malformed_shapes_are_rejected_with_a_clear_message() {
+    for bad in ["0x5", "1024x", "x", "-3", "4x2x", "1099511627776x2"] {
+        let out = mulo(&["--shape", bad, "--target", "ir"]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("invalid shape") && stderr.contains(bad),
+            "{bad}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = mulo(&["--target", "ir"]);
+    assert!(text(&out).1.contains("--shape is required"));
+}
+
+#[test]
+fn compile_ir_prints_the_text_form_and_names_the_weights() {
+    let out = mulo(&["--shape", "64x32", "--target", "ir"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("mulo step ir"), "{stdout}");
+    assert!(
+        stderr.contains("DEMO"),
+        "without weights the demo network is used and said so: {stderr}"
+    );
+
+    let weights = common::golden_dir().join("weights");
+    let out = mulo(&[
+        "--shape",
+        "16x8x3x3",
+        "--target",
+        "ir",
+        "--weights",
+        weights.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("directory") && !stderr.contains("DEMO"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("factored d0=0 d1=1"));
+
+    let out = mulo(&["--shape", "64x32", "--weights", "btherien/mulo"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("not in the local Hugging Face cache"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn replay_reports_per_case_and_fails_over_tolerance() {
+    let weights = common::golden_dir().join("weights");
+    let cases = ["vec_37", "mat_48x48", "conv_16x8x3x3"].map(|c| {
+        common::golden_dir()
+            .join(format!("{c}.safetensors"))
+            .to_string_lossy()
+            .into_owned()
+    });
+    let mut args = vec![
+        "replay",
+        "--target",
+        "interp",
+        "--weights",
+        weights.to_str().unwrap(),
+    ];
+    args.extend(cases.iter().map(String::as_str));
+    let out = mulo(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("3 of 3 cases within tolerance"), "{stdout}");
+    for c in ["vec_37", "mat_48x48", "conv_16x8x3x3"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(c) && l.contains(" ok")),
+            "{c}: {stdout}"
+        );
+    }
+
+    // A tolerance no f32 implementation meets: exit status 1.
+    args.splice(1..1, ["--tol", "1e-12"]);
+    let out = mulo(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out).0);
+    assert!(text(&out).0.contains("OVER TOLERANCE"));
+
+    // The wrong learned optimizer is far off.
+    let out = mulo(&["replay", cases[1].as_str()]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "demo weights cannot replay the fixture trajectory"
+    );
+
+    let out = mulo(&[
+        "replay",
+        "--weights",
+        weights.to_str().unwrap(),
+        "/nonexistent/case.safetensors",
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("/nonexistent/case.safetensors"), "{stderr}");
+}
+
+#[test]
+fn bench_prints_a_json_last_line() {
+    let out = mulo(&["bench", "--shape", "32x16", "--steps", "2", "--warmup", "1"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let last = stdout.lines().last().unwrap();
+    let json: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in ["shape", "target", "steps", "median_ns", "ns_per_element"] {
+        assert!(json.get(key).is_some(), "{key} missing in {last}");
+    }
+    assert_eq!(json["shape"], "32x16");
+    assert_eq!(json["steps"], 2);
+}

@@ -1,0 +1,60 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use mulo::lopt::LearnedOptimizer;
+use std::path::PathBuf;
+
+/// `tests/fixtures/golden`: the golden trajectories copied from `../shared/golden` (all but
+/// `mat_512x256`) and their fixture meta-network.
+pub fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
+}
+
+/// The fixture meta-network the golden trajectories were recorded with.
+pub fn fixture_lopt() -> LearnedOptimizer {
+    LearnedOptimizer::from_dir(&golden_dir().join("weights")).expect("fixture weights load")
+}
+
+/// Every golden case file, sorted.
+pub fn golden_cases() -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(golden_dir())
+        .expect("fixtures present")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 8,
+        "expected the 8 golden cases, found {}",
+        cases.len()
+    );
+    cases
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mulo-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A deterministic pseudo-random generator (xorshift), so tests need no extra crate.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Uniform in [-1, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+    }
+
+    /// `n` values with mixed scales, like the golden gradients (1e-3 to 1).
+    pub fn gradient(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| self.next_f32() * [1e-3, 1e-2, 0.1, 1.0][i % 4])
+            .collect()
+    }
+}
