@@ -24,6 +24,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod digest;
 pub mod error;
 pub mod frontend;
 pub mod ir;

@@ -49,27 +49,28 @@ impl Trajectory {
         let tensors = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let field = |key: &str| -> Result<&String> {
+        let value = |key: &str| -> Result<&str> {
             meta.get(key)
+                .map(String::as_str)
                 .ok_or_else(|| Error::bad_file(path, format!("metadata `{key}` is missing")))
         };
-        let parse_err = |key: &str, v: &str| {
-            Error::bad_file(path, format!("metadata `{key}` = `{v}` is not valid"))
-        };
-        let dims: Vec<usize> = serde_json::from_str(field("shape")?)
-            .map_err(|_| parse_err("shape", field("shape").unwrap()))?;
+        fn parse<T: std::str::FromStr>(path: &Path, key: &str, text: &str) -> Result<T> {
+            text.trim().parse().map_err(|_| {
+                Error::bad_file(path, format!("metadata `{key}` = `{text}` is not valid"))
+            })
+        }
+        let dims: Vec<usize> = serde_json::from_str(value("shape")?).map_err(|_| {
+            Error::bad_file(
+                path,
+                format!("metadata `shape` = `{}` is not a JSON list", meta["shape"]),
+            )
+        })?;
         let shape = Shape::new(dims).map_err(|e| Error::bad_file(path, e.to_string()))?;
-        let steps: usize = field("steps")?
-            .parse()
-            .map_err(|_| parse_err("steps", field("steps").unwrap()))?;
-        let lr: f32 = field("lr")?
-            .parse()
-            .map_err(|_| parse_err("lr", field("lr").unwrap()))?;
-        let weight_decay: f32 = field("weight_decay")?
-            .parse()
-            .map_err(|_| parse_err("weight_decay", field("weight_decay").unwrap()))?;
+        let steps: usize = parse(path, "steps", value("steps")?)?;
+        let lr: f32 = parse(path, "lr", value("lr")?)?;
+        let weight_decay: f32 = parse(path, "weight_decay", value("weight_decay")?)?;
         let start_step: u64 = match meta.get("start_step") {
-            Some(v) => v.parse().map_err(|_| parse_err("start_step", v))?,
+            Some(text) => parse(path, "start_step", text)?,
             None => 0,
         };
         let layout = Layout::new(shape.clone());

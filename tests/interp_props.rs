@@ -21,8 +21,10 @@ fn shapes() -> impl Strategy<Value = Vec<usize>> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// f32 and f64 runs of the same IR agree to well within the golden tolerance: the f32
-    /// path has no precision trap (means are accumulated wide) on any shape class.
+    /// f32 and f64 runs of the same IR agree within the golden tolerance (1e-4 of the
+    /// displacement) plus the rounding of the f32 parameter itself (one ulp of |p| per step,
+    /// which dominates when a tensor of a few elements barely moves): the f32 path has no
+    /// precision trap (means are accumulated wide) on any shape class.
     #[test]
     fn f32_run_tracks_the_f64_run(dims in shapes(), seed in 1u64..u64::MAX, start in 0u64..5000) {
         let lopt = common::fixture_lopt();
@@ -45,7 +47,9 @@ proptest! {
         let disp = p64.iter().zip(&p0).map(|(a, &b)| (a - b as f64).abs()).fold(0.0, f64::max);
         let err = p32.iter().zip(&p64).map(|(&a, b)| (a as f64 - b).abs()).fold(0.0, f64::max);
         prop_assert!(disp > 0.0);
-        prop_assert!(err <= 1e-5 * disp, "err {:e} of displacement {:e}", err / disp, disp);
+        let p_max = p64.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let rounding = 4.0 * f32::EPSILON as f64 * p_max;
+        prop_assert!(err <= 1e-4 * disp + rounding, "err {:e} of displacement {:e}", err / disp, disp);
         prop_assert_eq!(s32.step, start + 4);
     }
 }

@@ -7,7 +7,7 @@
 //! so the text stays short and still changes when any weight does.
 
 use super::{Op, StepIr};
-use sha2::{Digest, Sha256};
+use crate::digest::{f32_bytes, sha256_hex};
 use std::fmt::Write;
 
 pub(super) fn render(ir: &StepIr) -> String {
@@ -41,7 +41,7 @@ pub(super) fn render(ir: &StepIr) -> String {
             m.rows,
             m.cols,
             if m.bias.is_some() { " +bias" } else { "" },
-            &sha256_f32(&bytes)[..16],
+            &sha256_hex([f32_bytes(&bytes).as_slice()])[..16],
             m.label
         );
     }
@@ -84,12 +84,4 @@ pub(super) fn render(ir: &StepIr) -> String {
         }
     }
     out
-}
-
-fn sha256_f32(values: &[f32]) -> String {
-    let mut h = Sha256::new();
-    for v in values {
-        h.update(v.to_le_bytes());
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -12,7 +12,6 @@ pub use meta::MetaParams;
 pub use network::{read_config, Dense, MetaNetwork, NetworkConfig, INPUT_SIZE, OUTPUT_SIZE};
 
 use crate::error::{Error, Result};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 /// The Hub key of the trained μLO_M.
@@ -184,10 +183,8 @@ impl LearnedOptimizer {
 
     /// SHA-256 of the network and the meta-parameters: identical for identical optimizers.
     pub fn fingerprint(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(self.network.fingerprint().as_bytes());
-        h.update(serde_json::to_vec(&self.meta).expect("meta-parameters serialize"));
-        network::hex(&h.finalize())
+        let meta = serde_json::to_vec(&self.meta).expect("meta-parameters serialize");
+        crate::digest::sha256_hex([self.network.fingerprint().as_bytes(), meta.as_slice()])
     }
 }
 

@@ -1,9 +1,9 @@
 //! The meta-network (an MLP in PyTorch `Linear` layout) and its Hub file format (SPEC.md §1).
 
+use crate::digest::{f32_bytes, sha256_hex};
 use crate::error::{Error, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -221,14 +221,14 @@ impl MetaNetwork {
     /// SHA-256 over the architecture and every weight, in network order: identifies the network
     /// in cache keys and checkpoint fingerprints.
     pub fn fingerprint(&self) -> String {
-        let mut h = Sha256::new();
+        let mut bytes = Vec::new();
         for layer in &self.layers {
-            h.update((layer.outputs as u64).to_le_bytes());
-            h.update((layer.inputs as u64).to_le_bytes());
-            h.update(f32_bytes(&layer.weight));
-            h.update(f32_bytes(&layer.bias));
+            bytes.extend_from_slice(&(layer.outputs as u64).to_le_bytes());
+            bytes.extend_from_slice(&(layer.inputs as u64).to_le_bytes());
+            bytes.extend(f32_bytes(&layer.weight));
+            bytes.extend(f32_bytes(&layer.bias));
         }
-        hex(&h.finalize())
+        sha256_hex([bytes.as_slice()])
     }
 }
 
@@ -261,14 +261,4 @@ fn read_f32(tensors: &SafeTensors, name: &str, path: &Path) -> Result<(Vec<usize
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     Ok((view.shape().to_vec(), values))
-}
-
-/// Little-endian bytes of f32 values.
-pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// Lower-case hexadecimal.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
