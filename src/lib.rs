@@ -28,6 +28,7 @@ pub mod error;
 pub mod frontend;
 pub mod ir;
 pub mod lopt;
+pub mod optimizer;
 pub mod passes;
 pub mod shape;
 pub mod state;
