@@ -55,6 +55,9 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
+/// A tensor of a PyLO state: its PyLO name (`mom`, `fac_vec_row`, …), shape and values.
+pub type PyloTensor = (String, Vec<usize>, Vec<f32>);
+
 /// One parameter tensor of the model: its name, shape and learning-rate rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
@@ -409,7 +412,7 @@ impl MuloOptimizer {
             .filter_map(|(i, (p, g))| {
                 g.as_ref().map(|g| TensorStep {
                     index: i,
-                    param: &mut **p,
+                    param: p,
                     grad: g,
                     hyper: hypers[i],
                 })
@@ -505,7 +508,7 @@ impl MuloOptimizer {
     }
 
     /// The state of parameter `name` in PyLO's layout: `(pylo name, shape, values)`.
-    pub fn export_pylo_state(&self, name: &str) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn export_pylo_state(&self, name: &str) -> Result<Vec<PyloTensor>> {
         Ok(self.state(name)?.to_pylo())
     }
 }
