@@ -158,10 +158,7 @@ impl Mlp {
             }
             let mut logits = [0f32; CLASSES];
             for (k, logit) in logits.iter_mut().enumerate() {
-                *logit = b2[k]
-                    + (0..HIDDEN)
-                        .map(|j| w2[k * HIDDEN + j] * h[j])
-                        .sum::<f32>();
+                *logit = b2[k] + (0..HIDDEN).map(|j| w2[k * HIDDEN + j] * h[j]).sum::<f32>();
             }
             let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
@@ -229,7 +226,8 @@ pub fn train(
             model.loss(batch, Some(&mut grads));
             // Cosine decay from lr to lr / 10: the schedule is just the lr given per step.
             let progress = opt.step_count() as f32 / total_steps as f32;
-            let lr = config.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos()));
+            let lr =
+                config.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos()));
             let [p0, p1, p2, p3] = &mut model.tensors;
             let grad_refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
             let started = Instant::now();

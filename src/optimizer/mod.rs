@@ -107,6 +107,14 @@ pub struct OptimizerOptions {
     pub global_max_grad_norm: Option<f32>,
     /// What to do with NaN or ±Inf in a gradient (default: skip the tensor).
     pub nonfinite: NonFinitePolicy,
+    /// Check every stepped tensor's new parameter and state for NaN and ±Inf, and undo the
+    /// step of a tensor that has any (default: on). A finite gradient can still overflow the
+    /// f32 step (`g²` is infinite for |g| > 1.8e19, as for the `f32::MAX` that
+    /// [`NonFinitePolicy::Zero`] puts for +Inf), so this is what guarantees that no parameter
+    /// or state is ever silently corrupted. It costs one copy of each stepped tensor's
+    /// parameter and state per step; turned off, the new parameters are still scanned and a
+    /// non-finite one makes the step fail (and the optimizer refuse to continue) instead.
+    pub guard: bool,
     /// Where the step programs run (default: the reference interpreter on the CPU).
     pub backend: Arc<dyn BackendFactory>,
 }
@@ -117,6 +125,7 @@ impl Default for OptimizerOptions {
             max_grad_norm: None,
             global_max_grad_norm: None,
             nonfinite: NonFinitePolicy::Skip,
+            guard: true,
             backend: Arc::new(PerTensor(InterpFactory)),
         }
     }
@@ -128,6 +137,7 @@ impl fmt::Debug for OptimizerOptions {
             .field("max_grad_norm", &self.max_grad_norm)
             .field("global_max_grad_norm", &self.global_max_grad_norm)
             .field("nonfinite", &self.nonfinite)
+            .field("guard", &self.guard)
             .field("backend", &self.backend.target())
             .finish()
     }
@@ -151,6 +161,9 @@ pub struct StepReport {
     pub global_norm: Option<f64>,
     /// The factor every gradient was multiplied by, when global clipping scaled them.
     pub global_clip_coef: Option<f32>,
+    /// Tensors whose step produced NaN or ±Inf (in the parameter or the state) and was undone
+    /// by the guard ([`OptimizerOptions::guard`]); they are listed in `skipped` too.
+    pub reverted: Vec<String>,
 }
 
 /// A μLO_M optimizer over every parameter tensor of a model.
@@ -166,6 +179,7 @@ pub struct MuloOptimizer {
     max_grad_norm: Option<f32>,
     global_max_grad_norm: Option<f32>,
     nonfinite: NonFinitePolicy,
+    guard: bool,
     backend: Box<dyn ModelBackend>,
     step: u64,
     poisoned: Option<String>,
@@ -220,6 +234,7 @@ impl MuloOptimizer {
             max_grad_norm: options.max_grad_norm,
             global_max_grad_norm: options.global_max_grad_norm,
             nonfinite: options.nonfinite,
+            guard: options.guard,
             backend,
             step: 0,
             poisoned: None,
@@ -292,7 +307,8 @@ impl MuloOptimizer {
     ///
     /// Order of operations: check every argument; handle non-finite gradients (policy);
     /// clip per tensor, then globally; step every tensor that is not skipped in one backend
-    /// call; advance the step counter (for skipped tensors too).
+    /// call; with the guard on, undo the step of any tensor whose new parameter or state is not
+    /// finite; advance the step counter (for skipped tensors too).
     pub fn step(
         &mut self,
         params: &mut [&mut [f32]],
@@ -405,6 +421,15 @@ impl MuloOptimizer {
             }
         }
 
+        // The guard's copies, taken before anything changes.
+        let snapshots: Vec<Option<(Vec<f32>, TensorState)>> = work
+            .iter()
+            .enumerate()
+            .map(|(i, g)| match g {
+                Some(_) if self.guard => Ok(Some((params[i].to_vec(), self.backend.state(i)?))),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
         let mut batch: Vec<TensorStep> = params
             .iter_mut()
             .zip(&work)
@@ -423,6 +448,51 @@ impl MuloOptimizer {
             return Err(e);
         }
         drop(batch);
+        let mut corrupted = Vec::new();
+        for (i, snapshot) in snapshots.into_iter().enumerate() {
+            if work[i].is_none() {
+                continue;
+            }
+            let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+            let Some((old_param, old_state)) = snapshot else {
+                if !finite(params[i]) {
+                    corrupted.push(format!("`{}`", self.specs[i].name));
+                }
+                continue;
+            };
+            let state = match self.backend.state(i) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.poisoned = Some(e.to_string());
+                    return Err(e);
+                }
+            };
+            if finite(params[i]) && state.iter().all(|(_, v)| finite(v)) {
+                continue;
+            }
+            // Undo: the old parameter and accumulators; the counter moves on like a skip.
+            params[i].copy_from_slice(&old_param);
+            let mut restored = old_state;
+            restored.step = self.step + 1;
+            if let Err(e) = self.backend.set_state(i, restored) {
+                self.poisoned = Some(e.to_string());
+                return Err(e);
+            }
+            report.reverted.push(self.specs[i].name.clone());
+            report.skipped.push(self.specs[i].name.clone());
+        }
+        if !corrupted.is_empty() {
+            let why = format!(
+                "the step made the parameters {} non-finite (the guard is off, so they were \
+                 not restored)",
+                corrupted.join(", ")
+            );
+            self.poisoned = Some(why.clone());
+            return Err(Error::Backend {
+                backend: self.backend.target(),
+                message: why,
+            });
+        }
         // Skipped tensors keep their accumulators; their counter follows the optimizer's.
         for (i, g) in work.iter().enumerate() {
             if g.is_none() {
