@@ -298,3 +298,38 @@ fn pylo_import_errors_name_the_tensor_and_buffer() {
         .to_string();
     assert!(err.contains("`nope`"), "{err}");
 }
+
+#[test]
+fn a_pylo_state_file_imports_for_the_whole_model() {
+    let lopt = common::fixture_lopt();
+    let path = common::golden_dir().join("mat_80x30_late.safetensors");
+    let traj = Trajectory::load(&path).unwrap();
+    let end = traj.start_step + traj.grads.len() as u64;
+    let specs = vec![
+        ParamSpec::with_shape("a", traj.shape.clone()),
+        ParamSpec::with_shape("b", traj.shape.clone()),
+    ];
+    let mut opt = MuloOptimizer::new(&lopt, specs, OptimizerOptions::default()).unwrap();
+    opt.import_pylo_file(&path, end, |_, buf| format!("state.{buf}"))
+        .unwrap();
+    assert_eq!(opt.step_count(), end);
+    for name in ["a", "b"] {
+        assert_eq!(
+            &opt.state(name).unwrap(),
+            traj.final_state.as_ref().unwrap()
+        );
+    }
+    // A missing key names the parameter and the key; nothing changes.
+    let mut fresh = MuloOptimizer::new(
+        &lopt,
+        vec![ParamSpec::with_shape("a", traj.shape.clone())],
+        OptimizerOptions::default(),
+    )
+    .unwrap();
+    let err = fresh
+        .import_pylo_file(&path, end, |n, buf| format!("{n}.{buf}"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`a`") && err.contains("`a.mom`"), "{err}");
+    assert_eq!(fresh.step_count(), 0);
+}

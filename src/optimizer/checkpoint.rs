@@ -225,6 +225,73 @@ impl MuloOptimizer {
         Ok(())
     }
 
+    /// Imports a whole model's PyLO `AdafacLO_naive` state from a safetensors file: for every
+    /// parameter `name` and PyLO buffer `buf` (`mom`, `rms`, `fac_vec_row`, `fac_vec_col`,
+    /// `fac_vec_v`), the decay-last tensor `key(name, buf)`. `step` is PyLO's parameter-group
+    /// step counter; it becomes the optimizer's. Every tensor is read and checked before any
+    /// state is replaced.
+    ///
+    /// From PyTorch, such a file is written by
+    /// `safetensors.torch.save_file({f"{n}.{k}": v.contiguous() for n, p in model.named_parameters()
+    /// for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0}, path)` and read
+    /// with `key = |n, b| format!("{n}.{b}")`.
+    pub fn import_pylo_file(
+        &mut self,
+        path: &Path,
+        step: u64,
+        key: impl Fn(&str, &str) -> String,
+    ) -> Result<()> {
+        self.check_usable()?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let tensors = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+        let mut states = Vec::with_capacity(self.specs.len());
+        for (spec, layout) in self.specs.iter().zip(&self.layouts) {
+            let mut error = None;
+            let state = TensorState::from_pylo(layout, step, |buf| {
+                let k = key(&spec.name, buf);
+                let view = tensors.tensor(&k).ok()?;
+                if view.dtype() != Dtype::F32 {
+                    error = Some(format!(
+                        "tensor `{k}` has dtype {:?}, expected F32",
+                        view.dtype()
+                    ));
+                    return None;
+                }
+                let values = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                Some((view.shape().to_vec(), values))
+            });
+            if let Some(reason) = error {
+                return Err(Error::bad_file(path, reason));
+            }
+            let state = state.map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!(
+                        "parameter `{}` (keys like `{}`): {e}",
+                        spec.name,
+                        key(&spec.name, "mom")
+                    ),
+                )
+            })?;
+            states.push(state);
+        }
+        let old_step = self.step;
+        self.step = step;
+        for (i, state) in states.into_iter().enumerate() {
+            if let Err(e) = self.backend.set_state(i, state) {
+                self.step = old_step;
+                self.poisoned = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Compares a checkpoint's parameter list with this optimizer's, naming what differs
     /// (states are matched by name, so the order may differ).
     fn check_param_list(&self, entries: &[ParamEntry]) -> std::result::Result<(), String> {
