@@ -33,6 +33,11 @@
 
 pub mod backend;
 mod checkpoint;
+
+/// `docs/training.md`, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/training.md")]
+pub struct TrainingGuide;
 pub mod clip;
 pub mod mup;
 pub mod nonfinite;
