@@ -8,9 +8,13 @@ use common::Rng;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::{Hyper, TensorStepper};
 use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec};
+use mulo::optimizer::{
+    BackendFactory, InterpFactory, MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec,
+    PerTensor,
+};
 use mulo::shape::Shape;
 use mulo::state::TensorState;
+use mulo::trajectory::{max_abs_diff, DEFAULT_TOLERANCE};
 use std::sync::Arc;
 
 fn specs(shapes: &[(&str, &[usize])]) -> Vec<ParamSpec> {
@@ -23,6 +27,32 @@ fn specs(shapes: &[(&str, &[usize])]) -> Vec<ParamSpec> {
 fn reference(lopt: &LearnedOptimizer, dims: &[usize], start: u64) -> InterpStepper {
     let ir = mulo::compile_step(&Shape::new(dims.to_vec()).unwrap(), lopt).unwrap();
     InterpStepper::new(Arc::new(ir), start)
+}
+
+/// The backends the non-finite tests run on. Add the tract/ONNX and CUDA factories here as
+/// they are merged: the interpreter is compared bitwise with the per-tensor reference, the
+/// others within the golden tolerance; parameters and states that must stay unchanged are
+/// compared bitwise on every backend.
+fn backends() -> Vec<Arc<dyn BackendFactory>> {
+    vec![Arc::new(PerTensor(InterpFactory))]
+}
+
+fn on(backend: &Arc<dyn BackendFactory>) -> OptimizerOptions {
+    OptimizerOptions {
+        backend: backend.clone(),
+        ..Default::default()
+    }
+}
+
+/// `got` is the step `before → want` of the reference: bitwise on the interpreter.
+fn assert_same_step(target: &str, got: &[f32], want: &[f32], before: &[f32], what: &str) {
+    if target == "interp" {
+        assert_eq!(bits(got), bits(want), "{what}");
+    } else {
+        let scale = max_abs_diff(want, before).max(f64::MIN_POSITIVE);
+        let err = max_abs_diff(got, want) / scale;
+        assert!(err <= DEFAULT_TOLERANCE, "{what} on {target}: {err:e}");
+    }
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -82,6 +112,19 @@ fn one_plan_per_distinct_shape() {
         .collect();
     let opt = MuloOptimizer::new(&lopt, many, OptimizerOptions::default()).unwrap();
     assert_eq!(opt.compiled_plans(), 4);
+    // The example: 150 tensors of 12 distinct shapes compile 12 plans.
+    let shapes: Vec<Vec<usize>> = (0..12)
+        .map(|k| match k % 3 {
+            0 => vec![8 + k],
+            1 => vec![4 + k, 6],
+            _ => vec![2, 3, k],
+        })
+        .collect();
+    let specs: Vec<ParamSpec> = (0..150)
+        .map(|i| ParamSpec::new(format!("layer{i}"), &shapes[(i * 7) % 12]).unwrap())
+        .collect();
+    let opt = MuloOptimizer::new(&lopt, specs, OptimizerOptions::default()).unwrap();
+    assert_eq!(opt.compiled_plans(), 12);
 }
 
 #[test]
@@ -266,153 +309,159 @@ fn inject(grads: &mut [Vec<f32>]) {
 
 #[test]
 fn nonfinite_skip_leaves_tensors_untouched_and_reports_them() {
-    let lopt = common::fixture_lopt();
-    let mut rng = Rng(9);
-    let (mut params, grads) = model_data(&mut rng);
-    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), OptimizerOptions::default()).unwrap();
-    opt.step(&mut refs(&mut params), &crefs(&grads[0]), 0.1, 0.0)
-        .unwrap();
-    let before_params = params.clone();
-    let before_states: Vec<TensorState> =
-        MODEL.iter().map(|(n, _)| opt.state(n).unwrap()).collect();
-    let mut bad = grads[1].clone();
-    inject(&mut bad);
-    let report = opt
-        .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
-        .unwrap();
-    assert_eq!(report.skipped, ["l0.w", "l1.b", "gain", "head"]);
-    let head = &report
-        .nonfinite
-        .iter()
-        .find(|(n, _)| n == "head")
-        .unwrap()
-        .1;
-    assert_eq!((head.nan, head.pos_inf, head.neg_inf), (1, 0, 1));
-    assert_eq!(opt.step_count(), 2);
-    for (i, (name, _)) in MODEL.iter().enumerate() {
-        let state = opt.state(name).unwrap();
-        assert_eq!(state.step, 2, "{name}: one counter for every tensor");
-        assert!(params[i].iter().all(|x| x.is_finite()), "{name}");
-        let skipped = report.skipped.iter().any(|s| s == name);
-        if skipped {
-            assert_eq!(bits(&params[i]), bits(&before_params[i]), "{name}");
-            let mut want = before_states[i].clone();
-            want.step = 2;
-            assert_eq!(state, want, "{name}: accumulators untouched");
-        } else {
-            // The clean tensors stepped exactly as alone.
-            let mut r = reference(&lopt, MODEL[i].1, 0);
-            r.set_state(before_states[i].clone()).unwrap();
-            let mut want = before_params[i].clone();
-            r.step(
-                &mut want,
-                &bad[i],
-                Hyper {
-                    lr: 0.1,
-                    weight_decay: 0.0,
-                },
-            )
+    for backend in backends() {
+        let lopt = common::fixture_lopt();
+        let mut rng = Rng(9);
+        let (mut params, grads) = model_data(&mut rng);
+        let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), on(&backend)).unwrap();
+        opt.step(&mut refs(&mut params), &crefs(&grads[0]), 0.1, 0.0)
             .unwrap();
-            assert_eq!(bits(&params[i]), bits(&want), "{name}");
+        let before_params = params.clone();
+        let before_states: Vec<TensorState> =
+            MODEL.iter().map(|(n, _)| opt.state(n).unwrap()).collect();
+        let mut bad = grads[1].clone();
+        inject(&mut bad);
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
+            .unwrap();
+        assert_eq!(report.skipped, ["l0.w", "l1.b", "gain", "head"]);
+        let head = &report
+            .nonfinite
+            .iter()
+            .find(|(n, _)| n == "head")
+            .unwrap()
+            .1;
+        assert_eq!((head.nan, head.pos_inf, head.neg_inf), (1, 0, 1));
+        assert_eq!(opt.step_count(), 2);
+        for (i, (name, _)) in MODEL.iter().enumerate() {
+            let state = opt.state(name).unwrap();
+            assert_eq!(state.step, 2, "{name}: one counter for every tensor");
+            assert!(params[i].iter().all(|x| x.is_finite()), "{name}");
+            let skipped = report.skipped.iter().any(|s| s == name);
+            if skipped {
+                assert_eq!(bits(&params[i]), bits(&before_params[i]), "{name}");
+                let mut want = before_states[i].clone();
+                want.step = 2;
+                assert_eq!(state, want, "{name}: accumulators untouched");
+            } else {
+                // The clean tensors stepped exactly as alone.
+                let mut r = reference(&lopt, MODEL[i].1, 0);
+                r.set_state(before_states[i].clone()).unwrap();
+                let mut want = before_params[i].clone();
+                r.step(
+                    &mut want,
+                    &bad[i],
+                    Hyper {
+                        lr: 0.1,
+                        weight_decay: 0.0,
+                    },
+                )
+                .unwrap();
+                assert_same_step(opt.target(), &params[i], &want, &before_params[i], name);
+            }
         }
     }
 }
 
 #[test]
 fn nonfinite_zero_is_nan_to_num() {
-    let lopt = common::fixture_lopt();
-    let mut rng = Rng(10);
-    let (mut params, grads) = model_data(&mut rng);
-    let p0 = params.clone();
-    let options = OptimizerOptions {
-        nonfinite: NonFinitePolicy::Zero,
-        ..Default::default()
-    };
-    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
-    let mut bad = grads[0].clone();
-    inject(&mut bad);
-    let report = opt
-        .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
-        .unwrap();
-    assert_eq!(report.sanitized, ["l0.w", "l1.b", "gain", "head"]);
-    // ±Inf becomes ±f32::MAX, whose square overflows in the f32 step: NaN everywhere in that
-    // tensor. The guard undoes those tensors; the NaN-only one (l0.w) steps with zeros.
-    assert_eq!(report.reverted, ["l1.b", "gain", "head"]);
-    assert_eq!(report.skipped, report.reverted);
-    for (i, (name, d)) in MODEL.iter().enumerate() {
-        if report.reverted.contains(&name.to_string()) {
-            assert_eq!(bits(&params[i]), bits(&p0[i]), "{name}");
-            let s = opt.state(name).unwrap();
-            assert_eq!(s.step, 1);
-            assert!(s.iter().all(|(_, v)| v.iter().all(|&x| x == 0.0)), "{name}");
-            continue;
+    for backend in backends() {
+        let lopt = common::fixture_lopt();
+        let mut rng = Rng(10);
+        let (mut params, grads) = model_data(&mut rng);
+        let p0 = params.clone();
+        let options = OptimizerOptions {
+            nonfinite: NonFinitePolicy::Zero,
+            ..on(&backend)
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
+        let mut bad = grads[0].clone();
+        inject(&mut bad);
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
+            .unwrap();
+        assert_eq!(report.sanitized, ["l0.w", "l1.b", "gain", "head"]);
+        // ±Inf becomes ±f32::MAX, whose square overflows in the f32 step: NaN everywhere in that
+        // tensor. The guard undoes those tensors; the NaN-only one (l0.w) steps with zeros.
+        assert_eq!(report.reverted, ["l1.b", "gain", "head"]);
+        assert_eq!(report.skipped, report.reverted);
+        for (i, (name, d)) in MODEL.iter().enumerate() {
+            if report.reverted.contains(&name.to_string()) {
+                assert_eq!(bits(&params[i]), bits(&p0[i]), "{name}");
+                let s = opt.state(name).unwrap();
+                assert_eq!(s.step, 1);
+                assert!(s.iter().all(|(_, v)| v.iter().all(|&x| x == 0.0)), "{name}");
+                continue;
+            }
+            let mut g = bad[i].clone();
+            for x in g.iter_mut() {
+                *x = if x.is_nan() {
+                    0.0
+                } else if *x == f32::INFINITY {
+                    f32::MAX
+                } else if *x == f32::NEG_INFINITY {
+                    f32::MIN
+                } else {
+                    *x
+                };
+            }
+            let mut want = p0[i].clone();
+            let mut r = reference(&lopt, d, 0);
+            r.step(
+                &mut want,
+                &g,
+                Hyper {
+                    lr: 0.1,
+                    weight_decay: 0.0,
+                },
+            )
+            .unwrap();
+            assert_same_step(opt.target(), &params[i], &want, &p0[i], name);
+            assert!(!params[i].iter().any(|x| x.is_nan()), "{name}");
         }
-        let mut g = bad[i].clone();
-        for x in g.iter_mut() {
-            *x = if x.is_nan() {
-                0.0
-            } else if *x == f32::INFINITY {
-                f32::MAX
-            } else if *x == f32::NEG_INFINITY {
-                f32::MIN
-            } else {
-                *x
-            };
-        }
-        let mut want = p0[i].clone();
-        let mut r = reference(&lopt, d, 0);
-        r.step(
-            &mut want,
-            &g,
-            Hyper {
-                lr: 0.1,
-                weight_decay: 0.0,
-            },
-        )
-        .unwrap();
-        assert_eq!(bits(&params[i]), bits(&want), "{name}");
-        assert!(!params[i].iter().any(|x| x.is_nan()), "{name}");
     }
 }
 
 #[test]
 fn nonfinite_error_names_tensors_and_changes_nothing() {
-    let lopt = LearnedOptimizer::demo();
-    let mut rng = Rng(11);
-    let (mut params, grads) = model_data(&mut rng);
-    let options = OptimizerOptions {
-        nonfinite: NonFinitePolicy::Error,
-        ..Default::default()
-    };
-    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
-    opt.step(&mut refs(&mut params), &crefs(&grads[0]), 0.1, 0.0)
-        .unwrap();
-    let before: Vec<TensorState> = MODEL.iter().map(|(n, _)| opt.state(n).unwrap()).collect();
-    let p1 = params.clone();
-    let mut bad = grads[1].clone();
-    inject(&mut bad);
-    let err = opt
-        .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
-        .unwrap_err()
-        .to_string();
-    for name in [
-        "`l0.w` (1 NaN",
-        "`l1.b` (0 NaN, 1 +Inf",
-        "`gain` (0 NaN, 0 +Inf, 1 -Inf)",
-        "`head`",
-    ] {
-        assert!(err.contains(name), "{name} in {err}");
+    for backend in backends() {
+        let lopt = LearnedOptimizer::demo();
+        let mut rng = Rng(11);
+        let (mut params, grads) = model_data(&mut rng);
+        let options = OptimizerOptions {
+            nonfinite: NonFinitePolicy::Error,
+            ..on(&backend)
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
+        opt.step(&mut refs(&mut params), &crefs(&grads[0]), 0.1, 0.0)
+            .unwrap();
+        let before: Vec<TensorState> = MODEL.iter().map(|(n, _)| opt.state(n).unwrap()).collect();
+        let p1 = params.clone();
+        let mut bad = grads[1].clone();
+        inject(&mut bad);
+        let err = opt
+            .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
+            .unwrap_err()
+            .to_string();
+        for name in [
+            "`l0.w` (1 NaN",
+            "`l1.b` (0 NaN, 1 +Inf",
+            "`gain` (0 NaN, 0 +Inf, 1 -Inf)",
+            "`head`",
+        ] {
+            assert!(err.contains(name), "{name} in {err}");
+        }
+        assert!(!err.contains("`l0.b`"), "{err}");
+        assert_eq!(params, p1);
+        assert_eq!(opt.step_count(), 1);
+        for (i, (n, _)) in MODEL.iter().enumerate() {
+            assert_eq!(opt.state(n).unwrap(), before[i]);
+        }
+        // A clean step still works afterwards.
+        opt.step(&mut refs(&mut params), &crefs(&grads[2]), 0.1, 0.0)
+            .unwrap();
+        assert_eq!(opt.step_count(), 2);
     }
-    assert!(!err.contains("`l0.b`"), "{err}");
-    assert_eq!(params, p1);
-    assert_eq!(opt.step_count(), 1);
-    for (i, (n, _)) in MODEL.iter().enumerate() {
-        assert_eq!(opt.state(n).unwrap(), before[i]);
-    }
-    // A clean step still works afterwards.
-    opt.step(&mut refs(&mut params), &crefs(&grads[2]), 0.1, 0.0)
-        .unwrap();
-    assert_eq!(opt.step_count(), 2);
 }
 
 #[test]
@@ -438,70 +487,74 @@ fn pylo_without_a_policy_would_spread_nan() {
 
 #[test]
 fn nonfinite_zero_with_clipping_steps_every_tensor() {
-    // JAX μLO's nan_to_num followed by clipping: f32::MAX is scaled down before the step.
-    let lopt = common::fixture_lopt();
-    let mut rng = Rng(12);
-    let (mut params, grads) = model_data(&mut rng);
-    let options = OptimizerOptions {
-        nonfinite: NonFinitePolicy::Zero,
-        max_grad_norm: Some(1.0),
-        ..Default::default()
-    };
-    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
-    let mut bad = grads[0].clone();
-    inject(&mut bad);
-    let report = opt
-        .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
-        .unwrap();
-    assert!(
-        report.skipped.is_empty() && report.reverted.is_empty(),
-        "{report:?}"
-    );
-    let clipped: Vec<&str> = report.clipped.iter().map(|(n, _)| n.as_str()).collect();
-    for name in ["l1.b", "gain", "head"] {
-        assert!(clipped.contains(&name), "{name} in {clipped:?}");
-    }
-    for (i, (name, _)) in MODEL.iter().enumerate() {
-        assert!(params[i].iter().all(|x| x.is_finite()), "{name}");
-        let s = opt.state(name).unwrap();
+    for backend in backends() {
+        // JAX μLO's nan_to_num followed by clipping: f32::MAX is scaled down before the step.
+        let lopt = common::fixture_lopt();
+        let mut rng = Rng(12);
+        let (mut params, grads) = model_data(&mut rng);
+        let options = OptimizerOptions {
+            nonfinite: NonFinitePolicy::Zero,
+            max_grad_norm: Some(1.0),
+            ..on(&backend)
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
+        let mut bad = grads[0].clone();
+        inject(&mut bad);
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
+            .unwrap();
         assert!(
-            s.iter().all(|(_, v)| v.iter().all(|x| x.is_finite())),
-            "{name}"
+            report.skipped.is_empty() && report.reverted.is_empty(),
+            "{report:?}"
         );
+        let clipped: Vec<&str> = report.clipped.iter().map(|(n, _)| n.as_str()).collect();
+        for name in ["l1.b", "gain", "head"] {
+            assert!(clipped.contains(&name), "{name} in {clipped:?}");
+        }
+        for (i, (name, _)) in MODEL.iter().enumerate() {
+            assert!(params[i].iter().all(|x| x.is_finite()), "{name}");
+            let s = opt.state(name).unwrap();
+            assert!(
+                s.iter().all(|(_, v)| v.iter().all(|x| x.is_finite())),
+                "{name}"
+            );
+        }
     }
 }
 
 #[test]
 fn overflowing_finite_gradient_is_undone_by_the_guard_or_fails_loudly_without_it() {
-    let lopt = LearnedOptimizer::demo();
-    let shapes: &[(&str, &[usize])] = &[("a", &[3, 4]), ("b", &[6])];
-    let grads = vec![vec![0.1f32; 12], vec![1e30f32, 0.1, 0.1, 0.1, 0.1, 0.1]];
-    let p0 = vec![vec![0.5f32; 12], vec![0.5f32; 6]];
-    let mut opt = MuloOptimizer::new(&lopt, specs(shapes), OptimizerOptions::default()).unwrap();
-    let mut params = p0.clone();
-    let report = opt
-        .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
-        .unwrap();
-    assert!(report.nonfinite.is_empty());
-    assert_eq!(report.reverted, ["b"]);
-    assert_eq!(params[1], p0[1]);
-    assert_ne!(params[0], p0[0]);
+    for backend in backends() {
+        let lopt = LearnedOptimizer::demo();
+        let shapes: &[(&str, &[usize])] = &[("a", &[3, 4]), ("b", &[6])];
+        let grads = vec![vec![0.1f32; 12], vec![1e30f32, 0.1, 0.1, 0.1, 0.1, 0.1]];
+        let p0 = vec![vec![0.5f32; 12], vec![0.5f32; 6]];
+        let mut opt = MuloOptimizer::new(&lopt, specs(shapes), on(&backend)).unwrap();
+        let mut params = p0.clone();
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
+            .unwrap();
+        assert!(report.nonfinite.is_empty());
+        assert_eq!(report.reverted, ["b"]);
+        assert_eq!(params[1], p0[1]);
+        assert_ne!(params[0], p0[0]);
 
-    let options = OptimizerOptions {
-        guard: false,
-        ..Default::default()
-    };
-    let mut opt = MuloOptimizer::new(&lopt, specs(shapes), options).unwrap();
-    let mut params = p0.clone();
-    let err = opt
-        .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("`b`") && err.contains("non-finite"), "{err}");
-    // Poisoned: it refuses to go on until its state is restored.
-    let err = opt
-        .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("unusable"), "{err}");
+        let options = OptimizerOptions {
+            guard: false,
+            ..on(&backend)
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(shapes), options).unwrap();
+        let mut params = p0.clone();
+        let err = opt
+            .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`b`") && err.contains("non-finite"), "{err}");
+        // Poisoned: it refuses to go on until its state is restored.
+        let err = opt
+            .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unusable"), "{err}");
+    }
 }
