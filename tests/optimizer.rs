@@ -10,11 +10,12 @@ use mulo::backend::{Hyper, TensorStepper};
 use mulo::lopt::LearnedOptimizer;
 use mulo::optimizer::{
     BackendFactory, InterpFactory, MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec,
-    PerTensor,
+    PerTensor, StepperFactory,
 };
-use mulo::shape::Shape;
+use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, DEFAULT_TOLERANCE};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 fn specs(shapes: &[(&str, &[usize])]) -> Vec<ParamSpec> {
@@ -557,4 +558,104 @@ fn overflowing_finite_gradient_is_undone_by_the_guard_or_fails_loudly_without_it
             .to_string();
         assert!(err.contains("unusable"), "{err}");
     }
+}
+
+/// A stepper that wraps the interpreter and fails on the `fail_at`-th step it is asked to do.
+struct Flaky {
+    inner: InterpStepper,
+    calls: Arc<AtomicUsize>,
+    fail_at: usize,
+}
+
+impl TensorStepper for Flaky {
+    fn target(&self) -> &'static str {
+        "flaky"
+    }
+    fn layout(&self) -> &Layout {
+        self.inner.layout()
+    }
+    fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> mulo::Result<()> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            return Err(mulo::Error::Backend {
+                backend: "flaky",
+                message: "device lost".into(),
+            });
+        }
+        self.inner.step(param, grad, hyper)
+    }
+    fn state(&self) -> mulo::Result<TensorState> {
+        self.inner.state()
+    }
+    fn set_state(&mut self, state: TensorState) -> mulo::Result<()> {
+        self.inner.set_state(state)
+    }
+}
+
+struct FlakyFactory {
+    calls: Arc<AtomicUsize>,
+    fail_at: usize,
+}
+
+impl StepperFactory for FlakyFactory {
+    fn target(&self) -> &'static str {
+        "flaky"
+    }
+    fn stepper(
+        &self,
+        ir: Arc<mulo::ir::StepIr>,
+        start_step: u64,
+    ) -> mulo::Result<Box<dyn TensorStepper>> {
+        Ok(Box::new(Flaky {
+            inner: InterpStepper::new(ir, start_step),
+            calls: self.calls.clone(),
+            fail_at: self.fail_at,
+        }))
+    }
+}
+
+#[test]
+fn a_backend_failure_mid_step_makes_the_optimizer_refuse_until_restored() {
+    let lopt = LearnedOptimizer::demo();
+    let calls = Arc::new(AtomicUsize::new(0));
+    // 10 tensors: the 13th stepper call is the 3rd tensor of the second step.
+    let options = OptimizerOptions {
+        backend: Arc::new(PerTensor(FlakyFactory {
+            calls: calls.clone(),
+            fail_at: 13,
+        })),
+        ..Default::default()
+    };
+    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
+    assert_eq!(opt.target(), "flaky");
+    let mut rng = Rng(21);
+    let (mut params, grads) = model_data(&mut rng);
+    opt.step(&mut refs(&mut params), &crefs(&grads[0]), 0.1, 0.0)
+        .unwrap();
+    let dir = common::temp_dir("flaky");
+    let path = dir.join("ckpt.safetensors");
+    opt.save_checkpoint(&path).unwrap();
+    let saved = params.clone();
+    let err = opt
+        .step(&mut refs(&mut params), &crefs(&grads[1]), 0.1, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("device lost") && err.contains("tensor 2") && err.contains("after 2 of"),
+        "{err}"
+    );
+    let err = opt
+        .step(&mut refs(&mut params), &crefs(&grads[1]), 0.1, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unusable") && err.contains("device lost"),
+        "{err}"
+    );
+    assert!(opt.save_checkpoint(&dir.join("bad.safetensors")).is_err());
+    // Restore: the checkpoint and the parameters saved with it.
+    opt.load_checkpoint(&path).unwrap();
+    params = saved;
+    opt.step(&mut refs(&mut params), &crefs(&grads[1]), 0.1, 0.0)
+        .unwrap();
+    assert_eq!(opt.step_count(), 2);
 }
