@@ -27,7 +27,7 @@
 //!
 //! The work of a step is split in two: everything that is the same on every backend (argument
 //! checks, μP, clipping, non-finite handling, the step counter, checkpoints) happens here, on
-//! the host; the step programs run in a [`ModelBackend`](backend::ModelBackend), which receives
+//! the host; the step programs run in a [`ModelBackend`], which receives
 //! the whole batch of tensors at once so that a packed GPU backend can step a model in a fixed
 //! number of launches (see [`backend`]).
 
