@@ -4,13 +4,13 @@
 //!
 //! ```sh
 //! cargo run --example train_mlp                      # bundled demo meta-network
-//! cargo run --example train_mlp -- --weights btherien/mulo --lr 0.01
+//! cargo run --example train_mlp -- --weights btherien/mulo --lr 1
 //! cargo run --example train_mlp -- --epochs 30 --lr 2 --weight-decay 0.01
 //! ```
 //!
-//! The demo meta-network's rule is `P ← P − lr·0.01·f̂_7` (an Adam-like normalized momentum, see
-//! `mulo::lopt::demo`), so its useful `lr` is around 1; the trained μLO_M was meta-trained
-//! with lr around 0.01 or below.
+//! The learned step carries `step_mult = 0.01` itself, so `lr` is a multiplier around 1 (PyLO's
+//! default is 1.0). The demo meta-network's rule is `P ← P − lr·0.01·f̂_7` (an Adam-like
+//! normalized momentum, see `mulo::lopt::demo`).
 //!
 //! Forward and backward passes are written by hand in f32; the test `tests/examples.rs`
 //! runs [`train`] and checks that the loss falls.
