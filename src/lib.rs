@@ -29,6 +29,7 @@ pub mod error;
 pub mod frontend;
 pub mod ir;
 pub mod lopt;
+pub mod optimizer;
 pub mod passes;
 pub mod shape;
 pub mod state;

@@ -1,0 +1,252 @@
+//! The backend abstraction of [`MuloOptimizer`](super::MuloOptimizer): something that steps a
+//! *batch* of a model's tensors in one call and keeps their states.
+//!
+//! Two levels:
+//!
+//! * [`ModelBackend`] is what the optimizer drives: one [`ModelBackend::step`] call per
+//!   optimizer step with every tensor that is stepped (skipped tensors left out), each with
+//!   its own already-scaled [`Hyper`]. A packed CUDA backend implements it directly: it
+//!   groups the batch's tensors by compiled plan, packs their parameters, gradients and
+//!   states into a few device buffers with an offset table, and runs the whole model's step
+//!   as a small fixed number of launches (one per pass of SPEC.md §5, each covering every
+//!   tensor) instead of one launch sequence per tensor. Nothing in the optimizer assumes
+//!   per-tensor work.
+//! * [`StepperFactory`] makes one [`TensorStepper`] per tensor from a compiled
+//!   [`StepIr`]; [`PerTensorBackend`] turns any such factory (the reference interpreter,
+//!   tract/ONNX) into a [`ModelBackend`] by looping over the batch.
+//!
+//! Both compile through a [`PlanCache`]: one [`StepIr`] per distinct [`Shape`], shared by every
+//! tensor of that shape, so a model with 150 tensors of 12 distinct shapes compiles 12 plans.
+
+use crate::backend::interp::InterpStepper;
+use crate::backend::{Hyper, TensorStepper};
+use crate::error::{Error, Result};
+use crate::ir::StepIr;
+use crate::lopt::LearnedOptimizer;
+use crate::shape::Shape;
+use crate::state::TensorState;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One tensor of a batch step.
+pub struct TensorStep<'a> {
+    /// The tensor's index in the optimizer's parameter list.
+    pub index: usize,
+    /// Its parameter, updated in place.
+    pub param: &'a mut [f32],
+    /// Its gradient (after clipping and non-finite handling).
+    pub grad: &'a [f32],
+    /// Its learning rate (μP-scaled) and weight decay.
+    pub hyper: Hyper,
+}
+
+/// Steps many tensors of one model and keeps their optimizer states.
+///
+/// Contract: the optimizer validates every argument (lengths, hyper-parameters) before it
+/// calls [`step`](ModelBackend::step), so a backend error is a runtime failure (a driver
+/// error, a broken device). After such an error the optimizer cannot know which tensors of
+/// the batch were stepped; it refuses further steps until its state is restored (a checkpoint
+/// or [`set_state`](ModelBackend::set_state) of every tensor).
+pub trait ModelBackend {
+    /// The backend's name (`interp`, `onnx`, `cuda`).
+    fn target(&self) -> &'static str;
+
+    /// Number of tensors.
+    fn len(&self) -> usize;
+
+    /// Whether there are no tensors.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of step programs compiled (one per distinct shape).
+    fn compiled_plans(&self) -> usize;
+
+    /// Steps every tensor of `batch` once (each index at most once).
+    fn step(&mut self, batch: &mut [TensorStep<'_>]) -> Result<()>;
+
+    /// The state of tensor `index`, canonical layout.
+    fn state(&self, index: usize) -> Result<TensorState>;
+
+    /// Replaces the state of tensor `index`.
+    fn set_state(&mut self, index: usize, state: TensorState) -> Result<()>;
+}
+
+/// Builds a [`ModelBackend`] for a model: what
+/// [`OptimizerOptions::backend`](super::OptimizerOptions::backend) holds.
+pub trait BackendFactory {
+    /// The backend's name.
+    fn target(&self) -> &'static str;
+
+    /// A backend for tensors of `shapes` (in the optimizer's order), all at step counter
+    /// `start_step`, compiling `lopt` once per distinct shape.
+    fn build(
+        &self,
+        lopt: &LearnedOptimizer,
+        shapes: &[Shape],
+        start_step: u64,
+    ) -> Result<Box<dyn ModelBackend>>;
+}
+
+/// Makes a [`TensorStepper`] from a compiled step program.
+pub trait StepperFactory {
+    /// The backend's name.
+    fn target(&self) -> &'static str;
+
+    /// A stepper running `ir` with zero state and step counter `start_step`.
+    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>>;
+}
+
+/// The reference interpreter ([`InterpStepper`], f32) as a [`StepperFactory`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InterpFactory;
+
+impl StepperFactory for InterpFactory {
+    fn target(&self) -> &'static str {
+        "interp"
+    }
+
+    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
+        Ok(Box::new(InterpStepper::new(ir, start_step)))
+    }
+}
+
+/// Compiled step programs, one per distinct shape.
+#[derive(Default)]
+pub struct PlanCache {
+    plans: HashMap<Shape, Arc<StepIr>>,
+    compiled: usize,
+}
+
+impl PlanCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The program for `shape`, compiled on first use.
+    pub fn get(&mut self, lopt: &LearnedOptimizer, shape: &Shape) -> Result<Arc<StepIr>> {
+        if let Some(ir) = self.plans.get(shape) {
+            return Ok(ir.clone());
+        }
+        let ir = Arc::new(crate::compile_step(shape, lopt)?);
+        self.compiled += 1;
+        self.plans.insert(shape.clone(), ir.clone());
+        Ok(ir)
+    }
+
+    /// How many programs were compiled (calls to [`compile_step`](crate::compile_step)).
+    pub fn compiled(&self) -> usize {
+        self.compiled
+    }
+}
+
+/// Any [`StepperFactory`] as a [`BackendFactory`]: one stepper per tensor, programs shared
+/// per shape.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PerTensor<F>(pub F);
+
+impl<F: StepperFactory> BackendFactory for PerTensor<F> {
+    fn target(&self) -> &'static str {
+        self.0.target()
+    }
+
+    fn build(
+        &self,
+        lopt: &LearnedOptimizer,
+        shapes: &[Shape],
+        start_step: u64,
+    ) -> Result<Box<dyn ModelBackend>> {
+        Ok(Box::new(PerTensorBackend::new(
+            lopt, shapes, start_step, &self.0,
+        )?))
+    }
+}
+
+/// A [`ModelBackend`] holding one [`TensorStepper`] per tensor and stepping them in turn.
+pub struct PerTensorBackend {
+    target: &'static str,
+    steppers: Vec<Box<dyn TensorStepper>>,
+    compiled: usize,
+}
+
+impl PerTensorBackend {
+    /// Compiles `lopt` once per distinct shape of `shapes` and makes one stepper per tensor.
+    pub fn new(
+        lopt: &LearnedOptimizer,
+        shapes: &[Shape],
+        start_step: u64,
+        factory: &dyn StepperFactory,
+    ) -> Result<Self> {
+        let mut cache = PlanCache::new();
+        let steppers = shapes
+            .iter()
+            .map(|shape| factory.stepper(cache.get(lopt, shape)?, start_step))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PerTensorBackend {
+            target: factory.target(),
+            steppers,
+            compiled: cache.compiled(),
+        })
+    }
+
+    fn stepper(&self, index: usize) -> Result<&dyn TensorStepper> {
+        self.steppers
+            .get(index)
+            .map(|s| s.as_ref())
+            .ok_or_else(|| out_of_range(index, self.steppers.len()))
+    }
+}
+
+fn out_of_range(index: usize, len: usize) -> Error {
+    Error::argument(
+        "index",
+        format!("tensor {index} does not exist (the model has {len})"),
+    )
+}
+
+impl ModelBackend for PerTensorBackend {
+    fn target(&self) -> &'static str {
+        self.target
+    }
+
+    fn len(&self) -> usize {
+        self.steppers.len()
+    }
+
+    fn compiled_plans(&self) -> usize {
+        self.compiled
+    }
+
+    fn step(&mut self, batch: &mut [TensorStep<'_>]) -> Result<()> {
+        let len = self.steppers.len();
+        if let Some(t) = batch.iter().find(|t| t.index >= len) {
+            return Err(out_of_range(t.index, len));
+        }
+        let total = batch.len();
+        for (done, t) in batch.iter_mut().enumerate() {
+            self.steppers[t.index]
+                .step(t.param, t.grad, t.hyper)
+                .map_err(|e| Error::Backend {
+                    backend: self.target,
+                    message: format!(
+                        "tensor {} failed after {done} of the batch's {total} tensors were stepped: {e}",
+                        t.index
+                    ),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn state(&self, index: usize) -> Result<TensorState> {
+        self.stepper(index)?.state()
+    }
+
+    fn set_state(&mut self, index: usize, state: TensorState) -> Result<()> {
+        let len = self.steppers.len();
+        self.steppers
+            .get_mut(index)
+            .ok_or_else(|| out_of_range(index, len))?
+            .set_state(state)
+    }
+}

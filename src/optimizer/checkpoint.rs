@@ -1,0 +1,337 @@
+//! Checkpoints of a [`MuloOptimizer`]: one safetensors file.
+//!
+//! | content | key |
+//! |---|---|
+//! | every state buffer of every parameter, canonical layout, f32 | `{name}/{buffer}` (`mom`, `rms`, `fac_row`, `fac_col`, `fac_v`) |
+//! | format version | metadata `format` = [`CHECKPOINT_FORMAT`] |
+//! | step counter | metadata `step` |
+//! | SHA-256 of the learned optimizer ([`LearnedOptimizer::fingerprint`](crate::lopt::LearnedOptimizer::fingerprint)) | metadata `lopt_fingerprint` |
+//! | the parameters, in order | metadata `params`: JSON `[{"name": …, "shape": […]}, …]` |
+//! | SHA-256 of the two above | metadata `fingerprint` |
+//!
+//! Loading checks all of it before anything is replaced, and refuses a checkpoint of another
+//! learned optimizer or of other parameters with a message naming what differs. The values
+//! are stored exactly, so resuming from a checkpoint continues bitwise the same trajectory.
+
+use super::MuloOptimizer;
+use crate::error::{Error, Result};
+use crate::ir::Buffer;
+use crate::state::TensorState;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// The metadata key holding the format version.
+pub const CHECKPOINT_FORMAT_KEY: &str = "format";
+
+/// The format version written (and the only one read).
+pub const CHECKPOINT_FORMAT: &str = "mulo-optimizer-checkpoint/1";
+
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct ParamEntry {
+    name: String,
+    shape: Vec<usize>,
+}
+
+fn combined_fingerprint(lopt: &str, params_json: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(CHECKPOINT_FORMAT.as_bytes());
+    h.update([0]);
+    h.update(lopt.as_bytes());
+    h.update([0]);
+    h.update(params_json.as_bytes());
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn short(fp: &str) -> &str {
+    &fp[..fp.len().min(16)]
+}
+
+impl MuloOptimizer {
+    fn params_json(&self) -> String {
+        let entries: Vec<ParamEntry> = self
+            .specs
+            .iter()
+            .map(|p| ParamEntry {
+                name: p.name.clone(),
+                shape: p.shape.dims().to_vec(),
+            })
+            .collect();
+        serde_json::to_string(&entries).expect("parameter list serializes")
+    }
+
+    /// A fingerprint of the learned optimizer and the parameters (names and shapes, in order):
+    /// what a checkpoint must match to be loaded.
+    pub fn fingerprint(&self) -> String {
+        combined_fingerprint(&self.lopt_fingerprint, &self.params_json())
+    }
+
+    /// The checkpoint as safetensors bytes.
+    pub fn checkpoint_bytes(&self) -> Result<Vec<u8>> {
+        self.check_usable()?;
+        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (i, spec) in self.specs.iter().enumerate() {
+            let state = self.backend.state(i)?;
+            if state.step != self.step {
+                return Err(Error::Backend {
+                    backend: self.backend.target(),
+                    message: format!(
+                        "tensor `{}` is at step {}, the optimizer at {}",
+                        spec.name, state.step, self.step
+                    ),
+                });
+            }
+            for (buffer, values) in state.iter() {
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                data.push((
+                    format!("{}/{}", spec.name, buffer.name()),
+                    buffer.shape(&self.layouts[i]),
+                    bytes,
+                ));
+            }
+        }
+        let views: BTreeMap<String, TensorView> = data
+            .iter()
+            .map(|(k, shape, bytes)| {
+                let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .expect("shape and byte length agree by construction");
+                (k.clone(), view)
+            })
+            .collect();
+        let params = self.params_json();
+        let metadata: HashMap<String, String> = [
+            (CHECKPOINT_FORMAT_KEY, CHECKPOINT_FORMAT.to_string()),
+            ("step", self.step.to_string()),
+            ("lopt_fingerprint", self.lopt_fingerprint.clone()),
+            ("fingerprint", self.fingerprint()),
+            ("params", params),
+            ("target", self.backend.target().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        safetensors::serialize(&views, Some(metadata)).map_err(|e| Error::Backend {
+            backend: "safetensors",
+            message: format!("cannot serialize the checkpoint: {e}"),
+        })
+    }
+
+    /// Writes the checkpoint to `path`.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let bytes = self.checkpoint_bytes()?;
+        std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+    }
+
+    /// Loads a checkpoint written by [`save_checkpoint`](Self::save_checkpoint): the step
+    /// counter and every tensor's state. Refused, with nothing changed, when it was made for
+    /// another learned optimizer or other parameters.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        self.restore_checkpoint(&bytes, path)
+    }
+
+    /// Loads a checkpoint from bytes; `origin` names it in errors.
+    pub fn restore_checkpoint(&mut self, bytes: &[u8], origin: &Path) -> Result<()> {
+        let bad = |reason: String| Error::bad_file(origin, reason);
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let tensors = SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |key: &str| -> Result<&String> {
+            meta.get(key).ok_or_else(|| {
+                bad(format!(
+                    "metadata `{key}` is missing: not a mulo optimizer checkpoint"
+                ))
+            })
+        };
+        let format = field(CHECKPOINT_FORMAT_KEY)?;
+        if format != CHECKPOINT_FORMAT {
+            return Err(bad(format!(
+                "checkpoint format `{format}` is not supported (this mulo reads `{CHECKPOINT_FORMAT}`)"
+            )));
+        }
+        let lopt = field("lopt_fingerprint")?;
+        if lopt != &self.lopt_fingerprint {
+            return Err(bad(format!(
+                "the checkpoint was made for another learned optimizer (fingerprint {}…), this \
+                 optimizer uses {}… (other meta-network weights or meta-parameters)",
+                short(lopt),
+                short(&self.lopt_fingerprint)
+            )));
+        }
+        let params_json = field("params")?;
+        let entries: Vec<ParamEntry> = serde_json::from_str(params_json).map_err(|e| {
+            bad(format!(
+                "metadata `params` is not a valid parameter list: {e}"
+            ))
+        })?;
+        self.check_param_list(&entries).map_err(bad)?;
+        let fingerprint = field("fingerprint")?;
+        if fingerprint != &combined_fingerprint(lopt, params_json) {
+            return Err(bad(
+                "metadata `fingerprint` does not match its optimizer and parameters: the file \
+                 was altered"
+                    .to_string(),
+            ));
+        }
+        let step: u64 = field("step")?.parse().map_err(|_| {
+            bad(format!(
+                "metadata `step` = `{}` is not a count",
+                meta["step"]
+            ))
+        })?;
+
+        let mut states = Vec::with_capacity(self.specs.len());
+        for (spec, layout) in self.specs.iter().zip(&self.layouts) {
+            let mut state = TensorState::zeros(layout, step);
+            for buffer in Buffer::state_for_layout(layout) {
+                let key = format!("{}/{}", spec.name, buffer.name());
+                let view = tensors
+                    .tensor(&key)
+                    .map_err(|_| bad(format!("tensor `{key}` is missing")))?;
+                let want = buffer.shape(layout);
+                if view.dtype() != Dtype::F32 || view.shape() != want.as_slice() {
+                    return Err(bad(format!(
+                        "tensor `{key}` is {:?} {:?}; expected F32 {want:?}",
+                        view.dtype(),
+                        view.shape()
+                    )));
+                }
+                let values = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                state.set(buffer, values)?;
+            }
+            states.push(state);
+        }
+        for (i, state) in states.into_iter().enumerate() {
+            if let Err(e) = self.backend.set_state(i, state) {
+                self.poisoned = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        self.step = step;
+        self.poisoned = None;
+        Ok(())
+    }
+
+    /// Imports a whole model's PyLO `AdafacLO_naive` state from a safetensors file: for every
+    /// parameter `name` and PyLO buffer `buf` (`mom`, `rms`, `fac_vec_row`, `fac_vec_col`,
+    /// `fac_vec_v`), the decay-last tensor `key(name, buf)`. `step` is PyLO's parameter-group
+    /// step counter; it becomes the optimizer's. Every tensor is read and checked before any
+    /// state is replaced.
+    ///
+    /// From PyTorch, such a file is written by
+    /// `safetensors.torch.save_file({f"{n}.{k}": v.contiguous() for n, p in model.named_parameters()
+    /// for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0}, path)` and read
+    /// with `key = |n, b| format!("{n}.{b}")`.
+    pub fn import_pylo_file(
+        &mut self,
+        path: &Path,
+        step: u64,
+        key: impl Fn(&str, &str) -> String,
+    ) -> Result<()> {
+        self.check_usable()?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let tensors = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+        let mut states = Vec::with_capacity(self.specs.len());
+        for (spec, layout) in self.specs.iter().zip(&self.layouts) {
+            let mut error = None;
+            let state = TensorState::from_pylo(layout, step, |buf| {
+                let k = key(&spec.name, buf);
+                let view = tensors.tensor(&k).ok()?;
+                if view.dtype() != Dtype::F32 {
+                    error = Some(format!(
+                        "tensor `{k}` has dtype {:?}, expected F32",
+                        view.dtype()
+                    ));
+                    return None;
+                }
+                let values = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                Some((view.shape().to_vec(), values))
+            });
+            if let Some(reason) = error {
+                return Err(Error::bad_file(path, reason));
+            }
+            let state = state.map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!(
+                        "parameter `{}` (keys like `{}`): {e}",
+                        spec.name,
+                        key(&spec.name, "mom")
+                    ),
+                )
+            })?;
+            states.push(state);
+        }
+        let old_step = self.step;
+        self.step = step;
+        for (i, state) in states.into_iter().enumerate() {
+            if let Err(e) = self.backend.set_state(i, state) {
+                self.step = old_step;
+                self.poisoned = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares a checkpoint's parameter list with this optimizer's, naming what differs
+    /// (states are matched by name, so the order may differ).
+    fn check_param_list(&self, entries: &[ParamEntry]) -> std::result::Result<(), String> {
+        let mine: HashMap<&str, &[usize]> = self
+            .specs
+            .iter()
+            .map(|p| (p.name.as_str(), p.shape.dims()))
+            .collect();
+        let theirs: HashMap<&str, &[usize]> = entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.shape.as_slice()))
+            .collect();
+        let mut problems = Vec::new();
+        for p in &self.specs {
+            match theirs.get(p.name.as_str()) {
+                None => problems.push(format!("parameter `{}` is not in the checkpoint", p.name)),
+                Some(&dims) if dims != p.shape.dims() => problems.push(format!(
+                    "parameter `{}` has shape {:?} in the checkpoint but {:?} here",
+                    p.name,
+                    dims,
+                    p.shape.dims()
+                )),
+                _ => {}
+            }
+        }
+        for e in entries {
+            if !mine.contains_key(e.name.as_str()) {
+                problems.push(format!(
+                    "the checkpoint has parameter `{}` (shape {:?}) that this optimizer does not",
+                    e.name, e.shape
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the checkpoint was made for other parameters: {}",
+                problems.join("; ")
+            ))
+        }
+    }
+}

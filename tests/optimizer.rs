@@ -1,0 +1,661 @@
+//! The whole-model optimizer: one call steps every tensor exactly as the per-tensor reference
+//! interpreter does, plans are compiled once per shape, arguments are checked before anything
+//! changes, clipping and the non-finite policies behave as documented.
+
+mod common;
+
+use common::Rng;
+use mulo::backend::interp::InterpStepper;
+use mulo::backend::{Hyper, TensorStepper};
+use mulo::lopt::LearnedOptimizer;
+use mulo::optimizer::{
+    BackendFactory, InterpFactory, MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec,
+    PerTensor, StepperFactory,
+};
+use mulo::shape::{Layout, Shape};
+use mulo::state::TensorState;
+use mulo::trajectory::{max_abs_diff, DEFAULT_TOLERANCE};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+fn specs(shapes: &[(&str, &[usize])]) -> Vec<ParamSpec> {
+    shapes
+        .iter()
+        .map(|(n, d)| ParamSpec::new(*n, d).unwrap())
+        .collect()
+}
+
+fn reference(lopt: &LearnedOptimizer, dims: &[usize], start: u64) -> InterpStepper {
+    let ir = mulo::compile_step(&Shape::new(dims.to_vec()).unwrap(), lopt).unwrap();
+    InterpStepper::new(Arc::new(ir), start)
+}
+
+/// The backends the non-finite tests run on. Add the tract/ONNX and CUDA factories here as
+/// they are merged: the interpreter is compared bitwise with the per-tensor reference, the
+/// others within the golden tolerance; parameters and states that must stay unchanged are
+/// compared bitwise on every backend.
+fn backends() -> Vec<Arc<dyn BackendFactory>> {
+    vec![Arc::new(PerTensor(InterpFactory))]
+}
+
+fn on(backend: &Arc<dyn BackendFactory>) -> OptimizerOptions {
+    OptimizerOptions {
+        backend: backend.clone(),
+        ..Default::default()
+    }
+}
+
+/// `got` is the step `before → want` of the reference: bitwise on the interpreter.
+fn assert_same_step(target: &str, got: &[f32], want: &[f32], before: &[f32], what: &str) {
+    if target == "interp" {
+        assert_eq!(bits(got), bits(want), "{what}");
+    } else {
+        let scale = max_abs_diff(want, before).max(f64::MIN_POSITIVE);
+        let err = max_abs_diff(got, want) / scale;
+        assert!(err <= DEFAULT_TOLERANCE, "{what} on {target}: {err:e}");
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn refs(v: &mut [Vec<f32>]) -> Vec<&mut [f32]> {
+    v.iter_mut().map(|x| x.as_mut_slice()).collect()
+}
+
+fn crefs(v: &[Vec<f32>]) -> Vec<&[f32]> {
+    v.iter().map(|x| x.as_slice()).collect()
+}
+
+const MODEL: &[(&str, &[usize])] = &[
+    ("emb", &[24, 8]),
+    ("l0.w", &[16, 24]),
+    ("l0.b", &[16]),
+    ("l1.w", &[16, 24]),
+    ("l1.b", &[16]),
+    ("l2.w", &[16, 24]),
+    ("l2.b", &[16]),
+    ("gain", &[]),
+    ("head", &[5, 16]),
+    ("head.b", &[5]),
+];
+
+fn model_data(rng: &mut Rng) -> (Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>) {
+    let params = MODEL
+        .iter()
+        .map(|(_, d)| {
+            (0..d.iter().product::<usize>())
+                .map(|_| rng.next_f32())
+                .collect()
+        })
+        .collect();
+    let grads = (0..4)
+        .map(|_| {
+            MODEL
+                .iter()
+                .map(|(_, d)| rng.gradient(d.iter().product()))
+                .collect()
+        })
+        .collect();
+    (params, grads)
+}
+
+#[test]
+fn one_plan_per_distinct_shape() {
+    let lopt = LearnedOptimizer::demo();
+    let opt = MuloOptimizer::new(&lopt, specs(MODEL), OptimizerOptions::default()).unwrap();
+    // 10 tensors, 6 distinct shapes: [24,8], [16,24], [16], [], [5,16], [5].
+    assert_eq!(opt.compiled_plans(), 6);
+    assert_eq!(opt.target(), "interp");
+    let many: Vec<ParamSpec> = (0..40)
+        .map(|i| ParamSpec::new(format!("t{i}"), &[3 + i % 4, 5]).unwrap())
+        .collect();
+    let opt = MuloOptimizer::new(&lopt, many, OptimizerOptions::default()).unwrap();
+    assert_eq!(opt.compiled_plans(), 4);
+    // The example: 150 tensors of 12 distinct shapes compile 12 plans.
+    let shapes: Vec<Vec<usize>> = (0..12)
+        .map(|k| match k % 3 {
+            0 => vec![8 + k],
+            1 => vec![4 + k, 6],
+            _ => vec![2, 3, k],
+        })
+        .collect();
+    let specs: Vec<ParamSpec> = (0..150)
+        .map(|i| ParamSpec::new(format!("layer{i}"), &shapes[(i * 7) % 12]).unwrap())
+        .collect();
+    let opt = MuloOptimizer::new(&lopt, specs, OptimizerOptions::default()).unwrap();
+    assert_eq!(opt.compiled_plans(), 12);
+}
+
+#[test]
+fn whole_model_step_equals_per_tensor_reference_bitwise() {
+    let lopt = common::fixture_lopt();
+    let mut rng = Rng(42);
+    let (mut params, grads) = model_data(&mut rng);
+    let mut want = params.clone();
+    let mut refs_ = MODEL
+        .iter()
+        .map(|(_, d)| reference(&lopt, d, 0))
+        .collect::<Vec<_>>();
+    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), OptimizerOptions::default()).unwrap();
+    for (k, g) in grads.iter().enumerate() {
+        let lr = 0.1 / (1.0 + k as f32); // a schedule
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(g), lr, 0.01)
+            .unwrap();
+        assert_eq!(report.step, k as u64);
+        assert!(report.skipped.is_empty() && report.clipped.is_empty());
+        for i in 0..MODEL.len() {
+            refs_[i]
+                .step(
+                    &mut want[i],
+                    &g[i],
+                    Hyper {
+                        lr,
+                        weight_decay: 0.01,
+                    },
+                )
+                .unwrap();
+        }
+    }
+    assert_eq!(opt.step_count(), 4);
+    for (i, (name, _)) in MODEL.iter().enumerate() {
+        assert_eq!(bits(&params[i]), bits(&want[i]), "{name}");
+        assert_ne!(params[i], grads[0][i], "{name} moved");
+        let state = opt.state(name).unwrap();
+        assert_eq!(state, refs_[i].state().unwrap(), "{name}");
+        assert_eq!(state.step, 4);
+    }
+}
+
+#[test]
+fn bad_arguments_are_refused_before_anything_changes() {
+    let lopt = LearnedOptimizer::demo();
+    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), OptimizerOptions::default()).unwrap();
+    let mut rng = Rng(3);
+    let (mut params, grads) = model_data(&mut rng);
+    let before = params.clone();
+    let g = crefs(&grads[0]);
+    let err = opt
+        .step(&mut refs(&mut params)[..9], &g, 0.1, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("params") && err.contains("9 tensors"), "{err}");
+    let mut short = grads[0].clone();
+    short[8].pop();
+    let err = opt
+        .step(&mut refs(&mut params), &crefs(&short), 0.1, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("grad `head`") && err.contains("79 values"),
+        "{err}"
+    );
+    for (lr, wd, what) in [(f32::NAN, 0.0, "lr"), (0.1, -1.0, "weight_decay")] {
+        let err = opt
+            .step(&mut refs(&mut params), &g, lr, wd)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(what), "{err}");
+    }
+    assert_eq!(params, before);
+    assert_eq!(opt.step_count(), 0);
+    for (name, _) in MODEL {
+        let s = opt.state(name).unwrap();
+        assert!(s.iter().all(|(_, v)| v.iter().all(|&x| x == 0.0)));
+        assert_eq!(s.step, 0);
+    }
+    // Construction errors name the parameter.
+    let dup = specs(&[("a", &[2]), ("a", &[3])]);
+    let err = MuloOptimizer::new(&lopt, dup, OptimizerOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`a`") && err.contains("twice"), "{err}");
+    let bad = OptimizerOptions {
+        max_grad_norm: Some(-1.0),
+        ..Default::default()
+    };
+    let err = MuloOptimizer::new(&lopt, specs(MODEL), bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_grad_norm"), "{err}");
+    assert!(opt
+        .state("nope")
+        .unwrap_err()
+        .to_string()
+        .contains("`nope`"));
+}
+
+/// torch.nn.utils.clip_grad_norm_ on one list of tensors, written out independently.
+fn torch_clip(grads: &mut [Vec<f32>], max_norm: f32) {
+    let total: f64 = grads.iter().flatten().map(|&g| (g as f64).powi(2)).sum();
+    let coef = max_norm as f64 / (total.sqrt() + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut().flatten() {
+            *g *= coef as f32;
+        }
+    }
+}
+
+#[test]
+fn per_tensor_and_global_clipping_match_torch_semantics() {
+    let lopt = LearnedOptimizer::demo();
+    let shapes: &[(&str, &[usize])] = &[("big", &[6, 7]), ("small", &[9]), ("mid", &[4, 3])];
+    let mut grads: Vec<Vec<f32>> = vec![
+        vec![3.0; 42],  // norm 19.4: clipped to 1
+        vec![0.01; 9],  // norm 0.03: kept
+        vec![-0.5; 12], // norm 1.73: clipped to 1
+    ];
+    grads[0][5] = -40.0;
+    let p0: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|(_, d)| vec![0.25; d.iter().product()])
+        .collect();
+    for (per, global) in [(Some(1.0), None), (None, Some(2.0)), (Some(1.0), Some(1.2))] {
+        let options = OptimizerOptions {
+            max_grad_norm: per,
+            global_max_grad_norm: global,
+            ..Default::default()
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(shapes), options).unwrap();
+        let mut params = p0.clone();
+        let caller = grads.clone();
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&caller), 0.5, 0.0)
+            .unwrap();
+        assert_eq!(caller, grads, "the caller's gradients are never modified");
+        let mut clipped = grads.clone();
+        if let Some(m) = per {
+            for g in clipped.iter_mut() {
+                torch_clip(std::slice::from_mut(g), m);
+            }
+            let names: Vec<&str> = report.clipped.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, ["big", "mid"]);
+        }
+        if let Some(m) = global {
+            torch_clip(&mut clipped, m);
+            assert!(report.global_clip_coef.is_some());
+            let norm: f64 = clipped.iter().flatten().map(|&g| (g as f64).powi(2)).sum();
+            assert!(norm.sqrt() <= m as f64 * (1.0 + 1e-6), "global norm {norm}");
+        }
+        for (i, (name, d)) in shapes.iter().enumerate() {
+            let mut want = p0[i].clone();
+            reference(&lopt, d, 0)
+                .step(
+                    &mut want,
+                    &clipped[i],
+                    Hyper {
+                        lr: 0.5,
+                        weight_decay: 0.0,
+                    },
+                )
+                .unwrap();
+            assert_eq!(
+                bits(&params[i]),
+                bits(&want),
+                "{name} with {per:?} {global:?}"
+            );
+        }
+    }
+}
+
+fn inject(grads: &mut [Vec<f32>]) {
+    grads[1][3] = f32::NAN; // l0.w
+    grads[4][0] = f32::INFINITY; // l1.b
+    grads[7][0] = f32::NEG_INFINITY; // gain
+    grads[8][2] = f32::NAN; // head
+    grads[8][7] = f32::NEG_INFINITY;
+}
+
+#[test]
+fn nonfinite_skip_leaves_tensors_untouched_and_reports_them() {
+    for backend in backends() {
+        let lopt = common::fixture_lopt();
+        let mut rng = Rng(9);
+        let (mut params, grads) = model_data(&mut rng);
+        let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), on(&backend)).unwrap();
+        opt.step(&mut refs(&mut params), &crefs(&grads[0]), 0.1, 0.0)
+            .unwrap();
+        let before_params = params.clone();
+        let before_states: Vec<TensorState> =
+            MODEL.iter().map(|(n, _)| opt.state(n).unwrap()).collect();
+        let mut bad = grads[1].clone();
+        inject(&mut bad);
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
+            .unwrap();
+        assert_eq!(report.skipped, ["l0.w", "l1.b", "gain", "head"]);
+        let head = &report
+            .nonfinite
+            .iter()
+            .find(|(n, _)| n == "head")
+            .unwrap()
+            .1;
+        assert_eq!((head.nan, head.pos_inf, head.neg_inf), (1, 0, 1));
+        assert_eq!(opt.step_count(), 2);
+        for (i, (name, _)) in MODEL.iter().enumerate() {
+            let state = opt.state(name).unwrap();
+            assert_eq!(state.step, 2, "{name}: one counter for every tensor");
+            assert!(params[i].iter().all(|x| x.is_finite()), "{name}");
+            let skipped = report.skipped.iter().any(|s| s == name);
+            if skipped {
+                assert_eq!(bits(&params[i]), bits(&before_params[i]), "{name}");
+                let mut want = before_states[i].clone();
+                want.step = 2;
+                assert_eq!(state, want, "{name}: accumulators untouched");
+            } else {
+                // The clean tensors stepped exactly as alone.
+                let mut r = reference(&lopt, MODEL[i].1, 0);
+                r.set_state(before_states[i].clone()).unwrap();
+                let mut want = before_params[i].clone();
+                r.step(
+                    &mut want,
+                    &bad[i],
+                    Hyper {
+                        lr: 0.1,
+                        weight_decay: 0.0,
+                    },
+                )
+                .unwrap();
+                assert_same_step(opt.target(), &params[i], &want, &before_params[i], name);
+            }
+        }
+    }
+}
+
+#[test]
+fn nonfinite_zero_is_nan_to_num() {
+    for backend in backends() {
+        let lopt = common::fixture_lopt();
+        let mut rng = Rng(10);
+        let (mut params, grads) = model_data(&mut rng);
+        let p0 = params.clone();
+        let options = OptimizerOptions {
+            nonfinite: NonFinitePolicy::Zero,
+            ..on(&backend)
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
+        let mut bad = grads[0].clone();
+        inject(&mut bad);
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
+            .unwrap();
+        assert_eq!(report.sanitized, ["l0.w", "l1.b", "gain", "head"]);
+        // ±Inf becomes ±f32::MAX, whose square overflows in the f32 step: NaN everywhere in that
+        // tensor. The guard undoes those tensors; the NaN-only one (l0.w) steps with zeros.
+        assert_eq!(report.reverted, ["l1.b", "gain", "head"]);
+        assert_eq!(report.skipped, report.reverted);
+        for (i, (name, d)) in MODEL.iter().enumerate() {
+            if report.reverted.contains(&name.to_string()) {
+                assert_eq!(bits(&params[i]), bits(&p0[i]), "{name}");
+                let s = opt.state(name).unwrap();
+                assert_eq!(s.step, 1);
+                assert!(s.iter().all(|(_, v)| v.iter().all(|&x| x == 0.0)), "{name}");
+                continue;
+            }
+            let mut g = bad[i].clone();
+            for x in g.iter_mut() {
+                *x = if x.is_nan() {
+                    0.0
+                } else if *x == f32::INFINITY {
+                    f32::MAX
+                } else if *x == f32::NEG_INFINITY {
+                    f32::MIN
+                } else {
+                    *x
+                };
+            }
+            let mut want = p0[i].clone();
+            let mut r = reference(&lopt, d, 0);
+            r.step(
+                &mut want,
+                &g,
+                Hyper {
+                    lr: 0.1,
+                    weight_decay: 0.0,
+                },
+            )
+            .unwrap();
+            assert_same_step(opt.target(), &params[i], &want, &p0[i], name);
+            assert!(!params[i].iter().any(|x| x.is_nan()), "{name}");
+        }
+    }
+}
+
+#[test]
+fn nonfinite_error_names_tensors_and_changes_nothing() {
+    for backend in backends() {
+        let lopt = LearnedOptimizer::demo();
+        let mut rng = Rng(11);
+        let (mut params, grads) = model_data(&mut rng);
+        let options = OptimizerOptions {
+            nonfinite: NonFinitePolicy::Error,
+            ..on(&backend)
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
+        opt.step(&mut refs(&mut params), &crefs(&grads[0]), 0.1, 0.0)
+            .unwrap();
+        let before: Vec<TensorState> = MODEL.iter().map(|(n, _)| opt.state(n).unwrap()).collect();
+        let p1 = params.clone();
+        let mut bad = grads[1].clone();
+        inject(&mut bad);
+        let err = opt
+            .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
+            .unwrap_err()
+            .to_string();
+        for name in [
+            "`l0.w` (1 NaN",
+            "`l1.b` (0 NaN, 1 +Inf",
+            "`gain` (0 NaN, 0 +Inf, 1 -Inf)",
+            "`head`",
+        ] {
+            assert!(err.contains(name), "{name} in {err}");
+        }
+        assert!(!err.contains("`l0.b`"), "{err}");
+        assert_eq!(params, p1);
+        assert_eq!(opt.step_count(), 1);
+        for (i, (n, _)) in MODEL.iter().enumerate() {
+            assert_eq!(opt.state(n).unwrap(), before[i]);
+        }
+        // A clean step still works afterwards.
+        opt.step(&mut refs(&mut params), &crefs(&grads[2]), 0.1, 0.0)
+            .unwrap();
+        assert_eq!(opt.step_count(), 2);
+    }
+}
+
+#[test]
+fn pylo_without_a_policy_would_spread_nan() {
+    // Why the default is not PyLO's "do nothing": one NaN in a gradient reaches every element
+    // of the parameter through the feature normalization. (Checks the premise of the policy.)
+    let lopt = LearnedOptimizer::demo();
+    let mut r = reference(&lopt, &[4, 5], 0);
+    let mut p = vec![0.5f32; 20];
+    let mut g = vec![0.1f32; 20];
+    g[3] = f32::NAN;
+    r.step(
+        &mut p,
+        &g,
+        Hyper {
+            lr: 0.1,
+            weight_decay: 0.0,
+        },
+    )
+    .unwrap();
+    assert!(p.iter().all(|x| x.is_nan()));
+}
+
+#[test]
+fn nonfinite_zero_with_clipping_steps_every_tensor() {
+    for backend in backends() {
+        // JAX μLO's nan_to_num followed by clipping: f32::MAX is scaled down before the step.
+        let lopt = common::fixture_lopt();
+        let mut rng = Rng(12);
+        let (mut params, grads) = model_data(&mut rng);
+        let options = OptimizerOptions {
+            nonfinite: NonFinitePolicy::Zero,
+            max_grad_norm: Some(1.0),
+            ..on(&backend)
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
+        let mut bad = grads[0].clone();
+        inject(&mut bad);
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&bad), 0.1, 0.0)
+            .unwrap();
+        assert!(
+            report.skipped.is_empty() && report.reverted.is_empty(),
+            "{report:?}"
+        );
+        let clipped: Vec<&str> = report.clipped.iter().map(|(n, _)| n.as_str()).collect();
+        for name in ["l1.b", "gain", "head"] {
+            assert!(clipped.contains(&name), "{name} in {clipped:?}");
+        }
+        for (i, (name, _)) in MODEL.iter().enumerate() {
+            assert!(params[i].iter().all(|x| x.is_finite()), "{name}");
+            let s = opt.state(name).unwrap();
+            assert!(
+                s.iter().all(|(_, v)| v.iter().all(|x| x.is_finite())),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn overflowing_finite_gradient_is_undone_by_the_guard_or_fails_loudly_without_it() {
+    for backend in backends() {
+        let lopt = LearnedOptimizer::demo();
+        let shapes: &[(&str, &[usize])] = &[("a", &[3, 4]), ("b", &[6])];
+        let grads = vec![vec![0.1f32; 12], vec![1e30f32, 0.1, 0.1, 0.1, 0.1, 0.1]];
+        let p0 = vec![vec![0.5f32; 12], vec![0.5f32; 6]];
+        let mut opt = MuloOptimizer::new(&lopt, specs(shapes), on(&backend)).unwrap();
+        let mut params = p0.clone();
+        let report = opt
+            .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
+            .unwrap();
+        assert!(report.nonfinite.is_empty());
+        assert_eq!(report.reverted, ["b"]);
+        assert_eq!(params[1], p0[1]);
+        assert_ne!(params[0], p0[0]);
+
+        let options = OptimizerOptions {
+            guard: false,
+            ..on(&backend)
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs(shapes), options).unwrap();
+        let mut params = p0.clone();
+        let err = opt
+            .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`b`") && err.contains("non-finite"), "{err}");
+        // Poisoned: it refuses to go on until its state is restored.
+        let err = opt
+            .step(&mut refs(&mut params), &crefs(&grads), 0.1, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unusable"), "{err}");
+    }
+}
+
+/// A stepper that wraps the interpreter and fails on the `fail_at`-th step it is asked to do.
+struct Flaky {
+    inner: InterpStepper,
+    calls: Arc<AtomicUsize>,
+    fail_at: usize,
+}
+
+impl TensorStepper for Flaky {
+    fn target(&self) -> &'static str {
+        "flaky"
+    }
+    fn layout(&self) -> &Layout {
+        self.inner.layout()
+    }
+    fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> mulo::Result<()> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            return Err(mulo::Error::Backend {
+                backend: "flaky",
+                message: "device lost".into(),
+            });
+        }
+        self.inner.step(param, grad, hyper)
+    }
+    fn state(&self) -> mulo::Result<TensorState> {
+        self.inner.state()
+    }
+    fn set_state(&mut self, state: TensorState) -> mulo::Result<()> {
+        self.inner.set_state(state)
+    }
+}
+
+struct FlakyFactory {
+    calls: Arc<AtomicUsize>,
+    fail_at: usize,
+}
+
+impl StepperFactory for FlakyFactory {
+    fn target(&self) -> &'static str {
+        "flaky"
+    }
+    fn stepper(
+        &self,
+        ir: Arc<mulo::ir::StepIr>,
+        start_step: u64,
+    ) -> mulo::Result<Box<dyn TensorStepper>> {
+        Ok(Box::new(Flaky {
+            inner: InterpStepper::new(ir, start_step),
+            calls: self.calls.clone(),
+            fail_at: self.fail_at,
+        }))
+    }
+}
+
+#[test]
+fn a_backend_failure_mid_step_makes_the_optimizer_refuse_until_restored() {
+    let lopt = LearnedOptimizer::demo();
+    let calls = Arc::new(AtomicUsize::new(0));
+    // 10 tensors: the 13th stepper call is the 3rd tensor of the second step.
+    let options = OptimizerOptions {
+        backend: Arc::new(PerTensor(FlakyFactory {
+            calls: calls.clone(),
+            fail_at: 13,
+        })),
+        ..Default::default()
+    };
+    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), options).unwrap();
+    assert_eq!(opt.target(), "flaky");
+    let mut rng = Rng(21);
+    let (mut params, grads) = model_data(&mut rng);
+    opt.step(&mut refs(&mut params), &crefs(&grads[0]), 0.1, 0.0)
+        .unwrap();
+    let dir = common::temp_dir("flaky");
+    let path = dir.join("ckpt.safetensors");
+    opt.save_checkpoint(&path).unwrap();
+    let saved = params.clone();
+    let err = opt
+        .step(&mut refs(&mut params), &crefs(&grads[1]), 0.1, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("device lost") && err.contains("tensor 2") && err.contains("after 2 of"),
+        "{err}"
+    );
+    let err = opt
+        .step(&mut refs(&mut params), &crefs(&grads[1]), 0.1, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unusable") && err.contains("device lost"),
+        "{err}"
+    );
+    assert!(opt.save_checkpoint(&dir.join("bad.safetensors")).is_err());
+    // Restore: the checkpoint and the parameters saved with it.
+    opt.load_checkpoint(&path).unwrap();
+    params = saved;
+    opt.step(&mut refs(&mut params), &crefs(&grads[1]), 0.1, 0.0)
+        .unwrap();
+    assert_eq!(opt.step_count(), 2);
+}
