@@ -97,6 +97,9 @@ struct CompileArgs {
     /// Output file (ir, onnx) or directory (cuda).
     #[arg(short, long, value_name = "OUT")]
     output: Option<PathBuf>,
+    /// GPU architecture for --target cuda (default: the present GPU's, else sm_80).
+    #[arg(long, value_name = "sm_XY")]
+    arch: Option<String>,
 }
 
 /// Backends that can execute steps.
@@ -190,7 +193,28 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 None => print!("{text}"),
             }
         }
-        CompileTarget::Onnx | CompileTarget::Cuda => {
+        CompileTarget::Cuda => {
+            let arch = args
+                .arch
+                .clone()
+                .unwrap_or_else(mulo::backend::cuda::nvrtc::default_arch);
+            let compiled = mulo::backend::cuda::compile(&ir, &arch, true)?;
+            let dir = args.output.clone().unwrap_or_else(|| PathBuf::from("."));
+            for path in compiled.write_to(&dir)? {
+                eprintln!("wrote {}", path.display());
+            }
+            eprintln!(
+                "{} kernels, {} passes over the elements, {} bytes of PTX for {} (NVRTC {}{}) in {:.1?}",
+                compiled.manifest.kernels.len(),
+                compiled.manifest.elem_passes,
+                compiled.ptx.ptx.len(),
+                arch,
+                compiled.manifest.nvrtc_version,
+                if compiled.ptx.from_cache { ", from the cache" } else { "" },
+                started.elapsed()
+            );
+        }
+        CompileTarget::Onnx => {
             bail!(
                 "target {:?} is not available in this build yet; use --target ir",
                 args.target

@@ -1,0 +1,1 @@
+//! Host runtime (placeholder; filled in below).
