@@ -107,6 +107,8 @@ struct CompileArgs {
 enum RunTarget {
     /// The reference interpreter (f32).
     Interp,
+    /// CUDA on GPU 0 (NVRTC-compiled for its architecture).
+    Cuda,
 }
 
 #[derive(Args, Debug)]
@@ -232,6 +234,11 @@ fn make_stepper(
     let ir = Arc::new(mulo::compile_step(layout.shape(), lopt)?);
     Ok(match target {
         RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
+        RunTarget::Cuda => {
+            use mulo::backend::cuda::runtime::{CudaRuntime, CudaStepper};
+            let program = CudaRuntime::new(0)?.program(&ir)?;
+            Box::new(CudaStepper::new(program, 0)?)
+        }
     })
 }
 
@@ -281,6 +288,21 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
     let lopt = args.weights.load()?;
     let layout = Layout::new(shape.clone());
     let ir = mulo::compile_step(&shape, &lopt)?;
+    if args.target == RunTarget::Cuda {
+        // Device-resident steps; floors from the measured copy bandwidth and the GPU's FP32 peak.
+        let runtime = mulo::backend::cuda::runtime::CudaRuntime::new(0)?;
+        let report = mulo::backend::cuda::runtime::bench(&runtime, &ir, args.warmup, args.steps)?;
+        eprintln!(
+            "median {:.3} ms per step, {:.3} ns per element; {:.1}% of the {} B/element memory floor, {:.1}% of the FP32 floor",
+            report.median_ns as f64 / 1e6,
+            report.ns_per_element,
+            report.memory_floor_fraction * 100.0,
+            report.cost.bytes_per_element,
+            report.compute_floor_fraction * 100.0
+        );
+        println!("{}", report.to_json());
+        return Ok(0);
+    }
     let mut stepper = make_stepper(args.target, &layout, &lopt)?;
     let n = layout.numel();
     // Deterministic, varied data: the timing must not depend on special values.
