@@ -680,7 +680,7 @@ mod tests {
     fn literals_round_trip() {
         for x in [
             0.1f32,
-            -0.542027295,
+            -0.542_027_3,
             1e-30,
             f32::MIN_POSITIVE,
             1.4e-45,

@@ -48,12 +48,15 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
         .map_err(driver_err("opening CUDA device"))
 }
 
+/// In-memory cache key: dims, optimizer fingerprint, architecture, NVRTC version.
+type ProgramKey = (Vec<usize>, String, String, (i32, i32));
+
 /// A CUDA context and stream, with compiled programs cached in memory.
 pub struct CudaRuntime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
-    programs: Mutex<HashMap<(Vec<usize>, String, String), Arc<CudaStepProgram>>>,
+    programs: Mutex<HashMap<ProgramKey, Arc<CudaStepProgram>>>,
 }
 
 impl CudaRuntime {
@@ -94,6 +97,7 @@ impl CudaRuntime {
             ir.layout.dims().to_vec(),
             ir.lopt_fingerprint.clone(),
             self.arch.clone(),
+            nvrtc::nvrtc_version()?,
         );
         if let Some(p) = self.programs.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(p);
