@@ -233,10 +233,6 @@ pub fn schedule(ir: &StepIr) -> Schedule {
     let tiling = Tiling::of(layout);
     let level = levels(ir);
     let n = ir.nodes.len();
-    let elem_stores: Vec<ValueId> = ir
-        .ids()
-        .filter(|&v| matches!(ir.node(v).op, Op::Store { .. }) && ir.node(v).domain == Domain::Elem)
-        .collect();
     let small_stores: Vec<ValueId> = ir
         .ids()
         .filter(|&v| matches!(ir.node(v).op, Op::Store { .. }) && ir.node(v).domain != Domain::Elem)
@@ -248,54 +244,50 @@ pub fn schedule(ir: &StepIr) -> Schedule {
         .max()
         .unwrap_or(0);
 
-    // Elem kernel k: roots are the operands of the element means of level k + 1, or the
-    // element stores for the last one.
-    let mut elem_roots: Vec<Vec<ValueId>> = Vec::new();
-    let mut elem_means: Vec<Vec<ValueId>> = Vec::new();
-    for k in 0..=max_level {
-        if k < max_level {
-            let means: Vec<ValueId> = ir
-                .ids()
-                .filter(|&v| is_elem_mean(ir, v) && level[v.index()] == k + 1)
-                .collect();
-            elem_roots.push(
-                means
-                    .iter()
-                    .flat_map(|&m| ir.node(m).op.operands())
-                    .collect(),
-            );
-            elem_means.push(means);
-        } else {
-            elem_roots.push(elem_stores.clone());
-            elem_means.push(Vec::new());
-        }
-    }
-    let closures: Vec<(Vec<ValueId>, BTreeSet<ValueId>)> =
-        elem_roots.iter().map(|r| elem_closure(ir, r)).collect();
-
-    // Slot of each small node: as late as its users allow (small kernel S_k runs before E_k).
+    // One sweep in reverse topological order places everything as late as its users allow:
+    // - `slot[v]` of a small node: the small kernel S_k computing it (S_k runs before E_k);
+    // - an element node is needed from the first elem pass that uses it (`deadline`);
+    // - an element mean's partials are produced by the pass just before its slot.
+    // Late placement keeps early passes light: pass 0 of a factored tensor reads only G, as
+    // the 72 B/element floor of SPEC.md §5 assumes.
     let mut slot: Vec<Option<u32>> = vec![None; n];
     let mut deadline: Vec<u32> = vec![max_level; n];
-    for (k, (_, reads)) in closures.iter().enumerate() {
-        for v in reads {
-            deadline[v.index()] = deadline[v.index()].min(k as u32);
-        }
-    }
     for i in (0..n).rev() {
+        let id = ValueId(i as u32);
         let node = &ir.nodes[i];
-        if node.domain == Domain::Elem || is_inlined(&node.op) {
+        if is_inlined(&node.op) {
             continue;
         }
-        let s = if matches!(node.op, Op::Store { .. }) {
-            max_level
-        } else {
-            deadline[i].max(level[i])
-        };
-        slot[i] = Some(s);
-        for o in node.op.operands() {
-            if ir.node(o).domain != Domain::Elem {
-                deadline[o.index()] = deadline[o.index()].min(s);
+        let is_store = matches!(node.op, Op::Store { .. });
+        // What this node asks of its operands.
+        let need = if node.domain == Domain::Elem {
+            if is_store {
+                max_level
+            } else {
+                deadline[i]
             }
+        } else {
+            let s = if is_store {
+                max_level
+            } else {
+                deadline[i].max(level[i])
+            };
+            slot[i] = Some(s);
+            if is_elem_mean(ir, id) {
+                // Its operand is computed (and reduced) by pass s - 1.
+                s.saturating_sub(1)
+            } else {
+                s
+            }
+        };
+        for o in node.op.operands() {
+            deadline[o.index()] = deadline[o.index()].min(need);
+        }
+    }
+    let mut elem_means: Vec<Vec<ValueId>> = vec![Vec::new(); max_level as usize + 1];
+    for v in ir.ids().filter(|&v| is_elem_mean(ir, v)) {
+        if let Some(s) = slot[v.index()] {
+            elem_means[s.saturating_sub(1) as usize].push(v);
         }
     }
 
@@ -359,6 +351,9 @@ pub fn schedule(ir: &StepIr) -> Schedule {
             });
         }
         let last = k == max_level;
+        if !last && elem_means[k as usize].is_empty() {
+            continue;
+        }
         let means: Vec<ElemMean> = elem_means[k as usize]
             .iter()
             .map(|&m| mean_info(m))
