@@ -25,6 +25,9 @@ if echo "$out" | grep -q "SKIPPED"; then
     exit 1
 fi
 cargo test --lib backend::cuda
+# The generated kernels compiled for the CPU (g++, C++20) and checked against the golden
+# trajectories and the interpreter: the kernels' semantics without a GPU.
+cargo test --test cuda_emulated -- --nocapture --test-threads 1 2>&1 | grep -E "err|SKIPPED|test result|panicked"
 cargo test --test cuda_gpu -- --nocapture 2>&1 | grep -E "SKIPPED|test result|error|panicked" | sort -u
 
 dir="$(mktemp -d)"
