@@ -163,7 +163,12 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
     let result = std::panic::catch_unwind(move || cudarc::nvrtc::compile_ptx_with_opts(src, opts))
         .map_err(|_| backend(format!("NVRTC panicked while compiling. {NVRTC_HELP}")))?;
     let ptx = match result {
-        Ok(ptx) => ptx.to_src(),
+        Ok(ptx) => match ptx.as_bytes() {
+            Some(bytes) => String::from_utf8_lossy(bytes)
+                .trim_end_matches('\0')
+                .to_string(),
+            None => return Err(backend("NVRTC returned no PTX image")),
+        },
         Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => {
             return Err(backend(format!(
                 "NVRTC failed ({nvrtc:?}) compiling for {arch}:\n{}",

@@ -3,13 +3,14 @@
 //!
 //! - The **level** of a node is the number of means over the element domain on its dependency
 //!   path: such a mean needs every element before any of its users can run, so it is a barrier.
-//! - **Elem kernels** (`E_k`) make one pass over the element data. `E_k` for `k < max` computes,
-//!   in registers, the operands of the element means of level `k + 1` and writes their
-//!   per-block partial sums (deterministic: fixed thread-to-element map, fixed-order trees).
-//!   The last one computes what the element-domain stores need and stores it. Element values
-//!   are recomputed in every elem kernel that needs them and never stored except by `Store`.
+//! - **Elem kernels** (`E_k`) make one pass over the element data each. A reduce pass computes,
+//!   in registers, the operands of the element means it is given and writes their per-block
+//!   partial sums (deterministic: fixed thread-to-element map, fixed-order trees); a mean is
+//!   given to the last pass before its first user (at least its operand's level). The last
+//!   pass computes what the element-domain stores need and stores it. Element values are
+//!   recomputed in every elem kernel that needs them and never stored except by `Store`.
 //! - **Small kernels** (`S_k`, one thread block) run before `E_k`: they finish the element
-//!   means of level `k` from the partials (fixed order), and compute every node on the
+//!   means reduced by the previous pass (fixed order), and compute every node on the
 //!   row/column/rest/step domains as late as its users allow, into a scratch arena. The last
 //!   small kernel also performs the stores of those domains (the state buffers `fac_row`,
 //!   `fac_col`), after every load of them.
