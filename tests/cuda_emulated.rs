@@ -366,3 +366,33 @@ fn emulated_kernels_run_a_synthetic_ir_with_rest_and_vector_means() {
         }
     }
 }
+
+/// The reference shape, one step (slow: ~400k emulated threads; run with --ignored).
+#[test]
+#[ignore]
+fn emulated_1024x512_matches_the_interpreter() {
+    if !gxx_or_skip("emulated_1024x512_matches_the_interpreter") {
+        return;
+    }
+    let shape = Shape::parse("1024x512").unwrap();
+    let ir = Arc::new(mulo::compile_step(&shape, &lopt()).unwrap());
+    let mut emu = EmulatedStepper::new(&ir, "big");
+    let mut cpu = InterpStepper::new(ir.clone(), 0);
+    let n = shape.numel();
+    let p0: Vec<f32> = (0..n)
+        .map(|k| ((k * 7919 % 1000) as f32 - 500.0) * 1e-3)
+        .collect();
+    let g: Vec<f32> = (0..n)
+        .map(|k| ((k * 104729 % 997) as f32 - 498.0) * 1e-4)
+        .collect();
+    let (mut pe, mut pc) = (p0.clone(), p0.clone());
+    let hyper = Hyper {
+        lr: 1e-2,
+        weight_decay: 0.0,
+    };
+    emu.step(&mut pe, &g, hyper).unwrap();
+    cpu.step(&mut pc, &g, hyper).unwrap();
+    let err = max_abs_diff(&pe, &pc) / max_abs_diff(&pc, &p0).max(f64::MIN_POSITIVE);
+    eprintln!("1024x512: param error {err:.3e}");
+    assert!(err <= DEFAULT_TOLERANCE, "{err:e}");
+}
