@@ -204,12 +204,18 @@ pub fn ptx_entries(ptx: &str) -> Vec<(String, Vec<String>)> {
         let Some(pos) = line.find(".entry ") else {
             continue;
         };
-        let name = line[pos + 7..]
-            .trim()
-            .trim_end_matches('(')
-            .trim()
+        let rest = &line[pos + 7..];
+        let name = rest
+            .split(|c: char| c == '(' || c.is_whitespace())
+            .find(|t| !t.is_empty())
+            .unwrap_or_default()
             .to_string();
         let mut types = Vec::new();
+        if rest.contains(')') {
+            // `.entry k()`: no parameters.
+            out.push((name, types));
+            continue;
+        }
         for l in lines.by_ref() {
             let l = l.trim();
             if l.starts_with(')') || l.starts_with('{') {
@@ -224,4 +230,43 @@ pub fn ptx_entries(ptx: &str) -> Vec<(String, Vec<String>)> {
         out.push((name, types));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_names() {
+        for ok in ["sm_80", "sm_90", "sm_90a", "sm_120"] {
+            assert!(check_arch(ok).is_ok(), "{ok}");
+        }
+        for bad in ["80", "sm80", "sm_", "sm_9", "compute_90", "sm_8x"] {
+            assert!(check_arch(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cache_key_covers_source_arch_and_version() {
+        let k = cache_key("src", "sm_80", (12, 9));
+        assert_eq!(k.len(), 64);
+        assert_ne!(k, cache_key("src2", "sm_80", (12, 9)));
+        assert_ne!(k, cache_key("src", "sm_90", (12, 9)));
+        assert_ne!(k, cache_key("src", "sm_80", (12, 8)));
+    }
+
+    #[test]
+    fn parses_ptx_entries() {
+        let ptx = ".visible .entry k0(\n\t.param .u64 k0_param_0,\n\t.param .f32 k0_param_1\n)\n{\n}\n.visible .entry k1()\n{\n}\n";
+        let e = ptx_entries(ptx);
+        assert_eq!(e.len(), 2);
+        assert_eq!(
+            e[0],
+            (
+                "k0".to_string(),
+                vec![".u64".to_string(), ".f32".to_string()]
+            )
+        );
+        assert_eq!(e[1], ("k1".to_string(), vec![]));
+    }
 }
