@@ -97,6 +97,10 @@ pub struct BenchReport {
     pub memory_floor_ns_per_element: f64,
     /// max(compute floor, memory floor) / measured: the fraction of the roofline reached.
     pub roofline_fraction: f64,
+    /// Memory floor / measured (0 when the bandwidth is not modelled).
+    pub memory_floor_fraction: f64,
+    /// Compute (FP32 multiply-add) floor / measured.
+    pub compute_floor_fraction: f64,
     /// Peak multiply-add rate assumed (per second).
     pub peak_madds_per_sec: f64,
     /// Memory bandwidth assumed (bytes per second; 0 when not modelled).
@@ -133,6 +137,8 @@ impl BenchReport {
             compute_floor_ns_per_element: compute_floor,
             memory_floor_ns_per_element: memory_floor,
             roofline_fraction: compute_floor.max(memory_floor) / ns_per_element,
+            memory_floor_fraction: memory_floor / ns_per_element,
+            compute_floor_fraction: compute_floor / ns_per_element,
             peak_madds_per_sec,
             bandwidth_bytes_per_sec,
         }

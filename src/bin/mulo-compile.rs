@@ -97,6 +97,9 @@ struct CompileArgs {
     /// Output file (ir, onnx) or directory (cuda).
     #[arg(short, long, value_name = "OUT")]
     output: Option<PathBuf>,
+    /// GPU architecture for --target cuda (default: the present GPU's, else sm_80).
+    #[arg(long, value_name = "sm_XY")]
+    arch: Option<String>,
 }
 
 /// Backends that can execute steps.
@@ -104,6 +107,8 @@ struct CompileArgs {
 enum RunTarget {
     /// The reference interpreter (f32).
     Interp,
+    /// CUDA on GPU 0 (NVRTC-compiled for its architecture).
+    Cuda,
 }
 
 #[derive(Args, Debug)]
@@ -190,7 +195,28 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 None => print!("{text}"),
             }
         }
-        CompileTarget::Onnx | CompileTarget::Cuda => {
+        CompileTarget::Cuda => {
+            let arch = args
+                .arch
+                .clone()
+                .unwrap_or_else(mulo::backend::cuda::nvrtc::default_arch);
+            let compiled = mulo::backend::cuda::compile(&ir, &arch, true)?;
+            let dir = args.output.clone().unwrap_or_else(|| PathBuf::from("."));
+            for path in compiled.write_to(&dir)? {
+                eprintln!("wrote {}", path.display());
+            }
+            eprintln!(
+                "{} kernels, {} passes over the elements, {} bytes of PTX for {} (NVRTC {}{}) in {:.1?}",
+                compiled.manifest.kernels.len(),
+                compiled.manifest.elem_passes,
+                compiled.ptx.ptx.len(),
+                arch,
+                compiled.manifest.nvrtc_version,
+                if compiled.ptx.from_cache { ", from the cache" } else { "" },
+                started.elapsed()
+            );
+        }
+        CompileTarget::Onnx => {
             bail!(
                 "target {:?} is not available in this build yet; use --target ir",
                 args.target
@@ -208,6 +234,11 @@ fn make_stepper(
     let ir = Arc::new(mulo::compile_step(layout.shape(), lopt)?);
     Ok(match target {
         RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
+        RunTarget::Cuda => {
+            use mulo::backend::cuda::runtime::{CudaRuntime, CudaStepper};
+            let program = CudaRuntime::new(0)?.program(&ir)?;
+            Box::new(CudaStepper::new(program, 0)?)
+        }
     })
 }
 
@@ -257,6 +288,21 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
     let lopt = args.weights.load()?;
     let layout = Layout::new(shape.clone());
     let ir = mulo::compile_step(&shape, &lopt)?;
+    if args.target == RunTarget::Cuda {
+        // Device-resident steps; floors from the measured copy bandwidth and the GPU's FP32 peak.
+        let runtime = mulo::backend::cuda::runtime::CudaRuntime::new(0)?;
+        let report = mulo::backend::cuda::runtime::bench(&runtime, &ir, args.warmup, args.steps)?;
+        eprintln!(
+            "median {:.3} ms per step, {:.3} ns per element; {:.1}% of the {} B/element memory floor, {:.1}% of the FP32 floor",
+            report.median_ns as f64 / 1e6,
+            report.ns_per_element,
+            report.memory_floor_fraction * 100.0,
+            report.cost.bytes_per_element,
+            report.compute_floor_fraction * 100.0
+        );
+        println!("{}", report.to_json());
+        return Ok(0);
+    }
     let mut stepper = make_stepper(args.target, &layout, &lopt)?;
     let n = layout.numel();
     // Deterministic, varied data: the timing must not depend on special values.

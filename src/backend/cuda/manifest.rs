@@ -1,0 +1,244 @@
+//! `mulo_step.json`: everything a host needs to run `mulo_step.ptx` without mulo.
+
+use super::render::params;
+use super::schedule::{KernelKind, Schedule, BLOCK_THREADS};
+use crate::ir::{Buffer, StepIr};
+use serde::{Deserialize, Serialize};
+
+/// Format tag of the manifest.
+pub const FORMAT: &str = "mulo-cuda-step";
+/// Version of the manifest format.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The manifest of a compiled step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Always [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// mulo's version.
+    pub generator: String,
+    /// The tensor shape as given (empty for a 0-d tensor).
+    pub shape: Vec<usize>,
+    /// The dimensions the step works on (`[1]` for a 0-d tensor).
+    pub dims: Vec<usize>,
+    /// Number of elements.
+    pub numel: usize,
+    /// The factored axes `{d0, d1}` (SPEC.md §2), or null for rank ≤ 1.
+    pub factored: Option<FactoredJson>,
+    /// The GPU architecture the PTX targets.
+    pub arch: String,
+    /// NVRTC version that produced the PTX, `major.minor`.
+    pub nvrtc_version: String,
+    /// Fingerprint of the learned optimizer (weights and meta-parameters).
+    pub lopt_fingerprint: String,
+    /// The PTX file name.
+    pub ptx: String,
+    /// The CUDA source file name.
+    pub source: String,
+    /// Passes over the element data per step.
+    pub elem_passes: usize,
+    /// Tensors the step reads and writes, in kernel argument order.
+    pub buffers: Vec<BufferJson>,
+    /// Scratch arenas the host allocates once (their contents need no initialization and are
+    /// meaningless between steps).
+    pub scratch: Vec<ScratchJson>,
+    /// Runtime scalars, in kernel argument order after the buffers and scratch.
+    pub scalars: Vec<ScalarJson>,
+    /// The argument list every kernel takes, in order.
+    pub args: Vec<ArgJson>,
+    /// Kernels, in launch order (one stream, each after the previous).
+    pub kernels: Vec<KernelJson>,
+    /// How to run a step, in words.
+    pub protocol: String,
+}
+
+/// Factored axes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FactoredJson {
+    /// Largest axis (R is reduced over it).
+    pub d0: usize,
+    /// Second largest axis (C is reduced over it).
+    pub d1: usize,
+}
+
+/// One tensor argument.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BufferJson {
+    /// Canonical name (`param`, `grad`, `mom`, `rms`, `fac_row`, `fac_col`, `fac_v`).
+    pub name: String,
+    /// Element type (`f32`).
+    pub dtype: String,
+    /// Shape, decay-major: `[lanes, *domain]` for 3-lane state, the domain alone otherwise.
+    pub shape: Vec<usize>,
+    /// Number of values.
+    pub len: usize,
+    /// `read` or `read_write`.
+    pub access: String,
+    /// Whether it is optimizer state (kept between steps; zero before the first).
+    pub state: bool,
+    /// `row-major, decay-major` (the canonical layout shared with the ONNX target).
+    pub layout: String,
+}
+
+/// One scratch arena.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScratchJson {
+    /// Argument name.
+    pub name: String,
+    /// Element type (`f32` or `f64`).
+    pub dtype: String,
+    /// Number of values (at least 1).
+    pub len: usize,
+    /// Bytes.
+    pub bytes: usize,
+}
+
+/// One runtime scalar.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScalarJson {
+    /// Argument name.
+    pub name: String,
+    /// `f32`.
+    pub dtype: String,
+    /// What it is.
+    pub meaning: String,
+}
+
+/// One kernel argument.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArgJson {
+    /// Name.
+    pub name: String,
+    /// `buffer`, `scratch` or `scalar`.
+    pub kind: String,
+    /// `f32*` (device pointer to f32), `f64*`, or `f32` (by value).
+    pub dtype: String,
+}
+
+/// One kernel launch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelJson {
+    /// Entry name in the PTX.
+    pub name: String,
+    /// `elem` (a pass over the elements) or `small` (one block).
+    pub kind: String,
+    /// Grid dimensions in blocks.
+    pub grid: [u32; 3],
+    /// Block dimensions in threads.
+    pub block: [u32; 3],
+    /// Dynamic shared memory (bytes).
+    pub shared_mem_bytes: u32,
+    /// What it does.
+    pub summary: String,
+}
+
+impl Manifest {
+    /// The manifest of a scheduled IR compiled for `arch` by NVRTC `nvrtc_version`.
+    pub fn new(ir: &StepIr, s: &Schedule, arch: &str, nvrtc_version: (i32, i32)) -> Self {
+        let layout = &ir.layout;
+        let buffers = Buffer::for_layout(layout)
+            .into_iter()
+            .map(|b| BufferJson {
+                name: b.name().to_string(),
+                dtype: "f32".into(),
+                shape: b.shape(layout),
+                len: b.len(layout),
+                access: if b == Buffer::Grad {
+                    "read"
+                } else {
+                    "read_write"
+                }
+                .into(),
+                state: b.is_state(),
+                layout: "row-major, decay-major".into(),
+            })
+            .collect();
+        let scratch_len = s.scratch_len.max(1);
+        let partials_len = s.partials_len.max(1);
+        let meanings = [
+            "learning rate (after any μP scaling)",
+            "weight decay (≥ 0), applied as P − lr·wd·P after the update",
+            "step counter t: steps taken before this one, as f32 (0 on the first step); the host increments it after each step",
+        ];
+        let all_params = params(layout);
+        Manifest {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            generator: format!("mulo {}", env!("CARGO_PKG_VERSION")),
+            shape: layout.shape().dims().to_vec(),
+            dims: layout.dims().to_vec(),
+            numel: layout.numel(),
+            factored: layout.factored().map(|f| FactoredJson { d0: f.d0, d1: f.d1 }),
+            arch: arch.to_string(),
+            nvrtc_version: format!("{}.{}", nvrtc_version.0, nvrtc_version.1),
+            lopt_fingerprint: ir.lopt_fingerprint.clone(),
+            ptx: "mulo_step.ptx".into(),
+            source: "mulo_step.cu".into(),
+            elem_passes: s.elem_passes,
+            buffers,
+            scratch: vec![
+                ScratchJson {
+                    name: "scratch".into(),
+                    dtype: "f32".into(),
+                    len: scratch_len,
+                    bytes: scratch_len * 4,
+                },
+                ScratchJson {
+                    name: "partials".into(),
+                    dtype: "f64".into(),
+                    len: partials_len,
+                    bytes: partials_len * 8,
+                },
+            ],
+            scalars: crate::ir::RuntimeScalar::ALL
+                .iter()
+                .zip(meanings)
+                .map(|(sc, m)| ScalarJson {
+                    name: sc.name().into(),
+                    dtype: "f32".into(),
+                    meaning: m.into(),
+                })
+                .collect(),
+            args: all_params
+                .iter()
+                .map(|p| ArgJson {
+                    name: p.name.clone(),
+                    kind: p.kind.into(),
+                    dtype: p.dtype.into(),
+                })
+                .collect(),
+            kernels: s
+                .kernels
+                .iter()
+                .map(|k| {
+                    let (kind, grid) = match k.kind {
+                        KernelKind::Elem { .. } => ("elem", s.tiling.blocks() as u32),
+                        KernelKind::Small { .. } => ("small", 1),
+                    };
+                    KernelJson {
+                        name: k.name.clone(),
+                        kind: kind.into(),
+                        grid: [grid, 1, 1],
+                        block: [BLOCK_THREADS as u32, 1, 1],
+                        shared_mem_bytes: 0,
+                        summary: super::render::summary(ir, k),
+                    }
+                })
+                .collect(),
+            protocol: "Load mulo_step.ptx as a module. Allocate every buffer (f32, the shapes given; \
+                       state zero before the first step) and the scratch arenas once. For each step: \
+                       launch every kernel of `kernels` in order on one stream, each with grid/block as \
+                       given and the arguments of `args` in order (device pointers, then lr, \
+                       weight_decay, step as f32 by value); then increment the step counter. param and \
+                       the state are updated in place."
+                .into(),
+        }
+    }
+
+    /// Pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}

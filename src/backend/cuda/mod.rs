@@ -1,0 +1,79 @@
+//! The CUDA backend: the IR is scheduled into kernels ([`schedule`]), rendered to CUDA C through
+//! templates ([`render`]), JIT-compiled to PTX by NVRTC with a disk cache ([`nvrtc`]), described
+//! by a JSON manifest ([`manifest`]) and launched with cudarc ([`runtime`]).
+//!
+//! Compiling needs libnvrtc but no GPU; running needs a GPU. See `docs/cuda.md`.
+
+pub mod manifest;
+pub mod nvrtc;
+pub mod render;
+pub mod runtime;
+pub mod schedule;
+
+use crate::error::{Error, Result};
+use crate::ir::StepIr;
+use manifest::Manifest;
+use schedule::Schedule;
+use std::path::{Path, PathBuf};
+
+/// The CUDA source of one step and the schedule it was rendered from.
+#[derive(Clone, Debug)]
+pub struct CudaSource {
+    /// The kernels and scratch layout.
+    pub schedule: Schedule,
+    /// The `.cu` text.
+    pub source: String,
+}
+
+/// Schedules and renders `ir` (no NVRTC needed).
+pub fn generate(ir: &StepIr) -> Result<CudaSource> {
+    let schedule = schedule::schedule(ir);
+    let source = render::render(ir, &schedule)?;
+    Ok(CudaSource { schedule, source })
+}
+
+/// A step compiled to PTX: the three files of `mulo-compile --target cuda`.
+#[derive(Clone, Debug)]
+pub struct CompiledStep {
+    /// The `.cu` source.
+    pub source: String,
+    /// The PTX and how it was obtained.
+    pub ptx: nvrtc::CompiledPtx,
+    /// The manifest.
+    pub manifest: Manifest,
+}
+
+/// Renders `ir` and compiles it for `arch` (e.g. `sm_90`), using the disk cache when
+/// `use_cache`.
+pub fn compile(ir: &StepIr, arch: &str, use_cache: bool) -> Result<CompiledStep> {
+    let generated = generate(ir)?;
+    let ptx = nvrtc::compile(&generated.source, arch, use_cache)?;
+    let manifest = Manifest::new(ir, &generated.schedule, arch, ptx.nvrtc_version);
+    Ok(CompiledStep {
+        source: generated.source,
+        ptx,
+        manifest,
+    })
+}
+
+impl CompiledStep {
+    /// Writes `mulo_step.cu`, `mulo_step.ptx` and `mulo_step.json` into `dir` (created if
+    /// missing); returns their paths.
+    pub fn write_to(&self, dir: &Path) -> Result<[PathBuf; 3]> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let paths = [
+            dir.join(&self.manifest.source),
+            dir.join(&self.manifest.ptx),
+            dir.join("mulo_step.json"),
+        ];
+        let contents = [
+            self.source.clone(),
+            self.ptx.ptx.clone(),
+            self.manifest.to_json(),
+        ];
+        for (path, text) in paths.iter().zip(contents) {
+            std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+        }
+        Ok(paths)
+    }
+}

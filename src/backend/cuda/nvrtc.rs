@@ -1,0 +1,272 @@
+//! NVRTC: CUDA C → PTX, with a disk cache, and the probing of libnvrtc and the GPU.
+//!
+//! libnvrtc is loaded at run time (cudarc's `dynamic-loading`); when it is absent the error
+//! says how to get it instead of panicking. No GPU is needed to compile.
+
+use crate::error::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+
+/// The architecture used when no CUDA device can be opened (Ampere; its PTX also JIT-compiles
+/// on every newer GPU).
+pub const DEFAULT_ARCH: &str = "sm_80";
+
+/// How to install libnvrtc, appended to every "not found" error.
+pub const NVRTC_HELP: &str = "libnvrtc (the CUDA runtime compiler) could not be loaded. Install the CUDA toolkit, \
+or `pip install nvidia-cuda-nvrtc-cu12` and put its lib folder on LD_LIBRARY_PATH, e.g. \
+export LD_LIBRARY_PATH=\"$(python3 -c 'import nvidia.cuda_nvrtc as m; print(m.__path__[0])')/lib:$LD_LIBRARY_PATH\"";
+
+fn backend(message: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: message.into(),
+    }
+}
+
+/// Whether libnvrtc can be loaded.
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library by its usual names.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Whether the CUDA driver library can be loaded (not whether a GPU is present).
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to dlopen the library by its usual names.
+    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// The NVRTC version `(major, minor)`.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_available() {
+        return Err(backend(NVRTC_HELP));
+    }
+    let (mut major, mut minor) = (0i32, 0i32);
+    // SAFETY: the library is loaded; nvrtcVersion writes two ints.
+    let status = std::panic::catch_unwind(move || {
+        let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        (r, major, minor)
+    })
+    .map_err(|_| backend(NVRTC_HELP))?;
+    if status.0 != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(backend(format!("nvrtcVersion failed: {:?}", status.0)));
+    }
+    Ok((status.1, status.2))
+}
+
+/// The compute capability of CUDA device 0 as `sm_XY`, or `None` when no device can be opened.
+pub fn device_arch() -> Option<String> {
+    if !driver_available() {
+        return None;
+    }
+    std::panic::catch_unwind(|| {
+        let ctx = cudarc::driver::CudaContext::new(0).ok()?;
+        let (major, minor) = ctx.compute_capability().ok()?;
+        Some(format!("sm_{major}{minor}"))
+    })
+    .ok()
+    .flatten()
+}
+
+/// The present GPU's architecture, else [`DEFAULT_ARCH`].
+pub fn default_arch() -> String {
+    device_arch().unwrap_or_else(|| DEFAULT_ARCH.to_string())
+}
+
+/// Checks an architecture name: `sm_` followed by digits (and an optional `a`), e.g. `sm_90a`.
+pub fn check_arch(arch: &str) -> Result<()> {
+    let ok = arch
+        .strip_prefix("sm_")
+        .map(|rest| rest.trim_end_matches('a'))
+        .is_some_and(|digits| digits.len() >= 2 && digits.bytes().all(|b| b.is_ascii_digit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::argument(
+            "arch",
+            format!("`{arch}` is not a GPU architecture like sm_80 or sm_90"),
+        ))
+    }
+}
+
+/// Where compiled PTX is cached: `$MULO_CACHE_DIR`, else `$XDG_CACHE_HOME/mulo`, else
+/// `~/.cache/mulo`.
+pub fn cache_dir() -> Option<PathBuf> {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("MULO_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("mulo")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache").join("mulo")))
+}
+
+/// The cache key of a compilation: sha256 of the source, the architecture and the NVRTC
+/// version (the source already holds the shape and every weight).
+pub fn cache_key(source: &str, arch: &str, version: (i32, i32)) -> String {
+    let mut h = Sha256::new();
+    h.update(source.as_bytes());
+    h.update([0]);
+    h.update(arch.as_bytes());
+    h.update([0]);
+    h.update(format!("nvrtc {}.{}", version.0, version.1).as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// PTX produced by NVRTC, and whether it came from the disk cache.
+#[derive(Clone, Debug)]
+pub struct CompiledPtx {
+    /// The PTX text.
+    pub ptx: String,
+    /// The architecture it was compiled for.
+    pub arch: String,
+    /// The NVRTC version that compiled it.
+    pub nvrtc_version: (i32, i32),
+    /// The cache key.
+    pub key: String,
+    /// Whether it was read from the disk cache instead of compiled.
+    pub from_cache: bool,
+}
+
+/// Compiles `source` for `arch` with NVRTC, using the disk cache when `use_cache`.
+/// NVRTC's log is part of the error when compilation fails.
+pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx> {
+    check_arch(arch)?;
+    let version = nvrtc_version()?;
+    let key = cache_key(source, arch, version);
+    let cached = use_cache
+        .then(cache_dir)
+        .flatten()
+        .map(|d| d.join(format!("{key}.ptx")));
+    if let Some(path) = &cached {
+        if let Ok(ptx) = std::fs::read_to_string(path) {
+            if ptx.contains(".entry") {
+                return Ok(CompiledPtx {
+                    ptx,
+                    arch: arch.to_string(),
+                    nvrtc_version: version,
+                    key,
+                    from_cache: true,
+                });
+            }
+        }
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".to_string(),
+        ],
+        name: Some("mulo_step.cu".to_string()),
+        ..Default::default()
+    };
+    let src = source.to_string();
+    let result = std::panic::catch_unwind(move || cudarc::nvrtc::compile_ptx_with_opts(src, opts))
+        .map_err(|_| backend(format!("NVRTC panicked while compiling. {NVRTC_HELP}")))?;
+    let ptx = match result {
+        Ok(ptx) => match ptx.as_bytes() {
+            Some(bytes) => String::from_utf8_lossy(bytes)
+                .trim_end_matches('\0')
+                .to_string(),
+            None => return Err(backend("NVRTC returned no PTX image")),
+        },
+        Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => {
+            return Err(backend(format!(
+                "NVRTC failed ({nvrtc:?}) compiling for {arch}:\n{}",
+                log.to_string_lossy()
+            )))
+        }
+        Err(e) => return Err(backend(format!("NVRTC failed: {e:?}"))),
+    };
+    if let Some(path) = &cached {
+        // The cache is an optimization: failing to write it is not an error.
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension(format!("ptx.tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &ptx).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+    Ok(CompiledPtx {
+        ptx,
+        arch: arch.to_string(),
+        nvrtc_version: version,
+        key,
+        from_cache: false,
+    })
+}
+
+/// The `.entry` kernels of a PTX text with their parameter types (`.u64`, `.f32`, …), in order.
+pub fn ptx_entries(ptx: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut lines = ptx.lines();
+    while let Some(line) = lines.next() {
+        let Some(pos) = line.find(".entry ") else {
+            continue;
+        };
+        let rest = &line[pos + 7..];
+        let name = rest
+            .split(|c: char| c == '(' || c.is_whitespace())
+            .find(|t| !t.is_empty())
+            .unwrap_or_default()
+            .to_string();
+        let mut types = Vec::new();
+        if rest.contains(')') {
+            // `.entry k()`: no parameters.
+            out.push((name, types));
+            continue;
+        }
+        for l in lines.by_ref() {
+            let l = l.trim();
+            if l.starts_with(')') || l.starts_with('{') {
+                break;
+            }
+            if let Some(rest) = l.strip_prefix(".param ") {
+                if let Some(t) = rest.split_whitespace().next() {
+                    types.push(t.to_string());
+                }
+            }
+        }
+        out.push((name, types));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_names() {
+        for ok in ["sm_80", "sm_90", "sm_90a", "sm_120"] {
+            assert!(check_arch(ok).is_ok(), "{ok}");
+        }
+        for bad in ["80", "sm80", "sm_", "sm_9", "compute_90", "sm_8x"] {
+            assert!(check_arch(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cache_key_covers_source_arch_and_version() {
+        let k = cache_key("src", "sm_80", (12, 9));
+        assert_eq!(k.len(), 64);
+        assert_ne!(k, cache_key("src2", "sm_80", (12, 9)));
+        assert_ne!(k, cache_key("src", "sm_90", (12, 9)));
+        assert_ne!(k, cache_key("src", "sm_80", (12, 8)));
+    }
+
+    #[test]
+    fn parses_ptx_entries() {
+        let ptx = ".visible .entry k0(\n\t.param .u64 k0_param_0,\n\t.param .f32 k0_param_1\n)\n{\n}\n.visible .entry k1()\n{\n}\n";
+        let e = ptx_entries(ptx);
+        assert_eq!(e.len(), 2);
+        assert_eq!(
+            e[0],
+            (
+                "k0".to_string(),
+                vec![".u64".to_string(), ".f32".to_string()]
+            )
+        );
+        assert_eq!(e[1], ("k1".to_string(), vec![]));
+    }
+}
