@@ -1,6 +1,7 @@
 //! Backends: each one renders or executes a [`StepIr`](crate::ir::StepIr); none re-derives the math.
 
 pub mod interp;
+pub mod onnx;
 
 use crate::error::{Error, Result};
 use crate::shape::Layout;

@@ -104,6 +104,8 @@ struct CompileArgs {
 enum RunTarget {
     /// The reference interpreter (f32).
     Interp,
+    /// The exported ONNX graph, run on the CPU by tract.
+    Onnx,
 }
 
 #[derive(Args, Debug)]
@@ -190,7 +192,22 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 None => print!("{text}"),
             }
         }
-        CompileTarget::Onnx | CompileTarget::Cuda => {
+        CompileTarget::Onnx => {
+            let path = args
+                .output
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
+            let bytes = mulo::backend::onnx::export(&ir)?;
+            std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote {} ({} bytes, opset {}) in {:.1?}",
+                path.display(),
+                bytes.len(),
+                mulo::backend::onnx::OPSET,
+                started.elapsed()
+            );
+        }
+        CompileTarget::Cuda => {
             bail!(
                 "target {:?} is not available in this build yet; use --target ir",
                 args.target
@@ -208,6 +225,7 @@ fn make_stepper(
     let ir = Arc::new(mulo::compile_step(layout.shape(), lopt)?);
     Ok(match target {
         RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
+        RunTarget::Onnx => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
     })
 }
 
