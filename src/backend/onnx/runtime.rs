@@ -63,7 +63,7 @@ impl OnnxStepper {
             .enumerate()
         {
             model
-                .set_input_fact(n + i, InferenceFact::dt_shape(dt, &[0usize; 0]))
+                .set_input_fact(n + i, InferenceFact::dt_shape(dt, [0usize; 0]))
                 .map_err(|e| backend_err("scalar inputs", e))?;
         }
         let plan = model
