@@ -40,7 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = shape.numel();
     let mut rng = Rng(0x5EED);
     // Per-element scales from 1e-3 to 1, as in the golden cases.
-    let scales: Vec<f64> = (0..n).map(|_| 10f64.powf(-1.5 + 1.5 * rng.next())).collect();
+    let scales: Vec<f64> = (0..n)
+        .map(|_| 10f64.powf(-1.5 + 1.5 * rng.next()))
+        .collect();
     let p0: Vec<f32> = (0..n).map(|_| (0.1 * rng.next()) as f32).collect();
     let hyper = Hyper {
         lr: 0.1,
@@ -50,10 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut param: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
     let mut state = TensorState::<f64>::zeros(&ir.layout, 0);
     for k in 1..=steps {
-        let g: Vec<f32> = scales
-            .iter()
-            .map(|s| (s * rng.next()) as f32)
-            .collect();
+        let g: Vec<f32> = scales.iter().map(|s| (s * rng.next()) as f32).collect();
         let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
         let (p, s) = interp::execute(&ir, &param, &g64, &state, hyper)?;
         param = p;
@@ -63,7 +62,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let bytes: Vec<(String, Vec<u8>)> = tensors
         .iter()
-        .map(|(name, v)| (name.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .map(|(name, v)| {
+            (
+                name.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
         .collect();
     let dims = shape.dims().to_vec();
     let views = bytes
