@@ -48,28 +48,9 @@ impl OnnxStepper {
 
     /// Builds the plan from an exported `mulo_step.onnx` (its bytes) for a tensor of `layout`.
     pub fn from_model_bytes(layout: &Layout, bytes: &[u8], start_step: u64) -> Result<Self> {
-        let mut model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .map_err(|e| backend_err("reading the ONNX model", e))?;
-        for (i, buffer) in Buffer::for_layout(layout).into_iter().enumerate() {
-            let shape = io_shape(buffer, layout, true);
-            model
-                .set_input_fact(i, f32::fact(&shape).into())
-                .map_err(|e| backend_err(buffer.name(), e))?;
-        }
-        let n = Buffer::for_layout(layout).len();
-        for (i, dt) in [i64::datum_type(), f32::datum_type(), f32::datum_type()]
-            .into_iter()
-            .enumerate()
-        {
-            model
-                .set_input_fact(n + i, InferenceFact::dt_shape(dt, [0usize; 0]))
-                .map_err(|e| backend_err("scalar inputs", e))?;
-        }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| backend_err("optimizing the ONNX model", e))?;
+        let plan = optimized_model(layout, bytes)?
+            .into_runnable()
+            .map_err(|e| backend_err("planning the ONNX model", e))?;
         let mut stepper = OnnxStepper {
             layout: layout.clone(),
             plan,
@@ -86,6 +67,48 @@ impl OnnxStepper {
             .map(TValue::from)
             .map_err(|e| backend_err(buffer.name(), e))
     }
+}
+
+/// Parses an exported model, types it with the concrete input shapes of `layout`, and optimizes
+/// it for the CPU.
+///
+/// This is tract's `into_optimized` except for one declutter pass: `ConcatThenEinsum` rewrites a
+/// matrix product whose input is a concatenation along the summed axis into one product per
+/// concatenated piece. Every `Dense` of the IR reads a `Pack` (a concatenation of width-1
+/// features), so that rewrite turns the `[N, 16] × [16, 32]` input layer into sixteen
+/// `[N, 1] × [1, 32]` outer products and sums their `[N, 32]` results: measured at 1024x512, 93%
+/// of the step and 3.2 µs per element. Without it the step keeps one matrix product per layer.
+pub fn optimized_model(layout: &Layout, bytes: &[u8]) -> Result<TypedModel> {
+    let mut model = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .map_err(|e| backend_err("reading the ONNX model", e))?;
+    for (i, buffer) in Buffer::for_layout(layout).into_iter().enumerate() {
+        let shape = io_shape(buffer, layout, true);
+        model
+            .set_input_fact(i, f32::fact(&shape).into())
+            .map_err(|e| backend_err(buffer.name(), e))?;
+    }
+    let n = Buffer::for_layout(layout).len();
+    for (i, dt) in [i64::datum_type(), f32::datum_type(), f32::datum_type()]
+        .into_iter()
+        .enumerate()
+    {
+        model
+            .set_input_fact(n + i, InferenceFact::dt_shape(dt, [0usize; 0]))
+            .map_err(|e| backend_err("scalar inputs", e))?;
+    }
+    let mut typed = model
+        .into_typed()
+        .map_err(|e| backend_err("typing the ONNX model", e))?;
+    let mut declutter = tract_onnx::tract_core::optim::Optimizer::declutter();
+    declutter
+        .passes
+        .retain(|pass| !format!("{pass:?}").starts_with("ConcatThenEinsum"));
+    declutter
+        .optimize(&mut typed)
+        .and_then(|_| typed.optimize())
+        .map_err(|e| backend_err("optimizing the ONNX model", e))?;
+    Ok(typed)
 }
 
 fn f32_slice(t: &TValue) -> Result<&[f32]> {
