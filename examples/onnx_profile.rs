@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     inputs.push(tensor0(1e-3f32).into());
     inputs.push(tensor0(0f32).into());
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut by_node: HashMap<usize, (f64, String)> = HashMap::new();
     let mut total = 0f64;
     for _ in 0..steps {
         let mut state = plan.spawn()?;
@@ -45,8 +46,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         state.run_plan_with_eval(inputs.clone(), |ctx, st, node, input| {
             let t = Instant::now();
             let r = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
+            let dt = t.elapsed().as_secs_f64();
+            let label = format!("{} {:?}", node.op().name(), node.outputs[0].fact.shape);
+            by_node.entry(node.id).or_insert((0.0, label)).0 += dt;
             let e = by_op.entry(node.op().name().to_string()).or_default();
-            e.0 += t.elapsed().as_secs_f64();
+            e.0 += dt;
             e.1 += 1;
             r
         })?;
@@ -59,6 +63,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (op, (secs, count)) in rows.iter().take(25) {
         let per_step = secs / steps as f64;
         println!("{op:<28} {:>5} nodes {:>9.2} ms {:>7.1} ns/elem {:>5.1}%", count / steps, per_step * 1e3, per_step / n * 1e9, secs / total * 100.0);
+    }
+    let mut nodes: Vec<_> = by_node.into_values().collect();
+    nodes.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!("slowest nodes:");
+    for (secs, label) in nodes.iter().take(15) {
+        println!("  {:>9.2} ms  {label}", secs / steps as f64 * 1e3);
     }
     Ok(())
 }
