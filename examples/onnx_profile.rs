@@ -24,14 +24,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bytes = export(&ir)?;
     let started = Instant::now();
     let model = mulo::backend::onnx::runtime::optimized_model(&ir.layout, &bytes)?;
-    eprintln!("optimized in {:.1?}: {} nodes", started.elapsed(), model.nodes().len());
+    eprintln!(
+        "optimized in {:.1?}: {} nodes",
+        started.elapsed(),
+        model.nodes().len()
+    );
     let plan = model.into_runnable()?;
     let layout = &ir.layout;
     let mut inputs: TVec<TValue> = TVec::new();
     for b in Buffer::for_layout(layout) {
         let s = io_shape(b, layout, true);
         let n: usize = s.iter().product();
-        let data: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4)
+            .collect();
         inputs.push(Tensor::from_shape(&s, &data)?.into());
     }
     inputs.push(tensor0(5i64).into());
@@ -59,10 +65,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows: Vec<_> = by_op.into_iter().collect();
     rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     let n = layout.numel() as f64;
-    println!("{shape}: {:.1} ms per step, {:.1} ns per element", total / steps as f64 * 1e3, total / steps as f64 / n * 1e9);
+    println!(
+        "{shape}: {:.1} ms per step, {:.1} ns per element",
+        total / steps as f64 * 1e3,
+        total / steps as f64 / n * 1e9
+    );
     for (op, (secs, count)) in rows.iter().take(25) {
         let per_step = secs / steps as f64;
-        println!("{op:<28} {:>5} nodes {:>9.2} ms {:>7.1} ns/elem {:>5.1}%", count / steps, per_step * 1e3, per_step / n * 1e9, secs / total * 100.0);
+        println!(
+            "{op:<28} {:>5} nodes {:>9.2} ms {:>7.1} ns/elem {:>5.1}%",
+            count / steps,
+            per_step * 1e3,
+            per_step / n * 1e9,
+            secs / total * 100.0
+        );
     }
     let mut nodes: Vec<_> = by_node.into_values().collect();
     nodes.sort_by(|a, b| b.0.total_cmp(&a.0));

@@ -9,7 +9,7 @@ BIN=target/release/mulo-compile
 [ -x "$BIN" ] || BIN=target/debug/mulo-compile
 
 echo "== onnx: tract tests"
-cargo test --release --test onnx_golden --test onnx_props
+cargo test --test onnx_golden --test onnx_props
 
 echo "== onnx: build mulo-compile and the reference-trajectory example"
 cargo build --release --bin mulo-compile --example reference_trajectory
