@@ -1,6 +1,7 @@
 //! Property test: the ONNX graph run by tract computes what the reference interpreter (f64)
 //! computes, on random shapes (1-d, 2-d with a dimension of 1, rank 3 and 4) and gradients,
-//! over several steps.
+//! over several steps. The reference is the interpreter in f64; the f32 interpreter on the same
+//! inputs measures how well conditioned they are.
 
 use mulo::backend::onnx::OnnxStepper;
 use mulo::backend::{interp, Hyper, TensorStepper};
@@ -66,6 +67,8 @@ proptest! {
         let mut ref_param: Vec<f64> = param.iter().map(|&x| x as f64).collect();
         let mut ref_state = TensorState::<f64>::zeros(&ir.layout, start);
         let mut trajectory = Vec::new();
+        let mut p32 = param.clone();
+        let mut s32 = TensorState::<f32>::zeros(&ir.layout, start);
         for k in 1..=steps {
             let grad = values(n, seed ^ 0xABCD, k);
             stepper.step(&mut param, &grad, hyper).unwrap();
@@ -73,21 +76,30 @@ proptest! {
             let (p, s) = interp::execute(&ir, &ref_param, &g64, &ref_state, hyper).unwrap();
             ref_param = p;
             ref_state = s;
-            trajectory.push((param.clone(), ref_param.clone()));
+            let (p, s) = interp::execute(&ir, &p32, &grad, &s32, hyper).unwrap();
+            p32 = p;
+            s32 = s;
+            trajectory.push((param.clone(), ref_param.clone(), p32.clone()));
         }
         let displacement = ref_param
             .iter()
             .zip(&p0)
             .fold(0f64, |m, (a, &b)| m.max((a - b as f64).abs()))
             .max(1e-30);
-        for (k, (got, want)) in trajectory.iter().enumerate() {
+        for (k, (got, want, f32_interp)) in trajectory.iter().enumerate() {
+            let e32 = f32_interp.iter().zip(want).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+
             let err = got
                 .iter()
                 .zip(want)
                 .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+            // Random inputs can be worse conditioned than the golden ones: the f32 interpreter
+            // itself was seen at 1.0e-4 of the displacement from the f64 result. tract must be
+            // within the golden tolerance, or at most twice as far as the f32 interpreter.
             prop_assert!(
-                err <= DEFAULT_TOLERANCE * displacement,
-                "{shape} step {}: error {err:e} vs displacement {displacement:e}", k + 1
+                err <= (DEFAULT_TOLERANCE * displacement).max(2.0 * e32),
+                "{shape} step {}: error {err:e}, f32 interpreter {e32:e}, displacement {displacement:e}",
+                k + 1
             );
         }
         let state = stepper.state().unwrap();

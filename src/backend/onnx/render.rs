@@ -18,7 +18,7 @@
 //! | `Lane` | Gather(axis -1) |
 //! | `Store` | Expand, Reshape to the buffer's shape; lanes Unsqueeze(0) + Concat(0) into `*_out` |
 
-use super::{io_shape, OPSET};
+use super::OPSET;
 use crate::error::{Error, Result};
 use crate::ir::{Binary, Buffer, Op, RuntimeScalar, StepIr, Unary, ValueId};
 use crate::shape::Domain;
@@ -38,6 +38,12 @@ const IR_VERSION: i64 = 8;
 
 struct Renderer<'a> {
     ir: &'a StepIr,
+    /// The dimensions the graph computes on (the tensor's, or one chunk's).
+    dims: Vec<usize>,
+    /// The I/O shape of one lane of an element-domain buffer.
+    elem_io: Vec<usize>,
+    /// IR values the graph receives as inputs instead of computing them.
+    external: BTreeMap<usize, String>,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     counter: usize,
@@ -77,7 +83,29 @@ fn value_info(name: &str, elem: DataType, shape: &[usize]) -> ValueInfoProto {
 
 impl<'a> Renderer<'a> {
     fn rank(&self) -> usize {
-        self.ir.layout.dims().len()
+        self.dims.len()
+    }
+
+    /// The I/O shape of one lane of `buffer`.
+    fn lane_shape(&self, buffer: Buffer) -> Vec<usize> {
+        if buffer.domain() == Domain::Elem {
+            return self.elem_io.clone();
+        }
+        self.ir
+            .layout
+            .domain_axes(buffer.domain())
+            .into_iter()
+            .map(|a| self.dims[a])
+            .collect()
+    }
+
+    /// The I/O shape of `buffer`, lanes first.
+    fn buffer_shape(&self, buffer: Buffer) -> Vec<usize> {
+        let mut shape = self.lane_shape(buffer);
+        if buffer.lanes() > 1 {
+            shape.insert(0, buffer.lanes());
+        }
+        shape
     }
 
     /// The keepdims shape of a value on `domain` with `width` lanes.
@@ -85,13 +113,7 @@ impl<'a> Renderer<'a> {
         let layout = &self.ir.layout;
         let kept = layout.domain_axes(domain);
         let mut shape: Vec<usize> = (0..self.rank())
-            .map(|a| {
-                if kept.contains(&a) {
-                    layout.dims()[a]
-                } else {
-                    1
-                }
-            })
+            .map(|a| if kept.contains(&a) { self.dims[a] } else { 1 })
             .collect();
         if width > 1 {
             shape.push(width as usize);
@@ -258,13 +280,16 @@ impl<'a> Renderer<'a> {
     fn render_node(&mut self, i: usize) -> Result<Option<String>> {
         let ir = self.ir;
         let node = &ir.nodes[i];
+        if let Some(name) = self.external.get(&i) {
+            return Ok(Some(name.clone()));
+        }
         let out_name = format!("v{i}");
         let out = Some(out_name.as_str());
         let my_shape = self.shape_of(node.domain, node.width);
         let name = match &node.op {
             Op::Load { buffer, lane } => {
                 let input = buffer.name();
-                let lane_shape = io_shape(*buffer, &ir.layout, false);
+                let lane_shape = self.lane_shape(*buffer);
                 let x = if buffer.lanes() > 1 {
                     let idx = self.init_i64(&[], &[*lane as i64]);
                     self.node("Gather", &[input, &idx], vec![attr_int("axis", 0)], None)
@@ -380,7 +405,7 @@ impl<'a> Renderer<'a> {
                 value,
             } => {
                 let v = self.value_on(*value, node.domain)?;
-                let lane_shape = io_shape(*buffer, &ir.layout, false);
+                let lane_shape = self.lane_shape(*buffer);
                 let v = self.reshape(&v, &my_shape, &lane_shape);
                 self.stores.entry(*buffer).or_default().insert(*lane, v);
                 return Ok(None);
@@ -389,14 +414,10 @@ impl<'a> Renderer<'a> {
         Ok(Some(name))
     }
 
-    /// The graph outputs: every buffer but the gradient, lanes stacked decay-major, and the
-    /// step counter. A lane the IR never stores passes its input through.
-    fn render_outputs(&mut self) -> Result<()> {
-        let layout = &self.ir.layout;
-        for buffer in Buffer::for_layout(layout) {
-            if buffer == Buffer::Grad {
-                continue;
-            }
+    /// Outputs `{buffer}_out` for each of `buffers`: lanes stacked decay-major. A lane the IR
+    /// never stores passes its input through.
+    fn render_outputs(&mut self, buffers: &[Buffer]) -> Result<()> {
+        for &buffer in buffers {
             let out = format!("{}_out", buffer.name());
             let stored = self.stores.get(&buffer).cloned().unwrap_or_default();
             if buffer.lanes() == 1 {
@@ -427,16 +448,74 @@ impl<'a> Renderer<'a> {
             let refs: Vec<&str> = lanes.iter().map(|s| s.as_str()).collect();
             self.node("Concat", &refs, vec![attr_int("axis", 0)], Some(&out));
         }
-        let one = self.init_i64(&[], &[1]);
-        self.node("Add", &["step", &one], vec![], Some("step_out"));
         Ok(())
     }
 }
 
+/// What one rendered graph covers: the whole step, or a part of it (see [`super::chunked`]).
+#[derive(Clone, Debug)]
+pub struct GraphSpec {
+    /// Graph name.
+    pub name: String,
+    /// The dimensions the graph computes on (`layout.dims()`, or one chunk's).
+    pub dims: Vec<usize>,
+    /// The I/O shape of one lane of an element-domain buffer.
+    pub elem_io: Vec<usize>,
+    /// Which IR nodes the graph renders (indexed like `ir.nodes`).
+    pub render: Vec<bool>,
+    /// IR values received as graph inputs (f32, keepdims shape), by node index.
+    pub external: Vec<usize>,
+    /// Buffers read as graph inputs.
+    pub input_buffers: Vec<Buffer>,
+    /// Whether the graph takes `step`, `lr`, `weight_decay`.
+    pub scalar_inputs: bool,
+    /// Buffers written as `{buffer}_out`.
+    pub output_buffers: Vec<Buffer>,
+    /// IR values exported as outputs `x{i}` (f32, keepdims shape), by node index.
+    pub value_outputs: Vec<usize>,
+    /// Whether the graph outputs `step_out`.
+    pub step_out: bool,
+}
+
+impl GraphSpec {
+    /// The whole step with the I/O contract of the exported `mulo_step.onnx`.
+    pub fn whole(ir: &StepIr) -> Self {
+        let layout = &ir.layout;
+        GraphSpec {
+            name: format!("mulo_step_{}", layout.shape()),
+            dims: layout.dims().to_vec(),
+            elem_io: layout.shape().dims().to_vec(),
+            render: vec![true; ir.nodes.len()],
+            external: Vec::new(),
+            input_buffers: Buffer::for_layout(layout),
+            scalar_inputs: true,
+            output_buffers: Buffer::for_layout(layout)
+                .into_iter()
+                .filter(|b| *b != Buffer::Grad)
+                .collect(),
+            value_outputs: Vec::new(),
+            step_out: true,
+        }
+    }
+}
+
+/// The name of an IR value exported by a partial graph.
+pub fn value_name(i: usize) -> String {
+    format!("x{i}")
+}
+
 /// Renders `ir` as an ONNX model (opset [`OPSET`], standard domain only).
 pub fn render(ir: &StepIr) -> Result<ModelProto> {
+    render_graph(ir, &GraphSpec::whole(ir))
+}
+
+/// Renders the part of `ir` that `spec` describes.
+pub fn render_graph(ir: &StepIr, spec: &GraphSpec) -> Result<ModelProto> {
     let mut r = Renderer {
         ir,
+        dims: spec.dims.clone(),
+        elem_io: spec.elem_io.clone(),
+        external: spec.external.iter().map(|&i| (i, value_name(i))).collect(),
         nodes: Vec::new(),
         initializers: Vec::new(),
         counter: 0,
@@ -445,51 +524,76 @@ pub fn render(ir: &StepIr) -> Result<ModelProto> {
         cache: BTreeMap::new(),
     };
     for i in 0..ir.nodes.len() {
-        r.values[i] = r.render_node(i)?;
+        if spec.render[i] || r.external.contains_key(&i) {
+            r.values[i] = r.render_node(i)?;
+        }
     }
-    r.render_outputs()?;
+    r.render_outputs(&spec.output_buffers)?;
+    let mut value_outputs = Vec::new();
+    for &i in &spec.value_outputs {
+        let name = r.value(ValueId(i as u32))?;
+        let out = value_name(i);
+        r.node("Identity", &[&name], vec![], Some(&out));
+        let node = &ir.nodes[i];
+        value_outputs.push((out, r.shape_of(node.domain, node.width)));
+    }
+    if spec.step_out {
+        let one = r.init_i64(&[], &[1]);
+        r.node("Add", &["step", &one], vec![], Some("step_out"));
+    }
 
-    let layout = &ir.layout;
     let mut graph = GraphProto::new();
-    graph.name = format!("mulo_step_{}", layout.shape());
-    for buffer in Buffer::for_layout(layout) {
+    graph.name = spec.name.clone();
+    for &buffer in &spec.input_buffers {
         graph.input.push(value_info(
             buffer.name(),
             DataType::FLOAT,
-            &io_shape(buffer, layout, true),
+            &r.buffer_shape(buffer),
         ));
     }
-    graph.input.push(value_info(
-        RuntimeScalar::StepCount.name(),
-        DataType::INT64,
-        &[],
-    ));
-    graph
-        .input
-        .push(value_info(RuntimeScalar::Lr.name(), DataType::FLOAT, &[]));
-    graph.input.push(value_info(
-        RuntimeScalar::WeightDecay.name(),
-        DataType::FLOAT,
-        &[],
-    ));
-    for buffer in Buffer::for_layout(layout) {
-        if buffer == Buffer::Grad {
-            continue;
-        }
+    for &i in &spec.external {
+        let node = &ir.nodes[i];
+        graph.input.push(value_info(
+            &value_name(i),
+            DataType::FLOAT,
+            &r.shape_of(node.domain, node.width),
+        ));
+    }
+    if spec.scalar_inputs {
+        graph.input.push(value_info(
+            RuntimeScalar::StepCount.name(),
+            DataType::INT64,
+            &[],
+        ));
+        graph
+            .input
+            .push(value_info(RuntimeScalar::Lr.name(), DataType::FLOAT, &[]));
+        graph.input.push(value_info(
+            RuntimeScalar::WeightDecay.name(),
+            DataType::FLOAT,
+            &[],
+        ));
+    }
+    for &buffer in &spec.output_buffers {
         graph.output.push(value_info(
             &format!("{}_out", buffer.name()),
             DataType::FLOAT,
-            &io_shape(buffer, layout, true),
+            &r.buffer_shape(buffer),
         ));
     }
-    graph
-        .output
-        .push(value_info("step_out", DataType::INT64, &[]));
+    for (name, shape) in &value_outputs {
+        graph.output.push(value_info(name, DataType::FLOAT, shape));
+    }
+    if spec.step_out {
+        graph
+            .output
+            .push(value_info("step_out", DataType::INT64, &[]));
+    }
     graph.node = r.nodes;
     graph.initializer = r.initializers;
     graph.doc_string = format!(
         "One μLO step for a tensor of shape {} (learned optimizer {}); rendered by mulo from the step IR.",
-        layout.shape(),
+        ir.layout.shape(),
         ir.lopt_fingerprint
     );
 
