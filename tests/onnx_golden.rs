@@ -194,3 +194,30 @@ fn zero_d_parameter_keeps_its_shape() {
     assert_eq!(dims("param_out", &g.output), 0);
     assert_eq!(dims("mom", &g.input), 1);
 }
+
+#[test]
+fn chunked_runtime_replays_golden_cases_within_tolerance() {
+    use mulo::backend::onnx::ChunkedOnnxStepper;
+    let lopt = lopt();
+    let mut ran = 0;
+    for path in cases() {
+        let traj = Trajectory::load(&path).unwrap();
+        let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
+        if !ChunkedOnnxStepper::supports(&ir.layout) {
+            continue;
+        }
+        // Small chunks: several per tensor, and a shorter last one.
+        let row_len = ir.layout.numel() / ir.layout.dims()[0];
+        let mut stepper = ChunkedOnnxStepper::new(&ir, 0, row_len * 3, 2).unwrap();
+        let report = replay(&mut stepper, &traj).unwrap();
+        assert!(
+            report.worst() <= DEFAULT_TOLERANCE,
+            "{}: param error {:e}, state errors {:?}",
+            report.name,
+            report.param_error,
+            report.state_errors
+        );
+        ran += 1;
+    }
+    assert!(ran >= 5, "only {ran} cases ran chunked");
+}

@@ -106,6 +106,8 @@ enum RunTarget {
     Interp,
     /// The exported ONNX graph, run on the CPU by tract.
     Onnx,
+    /// The step rendered as a statistics graph and per-chunk graphs, run by tract on 2 threads.
+    OnnxChunked,
 }
 
 #[derive(Args, Debug)]
@@ -226,6 +228,12 @@ fn make_stepper(
     Ok(match target {
         RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
         RunTarget::Onnx => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::OnnxChunked => Box::new(mulo::backend::onnx::ChunkedOnnxStepper::new(
+            &ir,
+            0,
+            mulo::backend::onnx::chunked::DEFAULT_CHUNK_ELEMENTS,
+            2,
+        )?),
     })
 }
 

@@ -19,9 +19,11 @@
 //! `S` is the parameter's shape as the user gave it (`[]` for a 0-d tensor). The state layout is
 //! the canonical decay-major one of [`crate::state`].
 
+pub mod chunked;
 pub mod render;
 pub mod runtime;
 
+pub use chunked::ChunkedOnnxStepper;
 pub use runtime::OnnxStepper;
 
 use crate::error::{Error, Result};

@@ -97,6 +97,12 @@ pub fn optimized_model(layout: &Layout, bytes: &[u8]) -> Result<TypedModel> {
             .set_input_fact(n + i, InferenceFact::dt_shape(dt, [0usize; 0]))
             .map_err(|e| backend_err("scalar inputs", e))?;
     }
+    optimize_inference(model)
+}
+
+/// Types and optimizes a tract model whose input facts are all known: tract's `into_optimized`
+/// without the `ConcatThenEinsum` declutter pass (see [`optimized_model`]).
+pub fn optimize_inference(model: InferenceModel) -> Result<TypedModel> {
     let mut typed = model
         .into_typed()
         .map_err(|e| backend_err("typing the ONNX model", e))?;
