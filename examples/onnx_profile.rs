@@ -2,11 +2,13 @@
 //! operator, largest first (how `bench/results/onnx-cpu.md` found what dominates).
 //!
 //! ```text
-//! cargo run --release --example onnx_profile -- 1024x512 WEIGHTS_DIR [STEPS]
+//! cargo run --release --example onnx_profile -- 1024x512 WEIGHTS_DIR [STEPS [PART]]
 //! ```
+//!
+//! PART: `whole` (the exported graph, default), `stats` (the chunked runtime's statistics
+//! graph) or `chunk:ROWS` (its chunk graph for ROWS rows of axis 0).
 
-use mulo::backend::onnx::{export, io_shape};
-use mulo::ir::Buffer;
+use mulo::backend::onnx::chunked::split_specs;
 use mulo::lopt::LearnedOptimizer;
 use mulo::shape::Shape;
 use std::collections::HashMap;
@@ -16,14 +18,26 @@ use tract_onnx::prelude::*;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (shape, weights) = match args.as_slice() {
-        [s, w] | [s, w, _] => (Shape::parse(s)?, w.clone()),
-        _ => return Err("usage: onnx_profile SHAPE WEIGHTS [STEPS]".into()),
+        [s, w] | [s, w, _] | [s, w, _, _] => (Shape::parse(s)?, w.clone()),
+        _ => return Err("usage: onnx_profile SHAPE WEIGHTS [STEPS [PART]]".into()),
     };
     let steps: usize = args.get(2).map_or(Ok(3), |s| s.parse())?;
     let ir = mulo::compile_step(&shape, &LearnedOptimizer::load(&weights)?)?;
-    let bytes = export(&ir)?;
+    let part = args.get(3).map_or("whole", |s| s.as_str());
+    let spec = match part {
+        "whole" => mulo::backend::onnx::render::GraphSpec::whole(&ir),
+        "stats" => split_specs(&ir, ir.layout.dims()[0]).stats,
+        p => match p.strip_prefix("chunk:") {
+            Some(rows) => split_specs(&ir, rows.parse()?).chunk,
+            None => return Err(format!("unknown part `{p}`").into()),
+        },
+    };
+    let proto = mulo::backend::onnx::render::render_graph(&ir, &spec)?;
+    let bytes = onnx_protobuf::Message::write_to_bytes(&proto)?;
     let started = Instant::now();
-    let model = mulo::backend::onnx::runtime::optimized_model(&ir.layout, &bytes)?;
+    let model = mulo::backend::onnx::runtime::optimize_inference(
+        tract_onnx::onnx().model_for_read(&mut &bytes[..])?,
+    )?;
     eprintln!(
         "optimized in {:.1?}: {} nodes",
         started.elapsed(),
@@ -32,17 +46,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let plan = model.into_runnable()?;
     let layout = &ir.layout;
     let mut inputs: TVec<TValue> = TVec::new();
-    for b in Buffer::for_layout(layout) {
-        let s = io_shape(b, layout, true);
-        let n: usize = s.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4)
-            .collect();
-        inputs.push(Tensor::from_shape(&s, &data)?.into());
+    for outlet in plan.model().input_outlets()? {
+        let fact = plan.model().outlet_fact(*outlet)?;
+        let shape: Vec<usize> = fact.shape.as_concrete().ok_or("symbolic input")?.to_vec();
+        let n: usize = shape.iter().product();
+        let t = if fact.datum_type == i64::datum_type() {
+            Tensor::from_shape(&shape, &vec![5i64; n])?
+        } else {
+            let data: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4)
+                .collect();
+            Tensor::from_shape(&shape, &data)?
+        };
+        inputs.push(t.into());
     }
-    inputs.push(tensor0(5i64).into());
-    inputs.push(tensor0(1e-3f32).into());
-    inputs.push(tensor0(0f32).into());
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut by_node: HashMap<usize, (f64, String)> = HashMap::new();
     let mut total = 0f64;
@@ -64,7 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut rows: Vec<_> = by_op.into_iter().collect();
     rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-    let n = layout.numel() as f64;
+    let n = layout.numel() as f64; // per element of the whole tensor
     println!(
         "{shape}: {:.1} ms per step, {:.1} ns per element",
         total / steps as f64 * 1e3,

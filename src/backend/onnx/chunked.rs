@@ -119,69 +119,12 @@ impl ChunkedOnnxStepper {
                 ),
             ));
         }
-        let n = ir.nodes.len();
-        // Statistics: everything off the element domain and what it depends on.
-        let mut stats = vec![false; n];
-        for i in (0..n).rev() {
-            if ir.nodes[i].domain != Domain::Elem {
-                stats[i] = true;
-            }
-            if stats[i] {
-                for o in ir.nodes[i].op.operands() {
-                    stats[o.index()] = true;
-                }
-            }
-        }
-        // Chunk: the element-domain nodes the element stores depend on; what they read off the
-        // element domain is the boundary.
-        let mut chunk = vec![false; n];
-        let mut is_boundary = vec![false; n];
-        for i in (0..n).rev() {
-            let node = &ir.nodes[i];
-            if node.domain == Domain::Elem && matches!(node.op, Op::Store { .. }) {
-                chunk[i] = true;
-            }
-            if chunk[i] {
-                for o in node.op.operands() {
-                    if ir.node(o).domain == Domain::Elem {
-                        chunk[o.index()] = true;
-                    } else {
-                        is_boundary[o.index()] = true;
-                    }
-                }
-            }
-        }
-        let boundary_ids: Vec<usize> = (0..n).filter(|&i| is_boundary[i]).collect();
-        let boundary = boundary_ids
-            .iter()
-            .map(|&i| {
-                let node = &ir.nodes[i];
-                (i, keepdims(layout, layout.dims(), node.domain, node.width))
-            })
-            .collect();
-        let buffers = Buffer::for_layout(layout);
-        let stats_buffers: Vec<Buffer> = buffers
-            .iter()
-            .copied()
-            .filter(|b| b.domain() != Domain::Elem)
-            .collect();
-        let chunk_inputs: Vec<Buffer> = buffers
-            .iter()
-            .copied()
-            .filter(|b| b.domain() == Domain::Elem)
-            .collect();
-        let chunk_outputs: Vec<Buffer> = chunk_inputs
-            .iter()
-            .copied()
-            .filter(|b| *b != Buffer::Grad)
-            .collect();
-
-        let mut stats_spec = GraphSpec::whole(ir);
-        stats_spec.name = format!("mulo_stats_{}", layout.shape());
-        stats_spec.render = stats;
-        stats_spec.output_buffers = stats_buffers.clone();
-        stats_spec.value_outputs = boundary_ids.clone();
-        stats_spec.step_out = false;
+        let split = split_specs(ir, layout.dims()[0]);
+        let stats_spec = split.stats;
+        let boundary = split.boundary;
+        let stats_buffers = stats_spec.output_buffers.clone();
+        let chunk_inputs = split.chunk.input_buffers.clone();
+        let chunk_outputs = split.chunk.output_buffers.clone();
         let stats_plan = plan_for(layout, &render_graph(ir, &stats_spec)?)?;
 
         let rows_total = layout.dims()[0];
@@ -193,20 +136,7 @@ impl ChunkedOnnxStepper {
         }
         let mut chunks = Vec::new();
         for rows in chunk_rows {
-            let mut dims = layout.dims().to_vec();
-            dims[0] = rows;
-            let spec = GraphSpec {
-                name: format!("mulo_chunk_{}_rows_{rows}", layout.shape()),
-                dims: dims.clone(),
-                elem_io: dims,
-                render: chunk.clone(),
-                external: boundary_ids.clone(),
-                input_buffers: chunk_inputs.clone(),
-                scalar_inputs: false,
-                output_buffers: chunk_outputs.clone(),
-                value_outputs: Vec::new(),
-                step_out: false,
-            };
+            let spec = split_specs(ir, rows).chunk;
             let model = render_graph(ir, &spec)?;
             let bytes = model
                 .write_to_bytes()
@@ -290,6 +220,106 @@ impl ChunkedOnnxStepper {
         plan.plan
             .run(inputs)
             .map_err(|e| backend_err("running a chunk", e))
+    }
+}
+
+/// The two graphs of the chunked runtime and what passes between them.
+#[derive(Clone, Debug)]
+pub struct SplitSpecs {
+    /// The statistics graph: inputs as the whole graph; outputs the non-element buffers, then
+    /// the boundary values.
+    pub stats: GraphSpec,
+    /// The chunk graph for `rows` rows of axis 0: inputs the element-domain buffers, then the
+    /// boundary values; outputs the element-domain buffers but the gradient.
+    pub chunk: GraphSpec,
+    /// The boundary values (IR node index, full keepdims shape).
+    pub boundary: Vec<(usize, Vec<usize>)>,
+}
+
+/// Partitions `ir` by domain into the statistics graph and the chunk graph for `rows` rows.
+pub fn split_specs(ir: &StepIr, rows: usize) -> SplitSpecs {
+    let layout = &ir.layout;
+    let n = ir.nodes.len();
+    // Statistics: everything off the element domain and what it depends on.
+    let mut stats = vec![false; n];
+    for i in (0..n).rev() {
+        if ir.nodes[i].domain != Domain::Elem {
+            stats[i] = true;
+        }
+        if stats[i] {
+            for o in ir.nodes[i].op.operands() {
+                stats[o.index()] = true;
+            }
+        }
+    }
+    // Chunk: the element-domain nodes the element stores depend on; what they read off the
+    // element domain is the boundary.
+    let mut chunk = vec![false; n];
+    let mut is_boundary = vec![false; n];
+    for i in (0..n).rev() {
+        let node = &ir.nodes[i];
+        if node.domain == Domain::Elem && matches!(node.op, Op::Store { .. }) {
+            chunk[i] = true;
+        }
+        if chunk[i] {
+            for o in node.op.operands() {
+                if ir.node(o).domain == Domain::Elem {
+                    chunk[o.index()] = true;
+                } else {
+                    is_boundary[o.index()] = true;
+                }
+            }
+        }
+    }
+    let boundary_ids: Vec<usize> = (0..n).filter(|&i| is_boundary[i]).collect();
+    let boundary = boundary_ids
+        .iter()
+        .map(|&i| {
+            let node = &ir.nodes[i];
+            (i, keepdims(layout, layout.dims(), node.domain, node.width))
+        })
+        .collect();
+    let buffers = Buffer::for_layout(layout);
+    let stats_buffers: Vec<Buffer> = buffers
+        .iter()
+        .copied()
+        .filter(|b| b.domain() != Domain::Elem)
+        .collect();
+    let chunk_inputs: Vec<Buffer> = buffers
+        .iter()
+        .copied()
+        .filter(|b| b.domain() == Domain::Elem)
+        .collect();
+    let chunk_outputs: Vec<Buffer> = chunk_inputs
+        .iter()
+        .copied()
+        .filter(|b| *b != Buffer::Grad)
+        .collect();
+
+    let mut stats_spec = GraphSpec::whole(ir);
+    stats_spec.name = format!("mulo_stats_{}", layout.shape());
+    stats_spec.render = stats;
+    stats_spec.output_buffers = stats_buffers.clone();
+    stats_spec.value_outputs = boundary_ids.clone();
+    stats_spec.step_out = false;
+    let mut dims = layout.dims().to_vec();
+    dims[0] = rows;
+    let chunk = GraphSpec {
+        name: format!("mulo_chunk_{}_rows_{rows}", layout.shape()),
+        dims: dims.clone(),
+        elem_io: dims,
+        render: chunk,
+        external: boundary_ids,
+        input_buffers: chunk_inputs,
+        scalar_inputs: false,
+        output_buffers: chunk_outputs,
+        value_outputs: Vec::new(),
+        step_out: false,
+    };
+    SplitSpecs {
+        stats: stats_spec,
+        chunk,
+        boundary,
     }
 }
 
