@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side speed comparison: a naive PyTorch μLO_M step vs `mulo-compile bench --target onnx`.
+"""Side-by-side speed comparison: a naive PyTorch μLO_M step vs `mulo-compile bench` (onnx targets).
 
 The PyTorch step is our own re-implementation of SPEC.md with the structure of PyLO's
 `AdafacLO_naive` (the reference the issue quotes): every feature is materialized as a
@@ -12,8 +12,9 @@ a golden trajectory before it is timed (`--check`).
     python3 bench/pytorch_reference.py --weights tests/fixtures/golden/weights \
         --mulo target/release/mulo-compile --shapes 1024x512 4096x1024 --steps 10
 
-Prints one JSON line per (shape, target) and, per shape, the speed-up of mulo's ONNX CPU path
-over the PyTorch step.
+Prints one JSON line per (shape, target) and, per shape and mulo target (`onnx`: the exported
+graph in tract; `onnx-chunked`: statistics + per-chunk graphs on 2 threads), the speed-up over
+the PyTorch step.
 """
 
 import argparse
@@ -168,10 +169,10 @@ def time_torch(mlp, shape, steps, warmup):
             "torch": torch.__version__}
 
 
-def time_mulo(mulo, weights, shape, steps, warmup):
+def time_mulo(mulo, weights, shape, steps, warmup, target):
     text = "x".join(map(str, shape))
     out = subprocess.run(
-        [mulo, "bench", "--shape", text, "--target", "onnx", "--weights", weights,
+        [mulo, "bench", "--shape", text, "--target", target, "--weights", weights,
          "--steps", str(steps), "--warmup", str(warmup)],
         check=True, capture_output=True, text=True,
     )
@@ -183,6 +184,8 @@ def main():
     ap.add_argument("--weights", default="tests/fixtures/golden/weights")
     ap.add_argument("--mulo", default="target/release/mulo-compile")
     ap.add_argument("--shapes", nargs="+", default=["1024x512", "4096x1024"])
+    ap.add_argument("--targets", nargs="+", default=["onnx", "onnx-chunked"],
+                    help="mulo-compile bench targets to compare")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--check", default="tests/fixtures/golden/mat_64x256.safetensors",
@@ -200,11 +203,13 @@ def main():
         shape = tuple(int(d) for d in text.split("x"))
         ref = time_torch(mlp, shape, args.steps, args.warmup)
         print(json.dumps(ref))
-        ours = time_mulo(args.mulo, args.weights, shape, args.steps, args.warmup)
-        print(json.dumps(ours))
-        print(json.dumps({"shape": text, "pytorch_ns_per_element": round(ref["ns_per_element"], 1),
-                          "onnx_ns_per_element": round(ours["ns_per_element"], 1),
-                          "speedup": round(ref["ns_per_element"] / ours["ns_per_element"], 2)}))
+        for target in args.targets:
+            ours = time_mulo(args.mulo, args.weights, shape, args.steps, args.warmup, target)
+            print(json.dumps(ours))
+            print(json.dumps({"shape": text, "target": target,
+                              "pytorch_ns_per_element": round(ref["ns_per_element"], 1),
+                              "mulo_ns_per_element": round(ours["ns_per_element"], 1),
+                              "speedup": round(ref["ns_per_element"] / ours["ns_per_element"], 2)}))
     return 0
 
 
