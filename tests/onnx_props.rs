@@ -3,7 +3,7 @@
 //! over several steps. The reference is the interpreter in f64; the f32 interpreter on the same
 //! inputs measures how well conditioned they are.
 
-use mulo::backend::onnx::OnnxStepper;
+use mulo::backend::onnx::{ChunkedOnnxStepper, OnnxStepper};
 use mulo::backend::{interp, Hyper, TensorStepper};
 use mulo::lopt::LearnedOptimizer;
 use mulo::shape::Shape;
@@ -62,7 +62,13 @@ proptest! {
         let n = shape.numel();
         let hyper = Hyper { lr: 0.1, weight_decay: wd };
         let mut stepper = OnnxStepper::new(&ir, start).unwrap();
+        // The chunked runtime too, with chunks of two rows (a shorter last one when odd).
+        let mut chunked = ChunkedOnnxStepper::supports(&ir.layout).then(|| {
+            let row_len = n / ir.layout.dims()[0];
+            ChunkedOnnxStepper::new(&ir, start, 2 * row_len, 2).unwrap()
+        });
         let mut param = values(n, seed, 0);
+        let mut chunked_param = param.clone();
         let p0 = param.clone();
         let mut ref_param: Vec<f64> = param.iter().map(|&x| x as f64).collect();
         let mut ref_state = TensorState::<f64>::zeros(&ir.layout, start);
@@ -72,6 +78,11 @@ proptest! {
         for k in 1..=steps {
             let grad = values(n, seed ^ 0xABCD, k);
             stepper.step(&mut param, &grad, hyper).unwrap();
+            if let Some(c) = chunked.as_mut() {
+                c.step(&mut chunked_param, &grad, hyper).unwrap();
+            } else {
+                chunked_param.clone_from(&param);
+            }
             let g64: Vec<f64> = grad.iter().map(|&x| x as f64).collect();
             let (p, s) = interp::execute(&ir, &ref_param, &g64, &ref_state, hyper).unwrap();
             ref_param = p;
@@ -79,14 +90,14 @@ proptest! {
             let (p, s) = interp::execute(&ir, &p32, &grad, &s32, hyper).unwrap();
             p32 = p;
             s32 = s;
-            trajectory.push((param.clone(), ref_param.clone(), p32.clone()));
+            trajectory.push((param.clone(), ref_param.clone(), p32.clone(), chunked_param.clone()));
         }
         let displacement = ref_param
             .iter()
             .zip(&p0)
             .fold(0f64, |m, (a, &b)| m.max((a - b as f64).abs()))
             .max(1e-30);
-        for (k, (got, want, f32_interp)) in trajectory.iter().enumerate() {
+        for (k, (got, want, f32_interp, got_chunked)) in trajectory.iter().enumerate() {
             let e32 = f32_interp.iter().zip(want).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
 
             let err = got
@@ -99,6 +110,15 @@ proptest! {
             prop_assert!(
                 err <= (DEFAULT_TOLERANCE * displacement).max(2.0 * e32),
                 "{shape} step {}: error {err:e}, f32 interpreter {e32:e}, displacement {displacement:e}",
+                k + 1
+            );
+            let err_chunked = got_chunked
+                .iter()
+                .zip(want)
+                .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+            prop_assert!(
+                err_chunked <= (DEFAULT_TOLERANCE * displacement).max(2.0 * e32),
+                "{shape} step {} (chunked): error {err_chunked:e}, f32 interpreter {e32:e}",
                 k + 1
             );
         }

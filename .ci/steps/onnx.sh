@@ -28,6 +28,7 @@ target/release/examples/reference_trajectory 1024x512 3 "$WEIGHTS" "$WORK/big_10
 target/release/examples/reference_trajectory 300007 2 "$WEIGHTS" "$WORK/vec_300007.safetensors"
 python3 scripts/onnxruntime_replay.py --mulo "$BIN" --weights "$WEIGHTS" "$WORK"/*.safetensors
 "$BIN" replay --target onnx --weights "$WEIGHTS" "$WORK"/*.safetensors
+"$BIN" replay --target onnx-chunked --weights "$WEIGHTS" "$WORK"/*.safetensors tests/fixtures/golden/*.safetensors
 
 echo "== onnx: export 1024x512 with the default name"
 (cd "$WORK" && "$OLDPWD/$BIN" --shape 1024x512 --target onnx --weights "$OLDPWD/$WEIGHTS" && test -s mulo_step.onnx)

@@ -106,7 +106,8 @@ enum RunTarget {
     Interp,
     /// The exported ONNX graph, run on the CPU by tract.
     Onnx,
-    /// The step rendered as a statistics graph and per-chunk graphs, run by tract on 2 threads.
+    /// The step rendered as a statistics graph and per-chunk graphs, run by tract on 2 threads
+    /// (the whole graph where axis 0 has a single row).
     OnnxChunked,
 }
 
@@ -228,12 +229,16 @@ fn make_stepper(
     Ok(match target {
         RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
         RunTarget::Onnx => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
-        RunTarget::OnnxChunked => Box::new(mulo::backend::onnx::ChunkedOnnxStepper::new(
-            &ir,
-            0,
-            mulo::backend::onnx::chunked::DEFAULT_CHUNK_ELEMENTS,
-            2,
-        )?),
+        RunTarget::OnnxChunked if mulo::backend::onnx::ChunkedOnnxStepper::supports(layout) => {
+            Box::new(mulo::backend::onnx::ChunkedOnnxStepper::new(
+                &ir,
+                0,
+                mulo::backend::onnx::chunked::DEFAULT_CHUNK_ELEMENTS,
+                2,
+            )?)
+        }
+        // One row on axis 0: nothing to chunk.
+        RunTarget::OnnxChunked => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
     })
 }
 
