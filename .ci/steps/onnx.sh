@@ -21,11 +21,13 @@ python3 -m pip install --quiet --disable-pip-version-check onnx onnxruntime nump
 echo "== onnx: golden replay through onnxruntime (full onnx.checker check)"
 python3 scripts/onnxruntime_replay.py --mulo "$BIN" --weights "$WEIGHTS" tests/fixtures/golden/*.safetensors
 
-echo "== onnx: large shapes (f64 interpreter reference) through onnxruntime and tract"
+echo "== onnx: large shapes and split means (f64 interpreter reference) through onnxruntime and tract"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 target/release/examples/reference_trajectory 1024x512 3 "$WEIGHTS" "$WORK/big_1024x512.safetensors"
-target/release/examples/reference_trajectory 300007 2 "$WEIGHTS" "$WORK/vec_300007.safetensors"
+target/release/examples/reference_trajectory 300007 2 "$WEIGHTS" "$WORK/vec_300007.safetensors"   # prime: padded mean
+target/release/examples/reference_trajectory 131072 2 "$WEIGHTS" "$WORK/vec_131072.safetensors"   # long axis split 256x512
+target/release/examples/reference_trajectory 2048x64 2 "$WEIGHTS" "$WORK/mat_2048x64.safetensors" # axis 0 > 1024 split
 python3 scripts/onnxruntime_replay.py --mulo "$BIN" --weights "$WEIGHTS" "$WORK"/*.safetensors
 "$BIN" replay --target onnx --weights "$WEIGHTS" "$WORK"/*.safetensors
 "$BIN" replay --target onnx-chunked --weights "$WEIGHTS" "$WORK"/*.safetensors tests/fixtures/golden/*.safetensors
