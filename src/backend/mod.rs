@@ -2,6 +2,7 @@
 
 pub mod cuda;
 pub mod interp;
+pub mod onnx;
 
 use crate::error::{Error, Result};
 use crate::shape::Layout;

@@ -109,6 +109,11 @@ enum RunTarget {
     Interp,
     /// CUDA on GPU 0 (NVRTC-compiled for its architecture).
     Cuda,
+    /// The exported ONNX graph, run on the CPU by tract.
+    Onnx,
+    /// The step rendered as a statistics graph and per-chunk graphs, run by tract on 2 threads
+    /// (the whole graph where axis 0 has a single row).
+    OnnxChunked,
 }
 
 #[derive(Args, Debug)]
@@ -217,10 +222,19 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             );
         }
         CompileTarget::Onnx => {
-            bail!(
-                "target {:?} is not available in this build yet; use --target ir",
-                args.target
-            )
+            let path = args
+                .output
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
+            let bytes = mulo::backend::onnx::export(&ir)?;
+            std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote {} ({} bytes, opset {}) in {:.1?}",
+                path.display(),
+                bytes.len(),
+                mulo::backend::onnx::OPSET,
+                started.elapsed()
+            );
         }
     }
     Ok(0)
@@ -239,6 +253,17 @@ fn make_stepper(
             let program = CudaRuntime::new(0)?.program(&ir)?;
             Box::new(CudaStepper::new(program, 0)?)
         }
+        RunTarget::Onnx => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::OnnxChunked if mulo::backend::onnx::ChunkedOnnxStepper::supports(layout) => {
+            Box::new(mulo::backend::onnx::ChunkedOnnxStepper::new(
+                &ir,
+                0,
+                mulo::backend::onnx::chunked::DEFAULT_CHUNK_ELEMENTS,
+                2,
+            )?)
+        }
+        // One row on axis 0: nothing to chunk.
+        RunTarget::OnnxChunked => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
     })
 }
 
