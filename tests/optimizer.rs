@@ -34,8 +34,20 @@ fn reference(lopt: &LearnedOptimizer, dims: &[usize], start: u64) -> InterpStepp
 /// they are merged: the interpreter is compared bitwise with the per-tensor reference, the
 /// others within the golden tolerance; parameters and states that must stay unchanged are
 /// compared bitwise on every backend.
+/// Every CPU backend, and CUDA where a device can be opened (with a printed reason otherwise).
 fn backends() -> Vec<Arc<dyn BackendFactory>> {
-    vec![Arc::new(PerTensor(InterpFactory))]
+    let mut all: Vec<Arc<dyn BackendFactory>> = vec![
+        Arc::new(PerTensor(InterpFactory)),
+        Arc::new(PerTensor(mulo::optimizer::OnnxFactory)),
+    ];
+    match std::panic::catch_unwind(|| mulo::optimizer::CudaFactory::new(0)) {
+        Ok(Ok(cuda)) => all.push(Arc::new(PerTensor(cuda))),
+        Ok(Err(e)) => eprintln!("SKIPPED the cuda backend: {e}"),
+        Err(_) => {
+            eprintln!("SKIPPED the cuda backend: the CUDA driver library could not be loaded")
+        }
+    }
+    all
 }
 
 fn on(backend: &Arc<dyn BackendFactory>) -> OptimizerOptions {
@@ -45,14 +57,24 @@ fn on(backend: &Arc<dyn BackendFactory>) -> OptimizerOptions {
     }
 }
 
-/// `got` is the step `before → want` of the reference: bitwise on the interpreter.
+/// `got` is the step `before → want` of the reference: bitwise on the interpreter; elsewhere
+/// within the golden tolerance of the step's displacement plus two f32 ulps of |p|. One step
+/// moves a parameter of size ~1 by ~4e-4 here, so one ulp of p is ~3e-4 of the displacement:
+/// below that, f32 itself cannot agree (the f32 interpreter is up to 1.3e-4 of it away from
+/// the f64 interpreter on these tensors, and tract within one ulp of the f32 interpreter).
 fn assert_same_step(target: &str, got: &[f32], want: &[f32], before: &[f32], what: &str) {
     if target == "interp" {
         assert_eq!(bits(got), bits(want), "{what}");
     } else {
         let scale = max_abs_diff(want, before).max(f64::MIN_POSITIVE);
-        let err = max_abs_diff(got, want) / scale;
-        assert!(err <= DEFAULT_TOLERANCE, "{what} on {target}: {err:e}");
+        let p_max = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+        let bound = DEFAULT_TOLERANCE * scale + 2.0 * f32::EPSILON as f64 * p_max;
+        let err = max_abs_diff(got, want);
+        assert!(
+            err <= bound,
+            "{what} on {target}: {:e} of the step's displacement",
+            err / scale
+        );
     }
 }
 

@@ -111,6 +111,64 @@ impl StepperFactory for InterpFactory {
     }
 }
 
+/// The tract CPU runtime as a [`StepperFactory`]: the chunked runtime (statistics graph plus
+/// per-chunk graphs on 2 threads) where the tensor has at least 2 rows on axis 0, the whole
+/// exported graph ([`OnnxStepper`](crate::backend::onnx::OnnxStepper)) elsewhere.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OnnxFactory;
+
+impl StepperFactory for OnnxFactory {
+    fn target(&self) -> &'static str {
+        "onnx"
+    }
+
+    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
+        use crate::backend::onnx::{
+            chunked::DEFAULT_CHUNK_ELEMENTS, ChunkedOnnxStepper, OnnxStepper,
+        };
+        Ok(if ChunkedOnnxStepper::supports(&ir.layout) {
+            Box::new(ChunkedOnnxStepper::new(
+                &ir,
+                start_step,
+                DEFAULT_CHUNK_ELEMENTS,
+                2,
+            )?)
+        } else {
+            Box::new(OnnxStepper::new(&ir, start_step)?)
+        })
+    }
+}
+
+/// CUDA, one [`CudaStepper`](crate::backend::cuda::runtime::CudaStepper) per tensor (programs
+/// shared per shape by the runtime's cache). Each tensor's step is its own launch sequence
+/// with host copies through [`TensorStepper`]: correct, not the packed whole-model backend
+/// (see the module documentation).
+pub struct CudaFactory {
+    runtime: crate::backend::cuda::runtime::CudaRuntime,
+}
+
+impl CudaFactory {
+    /// Opens CUDA device `ordinal`.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Ok(CudaFactory {
+            runtime: crate::backend::cuda::runtime::CudaRuntime::new(ordinal)?,
+        })
+    }
+}
+
+impl StepperFactory for CudaFactory {
+    fn target(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
+        let program = self.runtime.program(&ir)?;
+        Ok(Box::new(crate::backend::cuda::runtime::CudaStepper::new(
+            program, start_step,
+        )?))
+    }
+}
+
 /// Compiled step programs, one per distinct shape.
 #[derive(Default)]
 pub struct PlanCache {

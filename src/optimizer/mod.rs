@@ -43,8 +43,8 @@ pub mod mup;
 pub mod nonfinite;
 
 pub use backend::{
-    BackendFactory, InterpFactory, ModelBackend, PerTensor, PerTensorBackend, PlanCache,
-    StepperFactory, TensorStep,
+    BackendFactory, CudaFactory, InterpFactory, ModelBackend, OnnxFactory, PerTensor,
+    PerTensorBackend, PlanCache, StepperFactory, TensorStep,
 };
 pub use checkpoint::{CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY};
 pub use mup::{LrRule, LrScale, MupInfo};
