@@ -32,3 +32,6 @@ python3 scripts/onnxruntime_replay.py --mulo "$BIN" --weights "$WEIGHTS" "$WORK"
 
 echo "== onnx: export 1024x512 with the default name"
 (cd "$WORK" && "$OLDPWD/$BIN" --shape 1024x512 --target onnx --weights "$OLDPWD/$WEIGHTS" && test -s mulo_step.onnx)
+
+echo "== onnx: examples/onnxruntime_step.py trains a numpy model through onnxruntime (loss must halve)"
+python3 examples/onnxruntime_step.py --mulo "$BIN"
