@@ -6,7 +6,7 @@
 //! the golden tolerance).
 
 use super::{check_step_args, Hyper, TensorStepper};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ir::{Binary, Buffer, Op, RuntimeScalar, StepIr, Unary};
 use crate::shape::{Domain, Layout};
 use crate::state::TensorState;
@@ -143,16 +143,7 @@ pub fn execute<T: Real>(
 ) -> Result<(Vec<T>, TensorState<T>)> {
     let layout = &ir.layout;
     check_step_args(layout, param.len(), grad.len(), &hyper)?;
-    if state.layout() != layout {
-        return Err(Error::argument(
-            "state",
-            format!(
-                "is for shape {}, the program for {}",
-                state.layout().shape(),
-                layout.shape()
-            ),
-        ));
-    }
+    super::check_state_layout(layout, state)?;
     let mut bc = Broadcasts {
         layout,
         maps: HashMap::new(),
@@ -329,16 +320,7 @@ impl TensorStepper for InterpStepper {
     }
 
     fn set_state(&mut self, state: TensorState) -> Result<()> {
-        if state.layout() != &self.ir.layout {
-            return Err(Error::argument(
-                "state",
-                format!(
-                    "is for shape {}, the program for {}",
-                    state.layout().shape(),
-                    self.ir.layout.shape()
-                ),
-            ));
-        }
+        super::check_state_layout(&self.ir.layout, &state)?;
         self.state = state;
         Ok(())
     }

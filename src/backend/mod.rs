@@ -53,6 +53,24 @@ pub fn check_step_args(layout: &Layout, param: usize, grad: usize, hyper: &Hyper
     hyper.validate()
 }
 
+/// Checks that a state handed to a stepper is for the layout the stepper was compiled for.
+pub fn check_state_layout<T: Copy + Default>(
+    layout: &Layout,
+    state: &TensorState<T>,
+) -> Result<()> {
+    if state.layout() != layout {
+        return Err(Error::argument(
+            "state",
+            format!(
+                "is for shape {}, the program for {}",
+                state.layout().shape(),
+                layout.shape()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Something that steps one tensor with host-side buffers and keeps its state: what
 /// `mulo-compile replay` and the property tests drive, whatever the backend.
 pub trait TensorStepper {

@@ -332,16 +332,7 @@ impl TensorStepper for CudaStepper {
     }
 
     fn set_state(&mut self, state: TensorState) -> Result<()> {
-        if state.layout() != &self.program.layout {
-            return Err(Error::argument(
-                "state",
-                format!(
-                    "is for shape {}, the program for {}",
-                    state.layout().shape(),
-                    self.program.layout.shape()
-                ),
-            ));
-        }
+        crate::backend::check_state_layout(&self.program.layout, &state)?;
         let mut uploaded = BTreeMap::new();
         for (b, values) in state.iter() {
             let slice = self

@@ -332,11 +332,7 @@ fn chunk_plan(bytes: &[u8]) -> Result<Arc<TypedRunnableModel>> {
         .map_err(|e| backend_err("planning the chunk graph", e))
 }
 
-fn f32_slice(t: &TValue) -> Result<&[f32]> {
-    t.try_as_plain_ram()
-        .and_then(|v| v.as_slice::<f32>())
-        .map_err(|e| backend_err("reading an output", e))
-}
+use super::runtime::f32_slice;
 
 impl TensorStepper for ChunkedOnnxStepper {
     fn target(&self) -> &'static str {
@@ -453,16 +449,7 @@ impl TensorStepper for ChunkedOnnxStepper {
     }
 
     fn set_state(&mut self, state: TensorState) -> Result<()> {
-        if state.layout() != &self.layout {
-            return Err(Error::argument(
-                "state",
-                format!(
-                    "is for shape {}, the program for {}",
-                    state.layout().shape(),
-                    self.layout.shape()
-                ),
-            ));
-        }
+        crate::backend::check_state_layout(&self.layout, &state)?;
         self.state = state;
         Ok(())
     }

@@ -117,7 +117,8 @@ pub fn optimize_inference(model: InferenceModel) -> Result<TypedModel> {
     Ok(typed)
 }
 
-fn f32_slice(t: &TValue) -> Result<&[f32]> {
+/// The f32 values of a tract output.
+pub(super) fn f32_slice(t: &TValue) -> Result<&[f32]> {
     t.try_as_plain_ram()
         .and_then(|v| v.as_slice::<f32>())
         .map_err(|e| backend_err("reading an output", e))
@@ -190,16 +191,7 @@ impl TensorStepper for OnnxStepper {
     }
 
     fn set_state(&mut self, state: TensorState) -> Result<()> {
-        if state.layout() != &self.layout {
-            return Err(Error::argument(
-                "state",
-                format!(
-                    "is for shape {}, the program for {}",
-                    state.layout().shape(),
-                    self.layout.shape()
-                ),
-            ));
-        }
+        crate::backend::check_state_layout(&self.layout, &state)?;
         let tensors = Buffer::state_for_layout(&self.layout)
             .into_iter()
             .map(|b| self.tensor(b, state.get(b)))
