@@ -99,15 +99,14 @@ pub fn binary_sv(op: Binary, s: f32, b: &[f32], out: &mut [f32]) {
     binary_loop!(op, out, |_| s, |i: usize| b[i]);
 }
 
-/// Lanes per register tile of the dense kernel.
-const TILE: usize = 16;
-
-/// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` for the lanes `0..len` rounded up to [`TILE`]
-/// (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`). Rows are processed `RB` at a time so
-/// that each load of `x` feeds `RB` multiply-adds held in registers.
+/// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` for the lanes `0..len` rounded up to `TILE`
+/// (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`, `wt` is the weight transposed,
+/// `[cols][rows]`). Rows are processed `RB` at a time and lanes `TILE` at a time, so that the
+/// `RB × TILE` accumulators stay in registers and each load of `x` feeds `RB` multiply-adds.
 #[inline(always)]
-pub fn dense<const FMA: bool, const RB: usize>(
-    weight: &[f32],
+#[allow(clippy::too_many_arguments)]
+pub fn dense<const FMA: bool, const RB: usize, const TILE: usize>(
+    wt: &[f32],
     bias: &[f32],
     rows: usize,
     cols: usize,
@@ -116,44 +115,46 @@ pub fn dense<const FMA: bool, const RB: usize>(
     len: usize,
 ) {
     let lanes = len.div_ceil(TILE) * TILE;
-    debug_assert!(lanes <= CHUNK);
+    debug_assert!(lanes <= CHUNK && CHUNK % TILE == 0);
     let full = rows / RB * RB;
+    let x = &x[..cols * CHUNK];
+    let wt = &wt[..cols * rows];
     for t in (0..lanes).step_by(TILE) {
         let mut r0 = 0;
         while r0 < full {
-            dense_block::<FMA, RB>(weight, bias, r0, cols, x, out, t);
+            dense_block::<FMA, RB, TILE>(wt, bias, r0, rows, cols, x, out, t);
             r0 += RB;
         }
         while r0 < rows {
-            dense_block::<FMA, 1>(weight, bias, r0, cols, x, out, t);
+            dense_block::<FMA, 1, TILE>(wt, bias, r0, rows, cols, x, out, t);
             r0 += 1;
         }
     }
 }
 
 #[inline(always)]
-fn dense_block<const FMA: bool, const B: usize>(
-    weight: &[f32],
+#[allow(clippy::too_many_arguments)]
+fn dense_block<const FMA: bool, const B: usize, const TILE: usize>(
+    wt: &[f32],
     bias: &[f32],
     r0: usize,
+    rows: usize,
     cols: usize,
     x: &[f32],
     out: &mut [f32],
     t: usize,
 ) {
     let mut acc = [[0f32; TILE]; B];
+    let b0: &[f32; B] = bias[r0..r0 + B].try_into().expect("rows in range");
     for (b, row) in acc.iter_mut().enumerate() {
-        *row = [bias[r0 + b]; TILE];
+        *row = [b0[b]; TILE];
     }
-    let w = &weight[r0 * cols..(r0 + B) * cols];
-    for c in 0..cols {
-        let xv: &[f32; TILE] = x[c * CHUNK + t..c * CHUNK + t + TILE]
-            .try_into()
-            .expect("tile in range");
-        for (b, row) in acc.iter_mut().enumerate() {
-            let wv = w[b * cols + c];
+    for (xc, wc) in x.chunks_exact(CHUNK).zip(wt.chunks_exact(rows)).take(cols) {
+        let xv: &[f32; TILE] = xc[t..t + TILE].try_into().expect("tile in range");
+        let wv: &[f32; B] = wc[r0..r0 + B].try_into().expect("rows in range");
+        for (row, &w) in acc.iter_mut().zip(wv) {
             for l in 0..TILE {
-                row[l] = madd::<FMA>(wv, xv[l], row[l]);
+                row[l] = madd::<FMA>(w, xv[l], row[l]);
             }
         }
     }

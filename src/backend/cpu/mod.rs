@@ -189,7 +189,10 @@ struct Pass {
 struct Weights {
     rows: usize,
     cols: usize,
+    /// Row-major `[rows, cols]`.
     weight: Vec<f32>,
+    /// Transposed, `[cols, rows]`.
+    wt: Vec<f32>,
     bias: Vec<f32>,
 }
 
@@ -327,6 +330,9 @@ impl CpuProgram {
                 rows: m.rows,
                 cols: m.cols,
                 weight: m.weight.clone(),
+                wt: (0..m.cols * m.rows)
+                    .map(|i| m.weight[(i % m.rows) * m.cols + i / m.rows])
+                    .collect(),
                 bias: m.bias.clone().unwrap_or_else(|| vec![0.0; m.rows]),
             })
             .collect();
@@ -614,10 +620,11 @@ fn split_out(vals: &mut [f32], out: usize, len: usize) -> (&mut [f32], Parts<'_>
 
 /// Runs one pass over one slice (the generic body; see the `run_slice_*` entry points).
 #[inline(always)]
-fn run_slice<const FMA: bool>(
+fn run_slice<const FMA: bool, const TILE: usize>(
     prog: &CpuProgram,
     pass: &Pass,
     small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
@@ -686,6 +693,9 @@ fn run_slice<const FMA: bool>(
                     let n = &ir.nodes[*node];
                     let w = n.width as usize;
                     let src = &small[*node];
+                    let points = src.len() / w;
+                    // Lane-major (for width 1, the value itself).
+                    let src_t = if w == 1 { src } else { &small_t[*node] };
                     let o = &mut scr.vals[*out..*out + w * CHUNK];
                     let kind = match small_index(n.domain) {
                         Some(d) => scr.kind[d],
@@ -699,14 +709,13 @@ fn run_slice<const FMA: bool>(
                                 dst.copy_from_slice(&src[p..p + len]);
                             }
                             IdxKind::Contig(p) => {
-                                for (i, x) in dst.iter_mut().enumerate() {
-                                    *x = src[(p + i) * w + l];
-                                }
+                                dst.copy_from_slice(&src_t[l * points + p..l * points + p + len]);
                             }
                             IdxKind::General => {
                                 let idx = &scr.idx[small_index(n.domain).expect("indexed")];
-                                for (i, x) in dst.iter_mut().enumerate() {
-                                    *x = src[idx[i] as usize * w + l];
+                                let lane = &src_t[l * points..(l + 1) * points];
+                                for (x, &i) in dst.iter_mut().zip(&idx[..len]) {
+                                    *x = lane[i as usize];
                                 }
                             }
                         }
@@ -751,7 +760,7 @@ fn run_slice<const FMA: bool>(
                     let m = &prog.weights[*matrix];
                     let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK);
                     let xv = p.get(*x, m.cols * CHUNK);
-                    kernels::dense::<FMA, 4>(&m.weight, &m.bias, m.rows, m.cols, xv, o, len);
+                    kernels::dense::<FMA, 4, TILE>(&m.wt, &m.bias, m.rows, m.cols, xv, o, len);
                 }
                 Instr::Lane { x, lane, out } => {
                     let (o, p) = split_out(&mut scr.vals, *out, len);
@@ -805,10 +814,11 @@ fn run_slice_avx512(
     prog: &CpuProgram,
     pass: &Pass,
     small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<true>(prog, pass, small, scr, job)
+    run_slice::<true, 32>(prog, pass, small, small_t, scr, job)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -817,20 +827,22 @@ fn run_slice_avx2(
     prog: &CpuProgram,
     pass: &Pass,
     small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<true>(prog, pass, small, scr, job)
+    run_slice::<true, 16>(prog, pass, small, small_t, scr, job)
 }
 
 fn run_slice_portable(
     prog: &CpuProgram,
     pass: &Pass,
     small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<false>(prog, pass, small, scr, job)
+    run_slice::<false, 16>(prog, pass, small, small_t, scr, job)
 }
 
 fn dispatch(
@@ -838,6 +850,7 @@ fn dispatch(
     prog: &CpuProgram,
     pass: &Pass,
     small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
@@ -846,10 +859,10 @@ fn dispatch(
         // `CpuStepper::with_isa`, which checks against it), after the CPU reported the
         // features these functions are compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { run_slice_avx512(prog, pass, small, scr, job) },
+        Isa::Avx512 => unsafe { run_slice_avx512(prog, pass, small, small_t, scr, job) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { run_slice_avx2(prog, pass, small, scr, job) },
-        _ => run_slice_portable(prog, pass, small, scr, job),
+        Isa::Avx2 => unsafe { run_slice_avx2(prog, pass, small, small_t, scr, job) },
+        _ => run_slice_portable(prog, pass, small, small_t, scr, job),
     }
 }
 
@@ -892,6 +905,9 @@ pub struct CpuStepper {
     step: u64,
     state: BTreeMap<Buffer, Vec<f32>>,
     small: Vec<Vec<f32>>,
+    /// Lane-major copies (`[width][points]`) of the small values that are gathered with a
+    /// width above 1 (empty for the others).
+    small_t: Vec<Vec<f32>>,
     partials: Vec<Vec<f64>>,
     scratch: Vec<Scratch>,
 }
@@ -911,7 +927,7 @@ impl CpuStepper {
             .into_iter()
             .map(|b| (b, vec![0.0; b.len(layout)]))
             .collect();
-        let small = prog
+        let small: Vec<Vec<f32>> = prog
             .ir
             .nodes
             .iter()
@@ -920,6 +936,16 @@ impl CpuStepper {
                 d => vec![0.0; layout.domain_len(d) * node.width as usize],
             })
             .collect();
+        let mut small_t: Vec<Vec<f32>> = vec![Vec::new(); prog.ir.nodes.len()];
+        for pass in &prog.passes {
+            for instr in &pass.instrs {
+                if let Instr::Gather { node, .. } = instr {
+                    if prog.ir.nodes[*node].width > 1 {
+                        small_t[*node] = small[*node].clone();
+                    }
+                }
+            }
+        }
         let partial_len = prog.passes.iter().map(|p| p.partial_len).max().unwrap_or(0);
         let threads = threads.clamp(1, prog.slices);
         CpuStepper {
@@ -928,6 +954,7 @@ impl CpuStepper {
             step: start_step,
             state,
             small,
+            small_t,
             partials: vec![vec![0.0; partial_len]; prog.slices],
             scratch: (0..threads).map(|_| Scratch::default()).collect(),
             prog,
@@ -1067,6 +1094,14 @@ impl CpuStepper {
             }
             Op::Store { .. } => unreachable!("stores are performed at the end of the step"),
         }
+        if !self.small_t[v].is_empty() {
+            let points = n;
+            for (p, lanes) in out.chunks_exact(w).enumerate() {
+                for (l, &x) in lanes.iter().enumerate() {
+                    self.small_t[v][l * points + p] = x;
+                }
+            }
+        }
         self.small[v] = out;
     }
 
@@ -1125,7 +1160,7 @@ impl CpuStepper {
                 partial,
             });
         }
-        let (isa, small) = (self.isa, &self.small);
+        let (isa, small, small_t) = (self.isa, &self.small, &self.small_t);
         let mut work = per_thread.into_iter().zip(self.scratch.iter_mut());
         let (mut first_jobs, first_scr) = work.next().expect("at least one thread");
         let prog = &*prog;
@@ -1133,12 +1168,12 @@ impl CpuStepper {
             for (mut jobs, scr) in work {
                 scope.spawn(move || {
                     for job in &mut jobs {
-                        dispatch(isa, prog, pass, small, scr, job);
+                        dispatch(isa, prog, pass, small, small_t, scr, job);
                     }
                 });
             }
             for job in &mut first_jobs {
-                dispatch(isa, prog, pass, small, first_scr, job);
+                dispatch(isa, prog, pass, small, small_t, first_scr, job);
             }
         });
     }
