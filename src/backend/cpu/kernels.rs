@@ -149,10 +149,15 @@ fn dense_block<const FMA: bool, const B: usize, const TILE: usize>(
     for (b, row) in acc.iter_mut().enumerate() {
         *row = [b0[b]; TILE];
     }
-    for (xc, wc) in x.chunks_exact(CHUNK).zip(wt.chunks_exact(rows)).take(cols) {
-        let xv: &[f32; TILE] = xc[t..t + TILE].try_into().expect("tile in range");
-        let wv: &[f32; B] = wc[r0..r0 + B].try_into().expect("rows in range");
-        for (row, &w) in acc.iter_mut().zip(wv) {
+    for c in 0..cols {
+        let xv: &[f32; TILE] = x[c * CHUNK + t..c * CHUNK + t + TILE]
+            .try_into()
+            .expect("tile in range");
+        let wv: &[f32; B] = wt[c * rows + r0..c * rows + r0 + B]
+            .try_into()
+            .expect("rows in range");
+        for (b, row) in acc.iter_mut().enumerate() {
+            let w = wv[b];
             for l in 0..TILE {
                 row[l] = madd::<FMA>(w, xv[l], row[l]);
             }

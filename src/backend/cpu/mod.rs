@@ -620,7 +620,7 @@ fn split_out(vals: &mut [f32], out: usize, len: usize) -> (&mut [f32], Parts<'_>
 
 /// Runs one pass over one slice (the generic body; see the `run_slice_*` entry points).
 #[inline(always)]
-fn run_slice<const FMA: bool, const TILE: usize>(
+fn run_slice<const FMA: bool, const TILE: usize, const RB: usize>(
     prog: &CpuProgram,
     pass: &Pass,
     small: &[Vec<f32>],
@@ -760,7 +760,7 @@ fn run_slice<const FMA: bool, const TILE: usize>(
                     let m = &prog.weights[*matrix];
                     let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK);
                     let xv = p.get(*x, m.cols * CHUNK);
-                    kernels::dense::<FMA, 4, TILE>(&m.wt, &m.bias, m.rows, m.cols, xv, o, len);
+                    kernels::dense::<FMA, RB, TILE>(&m.wt, &m.bias, m.rows, m.cols, xv, o, len);
                 }
                 Instr::Lane { x, lane, out } => {
                     let (o, p) = split_out(&mut scr.vals, *out, len);
@@ -818,7 +818,7 @@ fn run_slice_avx512(
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<true, 32>(prog, pass, small, small_t, scr, job)
+    run_slice::<true, 16, 4>(prog, pass, small, small_t, scr, job)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -831,7 +831,7 @@ fn run_slice_avx2(
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<true, 16>(prog, pass, small, small_t, scr, job)
+    run_slice::<true, 16, 4>(prog, pass, small, small_t, scr, job)
 }
 
 fn run_slice_portable(
@@ -842,7 +842,7 @@ fn run_slice_portable(
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<false, 16>(prog, pass, small, small_t, scr, job)
+    run_slice::<false, 16, 4>(prog, pass, small, small_t, scr, job)
 }
 
 fn dispatch(
