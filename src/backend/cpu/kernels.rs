@@ -99,72 +99,93 @@ pub fn binary_sv(op: Binary, s: f32, b: &[f32], out: &mut [f32]) {
     binary_loop!(op, out, |_| s, |i: usize| b[i]);
 }
 
-/// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` for the lanes `0..len` rounded up to `TILE`
-/// (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`, `wt` is the weight transposed,
-/// `[cols][rows]`). Rows are processed `RB` at a time and lanes `TILE` at a time, so that the
-/// `RB × TILE` accumulators stay in registers and each load of `x` feeds `RB` multiply-adds.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn dense<const FMA: bool, const RB: usize, const TILE: usize>(
-    wt: &[f32],
-    bias: &[f32],
+/// Rows per register block of the dense kernel.
+pub const RB: usize = 4;
+
+/// A dense layer's weights arranged for [`dense`]: for each block of [`RB`] rows, `[cols][RB]`
+/// contiguous; then each remaining row, `[cols]`.
+#[derive(Clone, Debug)]
+pub struct Blocked {
     rows: usize,
     cols: usize,
-    x: &[f32],
-    out: &mut [f32],
-    len: usize,
-) {
-    let lanes = len.div_ceil(TILE) * TILE;
-    debug_assert!(lanes <= CHUNK && CHUNK % TILE == 0);
-    let full = rows / RB * RB;
-    let x = &x[..cols * CHUNK];
-    let wt = &wt[..cols * rows];
-    for t in (0..lanes).step_by(TILE) {
-        let mut r0 = 0;
-        while r0 < full {
-            dense_block::<FMA, RB, TILE>(wt, bias, r0, rows, cols, x, out, t);
-            r0 += RB;
+    blocks: Vec<f32>,
+    rest: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Blocked {
+    /// Arranges row-major `[rows, cols]` weights and a bias (zeros when absent).
+    pub fn new(rows: usize, cols: usize, weight: &[f32], bias: &[f32]) -> Self {
+        let full = rows / RB * RB;
+        let mut blocks = Vec::with_capacity(full * cols);
+        for r0 in (0..full).step_by(RB) {
+            for c in 0..cols {
+                for b in 0..RB {
+                    blocks.push(weight[(r0 + b) * cols + c]);
+                }
+            }
         }
-        while r0 < rows {
-            dense_block::<FMA, 1, TILE>(wt, bias, r0, rows, cols, x, out, t);
-            r0 += 1;
+        let rest = weight[full * cols..rows * cols].to_vec();
+        Blocked {
+            rows,
+            cols,
+            blocks,
+            rest,
+            bias: bias.to_vec(),
         }
     }
 }
 
+/// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` for the lanes `0..len` rounded up to `TILE`
+/// (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`). Rows are processed [`RB`] at a time
+/// and lanes `TILE` at a time, so that the `RB` accumulator vectors stay in registers and
+/// each load of `x` feeds `RB` multiply-adds. (Larger register tiles were measured: LLVM
+/// then keeps the accumulators on the stack.)
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn dense_block<const FMA: bool, const B: usize, const TILE: usize>(
-    wt: &[f32],
-    bias: &[f32],
-    r0: usize,
-    rows: usize,
-    cols: usize,
+pub fn dense<const FMA: bool, const TILE: usize>(
+    w: &Blocked,
     x: &[f32],
     out: &mut [f32],
-    t: usize,
+    len: usize,
 ) {
-    let mut acc = [[0f32; TILE]; B];
-    let b0: &[f32; B] = bias[r0..r0 + B].try_into().expect("rows in range");
-    for (b, row) in acc.iter_mut().enumerate() {
-        *row = [b0[b]; TILE];
-    }
-    for c in 0..cols {
-        let xv: &[f32; TILE] = x[c * CHUNK + t..c * CHUNK + t + TILE]
-            .try_into()
-            .expect("tile in range");
-        let wv: &[f32; B] = wt[c * rows + r0..c * rows + r0 + B]
-            .try_into()
-            .expect("rows in range");
-        for (b, row) in acc.iter_mut().enumerate() {
-            let w = wv[b];
-            for l in 0..TILE {
-                row[l] = madd::<FMA>(w, xv[l], row[l]);
+    let (rows, cols) = (w.rows, w.cols);
+    let per_lane = CHUNK / TILE;
+    let tiles = len.div_ceil(TILE);
+    debug_assert!(tiles * TILE <= CHUNK && CHUNK % TILE == 0);
+    let (xt, _) = x[..cols * CHUNK].as_chunks::<TILE>();
+    let (blocks, _) = w.blocks.as_chunks::<RB>();
+    let full = rows / RB;
+    for ti in 0..tiles {
+        for (k, wb) in blocks.chunks_exact(cols).enumerate().take(full) {
+            let r0 = k * RB;
+            let bias: &[f32; RB] = w.bias[r0..r0 + RB].try_into().expect("rows in range");
+            let mut acc = [[0f32; TILE]; RB];
+            for (row, &b) in acc.iter_mut().zip(bias) {
+                *row = [b; TILE];
+            }
+            for (xv, wc) in xt[ti..].iter().step_by(per_lane).zip(wb) {
+                for (row, &wv) in acc.iter_mut().zip(wc) {
+                    for l in 0..TILE {
+                        row[l] = madd::<FMA>(wv, xv[l], row[l]);
+                    }
+                }
+            }
+            for (b, row) in acc.iter().enumerate() {
+                let o = (r0 + b) * CHUNK + ti * TILE;
+                out[o..o + TILE].copy_from_slice(row);
             }
         }
-    }
-    for (b, row) in acc.iter().enumerate() {
-        out[(r0 + b) * CHUNK + t..(r0 + b) * CHUNK + t + TILE].copy_from_slice(row);
+        for (k, wr) in w.rest.chunks_exact(cols).enumerate() {
+            let r = full * RB + k;
+            let mut acc = [w.bias[r]; TILE];
+            for (xv, &wv) in xt[ti..].iter().step_by(per_lane).zip(wr) {
+                for l in 0..TILE {
+                    acc[l] = madd::<FMA>(wv, xv[l], acc[l]);
+                }
+            }
+            let o = r * CHUNK + ti * TILE;
+            out[o..o + TILE].copy_from_slice(&acc);
+        }
     }
 }
 

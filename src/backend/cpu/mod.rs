@@ -191,9 +191,9 @@ struct Weights {
     cols: usize,
     /// Row-major `[rows, cols]`.
     weight: Vec<f32>,
-    /// Transposed, `[cols, rows]`.
-    wt: Vec<f32>,
     bias: Vec<f32>,
+    /// Arranged for the chunk kernel.
+    blocked: kernels::Blocked,
 }
 
 fn small_index(d: Domain) -> Option<usize> {
@@ -326,14 +326,15 @@ impl CpuProgram {
         let weights = ir
             .matrices
             .iter()
-            .map(|m| Weights {
-                rows: m.rows,
-                cols: m.cols,
-                weight: m.weight.clone(),
-                wt: (0..m.cols * m.rows)
-                    .map(|i| m.weight[(i % m.rows) * m.cols + i / m.rows])
-                    .collect(),
-                bias: m.bias.clone().unwrap_or_else(|| vec![0.0; m.rows]),
+            .map(|m| {
+                let bias = m.bias.clone().unwrap_or_else(|| vec![0.0; m.rows]);
+                Weights {
+                    blocked: kernels::Blocked::new(m.rows, m.cols, &m.weight, &bias),
+                    rows: m.rows,
+                    cols: m.cols,
+                    weight: m.weight.clone(),
+                    bias,
+                }
             })
             .collect();
         let chunks = layout.numel().div_ceil(CHUNK);
@@ -620,7 +621,7 @@ fn split_out(vals: &mut [f32], out: usize, len: usize) -> (&mut [f32], Parts<'_>
 
 /// Runs one pass over one slice (the generic body; see the `run_slice_*` entry points).
 #[inline(always)]
-fn run_slice<const FMA: bool, const TILE: usize, const RB: usize>(
+fn run_slice<const FMA: bool, const TILE: usize>(
     prog: &CpuProgram,
     pass: &Pass,
     small: &[Vec<f32>],
@@ -760,7 +761,7 @@ fn run_slice<const FMA: bool, const TILE: usize, const RB: usize>(
                     let m = &prog.weights[*matrix];
                     let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK);
                     let xv = p.get(*x, m.cols * CHUNK);
-                    kernels::dense::<FMA, RB, TILE>(&m.wt, &m.bias, m.rows, m.cols, xv, o, len);
+                    kernels::dense::<FMA, TILE>(&m.blocked, xv, o, len);
                 }
                 Instr::Lane { x, lane, out } => {
                     let (o, p) = split_out(&mut scr.vals, *out, len);
@@ -818,7 +819,7 @@ fn run_slice_avx512(
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<true, 16, 4>(prog, pass, small, small_t, scr, job)
+    run_slice::<true, 16>(prog, pass, small, small_t, scr, job)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -831,7 +832,7 @@ fn run_slice_avx2(
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<true, 16, 4>(prog, pass, small, small_t, scr, job)
+    run_slice::<true, 16>(prog, pass, small, small_t, scr, job)
 }
 
 fn run_slice_portable(
@@ -842,7 +843,7 @@ fn run_slice_portable(
     scr: &mut Scratch,
     job: &mut Job<'_>,
 ) {
-    run_slice::<false, 16, 4>(prog, pass, small, small_t, scr, job)
+    run_slice::<false, 8>(prog, pass, small, small_t, scr, job)
 }
 
 fn dispatch(
