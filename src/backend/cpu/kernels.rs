@@ -99,6 +99,19 @@ pub fn binary_sv(op: Binary, s: f32, b: &[f32], out: &mut [f32]) {
     binary_loop!(op, out, |_| s, |i: usize| b[i]);
 }
 
+/// The `TILE`-lane tiles `ti`, `ti + per_lane`, … of `x` (one per input channel).
+#[inline(always)]
+fn tiles<const TILE: usize>(
+    x: &[f32],
+    ti: usize,
+    per_lane: usize,
+) -> impl Iterator<Item = &[f32; TILE]> {
+    x.chunks_exact(TILE)
+        .skip(ti)
+        .step_by(per_lane)
+        .map(|c| c.try_into().expect("exact chunk"))
+}
+
 /// Rows per register block of the dense kernel.
 pub const RB: usize = 4;
 
@@ -150,20 +163,20 @@ pub fn dense<const FMA: bool, const TILE: usize>(
 ) {
     let (rows, cols) = (w.rows, w.cols);
     let per_lane = CHUNK / TILE;
-    let tiles = len.div_ceil(TILE);
-    debug_assert!(tiles * TILE <= CHUNK && CHUNK % TILE == 0);
-    let (xt, _) = x[..cols * CHUNK].as_chunks::<TILE>();
-    let (blocks, _) = w.blocks.as_chunks::<RB>();
+    let n_tiles = len.div_ceil(TILE);
+    debug_assert!(n_tiles * TILE <= CHUNK && CHUNK % TILE == 0);
+    let x = &x[..cols * CHUNK];
     let full = rows / RB;
-    for ti in 0..tiles {
-        for (k, wb) in blocks.chunks_exact(cols).enumerate().take(full) {
+    for ti in 0..n_tiles {
+        for (k, wb) in w.blocks.chunks_exact(cols * RB).enumerate().take(full) {
             let r0 = k * RB;
             let bias: &[f32; RB] = w.bias[r0..r0 + RB].try_into().expect("rows in range");
             let mut acc = [[0f32; TILE]; RB];
             for (row, &b) in acc.iter_mut().zip(bias) {
                 *row = [b; TILE];
             }
-            for (xv, wc) in xt[ti..].iter().step_by(per_lane).zip(wb) {
+            for (xv, wc) in tiles::<TILE>(x, ti, per_lane).zip(wb.chunks_exact(RB)) {
+                let wc: &[f32; RB] = wc.try_into().expect("exact chunk");
                 for (row, &wv) in acc.iter_mut().zip(wc) {
                     for l in 0..TILE {
                         row[l] = madd::<FMA>(wv, xv[l], row[l]);
@@ -178,7 +191,7 @@ pub fn dense<const FMA: bool, const TILE: usize>(
         for (k, wr) in w.rest.chunks_exact(cols).enumerate() {
             let r = full * RB + k;
             let mut acc = [w.bias[r]; TILE];
-            for (xv, &wv) in xt[ti..].iter().step_by(per_lane).zip(wr) {
+            for (xv, &wv) in tiles::<TILE>(x, ti, per_lane).zip(wr) {
                 for l in 0..TILE {
                     acc[l] = madd::<FMA>(wv, xv[l], acc[l]);
                 }
