@@ -95,6 +95,9 @@ enum Opnd {
     Slot(usize),
     /// A width-1 step value, read once per chunk (node index).
     Scalar(usize),
+    /// A row/col/rest (or wider step) value, read in place per lane: a constant, a
+    /// contiguous run of its lane-major copy, or gathered (node index).
+    Small(usize),
 }
 
 /// One instruction of a chunk program. Slot fields hold value ids while the program is
@@ -449,22 +452,21 @@ fn build_pass(
                 width,
             },
             Op::Binary(op, a, b) => {
-                let (oa, ob) = if scalar_ok(*b) {
-                    (
-                        Opnd::Slot(slot(*a, &mut instrs, &mut domains)),
-                        Opnd::Scalar(b.index()),
-                    )
-                } else if scalar_ok(*a) {
-                    (
-                        Opnd::Scalar(a.index()),
-                        Opnd::Slot(slot(*b, &mut instrs, &mut domains)),
-                    )
-                } else {
-                    (
-                        Opnd::Slot(slot(*a, &mut instrs, &mut domains)),
-                        Opnd::Slot(slot(*b, &mut instrs, &mut domains)),
-                    )
+                let mut opnd = |o: ValueId, instrs: &mut Vec<Instr>, domains: &mut [bool; 3]| {
+                    let node = ir.node(o);
+                    if node.domain == Domain::Elem {
+                        Opnd::Slot(slot(o, instrs, domains))
+                    } else if scalar_ok(o) {
+                        Opnd::Scalar(o.index())
+                    } else {
+                        if let Some(i) = small_index(node.domain) {
+                            domains[i] = true;
+                        }
+                        Opnd::Small(o.index())
+                    }
                 };
+                let oa = opnd(*a, &mut instrs, &mut domains);
+                let ob = opnd(*b, &mut instrs, &mut domains);
                 Instr::Binary {
                     op: *op,
                     a: oa,
@@ -564,6 +566,55 @@ struct Scratch {
     vals: Vec<f32>,
     idx: [Vec<u32>; 3],
     kind: [IdxKind; 3],
+    /// Gathered lanes of the two operands of a binary instruction.
+    tmp: [Vec<f32>; 2],
+}
+
+/// One lane of a binary operand: a scalar, or `len` values.
+enum Src<'a> {
+    S(f32),
+    V(&'a [f32]),
+}
+
+/// Lane `l` of a binary operand for the current chunk.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lane_src<'a>(
+    ir: &StepIr,
+    o: &Opnd,
+    l: usize,
+    len: usize,
+    p: &'a Parts<'a>,
+    small: &'a [Vec<f32>],
+    small_t: &'a [Vec<f32>],
+    kind: &[IdxKind; 3],
+    idx: &[Vec<u32>; 3],
+    tmp: &'a mut Vec<f32>,
+) -> Src<'a> {
+    match *o {
+        Opnd::Slot(off) => Src::V(p.get(off + l * CHUNK, len)),
+        Opnd::Scalar(node) => Src::S(small[node][0]),
+        Opnd::Small(node) => {
+            let n = &ir.nodes[node];
+            let w = n.width as usize;
+            let src = &small[node];
+            let points = src.len() / w;
+            let src_t = if w == 1 { src } else { &small_t[node] };
+            let lane = &src_t[l * points..(l + 1) * points];
+            match small_index(n.domain).map_or(IdxKind::Const(0), |d| kind[d]) {
+                IdxKind::Const(q) => Src::S(lane[q]),
+                IdxKind::Contig(q) => Src::V(&lane[q..q + len]),
+                IdxKind::General => {
+                    let ix = &idx[small_index(n.domain).expect("indexed")];
+                    tmp.resize(CHUNK, 0.0);
+                    for (t, &i) in tmp.iter_mut().zip(&ix[..len]) {
+                        *t = lane[i as usize];
+                    }
+                    Src::V(&tmp[..len])
+                }
+            }
+        }
+    }
 }
 
 /// How a chunk's elements map to the points of a smaller domain.
@@ -751,20 +802,45 @@ fn run_slice<const FMA: bool, const TILE: usize>(
                     out,
                     width,
                 } => {
-                    let span = (width - 1) * CHUNK + len;
-                    let (o, p) = split_out(&mut scr.vals, *out, span);
-                    match (a, b) {
-                        (Opnd::Slot(a), Opnd::Slot(b)) => {
-                            kernels::binary_vv(*op, p.get(*a, span), p.get(*b, span), o)
+                    let small_opnd = matches!(a, Opnd::Small(_)) || matches!(b, Opnd::Small(_));
+                    if !small_opnd {
+                        let span = (width - 1) * CHUNK + len;
+                        let (o, p) = split_out(&mut scr.vals, *out, span);
+                        match (a, b) {
+                            (Opnd::Slot(a), Opnd::Slot(b)) => {
+                                kernels::binary_vv(*op, p.get(*a, span), p.get(*b, span), o)
+                            }
+                            (Opnd::Slot(a), Opnd::Scalar(s)) => {
+                                kernels::binary_vs(*op, p.get(*a, span), small[*s][0], o)
+                            }
+                            (Opnd::Scalar(s), Opnd::Slot(b)) => {
+                                kernels::binary_sv(*op, small[*s][0], p.get(*b, span), o)
+                            }
+                            _ => unreachable!("an element node has an element operand"),
                         }
-                        (Opnd::Slot(a), Opnd::Scalar(s)) => {
-                            kernels::binary_vs(*op, p.get(*a, span), small[*s][0], o)
-                        }
-                        (Opnd::Scalar(s), Opnd::Slot(b)) => {
-                            kernels::binary_sv(*op, small[*s][0], p.get(*b, span), o)
-                        }
-                        (Opnd::Scalar(_), Opnd::Scalar(_)) => {
-                            unreachable!("an element node has an element operand")
+                        continue;
+                    }
+                    // Lane by lane, reading the small operands in place.
+                    let Scratch {
+                        vals,
+                        idx,
+                        kind,
+                        tmp,
+                    } = &mut *scr;
+                    let [tmp_a, tmp_b] = tmp;
+                    for l in 0..*width {
+                        let (o, p) = split_out(vals, out + l * CHUNK, len);
+                        let sa = lane_src(ir, a, l, len, &p, small, small_t, kind, idx, tmp_a);
+                        let sb = lane_src(ir, b, l, len, &p, small, small_t, kind, idx, tmp_b);
+                        match (sa, sb) {
+                            (Src::V(a), Src::V(b)) => kernels::binary_vv(*op, a, b, o),
+                            (Src::V(a), Src::S(b)) => kernels::binary_vs(*op, a, b, o),
+                            (Src::S(a), Src::V(b)) => kernels::binary_sv(*op, a, b, o),
+                            (Src::S(a), Src::S(b)) => {
+                                let mut r = [0f32];
+                                kernels::binary_vv(*op, &[a], &[b], &mut r);
+                                o.fill(r[0]);
+                            }
                         }
                     }
                 }
@@ -944,9 +1020,20 @@ impl CpuStepper {
         let mut small_t: Vec<Vec<f32>> = vec![Vec::new(); prog.ir.nodes.len()];
         for pass in &prog.passes {
             for instr in &pass.instrs {
-                if let Instr::Gather { node, .. } = instr {
-                    if prog.ir.nodes[*node].width > 1 {
-                        small_t[*node] = small[*node].clone();
+                let gathered: Vec<usize> = match instr {
+                    Instr::Gather { node, .. } => vec![*node],
+                    Instr::Binary { a, b, .. } => [a, b]
+                        .into_iter()
+                        .filter_map(|o| match o {
+                            Opnd::Small(node) => Some(*node),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                for node in gathered {
+                    if prog.ir.nodes[node].width > 1 {
+                        small_t[node] = small[node].clone();
                     }
                 }
             }
