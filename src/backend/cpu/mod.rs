@@ -517,21 +517,67 @@ fn build_pass(
             last.insert(*s, i);
         });
     }
+    // A width-1 value whose only use is a pack is computed directly into its lane of the
+    // pack (the pack's slot is allocated when the first such lane is defined).
+    let mut use_count: HashMap<usize, usize> = HashMap::new();
+    for instr in instrs.iter_mut() {
+        instr.visit(&mut |s, def| {
+            if !def {
+                *use_count.entry(*s).or_default() += 1;
+            }
+        });
+    }
+    let mut defined_here = HashSet::new();
+    for instr in instrs.iter_mut() {
+        if !matches!(instr, Instr::Gather { .. }) {
+            instr.visit(&mut |s, def| {
+                if def {
+                    defined_here.insert(*s);
+                }
+            });
+        }
+    }
+    let mut alias: HashMap<usize, (usize, usize)> = HashMap::new();
+    for instr in &instrs {
+        if let Instr::Pack { xs, out } = instr {
+            for (l, &x) in xs.iter().enumerate() {
+                if use_count[&x] == 1 && defined_here.contains(&x) && ir.nodes[x].width == 1 {
+                    alias.insert(x, (*out, l));
+                }
+            }
+        }
+    }
     let mut offset: HashMap<usize, usize> = HashMap::new();
     let mut free: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut top = 0usize;
+    let mut alloc = |width: usize, free: &mut HashMap<usize, Vec<usize>>| {
+        free.get_mut(&width)
+            .and_then(|f| f.pop())
+            .unwrap_or_else(|| {
+                top += width * CHUNK;
+                top - width * CHUNK
+            })
+    };
     for (i, instr) in instrs.iter_mut().enumerate() {
         let mut uses = Vec::new();
         instr.visit(&mut |s, def| {
             if def {
-                let width = ir.nodes[*s].width as usize;
-                let off = free
-                    .get_mut(&width)
-                    .and_then(|f| f.pop())
-                    .unwrap_or_else(|| {
-                        top += width * CHUNK;
-                        top - width * CHUNK
-                    });
+                let off = if let Some(&(pack, l)) = alias.get(s) {
+                    let base = match offset.get(&pack) {
+                        Some(&b) => b,
+                        None => {
+                            let b = alloc(ir.nodes[pack].width as usize, &mut free);
+                            offset.insert(pack, b);
+                            b
+                        }
+                    };
+                    base + l * CHUNK
+                } else if let Some(&b) = offset.get(s) {
+                    // A pack allocated early by one of its lanes.
+                    b
+                } else {
+                    alloc(ir.nodes[*s].width as usize, &mut free)
+                };
                 offset.insert(*s, off);
                 uses.push(*s);
                 *s = off;
@@ -543,9 +589,12 @@ fn build_pass(
         for v in uses {
             if last[&v] == i {
                 if let Some(off) = offset.remove(&v) {
-                    free.entry(ir.nodes[v].width as usize)
-                        .or_default()
-                        .push(off);
+                    // An aliased lane lives in its pack's slot, freed with the pack.
+                    if !alias.contains_key(&v) {
+                        free.entry(ir.nodes[v].width as usize)
+                            .or_default()
+                            .push(off);
+                    }
                 }
             }
         }
@@ -845,9 +894,11 @@ fn run_slice<const FMA: bool, const TILE: usize>(
                     }
                 }
                 Instr::Pack { xs, out } => {
-                    let (o, p) = split_out(&mut scr.vals, *out, xs.len() * CHUNK);
                     for (l, &x) in xs.iter().enumerate() {
-                        o[l * CHUNK..l * CHUNK + len].copy_from_slice(p.get(x, len));
+                        // Lanes computed in place need no copy.
+                        if x != out + l * CHUNK {
+                            scr.vals.copy_within(x..x + len, out + l * CHUNK);
+                        }
                     }
                 }
                 Instr::Dense { matrix, x, out } => {
