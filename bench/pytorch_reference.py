@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side speed comparison: a naive PyTorch μLO_M step vs `mulo-compile bench` (onnx targets).
+"""Side-by-side speed comparison: a naive PyTorch μLO_M step vs `mulo-compile bench` (cpu and onnx targets).
 
 The PyTorch step is our own re-implementation of SPEC.md with the structure of PyLO's
 `AdafacLO_naive` (the reference the issue quotes): every feature is materialized as a
@@ -12,9 +12,9 @@ a golden trajectory before it is timed (`--check`).
     python3 bench/pytorch_reference.py --weights tests/fixtures/golden/weights \
         --mulo target/release/mulo-compile --shapes 1024x512 4096x1024 --steps 10
 
-Prints one JSON line per (shape, target) and, per shape and mulo target (`onnx`: the exported
-graph in tract; `onnx-chunked`: statistics + per-chunk graphs on 2 threads), the speed-up over
-the PyTorch step.
+Prints one JSON line per (shape, target) and, per shape and mulo target (`cpu`: the native
+chunk programs on every core; `onnx`: the exported graph in tract; `onnx-chunked`: statistics +
+per-chunk graphs on 2 threads), the speed-up over the PyTorch step.
 """
 
 import argparse
@@ -184,7 +184,7 @@ def main():
     ap.add_argument("--weights", default="tests/fixtures/golden/weights")
     ap.add_argument("--mulo", default="target/release/mulo-compile")
     ap.add_argument("--shapes", nargs="+", default=["1024x512", "4096x1024"])
-    ap.add_argument("--targets", nargs="+", default=["onnx", "onnx-chunked"],
+    ap.add_argument("--targets", nargs="+", default=["cpu", "onnx", "onnx-chunked"],
                     help="mulo-compile bench targets to compare")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)

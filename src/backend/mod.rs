@@ -1,5 +1,6 @@
 //! Backends: each one renders or executes a [`StepIr`](crate::ir::StepIr); none re-derives the math.
 
+pub mod cpu;
 pub mod cuda;
 pub mod interp;
 pub mod onnx;

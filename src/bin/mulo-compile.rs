@@ -114,6 +114,8 @@ enum RunTarget {
     /// The step rendered as a statistics graph and per-chunk graphs, run by tract on 2 threads
     /// (the whole graph where axis 0 has a single row).
     OnnxChunked,
+    /// The native CPU backend: chunk programs rendered from the IR, on every core.
+    Cpu,
 }
 
 #[derive(Args, Debug)]
@@ -254,6 +256,7 @@ fn make_stepper(
             Box::new(CudaStepper::new(program, 0)?)
         }
         RunTarget::Onnx => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::Cpu => Box::new(mulo::backend::cpu::CpuStepper::new(ir, 0)),
         RunTarget::OnnxChunked if mulo::backend::onnx::ChunkedOnnxStepper::supports(layout) => {
             Box::new(mulo::backend::onnx::ChunkedOnnxStepper::new(
                 &ir,

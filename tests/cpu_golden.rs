@@ -1,0 +1,146 @@
+//! The native CPU backend: golden replay, bitwise determinism across thread counts and
+//! instruction sets' reproducibility, error handling.
+
+use mulo::backend::cpu::{CpuProgram, CpuStepper, Isa};
+use mulo::backend::{Hyper, TensorStepper};
+use mulo::lopt::LearnedOptimizer;
+use mulo::shape::Shape;
+use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden");
+
+fn lopt() -> LearnedOptimizer {
+    LearnedOptimizer::from_dir(&Path::new(GOLDEN).join("weights")).expect("golden weights load")
+}
+
+fn cases() -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(GOLDEN)
+        .expect("golden dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    cases.sort();
+    cases
+}
+
+#[test]
+fn cpu_replays_every_golden_case_within_tolerance() {
+    let lopt = lopt();
+    let cases = cases();
+    assert!(cases.len() >= 8, "golden cases missing: {cases:?}");
+    for path in cases {
+        let traj = Trajectory::load(&path).unwrap();
+        let ir = Arc::new(mulo::compile_step(&traj.shape, &lopt).unwrap());
+        for isa in [Isa::detect(), Isa::Portable] {
+            let mut stepper = CpuStepper::new(ir.clone(), 0).with_isa(isa);
+            let report = replay(&mut stepper, &traj).unwrap();
+            assert!(
+                report.worst() <= DEFAULT_TOLERANCE,
+                "{} ({isa:?}): param error {:e}, state errors {:?}",
+                report.name,
+                report.param_error,
+                report.state_errors
+            );
+            assert!(
+                !report.state_errors.is_empty(),
+                "{}: no state checked",
+                report.name
+            );
+        }
+    }
+}
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
+            ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 1e-2
+        })
+        .collect()
+}
+
+/// The same steps on 1, 2 and 3 threads, and twice on 2: bitwise the same parameter and state.
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    let lopt = lopt();
+    // 300x37: chunks straddle rows; 64x256: many slices; 1000: unfactored.
+    for shape in ["300x37", "64x256", "1000", "5x7x3x11"] {
+        let ir = Arc::new(mulo::compile_step(&Shape::parse(shape).unwrap(), &lopt).unwrap());
+        let prog = Arc::new(CpuProgram::new(ir.clone()));
+        let n = ir.layout.numel();
+        let run = |threads: usize| {
+            let mut stepper = CpuStepper::from_program(prog.clone(), 3, threads);
+            let mut param = data(n, 1);
+            for k in 0..3 {
+                let hyper = Hyper {
+                    lr: 0.05,
+                    weight_decay: 0.01,
+                };
+                stepper.step(&mut param, &data(n, 100 + k), hyper).unwrap();
+            }
+            (param, stepper.state().unwrap())
+        };
+        let (p1, s1) = run(1);
+        for threads in [2, 3, 2] {
+            let (p, s) = run(threads);
+            assert!(
+                p.iter().zip(&p1).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{shape}: parameter differs on {threads} threads"
+            );
+            for (buffer, want) in s1.iter() {
+                assert!(
+                    s.get(buffer)
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{shape}: {buffer} differs on {threads} threads"
+                );
+            }
+            assert_eq!(s.step, s1.step);
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_rejected_and_nothing_changes() {
+    let lopt = lopt();
+    let ir = Arc::new(mulo::compile_step(&Shape::parse("48x48").unwrap(), &lopt).unwrap());
+    let n = ir.layout.numel();
+    let mut stepper = CpuStepper::new(ir.clone(), 0);
+    let good = Hyper {
+        lr: 0.1,
+        weight_decay: 0.0,
+    };
+    let mut param = data(n, 7);
+    stepper.step(&mut param, &data(n, 8), good).unwrap();
+    let (p_before, s_before) = (param.clone(), stepper.state().unwrap());
+    let grad = data(n, 9);
+    let err = stepper.step(&mut param, &grad[..n - 1], good).unwrap_err();
+    assert!(err.to_string().contains("grad"), "{err}");
+    let mut short = param[..n - 1].to_vec();
+    assert!(stepper.step(&mut short, &grad, good).is_err());
+    for bad in [
+        Hyper {
+            lr: f32::NAN,
+            weight_decay: 0.0,
+        },
+        Hyper {
+            lr: 0.1,
+            weight_decay: -1.0,
+        },
+    ] {
+        assert!(stepper.step(&mut param, &grad, bad).is_err());
+    }
+    assert_eq!(param, p_before);
+    assert_eq!(stepper.state().unwrap(), s_before);
+    // A state for another shape is refused.
+    let other = mulo::state::TensorState::zeros(
+        &mulo::shape::Layout::new(Shape::parse("48x47").unwrap()),
+        0,
+    );
+    assert!(stepper.set_state(other).is_err());
+    assert_eq!(stepper.state().unwrap(), s_before);
+    assert_eq!(stepper.target(), "cpu");
+}
