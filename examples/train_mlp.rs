@@ -1,5 +1,5 @@
 //! Trains a small MLP (2 → 32 → 3, ReLU, softmax cross-entropy) on a synthetic three-class
-//! Gaussian-blobs task with [`MuloOptimizer`] on the CPU (reference interpreter backend),
+//! Gaussian-blobs task with [`MuloOptimizer`] on the CPU (the default native CPU backend),
 //! printing loss, accuracy and optimizer step time per epoch.
 //!
 //! ```sh

@@ -38,6 +38,7 @@ fn reference(lopt: &LearnedOptimizer, dims: &[usize], start: u64) -> InterpStepp
 fn backends() -> Vec<Arc<dyn BackendFactory>> {
     let mut all: Vec<Arc<dyn BackendFactory>> = vec![
         Arc::new(PerTensor(InterpFactory)),
+        Arc::new(PerTensor(mulo::optimizer::CpuFactory)),
         Arc::new(PerTensor(mulo::optimizer::OnnxFactory)),
     ];
     match std::panic::catch_unwind(|| mulo::optimizer::CudaFactory::new(0)) {
@@ -129,7 +130,7 @@ fn one_plan_per_distinct_shape() {
     let opt = MuloOptimizer::new(&lopt, specs(MODEL), OptimizerOptions::default()).unwrap();
     // 10 tensors, 6 distinct shapes: [24,8], [16,24], [16], [], [5,16], [5].
     assert_eq!(opt.compiled_plans(), 6);
-    assert_eq!(opt.target(), "interp");
+    assert_eq!(opt.target(), "cpu", "the native CPU backend is the default");
     let many: Vec<ParamSpec> = (0..40)
         .map(|i| ParamSpec::new(format!("t{i}"), &[3 + i % 4, 5]).unwrap())
         .collect();
@@ -160,7 +161,9 @@ fn whole_model_step_equals_per_tensor_reference_bitwise() {
         .iter()
         .map(|(_, d)| reference(&lopt, d, 0))
         .collect::<Vec<_>>();
-    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), OptimizerOptions::default()).unwrap();
+    // Bitwise against the interpreter: the optimizer on the interpreter backend.
+    let interp: Arc<dyn BackendFactory> = Arc::new(PerTensor(InterpFactory));
+    let mut opt = MuloOptimizer::new(&lopt, specs(MODEL), on(&interp)).unwrap();
     for (k, g) in grads.iter().enumerate() {
         let lr = 0.1 / (1.0 + k as f32); // a schedule
         let report = opt

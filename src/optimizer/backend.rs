@@ -111,6 +111,24 @@ impl StepperFactory for InterpFactory {
     }
 }
 
+/// The native CPU backend ([`CpuStepper`](crate::backend::cpu::CpuStepper): chunk programs
+/// rendered from the IR, FMA kernels, 2 threads) as a [`StepperFactory`]: the fast CPU path,
+/// and the default backend of the optimizer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuFactory;
+
+impl StepperFactory for CpuFactory {
+    fn target(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
+        Ok(Box::new(crate::backend::cpu::CpuStepper::new(
+            ir, start_step,
+        )))
+    }
+}
+
 /// The tract CPU runtime as a [`StepperFactory`]: the chunked runtime (statistics graph plus
 /// per-chunk graphs on 2 threads) where the tensor has at least 2 rows on axis 0, the whole
 /// exported graph ([`OnnxStepper`](crate::backend::onnx::OnnxStepper)) elsewhere.

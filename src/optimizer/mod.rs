@@ -43,7 +43,7 @@ pub mod mup;
 pub mod nonfinite;
 
 pub use backend::{
-    BackendFactory, CudaFactory, InterpFactory, ModelBackend, OnnxFactory, PerTensor,
+    BackendFactory, CpuFactory, CudaFactory, InterpFactory, ModelBackend, OnnxFactory, PerTensor,
     PerTensorBackend, PlanCache, StepperFactory, TensorStep,
 };
 pub use checkpoint::{CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY};
@@ -131,7 +131,7 @@ impl Default for OptimizerOptions {
             global_max_grad_norm: None,
             nonfinite: NonFinitePolicy::Skip,
             guard: true,
-            backend: Arc::new(PerTensor(InterpFactory)),
+            backend: Arc::new(PerTensor(CpuFactory)),
         }
     }
 }
