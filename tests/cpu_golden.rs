@@ -1,34 +1,19 @@
 //! The native CPU backend: golden replay, bitwise determinism across thread counts and
 //! instruction sets' reproducibility, error handling.
 
+mod common;
+
 use mulo::backend::cpu::{CpuProgram, CpuStepper, Isa};
 use mulo::backend::{Hyper, TensorStepper};
-use mulo::lopt::LearnedOptimizer;
 use mulo::shape::Shape;
 use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden");
-
-fn lopt() -> LearnedOptimizer {
-    LearnedOptimizer::from_dir(&Path::new(GOLDEN).join("weights")).expect("golden weights load")
-}
-
-fn cases() -> Vec<PathBuf> {
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(GOLDEN)
-        .expect("golden dir")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    cases.sort();
-    cases
-}
 
 #[test]
 fn cpu_replays_every_golden_case_within_tolerance() {
-    let lopt = lopt();
-    let cases = cases();
+    let lopt = common::fixture_lopt();
+    let cases = common::golden_cases();
     assert!(cases.len() >= 8, "golden cases missing: {cases:?}");
     for path in cases {
         let traj = Trajectory::load(&path).unwrap();
@@ -64,7 +49,7 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
 /// The same steps on 1, 2 and 3 threads, and twice on 2: bitwise the same parameter and state.
 #[test]
 fn results_do_not_depend_on_thread_count() {
-    let lopt = lopt();
+    let lopt = common::fixture_lopt();
     // 300x37: chunks straddle rows; 64x256: many slices; 1000: unfactored.
     for shape in ["300x37", "64x256", "1000", "5x7x3x11"] {
         let ir = Arc::new(mulo::compile_step(&Shape::parse(shape).unwrap(), &lopt).unwrap());
@@ -105,7 +90,7 @@ fn results_do_not_depend_on_thread_count() {
 
 #[test]
 fn bad_input_is_rejected_and_nothing_changes() {
-    let lopt = lopt();
+    let lopt = common::fixture_lopt();
     let ir = Arc::new(mulo::compile_step(&Shape::parse("48x48").unwrap(), &lopt).unwrap());
     let n = ir.layout.numel();
     let mut stepper = CpuStepper::new(ir.clone(), 0);

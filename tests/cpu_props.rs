@@ -2,19 +2,14 @@
 //! computes, on random shapes (rank 0 to 4, dimensions of 1, sizes that are not multiples of
 //! the chunk) and gradients, over several steps.
 
+mod common;
+
 use mulo::backend::cpu::CpuStepper;
 use mulo::backend::{interp, Hyper, TensorStepper};
-use mulo::lopt::LearnedOptimizer;
 use mulo::shape::Shape;
 use mulo::state::TensorState;
 use proptest::prelude::*;
-use std::path::Path;
 use std::sync::Arc;
-
-fn lopt() -> LearnedOptimizer {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/weights");
-    LearnedOptimizer::from_dir(&dir).expect("golden weights load")
-}
 
 fn shapes() -> impl Strategy<Value = Vec<usize>> {
     prop_oneof![
@@ -25,24 +20,6 @@ fn shapes() -> impl Strategy<Value = Vec<usize>> {
         (1usize..600).prop_map(|n| vec![n, 1]),
         proptest::collection::vec(1usize..9, 3..=4),
     ]
-}
-
-/// Values with magnitudes spread over three decades, and an outlier now and then.
-fn values(n: usize, seed: u64, step: usize) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(step as u64 + 1);
-    (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 11) as f64 / (1u64 << 53) as f64;
-            let scale = 10f64.powf(-3.0 + 3.0 * ((i * 7 + step) % 11) as f64 / 10.0);
-            let outlier = if (i + step) % 97 == 0 { 30.0 } else { 1.0 };
-            ((u * 2.0 - 1.0) * scale * outlier) as f32
-        })
-        .collect()
 }
 
 proptest! {
@@ -57,18 +34,18 @@ proptest! {
         start in prop_oneof![Just(0u64), Just(150u64)],
     ) {
         let shape = Shape::new(dims).unwrap();
-        let ir = Arc::new(mulo::compile_step(&shape, &lopt()).unwrap());
+        let ir = Arc::new(mulo::compile_step(&shape, &common::fixture_lopt()).unwrap());
         let n = shape.numel();
         let hyper = Hyper { lr: 0.1, weight_decay: wd };
         let mut stepper = CpuStepper::new(ir.clone(), start);
         let mut twin = CpuStepper::new(ir.clone(), start).with_threads(1);
-        let mut param = values(n, seed, 0);
+        let mut param = common::spread_values(n, seed, 0);
         let mut twin_param = param.clone();
         let p0 = param.clone();
         let mut p32 = param.clone();
         let mut s32 = TensorState::<f32>::zeros(&ir.layout, start);
         for k in 1..=steps {
-            let grad = values(n, seed ^ 0xABCD, k);
+            let grad = common::spread_values(n, seed ^ 0xABCD, k);
             stepper.step(&mut param, &grad, hyper).unwrap();
             twin.step(&mut twin_param, &grad, hyper).unwrap();
             let (p, s) = interp::execute(&ir, &p32, &grad, &s32, hyper).unwrap();

@@ -1,38 +1,23 @@
 //! The ONNX export run by tract: golden replay, graph invariants, error handling.
 
+mod common;
+
 use mulo::backend::onnx::{export, OnnxStepper, OPSET};
 use mulo::backend::{Hyper, TensorStepper};
-use mulo::lopt::LearnedOptimizer;
 use mulo::shape::Shape;
 use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
 use onnx_protobuf::{Message, ModelProto};
-use std::path::{Path, PathBuf};
 
-const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden");
-
-fn lopt() -> LearnedOptimizer {
-    LearnedOptimizer::from_dir(&Path::new(GOLDEN).join("weights")).expect("golden weights load")
-}
-
-fn cases() -> Vec<PathBuf> {
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(GOLDEN)
-        .expect("golden dir")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    cases.sort();
-    cases
-}
 
 fn model(shape: &str) -> ModelProto {
-    let ir = mulo::compile_step(&Shape::parse(shape).unwrap(), &lopt()).unwrap();
+    let ir = mulo::compile_step(&Shape::parse(shape).unwrap(), &common::fixture_lopt()).unwrap();
     ModelProto::parse_from_bytes(&export(&ir).unwrap()).expect("exported bytes parse")
 }
 
 #[test]
 fn tract_replays_every_golden_case_within_tolerance() {
-    let lopt = lopt();
-    let cases = cases();
+    let lopt = common::fixture_lopt();
+    let cases = common::golden_cases();
     assert!(cases.len() >= 8, "golden cases missing: {cases:?}");
     for path in cases {
         let traj = Trajectory::load(&path).unwrap();
@@ -127,7 +112,7 @@ fn standard_opset_and_domains_only() {
 
 #[test]
 fn bad_input_is_an_error_and_leaves_param_and_state_unchanged() {
-    let ir = mulo::compile_step(&Shape::parse("8x4").unwrap(), &lopt()).unwrap();
+    let ir = mulo::compile_step(&Shape::parse("8x4").unwrap(), &common::fixture_lopt()).unwrap();
     let mut stepper = OnnxStepper::new(&ir, 0).unwrap();
     let hyper = Hyper {
         lr: 0.1,
@@ -198,9 +183,9 @@ fn zero_d_parameter_keeps_its_shape() {
 #[test]
 fn chunked_runtime_replays_golden_cases_within_tolerance() {
     use mulo::backend::onnx::ChunkedOnnxStepper;
-    let lopt = lopt();
+    let lopt = common::fixture_lopt();
     let mut ran = 0;
-    for path in cases() {
+    for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
         let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
         if !ChunkedOnnxStepper::supports(&ir.layout) {

@@ -58,3 +58,22 @@ impl Rng {
             .collect()
     }
 }
+
+/// `n` values with magnitudes spread over three decades and an outlier now and then,
+/// different for every `(seed, step)`: parameters and gradients for property tests.
+pub fn spread_values(n: usize, seed: u64, step: usize) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(step as u64 + 1);
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 11) as f64 / (1u64 << 53) as f64;
+            let scale = 10f64.powf(-3.0 + 3.0 * ((i * 7 + step) % 11) as f64 / 10.0);
+            let outlier = if (i + step) % 97 == 0 { 30.0 } else { 1.0 };
+            ((u * 2.0 - 1.0) * scale * outlier) as f32
+        })
+        .collect()
+}
