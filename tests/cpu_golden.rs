@@ -9,7 +9,6 @@ use mulo::shape::Shape;
 use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
 use std::sync::Arc;
 
-
 #[test]
 fn cpu_replays_every_golden_case_within_tolerance() {
     let lopt = common::fixture_lopt();

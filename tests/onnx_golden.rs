@@ -8,7 +8,6 @@ use mulo::shape::Shape;
 use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
 use onnx_protobuf::{Message, ModelProto};
 
-
 fn model(shape: &str) -> ModelProto {
     let ir = mulo::compile_step(&Shape::parse(shape).unwrap(), &common::fixture_lopt()).unwrap();
     ModelProto::parse_from_bytes(&export(&ir).unwrap()).expect("exported bytes parse")
