@@ -6,7 +6,7 @@ mod common;
 use mulo::backend::cpu::{CpuProgram, CpuStepper, Isa};
 use mulo::backend::{Hyper, TensorStepper};
 use mulo::shape::Shape;
-use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
+use mulo::trajectory::{replay, Trajectory};
 use std::sync::Arc;
 
 #[test]
@@ -20,18 +20,7 @@ fn cpu_replays_every_golden_case_within_tolerance() {
         for isa in [Isa::detect(), Isa::Portable] {
             let mut stepper = CpuStepper::new(ir.clone(), 0).with_isa(isa);
             let report = replay(&mut stepper, &traj).unwrap();
-            assert!(
-                report.worst() <= DEFAULT_TOLERANCE,
-                "{} ({isa:?}): param error {:e}, state errors {:?}",
-                report.name,
-                report.param_error,
-                report.state_errors
-            );
-            assert!(
-                !report.state_errors.is_empty(),
-                "{}: no state checked",
-                report.name
-            );
+            common::assert_within_golden_tolerance(&report, &format!("cpu, {isa:?}"));
         }
     }
 }

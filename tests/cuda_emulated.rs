@@ -7,16 +7,17 @@
 //! kernel boundaries, warp-synchronous execution, NVRTC's math library, FMA contraction).
 //! Skipped, with the reason printed, when no C++20 compiler (`g++`) is available.
 
+mod common;
+
 use mulo::backend::cuda;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::{check_step_args, Hyper, TensorStepper};
 use mulo::error::Result;
 use mulo::ir::{Buffer, StepIr};
-use mulo::lopt::LearnedOptimizer;
 use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, replay, Trajectory, DEFAULT_TOLERANCE};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -62,15 +63,6 @@ fn gxx_or_skip(test: &str) -> bool {
         eprintln!("SKIPPED {test}: no g++ to compile the emulated kernels");
     }
     ok
-}
-
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
-}
-
-fn lopt() -> LearnedOptimizer {
-    LearnedOptimizer::load(golden().join("weights").to_str().expect("utf-8 path"))
-        .expect("fixture weights load")
 }
 
 /// Runs steps by executing the generated kernels compiled for the CPU.
@@ -224,15 +216,9 @@ fn emulated_kernels_replay_the_golden_trajectories() {
     if !gxx_or_skip("emulated_kernels_replay_the_golden_trajectories") {
         return;
     }
-    let lopt = lopt();
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(golden())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    cases.sort();
+    let lopt = common::fixture_lopt();
     let mut failures = Vec::new();
-    for path in cases {
+    for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
         let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
         let mut s = EmulatedStepper::new(&ir, &traj.name);
@@ -255,7 +241,7 @@ fn emulated_kernels_match_the_interpreter_on_odd_shapes() {
     if !gxx_or_skip("emulated_kernels_match_the_interpreter_on_odd_shapes") {
         return;
     }
-    let lopt = lopt();
+    let lopt = common::fixture_lopt();
     for (i, shape) in ["5x7x3", "3x1x40", "70x33", "2x3x4x5"].iter().enumerate() {
         let shape = Shape::parse(shape).unwrap();
         let ir = Arc::new(mulo::compile_step(&shape, &lopt).unwrap());
@@ -380,7 +366,7 @@ fn emulated_1024x512_matches_the_interpreter() {
         return;
     }
     let shape = Shape::parse("1024x512").unwrap();
-    let ir = Arc::new(mulo::compile_step(&shape, &lopt()).unwrap());
+    let ir = Arc::new(mulo::compile_step(&shape, &common::fixture_lopt()).unwrap());
     let mut emu = EmulatedStepper::new(&ir, "big");
     let mut cpu = InterpStepper::new(ir.clone(), 0);
     let n = shape.numel();

@@ -4,6 +4,8 @@
 //! Every test prints why it is skipped and passes when no CUDA device can be opened (or
 //! libnvrtc is missing).
 
+mod common;
+
 use mulo::backend::cuda::nvrtc;
 use mulo::backend::cuda::runtime::{CudaRuntime, CudaStepper};
 use mulo::backend::interp::InterpStepper;
@@ -12,7 +14,6 @@ use mulo::lopt::LearnedOptimizer;
 use mulo::shape::{Layout, Shape};
 use mulo::trajectory::{max_abs_diff, replay, Trajectory, DEFAULT_TOLERANCE};
 use proptest::prelude::*;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 fn runtime(test: &str) -> Option<&'static CudaRuntime> {
@@ -32,15 +33,6 @@ fn runtime(test: &str) -> Option<&'static CudaRuntime> {
     }
 }
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
-}
-
-fn lopt() -> LearnedOptimizer {
-    LearnedOptimizer::load(golden().join("weights").to_str().expect("utf-8 path"))
-        .expect("fixture weights load")
-}
-
 fn stepper(rt: &CudaRuntime, shape: &Shape, lopt: &LearnedOptimizer) -> CudaStepper {
     let ir = mulo::compile_step(shape, lopt).unwrap();
     CudaStepper::new(rt.program(&ir).unwrap(), 0).unwrap()
@@ -51,15 +43,8 @@ fn golden_replay_within_tolerance() {
     let Some(rt) = runtime("golden_replay_within_tolerance") else {
         return;
     };
-    let lopt = lopt();
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(golden())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    cases.sort();
-    assert!(cases.len() >= 8);
-    for path in cases {
+    let lopt = common::fixture_lopt();
+    for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
         let mut s = stepper(rt, &traj.shape, &lopt);
         let report = replay(&mut s, &traj).unwrap();
@@ -67,12 +52,7 @@ fn golden_replay_within_tolerance() {
             "{}: param {:.3e}, state {:?}",
             report.name, report.param_error, report.state_errors
         );
-        assert!(
-            report.worst() <= DEFAULT_TOLERANCE,
-            "{}: {:?}",
-            report.name,
-            report
-        );
+        common::assert_within_golden_tolerance(&report, "cuda");
     }
 }
 
@@ -98,7 +78,7 @@ proptest! {
     ) {
         let Some(rt) = runtime("random_shapes_match_the_interpreter") else { return Ok(()); };
         let shape = Shape::new(dims).unwrap();
-        let lopt = lopt();
+        let lopt = common::fixture_lopt();
         let ir = Arc::new(mulo::compile_step(&shape, &lopt).unwrap());
         let mut gpu = CudaStepper::new(rt.program(&ir).unwrap(), 0).unwrap();
         let mut cpu = InterpStepper::new(ir.clone(), 0);
@@ -129,7 +109,7 @@ fn steps_are_bitwise_deterministic() {
     let Some(rt) = runtime("steps_are_bitwise_deterministic") else {
         return;
     };
-    let lopt = lopt();
+    let lopt = common::fixture_lopt();
     for shape in ["1024x512", "777", "16x8x3x3"] {
         let shape = Shape::parse(shape).unwrap();
         let n = shape.numel();
@@ -167,7 +147,7 @@ fn bad_launches_are_rejected_before_launch() {
     let Some(rt) = runtime("bad_launches_are_rejected_before_launch") else {
         return;
     };
-    let lopt = lopt();
+    let lopt = common::fixture_lopt();
     let shape = Shape::parse("64x32").unwrap();
     let layout = Layout::new(shape.clone());
     let mut s = stepper(rt, &shape, &lopt);

@@ -23,18 +23,7 @@ fn tract_replays_every_golden_case_within_tolerance() {
         let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
         let mut stepper = OnnxStepper::new(&ir, 0).unwrap();
         let report = replay(&mut stepper, &traj).unwrap();
-        assert!(
-            report.worst() <= DEFAULT_TOLERANCE,
-            "{}: param error {:e}, state errors {:?}",
-            report.name,
-            report.param_error,
-            report.state_errors
-        );
-        assert!(
-            !report.state_errors.is_empty(),
-            "{}: no state checked",
-            report.name
-        );
+        common::assert_within_golden_tolerance(&report, "tract");
     }
 }
 

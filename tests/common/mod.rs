@@ -77,3 +77,20 @@ pub fn spread_values(n: usize, seed: u64, step: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Asserts a golden replay is within the tolerance of golden/README.md (parameters and final
+/// state) and that the final state was checked at all; `context` names the backend or variant.
+pub fn assert_within_golden_tolerance(report: &mulo::trajectory::ReplayReport, context: &str) {
+    assert!(
+        report.worst() <= mulo::trajectory::DEFAULT_TOLERANCE,
+        "{} ({context}): param error {:e}, state errors {:?}",
+        report.name,
+        report.param_error,
+        report.state_errors
+    );
+    assert!(
+        !report.state_errors.is_empty(),
+        "{} ({context}): no state checked",
+        report.name
+    );
+}

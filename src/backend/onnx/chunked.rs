@@ -18,6 +18,7 @@
 //! IR nodes, as for the whole graph.
 
 use super::render::{render_graph, value_name, GraphSpec};
+use super::runtime::f32_slice;
 use super::runtime::optimized_model;
 use crate::backend::{check_step_args, Hyper, TensorStepper};
 use crate::error::{Error, Result};
@@ -331,8 +332,6 @@ fn chunk_plan(bytes: &[u8]) -> Result<Arc<TypedRunnableModel>> {
         .into_runnable()
         .map_err(|e| backend_err("planning the chunk graph", e))
 }
-
-use super::runtime::f32_slice;
 
 impl TensorStepper for ChunkedOnnxStepper {
     fn target(&self) -> &'static str {
