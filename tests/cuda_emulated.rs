@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::emulation::{gxx_or_skip, EMULATION, LAUNCH};
 use mulo::backend::cuda;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::{check_step_args, Hyper, TensorStepper};
@@ -20,50 +21,6 @@ use mulo::trajectory::{max_abs_diff, replay, Trajectory, DEFAULT_TOLERANCE};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
-
-const EMULATION: &str = r#"
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <barrier>
-#include <thread>
-#include <vector>
-struct mulo_dim3 { unsigned x, y, z; };
-static thread_local mulo_dim3 threadIdx, blockIdx;
-static std::barrier<>* mulo_bar;
-static double mulo_shfl[256];
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(n)
-#define __restrict__ __restrict
-#define __shared__ static
-static inline void __syncthreads() { mulo_bar->arrive_and_wait(); }
-static inline double __shfl_xor_sync(unsigned, double v, int o, int) {
-    mulo_bar->arrive_and_wait();
-    mulo_shfl[threadIdx.x] = v;
-    mulo_bar->arrive_and_wait();
-    return mulo_shfl[threadIdx.x ^ o];
-}
-static inline float __int_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
-"#;
-
-fn gxx_or_skip(test: &str) -> bool {
-    let ok = Command::new("g++")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        // CI machines have g++ (the Rust toolchain's linker needs a C compiler anyway).
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: no g++ under CI"
-        );
-        eprintln!("SKIPPED {test}: no g++ to compile the emulated kernels");
-    }
-    ok
-}
 
 /// Runs steps by executing the generated kernels compiled for the CPU.
 struct EmulatedStepper {
@@ -84,7 +41,7 @@ impl EmulatedStepper {
         let buffers = Buffer::for_layout(&layout);
         let mut main = String::from(EMULATION);
         main.push_str("#include \"mulo_step.cu\"\n");
-        main.push_str("static void mulo_launch(unsigned grid, void (*k)(void*), void* a) {\n    for (unsigned b = 0; b < grid; ++b) {\n        std::barrier<> bar(256); mulo_bar = &bar;\n        std::vector<std::thread> ts;\n        for (unsigned t = 0; t < 256; ++t) ts.emplace_back([=] { blockIdx = {b, 0, 0}; threadIdx = {t, 0, 0}; k(a); });\n        for (auto& t : ts) t.join();\n    }\n}\n");
+        main.push_str(LAUNCH);
         main.push_str(
             "struct Args { float* b[8]; float* scratch; double* partials; float lr, wd, step; };\n",
         );

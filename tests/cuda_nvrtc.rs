@@ -178,3 +178,48 @@ fn writes_the_three_files_and_rejects_bad_arch() {
     let err = cuda::compile(&ir, "ampere", false).unwrap_err().to_string();
     assert!(err.contains("ampere"), "{err}");
 }
+
+/// The packed program of a model holding every shape class at once compiles, and its entry
+/// points are the model's launches with the argument list of `templates/model_kernel.cu.j2`.
+#[test]
+fn packed_model_program_compiles_for_every_shape_class() {
+    if !nvrtc_or_skip("packed_model_program_compiles_for_every_shape_class") {
+        return;
+    }
+    use mulo::backend::cuda::packed::PackedModel;
+    // Every shape class, some twice (tensors of one shape share a plan).
+    let shapes: Vec<Shape> = ["64x32", "37", "16x8x3x3", "scalar", "1x300", "64x32", "37"]
+        .iter()
+        .map(|s| Shape::parse(s).unwrap())
+        .collect();
+    let model = PackedModel::new(&lopt(), &shapes).unwrap();
+    assert_eq!(model.plans.len(), 5);
+    let source = model.source().unwrap();
+    let t = std::time::Instant::now();
+    let compiled = nvrtc::compile(&source, "sm_80", true).unwrap();
+    eprintln!(
+        "packed model of {} tensors / {} plans: NVRTC {:.1} s ({})",
+        model.tensors.len(),
+        model.plans.len(),
+        t.elapsed().as_secs_f64(),
+        if compiled.from_cache {
+            "disk cache"
+        } else {
+            "compiled"
+        }
+    );
+    let entries = nvrtc::ptx_entries(&compiled.ptx);
+    let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+    let slots: Vec<&str> = model.slots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names.len(), slots.len(), "{names:?}");
+    for (name, types) in &entries {
+        assert!(slots.contains(&name.as_str()), "{name} is not a slot");
+        // table, starts, tensor count, 7 arenas, scratch, partials.
+        assert_eq!(types.len(), 12, "{name}: {types:?}");
+        assert_eq!(
+            types.iter().filter(|t| t.contains("u64")).count(),
+            11,
+            "{name}: {types:?}"
+        );
+    }
+}

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod emulation;
+
 use mulo::lopt::LearnedOptimizer;
 use std::path::PathBuf;
 

@@ -6,6 +6,8 @@
 
 pub mod manifest;
 pub mod nvrtc;
+pub mod packed;
+pub mod packed_runtime;
 pub mod render;
 pub mod runtime;
 pub mod schedule;

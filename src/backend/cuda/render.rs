@@ -19,6 +19,9 @@ use std::fmt::Write;
 const PRELUDE: &str = include_str!("../../../templates/prelude.cu.j2");
 const ELEM_KERNEL: &str = include_str!("../../../templates/elem_kernel.cu.j2");
 const SMALL_KERNEL: &str = include_str!("../../../templates/small_kernel.cu.j2");
+const HELPERS: &str = include_str!("../../../templates/helpers.cu.j2");
+const MODEL_PRELUDE: &str = include_str!("../../../templates/model_prelude.cu.j2");
+const MODEL_KERNEL: &str = include_str!("../../../templates/model_kernel.cu.j2");
 
 /// An exact C literal for an f32: 9 significant digits round-trip every finite f32.
 pub fn f32_literal(x: f32) -> String {
@@ -261,39 +264,105 @@ fn buffer_index(layout: &Layout, buffer: Buffer, lane: u32, point: &str) -> Stri
     }
 }
 
+/// How a kernel of a step is emitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form<'a> {
+    /// An `extern "C" __global__` entry point of a single-tensor program: its block index is
+    /// `blockIdx.x` and it declares its own shared memory.
+    Global,
+    /// A `static __device__` function of a packed model program, named `{prefix}{kernel}`:
+    /// the packed entry point passes the block index within the tensor (`mulo_blk`) and its
+    /// shared memory (`mulo_smem`), so that any number of plans share one allocation.
+    Device {
+        /// Prepended to the kernel name (one prefix per plan).
+        prefix: &'a str,
+    },
+}
+
+fn template_env() -> Result<Environment<'static>> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_template("helpers", HELPERS)
+        .map_err(template_error)?;
+    env.add_template("prelude", PRELUDE)
+        .map_err(template_error)?;
+    env.add_template("elem", ELEM_KERNEL)
+        .map_err(template_error)?;
+    env.add_template("small", SMALL_KERNEL)
+        .map_err(template_error)?;
+    env.add_template("model_prelude", MODEL_PRELUDE)
+        .map_err(template_error)?;
+    env.add_template("model_kernel", MODEL_KERNEL)
+        .map_err(template_error)?;
+    Ok(env)
+}
+
+fn template_error(e: minijinja::Error) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: format!("template: {e:#}"),
+    }
+}
+
+/// Renders template `name` of the CUDA templates with `ctx`.
+pub(super) fn render_template(name: &str, ctx: minijinja::Value) -> Result<String> {
+    let env = template_env()?;
+    env.get_template(name)
+        .map_err(template_error)?
+        .render(ctx)
+        .map_err(template_error)
+}
+
 /// Renders the whole `.cu` source of a schedule.
 pub fn render(ir: &StepIr, s: &Schedule) -> Result<String> {
     let layout = &ir.layout;
-    let mut env = Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    let tmpl_err = |e: minijinja::Error| Error::Backend {
-        backend: "cuda",
-        message: format!("template: {e:#}"),
-    };
-    env.add_template("prelude", PRELUDE).map_err(tmpl_err)?;
-    env.add_template("elem", ELEM_KERNEL).map_err(tmpl_err)?;
-    env.add_template("small", SMALL_KERNEL).map_err(tmpl_err)?;
-    let params_text = params(layout)
-        .iter()
-        .map(|p| format!("{} {}", p.c_type, p.name))
-        .collect::<Vec<_>>()
-        .join(", ");
     let summaries: Vec<String> = s
         .kernels
         .iter()
         .map(|k| format!("{}: {}", k.name, summary(ir, k)))
         .collect();
-    let mut src = env
-        .get_template("prelude")
-        .map_err(tmpl_err)?
-        .render(context! {
+    let mut src = render_template(
+        "prelude",
+        context! {
             shape => layout.shape().to_string(),
             version => env!("CARGO_PKG_VERSION"),
             fingerprint => ir.lopt_fingerprint.clone(),
             kernels => summaries,
             threads => BLOCK_THREADS,
-        })
-        .map_err(tmpl_err)?;
+        },
+    )?;
+    src.push_str(&render_kernels(ir, s, Form::Global)?);
+    src.push('\n');
+    Ok(src)
+}
+
+/// The C parameter list of every kernel of `layout` (without the packed-form prefix).
+fn params_text(layout: &Layout) -> String {
+    params(layout)
+        .iter()
+        .map(|p| format!("{} {}", p.c_type, p.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Renders every kernel of `s` in `form`, in launch order (no prelude).
+pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<String> {
+    let layout = &ir.layout;
+    let env = template_env()?;
+    let params_text = params_text(layout);
+    let device = matches!(form, Form::Device { .. });
+    let signature = |name: &str| {
+        match form {
+        Form::Global => format!(
+            "extern \"C\" __global__ void __launch_bounds__({BLOCK_THREADS}) {name}({params_text})"
+        ),
+        Form::Device { prefix } => format!(
+            "static __device__ void {prefix}{name}(const idx_t mulo_blk, double* __restrict__ mulo_smem, {params_text})"
+        ),
+    }
+    };
+    let block_index = if device { "mulo_blk" } else { "blockIdx.x" };
+    let mut src = String::new();
     let mut pass = 0;
     for k in &s.kernels {
         let text = match &k.kind {
@@ -302,13 +371,15 @@ pub fn render(ir: &StepIr, s: &Schedule) -> Result<String> {
                 let holes = elem_holes(ir, s, means, *stores)?;
                 let t = &s.tiling;
                 env.get_template("elem")
-                    .map_err(tmpl_err)?
+                    .map_err(template_error)?
                     .render(context! {
                         name => k.name.clone(),
+                        signature => signature(&k.name),
+                        device => device,
+                        block_index => block_index,
                         pass => pass,
                         summary => summary(ir, k),
                         numel => layout.numel(),
-                        params => params_text.clone(),
                         threads => BLOCK_THREADS,
                         reduces => !means.is_empty(),
                         blocks => t.blocks(),
@@ -331,25 +402,25 @@ pub fn render(ir: &StepIr, s: &Schedule) -> Result<String> {
                         per_row => holes.per_row,
                         epilogue => holes.epilogue,
                     })
-                    .map_err(tmpl_err)?
+                    .map_err(template_error)?
             }
             KernelKind::Small { nodes, stores } => {
                 let body = small_body(ir, s, nodes, stores)?;
                 env.get_template("small")
-                    .map_err(tmpl_err)?
+                    .map_err(template_error)?
                     .render(context! {
                         name => k.name.clone(),
+                        signature => signature(&k.name),
+                        device => device,
                         summary => summary(ir, k),
-                        params => params_text.clone(),
                         threads => BLOCK_THREADS,
                         body => body,
                     })
-                    .map_err(tmpl_err)?
+                    .map_err(template_error)?
             }
         };
         src.push_str(&text);
     }
-    src.push('\n');
     Ok(src)
 }
 

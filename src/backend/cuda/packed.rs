@@ -1,0 +1,519 @@
+//! A whole model's step as one CUDA program: every tensor's buffers packed into shared
+//! arenas, and each pass of SPEC.md §5 one launch over all tensors, whatever their number.
+//!
+//! Nothing here re-derives the math or the schedule: each distinct shape is compiled to its
+//! [`StepIr`] and [`Schedule`] exactly as for a single tensor, and its kernels are rendered
+//! unchanged as device functions ([`Form::Device`]). What this module adds is the packing:
+//!
+//! - **Plans**: one per distinct shape, in order of first appearance.
+//! - **Slots**: the launches of a model step. Plans have different numbers of passes
+//!   (factored tensors 3 element passes, unfactored 2), so each plan's kernels are aligned on
+//!   the last one (every plan's update pass is the last launch); slot `k` holds, per plan, the
+//!   kernel of that plan at the slot's level and kind, if any.
+//! - **Arenas**: one per buffer kind (`param`, `grad`, `mom`, `rms`, `fac_row`, `fac_col`,
+//!   `fac_v`) plus the two scratch arenas; every tensor has its own slice of each arena its
+//!   plan uses.
+//! - **The table** ([`TABLE_ENTRY_BYTES`] per tensor: the `MuloTensor` of
+//!   `templates/model_prelude.cu.j2`) and the **block starts** (per slot, the first block of
+//!   every tensor): the only things the host writes per step besides parameters and gradients.
+//!
+//! The table and starts are computed here, without a GPU, so that the CUDA runtime and the
+//! CPU emulation of the generated source in the tests share them.
+
+use super::render::{render_kernels, render_template, summary, Form};
+use super::schedule::{KernelKind, Schedule, BLOCK_THREADS};
+use crate::backend::Hyper;
+use crate::error::{Error, Result};
+use crate::ir::{Buffer, StepIr};
+use crate::lopt::LearnedOptimizer;
+use crate::shape::Shape;
+use minijinja::context;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Bytes of one `MuloTensor` entry of the table: 8 × i64 offsets, 3 × f32, 1 × i32.
+pub const TABLE_ENTRY_BYTES: usize = 80;
+
+/// The arenas of a packed model, in kernel argument order (after the table, the starts and
+/// the tensor count). `grad` shares `param`'s offsets.
+pub const ARENAS: [Buffer; 7] = Buffer::ALL;
+
+/// One compiled shape of the model.
+#[derive(Clone, Debug)]
+pub struct ModelPlan {
+    /// The step program of the shape.
+    pub ir: Arc<StepIr>,
+    /// Its kernels.
+    pub schedule: Schedule,
+    /// Levels its kernels are moved by to end on the model's last level.
+    pub shift: u32,
+}
+
+impl ModelPlan {
+    /// Blocks the plan's kernel `k` runs on.
+    pub fn blocks(&self, k: usize) -> usize {
+        match self.schedule.kernels[k].kind {
+            KernelKind::Elem { .. } => self.schedule.tiling.blocks(),
+            KernelKind::Small { .. } => 1,
+        }
+    }
+}
+
+/// Where one tensor lives in the arenas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedTensor {
+    /// Its plan.
+    pub plan: usize,
+    /// Number of elements.
+    pub numel: usize,
+    /// Offset of its slice in each arena its plan uses (`param` also indexes `grad`).
+    pub offsets: BTreeMap<Buffer, usize>,
+    /// Offset of its f32 scratch.
+    pub scratch: usize,
+    /// Offset of its f64 partial sums.
+    pub partials: usize,
+}
+
+/// One launch of a model step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Entry name in the PTX.
+    pub name: String,
+    /// `small` (one block per tensor) or `elem` (a pass over every tensor's elements).
+    pub kind: &'static str,
+    /// For every plan, the index of its kernel run by this launch, if any.
+    pub kernels: Vec<Option<usize>>,
+}
+
+/// A model's packed step: plans, tensors, launches and arena sizes.
+#[derive(Clone, Debug)]
+pub struct PackedModel {
+    /// Distinct shapes, in order of first appearance.
+    pub plans: Vec<ModelPlan>,
+    /// The tensors, in the order given.
+    pub tensors: Vec<PackedTensor>,
+    /// The launches of a step, in order.
+    pub slots: Vec<Slot>,
+    /// Length of every arena (f32 values; `grad` as `param`).
+    pub arena_len: BTreeMap<Buffer, usize>,
+    /// f32 values of the scratch arena.
+    pub scratch_len: usize,
+    /// f64 values of the partials arena.
+    pub partials_len: usize,
+    /// Fingerprint of the learned optimizer.
+    pub lopt_fingerprint: String,
+}
+
+impl PackedModel {
+    /// Compiles `lopt` once per distinct shape of `shapes` and packs the tensors.
+    pub fn new(lopt: &LearnedOptimizer, shapes: &[Shape]) -> Result<Self> {
+        let mut cache = crate::optimizer::backend::PlanCache::new();
+        let irs = shapes
+            .iter()
+            .map(|s| cache.get(lopt, s))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_plans(&irs, &lopt.fingerprint())
+    }
+
+    /// Packs tensors stepped by `irs` (one per tensor; tensors of one shape share a plan).
+    pub fn from_plans(irs: &[Arc<StepIr>], lopt_fingerprint: &str) -> Result<Self> {
+        let mut plans: Vec<ModelPlan> = Vec::new();
+        let mut plan_of_dims: BTreeMap<Vec<usize>, usize> = BTreeMap::new();
+        let mut tensor_plan = Vec::with_capacity(irs.len());
+        for ir in irs {
+            if ir.lopt_fingerprint != lopt_fingerprint {
+                return Err(Error::argument(
+                    "plans",
+                    "every tensor's program must come from the same learned optimizer",
+                ));
+            }
+            let key = ir.layout.dims().to_vec();
+            let p = *plan_of_dims.entry(key).or_insert_with(|| {
+                plans.push(ModelPlan {
+                    ir: ir.clone(),
+                    schedule: super::schedule::schedule(ir),
+                    shift: 0,
+                });
+                plans.len() - 1
+            });
+            tensor_plan.push(p);
+        }
+        let top = plans
+            .iter()
+            .filter_map(|p| p.schedule.kernels.last().map(|k| k.level))
+            .max()
+            .unwrap_or(0);
+        for p in &mut plans {
+            p.shift = top - p.schedule.kernels.last().map_or(top, |k| k.level);
+        }
+        let slots = Self::slots(&plans, top);
+
+        let mut arena_len: BTreeMap<Buffer, usize> = ARENAS.iter().map(|&b| (b, 0)).collect();
+        let (mut scratch_len, mut partials_len) = (0usize, 0usize);
+        let tensors = tensor_plan
+            .iter()
+            .map(|&p| {
+                let plan = &plans[p];
+                let layout = &plan.ir.layout;
+                let mut offsets = BTreeMap::new();
+                for b in Buffer::for_layout(layout) {
+                    if b == Buffer::Grad {
+                        continue;
+                    }
+                    let len = arena_len.get_mut(&b).expect("every buffer has an arena");
+                    offsets.insert(b, *len);
+                    *len += b.len(layout);
+                }
+                let t = PackedTensor {
+                    plan: p,
+                    numel: layout.numel(),
+                    offsets,
+                    scratch: scratch_len,
+                    partials: partials_len,
+                };
+                scratch_len += plan.schedule.scratch_len;
+                partials_len += plan.schedule.partials_len;
+                t
+            })
+            .collect();
+        arena_len.insert(Buffer::Grad, arena_len[&Buffer::Param]);
+        Ok(PackedModel {
+            plans,
+            tensors,
+            slots,
+            arena_len,
+            scratch_len,
+            partials_len,
+            lopt_fingerprint: lopt_fingerprint.to_string(),
+        })
+    }
+
+    fn slots(plans: &[ModelPlan], top: u32) -> Vec<Slot> {
+        let mut slots = Vec::new();
+        for level in 0..=top {
+            for kind in ["small", "elem"] {
+                let kernels: Vec<Option<usize>> = plans
+                    .iter()
+                    .map(|p| {
+                        p.schedule.kernels.iter().position(|k| {
+                            k.level + p.shift == level
+                                && matches!(
+                                    (&k.kind, kind),
+                                    (KernelKind::Small { .. }, "small")
+                                        | (KernelKind::Elem { .. }, "elem")
+                                )
+                        })
+                    })
+                    .collect();
+                if kernels.iter().any(Option::is_some) {
+                    slots.push(Slot {
+                        name: format!("mulo_model_{}_{kind}_{level}", slots.len()),
+                        kind,
+                        kernels,
+                    });
+                }
+            }
+        }
+        slots
+    }
+
+    /// The offset of tensor `index` in the `param` and `grad` arenas.
+    pub fn param_offset(&self, index: usize) -> usize {
+        self.tensors[index].offsets[&Buffer::Param]
+    }
+
+    /// Blocks tensor `index` runs on in slot `slot`.
+    pub fn blocks(&self, index: usize, slot: usize) -> usize {
+        let t = &self.tensors[index];
+        self.slots[slot].kernels[t.plan].map_or(0, |k| self.plans[t.plan].blocks(k))
+    }
+
+    /// The block starts of a step in which the tensors with `active[t]` are stepped: for
+    /// every slot, `n + 1` values (the first block of each tensor, then the grid size).
+    pub fn block_starts(&self, active: &[bool]) -> Vec<i64> {
+        let n = self.tensors.len();
+        let mut starts = Vec::with_capacity(self.slots.len() * (n + 1));
+        for slot in 0..self.slots.len() {
+            let mut next = 0i64;
+            for (t, &on) in active.iter().enumerate().take(n) {
+                starts.push(next);
+                if on {
+                    next += self.blocks(t, slot) as i64;
+                }
+            }
+            starts.push(next);
+        }
+        starts
+    }
+
+    /// The grid (blocks) of every slot, from [`block_starts`](Self::block_starts).
+    pub fn grids(&self, starts: &[i64]) -> Vec<u32> {
+        let n = self.tensors.len();
+        (0..self.slots.len())
+            .map(|s| starts[s * (n + 1) + n] as u32)
+            .collect()
+    }
+
+    /// The table of a step: for every tensor its offsets, and the hyper-parameters and step
+    /// counter of `steps[t]` (`None`: not stepped; its entry is written but never read).
+    pub fn table(&self, steps: &[Option<(Hyper, u64)>]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.tensors.len() * TABLE_ENTRY_BYTES);
+        for (t, step) in self.tensors.iter().zip(steps) {
+            let off = |b: Buffer| t.offsets.get(&b).copied().unwrap_or(0) as i64;
+            for v in [
+                off(Buffer::Param),
+                off(Buffer::Mom),
+                off(Buffer::Rms),
+                off(Buffer::FacRow),
+                off(Buffer::FacCol),
+                off(Buffer::FacV),
+                t.scratch as i64,
+                t.partials as i64,
+            ] {
+                out.extend(v.to_le_bytes());
+            }
+            let (hyper, count) = step.unwrap_or((
+                Hyper {
+                    lr: 0.0,
+                    weight_decay: 0.0,
+                },
+                0,
+            ));
+            for v in [hyper.lr, hyper.weight_decay, count as f32] {
+                out.extend(v.to_le_bytes());
+            }
+            out.extend((t.plan as i32).to_le_bytes());
+        }
+        out
+    }
+
+    /// The `.cu` source of the model's step.
+    pub fn source(&self) -> Result<String> {
+        let mut src = render_template(
+            "model_prelude",
+            context! {
+                n_tensors => self.tensors.len(),
+                n_plans => self.plans.len(),
+                version => env!("CARGO_PKG_VERSION"),
+                fingerprint => self.lopt_fingerprint.clone(),
+                slots => self.slots.iter().map(|s| format!("{}: {}", s.name, self.slot_summary(s))).collect::<Vec<_>>(),
+                plans => self.plans.iter().enumerate().map(|(i, p)| format!("p{i}: shape {}, {} kernels, {} element passes", p.ir.layout.shape(), p.schedule.kernels.len(), p.schedule.elem_passes)).collect::<Vec<_>>(),
+                threads => BLOCK_THREADS,
+                table_bytes => TABLE_ENTRY_BYTES,
+            },
+        )?;
+        for (i, p) in self.plans.iter().enumerate() {
+            src.push_str(&format!(
+                "\n// ---- plan p{i}: shape {} ----\n",
+                p.ir.layout.shape()
+            ));
+            src.push_str(&render_kernels(
+                &p.ir,
+                &p.schedule,
+                Form::Device {
+                    prefix: &format!("p{i}_"),
+                },
+            )?);
+        }
+        for (s, slot) in self.slots.iter().enumerate() {
+            let cases: Vec<minijinja::Value> = slot
+                .kernels
+                .iter()
+                .enumerate()
+                .filter_map(|(p, k)| k.map(|k| (p, k)))
+                .map(|(p, k)| {
+                    context! { plan => p, call => self.call(p, k) }
+                })
+                .collect();
+            src.push_str(&render_template(
+                "model_kernel",
+                context! {
+                    name => slot.name.clone(),
+                    summary => self.slot_summary(slot),
+                    threads => BLOCK_THREADS,
+                    slot => s,
+                    cases => cases,
+                },
+            )?);
+        }
+        src.push('\n');
+        Ok(src)
+    }
+
+    /// The call of plan `p`'s kernel `k` on tensor entry `t`, with its arena slices.
+    fn call(&self, p: usize, k: usize) -> String {
+        let plan = &self.plans[p];
+        let mut args = vec!["blk".to_string(), "mulo_smem".to_string()];
+        for param in super::render::params(&plan.ir.layout) {
+            args.push(match param.name.as_str() {
+                "grad" => "grad + t.param".to_string(),
+                "lr" => "t.lr".to_string(),
+                "weight_decay" => "t.weight_decay".to_string(),
+                "step" => "t.step".to_string(),
+                name => format!("{name} + t.{name}"),
+            });
+        }
+        format!(
+            "p{p}_{}({})",
+            plan.schedule.kernels[k].name,
+            args.join(", ")
+        )
+    }
+
+    fn slot_summary(&self, slot: &Slot) -> String {
+        let parts: Vec<String> = slot
+            .kernels
+            .iter()
+            .enumerate()
+            .filter_map(|(p, k)| {
+                k.map(|k| {
+                    let kernel = &self.plans[p].schedule.kernels[k];
+                    format!("p{p}: {}", kernel.name)
+                })
+            })
+            .collect();
+        let what = if slot.kind == "small" {
+            "one block per tensor"
+        } else {
+            "a pass over the elements"
+        };
+        format!("{what}; {}", parts.join(", "))
+    }
+
+    /// One line per plan kernel describing what it does (for the manifest).
+    pub fn kernel_summaries(&self) -> Vec<String> {
+        self.plans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                p.schedule
+                    .kernels
+                    .iter()
+                    .map(move |k| format!("p{i}_{}: {}", k.name, summary(&p.ir, k)))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(shapes: &[&str]) -> PackedModel {
+        let shapes: Vec<Shape> = shapes.iter().map(|s| Shape::parse(s).unwrap()).collect();
+        PackedModel::new(&LearnedOptimizer::demo(), &shapes).unwrap()
+    }
+
+    #[test]
+    fn launches_do_not_grow_with_the_number_of_tensors() {
+        let small = model(&["64x32", "32"]);
+        let shapes: Vec<String> = (0..150)
+            .map(|i| match i % 12 {
+                j @ 0..4 => format!("{}x32", 8 + j),
+                j @ 4..8 => format!("{}", 8 + j),
+                j => format!("16x{j}x3x3"),
+            })
+            .collect();
+        let big = model(&shapes.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(big.tensors.len(), 150);
+        assert_eq!(big.plans.len(), 12);
+        let names = |m: &PackedModel| m.slots.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&small), names(&big));
+        assert_eq!(
+            names(&small),
+            [
+                "mulo_model_0_elem_0",
+                "mulo_model_1_small_1",
+                "mulo_model_2_elem_1",
+                "mulo_model_3_small_2",
+                "mulo_model_4_elem_2"
+            ]
+        );
+    }
+
+    #[test]
+    fn plans_align_on_the_update_pass() {
+        let m = model(&["64x32", "37"]);
+        // The vector's two passes are the factored matrix's last two.
+        let of = |p: usize| {
+            m.slots
+                .iter()
+                .map(|s| s.kernels[p].map(|k| m.plans[p].schedule.kernels[k].name.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            of(1),
+            [
+                None,
+                None,
+                Some("mulo_elem_0_reduce".to_string()),
+                Some("mulo_small_1".to_string()),
+                Some("mulo_elem_1_update".to_string())
+            ]
+        );
+        assert!(of(0).iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn arenas_and_starts_cover_every_tensor_once() {
+        let m = model(&["8x4", "5", "8x4", "scalar"]);
+        assert_eq!(m.plans.len(), 3);
+        assert_eq!(m.arena_len[&Buffer::Param], 32 + 5 + 32 + 1);
+        assert_eq!(m.arena_len[&Buffer::Grad], m.arena_len[&Buffer::Param]);
+        assert_eq!(m.arena_len[&Buffer::Mom], 3 * (32 + 5 + 32 + 1));
+        assert_eq!(m.arena_len[&Buffer::FacV], 3 * (5 + 1));
+        assert_eq!(m.param_offset(2), 37);
+        assert_eq!(m.tensors[3].offsets[&Buffer::FacV], 15);
+        let starts = m.block_starts(&[true, false, true, true]);
+        assert_eq!(starts.len(), m.slots.len() * 5);
+        let last = m.slots.len() - 1;
+        // The update pass: tensor 1 is skipped (no blocks), the others one block each.
+        assert_eq!(&starts[last * 5..], &[0, 1, 1, 2, 3]);
+        assert_eq!(m.grids(&starts)[last], 3);
+        let table = m.table(&[
+            Some((
+                Hyper {
+                    lr: 0.5,
+                    weight_decay: 0.1,
+                },
+                7,
+            )),
+            None,
+            None,
+            None,
+        ]);
+        assert_eq!(table.len(), 4 * TABLE_ENTRY_BYTES);
+        let f32_at = |o: usize| f32::from_le_bytes(table[o..o + 4].try_into().unwrap());
+        assert_eq!((f32_at(64), f32_at(68), f32_at(72)), (0.5, 0.1, 7.0));
+        // Tensor 2's param offset and plan.
+        let e2 = 2 * TABLE_ENTRY_BYTES;
+        assert_eq!(
+            i64::from_le_bytes(table[e2..e2 + 8].try_into().unwrap()),
+            37
+        );
+        assert_eq!(
+            i32::from_le_bytes(table[e2 + 76..e2 + 80].try_into().unwrap()),
+            0
+        );
+    }
+
+    #[test]
+    fn source_has_one_entry_per_slot_and_device_functions_per_plan() {
+        let m = model(&["8x4", "5"]);
+        let src = m.source().unwrap();
+        for s in &m.slots {
+            assert!(
+                src.contains(&format!(
+                    "extern \"C\" __global__ void __launch_bounds__(256) {}(",
+                    s.name
+                )),
+                "{}",
+                s.name
+            );
+        }
+        assert_eq!(src.matches("extern \"C\"").count(), m.slots.len());
+        assert!(src.contains("static __device__ void p0_mulo_elem_2_update("));
+        assert!(src.contains("static __device__ void p1_mulo_elem_1_update("));
+        assert!(src.contains("case 1: p1_mulo_elem_1_update(blk, mulo_smem, param + t.param, grad + t.param, mom + t.mom, rms + t.rms, fac_v + t.fac_v, scratch + t.scratch, partials + t.partials, t.lr, t.weight_decay, t.step)"));
+    }
+}

@@ -1,0 +1,545 @@
+//! The packed whole-model CUDA program, executed on the CPU: the generated `mulo_model.cu`
+//! compiled unchanged by g++ with the emulation layer of `tests/common/emulation.rs`, driven by
+//! the real host logic ([`PackedBackend`]: packing, table, block starts, step counters) through
+//! an emulated [`PackedExecutor`]. Checks that every tensor of a model stepped together in a
+//! fixed number of launches follows its golden trajectory, that the optimizer (μP, NaN policy)
+//! on it agrees with the interpreter, and that each tensor's result is bitwise that of its
+//! single-tensor program.
+//!
+//! Not checked here: anything GPU-specific (see `tests/cuda_emulated.rs`). Skipped, with the
+//! reason printed, without g++.
+
+mod common;
+
+use common::emulation::{compile, gxx_or_skip, EMULATION, LAUNCH};
+use mulo::backend::cuda::packed::{PackedModel, ARENAS};
+use mulo::backend::cuda::packed_runtime::{PackedBackend, PackedExecutor};
+use mulo::backend::Hyper;
+use mulo::error::Result;
+use mulo::ir::Buffer;
+use mulo::lopt::LearnedOptimizer;
+use mulo::optimizer::backend::{BackendFactory, ModelBackend, TensorStep};
+use mulo::optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec};
+use mulo::shape::Shape;
+use mulo::state::TensorState;
+use mulo::trajectory::{max_abs_diff, Trajectory};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The arenas in host memory; a step runs the compiled model program in a subprocess.
+struct EmulatedExecutor {
+    arenas: BTreeMap<Buffer, Vec<f32>>,
+    dir: PathBuf,
+    exe: PathBuf,
+    /// Launches run so far (slots with a non-empty grid).
+    launches: Arc<AtomicUsize>,
+}
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+impl EmulatedExecutor {
+    fn new(model: &PackedModel, launches: Arc<AtomicUsize>) -> Self {
+        let dir = common::temp_dir(&format!(
+            "packed-emu-{}",
+            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(dir.join("mulo_model.cu"), model.source().unwrap()).unwrap();
+        let n = model.tensors.len();
+        let mut main = String::from(EMULATION);
+        main.push_str("#include \"mulo_model.cu\"\n");
+        main.push_str(LAUNCH);
+        main.push_str("struct Args { const MuloTensor* table; const idx_t* starts; int n; float* a[7]; float* scratch; double* partials; };\n");
+        for (s, slot) in model.slots.iter().enumerate() {
+            main.push_str(&format!(
+                "static void call_{s}(void* p) {{ Args* x = (Args*)p; {}(x->table, x->starts, x->n, x->a[0], x->a[1], x->a[2], x->a[3], x->a[4], x->a[5], x->a[6], x->scratch, x->partials); }}\n",
+                slot.name
+            ));
+        }
+        main.push_str("int main(int argc, char** argv) {\n    FILE* f = fopen(argv[1], \"rb\"); Args a; a.n = ");
+        main.push_str(&format!("{n};\n"));
+        for (i, b) in ARENAS.iter().enumerate() {
+            let len = model.arena_len[b];
+            main.push_str(&format!(
+                "    a.a[{i}] = (float*)malloc({} * 4); if (fread(a.a[{i}], 4, {len}, f) != {len}) return 3;\n",
+                len.max(1)
+            ));
+        }
+        let slots = model.slots.len();
+        main.push_str(&format!(
+            "    MuloTensor* table = (MuloTensor*)malloc({tb}); if (fread(table, 1, {tb}, f) != {tb}) return 3; a.table = table;\n    idx_t* starts = (idx_t*)malloc({sb} * 8); if (fread(starts, 8, {sb}, f) != {sb}) return 3; a.starts = starts;\n    fclose(f);\n    a.scratch = (float*)calloc({}, 4); a.partials = (double*)calloc({}, 8);\n",
+            model.scratch_len.max(1),
+            model.partials_len.max(1),
+            tb = (n * mulo::backend::cuda::packed::TABLE_ENTRY_BYTES).max(1),
+            sb = slots * (n + 1),
+        ));
+        for s in 0..slots {
+            main.push_str(&format!(
+                "    {{ const idx_t grid = starts[{s} * ({n} + 1) + {n}]; if (grid > 0) mulo_launch((unsigned)grid, call_{s}, &a); }}\n"
+            ));
+        }
+        main.push_str("    FILE* o = fopen(argv[2], \"wb\");\n");
+        for (i, b) in ARENAS.iter().enumerate() {
+            main.push_str(&format!(
+                "    fwrite(a.a[{i}], 4, {}, o);\n",
+                model.arena_len[b]
+            ));
+        }
+        main.push_str("    fclose(o);\n    return 0;\n}\n");
+        std::fs::write(dir.join("main.cpp"), main).unwrap();
+        let exe = compile(&dir);
+        EmulatedExecutor {
+            arenas: ARENAS
+                .iter()
+                .map(|&b| (b, vec![0.0; model.arena_len[&b]]))
+                .collect(),
+            dir,
+            exe,
+            launches,
+        }
+    }
+}
+
+impl Drop for EmulatedExecutor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl PackedExecutor for EmulatedExecutor {
+    fn write(&mut self, arena: Buffer, offset: usize, data: &[f32]) -> Result<()> {
+        self.arenas.get_mut(&arena).unwrap()[offset..offset + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read(&self, arena: Buffer, offset: usize, out: &mut [f32]) -> Result<()> {
+        let len = out.len();
+        out.copy_from_slice(&self.arenas[&arena][offset..offset + len]);
+        Ok(())
+    }
+
+    fn run(&mut self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()> {
+        let mut bytes = Vec::new();
+        for b in ARENAS {
+            self.arenas[&b]
+                .iter()
+                .for_each(|x| bytes.extend(x.to_le_bytes()));
+        }
+        bytes.extend_from_slice(table);
+        starts.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+        let (inp, outp) = (self.dir.join("in.bin"), self.dir.join("out.bin"));
+        std::fs::write(&inp, bytes).unwrap();
+        let status = Command::new(&self.exe)
+            .arg(&inp)
+            .arg(&outp)
+            .status()
+            .unwrap();
+        assert!(status.success(), "emulated packed step failed: {status}");
+        let out = std::fs::read(&outp).unwrap();
+        let mut vals = out
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        for b in ARENAS {
+            let len = self.arenas[&b].len();
+            let v: Vec<f32> = vals.by_ref().take(len).collect();
+            self.arenas.insert(b, v);
+        }
+        self.launches
+            .fetch_add(grids.iter().filter(|&&g| g > 0).count(), Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The packed backend on the emulation, as an optimizer backend.
+struct EmulatedPacked {
+    launches: Arc<AtomicUsize>,
+}
+
+impl BackendFactory for EmulatedPacked {
+    fn target(&self) -> &'static str {
+        "cuda-packed-emulated"
+    }
+
+    fn build(
+        &self,
+        lopt: &LearnedOptimizer,
+        shapes: &[Shape],
+        start_step: u64,
+    ) -> Result<Box<dyn ModelBackend>> {
+        let model = Arc::new(PackedModel::new(lopt, shapes)?);
+        let exec = EmulatedExecutor::new(&model, self.launches.clone());
+        Ok(Box::new(PackedBackend::new(
+            model,
+            exec,
+            start_step,
+            "cuda-packed-emulated",
+        )))
+    }
+}
+
+fn relative_state_error(got: &TensorState, want: &TensorState) -> f64 {
+    want.iter()
+        .map(|(b, values)| {
+            let scale = values
+                .iter()
+                .fold(0f64, |m, v| m.max(v.abs() as f64))
+                .max(f64::MIN_POSITIVE);
+            max_abs_diff(got.get(b), values) / scale
+        })
+        .fold(0f64, f64::max)
+}
+
+/// Every golden case is one tensor of a single model; all are stepped together (each with its
+/// own lr, weight decay and start step, trajectories of different lengths), and each must
+/// follow its reference trajectory within the golden tolerance.
+#[test]
+fn packed_model_replays_every_golden_trajectory_at_once() {
+    if !gxx_or_skip("packed_model_replays_every_golden_trajectory_at_once") {
+        return;
+    }
+    let lopt = common::fixture_lopt();
+    let trajs: Vec<Trajectory> = common::golden_cases()
+        .iter()
+        .map(|p| Trajectory::load(p).unwrap())
+        .collect();
+    let shapes: Vec<Shape> = trajs.iter().map(|t| t.shape.clone()).collect();
+    let model = Arc::new(PackedModel::new(&lopt, &shapes).unwrap());
+    let launches = Arc::new(AtomicUsize::new(0));
+    let exec = EmulatedExecutor::new(&model, launches.clone());
+    let mut backend = PackedBackend::new(model.clone(), exec, 0, "emu");
+    for (i, t) in trajs.iter().enumerate() {
+        let layout = &model.plans[model.tensors[i].plan].ir.layout;
+        backend
+            .set_state(i, TensorState::zeros(layout, t.start_step))
+            .unwrap();
+    }
+    let mut params: Vec<Vec<f32>> = trajs.iter().map(|t| t.p0.clone()).collect();
+    let mut errors = vec![0f64; trajs.len()];
+    let steps = trajs.iter().map(|t| t.grads.len()).max().unwrap();
+    for k in 0..steps {
+        let mut batch: Vec<TensorStep<'_>> = params
+            .iter_mut()
+            .zip(&trajs)
+            .enumerate()
+            .filter(|(_, (_, t))| k < t.grads.len())
+            .map(|(i, (p, t))| TensorStep {
+                index: i,
+                param: p.as_mut_slice(),
+                grad: &t.grads[k],
+                hyper: Hyper {
+                    lr: t.lr,
+                    weight_decay: t.weight_decay,
+                },
+            })
+            .collect();
+        backend.step(&mut batch).unwrap();
+        for (i, t) in trajs.iter().enumerate() {
+            if let Some(Some(want)) = t.params.get(k) {
+                let scale = t.displacement().max(f64::MIN_POSITIVE);
+                errors[i] = errors[i].max(max_abs_diff(&params[i], want) / scale);
+            }
+        }
+    }
+    // A step is 5 launches (3 element passes and 2 small ones) while a factored tensor is
+    // stepped, 3 once only rank ≤ 1 tensors remain, whatever the number of tensors.
+    assert_eq!(model.slots.len(), 5);
+    let expected: usize = (0..steps)
+        .map(|k| {
+            let factored = trajs.iter().any(|t| {
+                k < t.grads.len()
+                    && mulo::shape::Layout::new(t.shape.clone())
+                        .factored()
+                        .is_some()
+            });
+            if factored {
+                5
+            } else {
+                3
+            }
+        })
+        .sum();
+    assert_eq!(launches.load(Ordering::SeqCst), expected);
+    for (i, t) in trajs.iter().enumerate() {
+        let want = t
+            .final_state
+            .as_ref()
+            .expect("golden cases record the final state");
+        let got = backend.state(i).unwrap();
+        assert_eq!(got.step, want.step, "{}: step counter", t.name);
+        let state_error = relative_state_error(&got, want);
+        eprintln!(
+            "{:<16} param err {:.3e}, state err {:.3e}",
+            t.name, errors[i], state_error
+        );
+        assert!(
+            errors[i].max(state_error) <= mulo::trajectory::DEFAULT_TOLERANCE,
+            "{}: param {:e}, state {:e}",
+            t.name,
+            errors[i],
+            state_error
+        );
+    }
+}
+
+fn specs() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::new("in.weight", &[24, 5])
+            .unwrap()
+            .with_base_shape(&[8, 5])
+            .unwrap(),
+        ParamSpec::new("in.bias", &[24]).unwrap(),
+        ParamSpec::new("hidden.weight", &[24, 24])
+            .unwrap()
+            .with_base_shape(&[8, 8])
+            .unwrap(),
+        ParamSpec::new("hidden2.weight", &[24, 24])
+            .unwrap()
+            .with_base_shape(&[8, 8])
+            .unwrap(),
+        ParamSpec::new("conv.weight", &[6, 4, 3, 3]).unwrap(),
+        ParamSpec::new("out.weight", &[3, 24]).unwrap(),
+        ParamSpec::new("scale", &[]).unwrap(),
+    ]
+}
+
+/// The whole optimizer (μP learning rates, the skip policy for a NaN gradient) on the packed
+/// emulated backend agrees with the reference interpreter, tensor by tensor; the skipped
+/// tensor is untouched, and every step is the same number of launches.
+#[test]
+fn optimizer_on_the_packed_backend_agrees_with_the_interpreter() {
+    if !gxx_or_skip("optimizer_on_the_packed_backend_agrees_with_the_interpreter") {
+        return;
+    }
+    use mulo::optimizer::backend::{InterpFactory, PerTensor};
+    let lopt = common::fixture_lopt();
+    let launches = Arc::new(AtomicUsize::new(0));
+    let options = |backend: Arc<dyn BackendFactory>| OptimizerOptions {
+        backend,
+        nonfinite: NonFinitePolicy::Skip,
+        ..Default::default()
+    };
+    let mut packed = MuloOptimizer::new(
+        &lopt,
+        specs(),
+        options(Arc::new(EmulatedPacked {
+            launches: launches.clone(),
+        })),
+    )
+    .unwrap();
+    let mut reference =
+        MuloOptimizer::new(&lopt, specs(), options(Arc::new(PerTensor(InterpFactory)))).unwrap();
+    assert_eq!(packed.compiled_plans(), 6);
+    let sizes: Vec<usize> = specs().iter().map(|s| s.shape.numel()).collect();
+    let p0: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| common::spread_values(n, 100 + i as u64, 0))
+        .collect();
+    let (mut pa, mut pb) = (p0.clone(), p0.clone());
+    let slots = 5;
+    for step in 0..3 {
+        let mut grads: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| common::spread_values(n, i as u64, step + 1))
+            .collect();
+        if step == 1 {
+            grads[2][7] = f32::NAN; // hidden.weight is skipped on this step
+        }
+        let g: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        let before = pa[2].clone();
+        let mut a: Vec<&mut [f32]> = pa.iter_mut().map(Vec::as_mut_slice).collect();
+        let ra = packed.step(&mut a, &g, 0.5, 0.01).unwrap();
+        let mut b: Vec<&mut [f32]> = pb.iter_mut().map(Vec::as_mut_slice).collect();
+        let rb = reference.step(&mut b, &g, 0.5, 0.01).unwrap();
+        assert_eq!(ra.skipped, rb.skipped);
+        if step == 1 {
+            assert_eq!(ra.skipped, ["hidden.weight"]);
+            assert_eq!(pa[2], before, "a skipped tensor is left unchanged");
+        }
+        assert_eq!(launches.load(Ordering::SeqCst), slots * (step + 1));
+    }
+    for (i, spec) in specs().iter().enumerate() {
+        let scale = max_abs_diff(&pb[i], &p0[i]).max(f64::MIN_POSITIVE);
+        let err = max_abs_diff(&pa[i], &pb[i]) / scale;
+        let (sa, sb) = (
+            packed.state(&spec.name).unwrap(),
+            reference.state(&spec.name).unwrap(),
+        );
+        let state_err = relative_state_error(&sa, &sb);
+        eprintln!(
+            "{:<16} param err {err:.3e}, state err {state_err:.3e}",
+            spec.name
+        );
+        assert!(
+            err.max(state_err) <= mulo::trajectory::DEFAULT_TOLERANCE,
+            "{}: param {err:e}, state {state_err:e}",
+            spec.name
+        );
+        assert_eq!(sa.step, sb.step, "{}", spec.name);
+    }
+}
+
+/// A packed tensor's step runs its single-tensor kernels as device functions: the result is
+/// bitwise that of running the model with that tensor alone.
+#[test]
+fn packing_does_not_change_a_tensors_result() {
+    if !gxx_or_skip("packing_does_not_change_a_tensors_result") {
+        return;
+    }
+    let lopt = common::fixture_lopt();
+    let shapes: Vec<Shape> = ["10x7", "13", "10x7"]
+        .iter()
+        .map(|s| Shape::parse(s).unwrap())
+        .collect();
+    let run = |shapes: &[Shape]| -> Vec<Vec<f32>> {
+        let model = Arc::new(PackedModel::new(&lopt, shapes).unwrap());
+        let exec = EmulatedExecutor::new(&model, Arc::new(AtomicUsize::new(0)));
+        let mut backend = PackedBackend::new(model, exec, 0, "emu");
+        let mut params: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| common::spread_values(s.numel(), 7 + i as u64, 0))
+            .collect();
+        for step in 0..2 {
+            let grads: Vec<Vec<f32>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| common::spread_values(s.numel(), i as u64, step + 1))
+                .collect();
+            let mut batch: Vec<TensorStep<'_>> = params
+                .iter_mut()
+                .zip(&grads)
+                .enumerate()
+                .map(|(i, (p, g))| TensorStep {
+                    index: i,
+                    param: p.as_mut_slice(),
+                    grad: g,
+                    hyper: Hyper {
+                        lr: 0.3,
+                        weight_decay: 0.0,
+                    },
+                })
+                .collect();
+            backend.step(&mut batch).unwrap();
+        }
+        params
+    };
+    let together = run(&shapes);
+    // The same values alone: tensor 1 ("13") in a model of its own.
+    let alone = {
+        let lopt_shapes = [shapes[1].clone()];
+        let model = Arc::new(PackedModel::new(&lopt, &lopt_shapes).unwrap());
+        let exec = EmulatedExecutor::new(&model, Arc::new(AtomicUsize::new(0)));
+        let mut backend = PackedBackend::new(model, exec, 0, "emu");
+        let mut p = common::spread_values(13, 8, 0);
+        for step in 0..2 {
+            let g = common::spread_values(13, 1, step + 1);
+            backend
+                .step(&mut [TensorStep {
+                    index: 0,
+                    param: &mut p,
+                    grad: &g,
+                    hyper: Hyper {
+                        lr: 0.3,
+                        weight_decay: 0.0,
+                    },
+                }])
+                .unwrap();
+        }
+        p
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&together[1]), bits(&alone));
+}
+
+/// Bad batches are refused before anything runs, and leave parameters and state unchanged.
+#[test]
+fn bad_batches_are_refused_before_anything_runs() {
+    if !gxx_or_skip("bad_batches_are_refused_before_anything_runs") {
+        return;
+    }
+    let lopt = common::fixture_lopt();
+    let shapes = [Shape::parse("4x3").unwrap(), Shape::parse("5").unwrap()];
+    let model = Arc::new(PackedModel::new(&lopt, &shapes).unwrap());
+    let launches = Arc::new(AtomicUsize::new(0));
+    let exec = EmulatedExecutor::new(&model, launches.clone());
+    let mut backend = PackedBackend::new(model, exec, 0, "emu");
+    let hyper = Hyper {
+        lr: 0.1,
+        weight_decay: 0.0,
+    };
+    let (mut p, g) = (vec![1.0f32; 12], vec![0.5f32; 12]);
+    let (mut q, h) = (vec![1.0f32; 5], vec![0.5f32; 4]);
+    let errors = [
+        backend
+            .step(&mut [TensorStep {
+                index: 2,
+                param: &mut p,
+                grad: &g,
+                hyper,
+            }])
+            .unwrap_err()
+            .to_string(),
+        backend
+            .step(&mut [TensorStep {
+                index: 1,
+                param: &mut q,
+                grad: &h,
+                hyper,
+            }])
+            .unwrap_err()
+            .to_string(),
+        backend
+            .step_in_place(&[
+                Some(Hyper {
+                    lr: f32::NAN,
+                    weight_decay: 0.0,
+                }),
+                None,
+            ])
+            .unwrap_err()
+            .to_string(),
+    ];
+    assert!(
+        errors[0].contains("tensor 2 does not exist"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("tensor 1 has 5 elements"),
+        "{}",
+        errors[1]
+    );
+    assert!(errors[2].contains("tensor 0"), "{}", errors[2]);
+    let mut twice = vec![1.0f32; 12];
+    let err = {
+        backend
+            .step(&mut [
+                TensorStep {
+                    index: 0,
+                    param: &mut p,
+                    grad: &g,
+                    hyper,
+                },
+                TensorStep {
+                    index: 0,
+                    param: &mut twice,
+                    grad: &g,
+                    hyper,
+                },
+            ])
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err.contains("appears twice"), "{err}");
+    assert_eq!(launches.load(Ordering::SeqCst), 0);
+    assert_eq!(p, vec![1.0f32; 12]);
+    assert_eq!(
+        backend.state(0).unwrap(),
+        TensorState::zeros(&mulo::shape::Layout::new(shapes[0].clone()), 0)
+    );
+    assert_eq!(backend.step_count(0).unwrap(), 0);
+}
