@@ -86,9 +86,14 @@ enum CompileTarget {
 
 #[derive(Args, Debug)]
 struct CompileArgs {
-    /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`.
+    /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`. Repeat it (with --target cuda) for
+    /// a whole model: one packed program stepping every tensor in a fixed number of launches
+    /// (mulo_model.cu, .ptx, .json), tensors in the order given.
     #[arg(long, value_name = "SHAPE", allow_hyphen_values = true)]
-    shape: Option<String>,
+    shape: Vec<String>,
+    /// With --target cuda: write the packed model program even for a single --shape.
+    #[arg(long)]
+    packed: bool,
     /// What to produce.
     #[arg(long, value_enum, default_value = "ir")]
     target: CompileTarget,
@@ -176,12 +181,30 @@ fn main() {
 }
 
 fn run_compile(args: &CompileArgs) -> Result<i32> {
-    let Some(shape_text) = &args.shape else {
+    if args.shape.is_empty() {
         bail!(
             "--shape is required (e.g. `mulo-compile --shape 1024x512 --target cuda`); see --help"
         );
-    };
-    let shape = Shape::parse(shape_text)?;
+    }
+    let shapes = args
+        .shape
+        .iter()
+        .map(|s| Shape::parse(s).with_context(|| format!("--shape {s}")))
+        .collect::<Result<Vec<_>>>()?;
+    if shapes.len() > 1 || args.packed {
+        if args.target != CompileTarget::Cuda {
+            bail!(
+                "several --shape values (or --packed) make a packed whole-model program, which only --target cuda produces; compile one shape at a time for --target {}",
+                match args.target {
+                    CompileTarget::Ir => "ir",
+                    CompileTarget::Onnx => "onnx",
+                    CompileTarget::Cuda => "cuda",
+                }
+            );
+        }
+        return compile_packed(args, &shapes);
+    }
+    let shape = shapes[0].clone();
     let lopt = args.weights.load()?;
     let started = Instant::now();
     let ir = mulo::compile_step(&shape, &lopt)?;
@@ -239,6 +262,39 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             );
         }
     }
+    Ok(0)
+}
+
+/// `--target cuda` with several shapes: the packed model program.
+fn compile_packed(args: &CompileArgs, shapes: &[Shape]) -> Result<i32> {
+    use mulo::backend::cuda::{nvrtc, packed::PackedModel};
+    let lopt = args.weights.load()?;
+    let arch = args.arch.clone().unwrap_or_else(nvrtc::default_arch);
+    nvrtc::check_arch(&arch)?;
+    let started = Instant::now();
+    let model = PackedModel::new(&lopt, shapes)?;
+    eprintln!(
+        "packing {} tensors of {} distinct shapes; compiling for {arch} (NVRTC takes about 9 s per distinct shape the first time; the result is cached)",
+        model.tensors.len(),
+        model.plans.len()
+    );
+    let compiled = model.compile(&arch, true)?;
+    let dir = args.output.clone().unwrap_or_else(|| PathBuf::from("."));
+    for path in compiled.write_to(&dir)? {
+        eprintln!("wrote {}", path.display());
+    }
+    eprintln!(
+        "{} launches per step, {} bytes of PTX (NVRTC {}{}) in {:.1?}",
+        compiled.manifest.slots.len(),
+        compiled.ptx.ptx.len(),
+        compiled.manifest.nvrtc_version,
+        if compiled.ptx.from_cache {
+            ", from the cache"
+        } else {
+            ""
+        },
+        started.elapsed()
+    );
     Ok(0)
 }
 

@@ -20,6 +20,7 @@ static double mulo_shfl[256];
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__
 #define __launch_bounds__(n)
 #define __restrict__ __restrict
 #define __shared__ static

@@ -28,6 +28,7 @@ use crate::ir::{Buffer, StepIr};
 use crate::lopt::LearnedOptimizer;
 use crate::shape::Shape;
 use minijinja::context;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -395,6 +396,264 @@ impl PackedModel {
     }
 }
 
+/// Format tag of the model manifest (`mulo_model.json`).
+pub const MODEL_FORMAT: &str = "mulo-cuda-model";
+
+/// One field of the `MuloTensor` table entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FieldJson {
+    /// Field name (`param`, `mom`, …, `lr`, `weight_decay`, `step`, `plan`).
+    pub name: String,
+    /// `i64`, `f32` or `i32`, little-endian.
+    pub dtype: String,
+    /// Byte offset in the entry.
+    pub offset: usize,
+}
+
+/// One tensor of the model manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorJson {
+    /// The tensor's shape (empty for 0-d).
+    pub shape: Vec<usize>,
+    /// Its plan.
+    pub plan: usize,
+    /// Number of elements.
+    pub numel: usize,
+    /// Its offsets, by table field (`param` … `partials`): what the host writes into the
+    /// table's offset fields.
+    pub offsets: BTreeMap<String, usize>,
+    /// Its optimizer state buffers: name, shape (decay-major) and length.
+    pub state: Vec<crate::backend::cuda::manifest::BufferJson>,
+    /// Blocks it runs on in every slot when stepped (0 in slots without a kernel of its plan).
+    pub blocks: Vec<usize>,
+}
+
+/// One arena.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArenaJson {
+    /// Argument name.
+    pub name: String,
+    /// `f32` or `f64`.
+    pub dtype: String,
+    /// Number of values the host allocates (at least 1).
+    pub len: usize,
+}
+
+/// One launch of a model step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotJson {
+    /// Entry name in the PTX.
+    pub name: String,
+    /// `small` or `elem`.
+    pub kind: String,
+    /// What it runs.
+    pub summary: String,
+}
+
+/// `mulo_model.json`: everything a host needs to run `mulo_model.ptx` without mulo.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    /// Always [`MODEL_FORMAT`].
+    pub format: String,
+    /// Version of the format (1).
+    pub format_version: u32,
+    /// mulo's version.
+    pub generator: String,
+    /// The GPU architecture the PTX targets.
+    pub arch: String,
+    /// NVRTC version that produced the PTX, `major.minor`.
+    pub nvrtc_version: String,
+    /// Fingerprint of the learned optimizer.
+    pub lopt_fingerprint: String,
+    /// The PTX file name.
+    pub ptx: String,
+    /// The CUDA source file name.
+    pub source: String,
+    /// Threads of every block.
+    pub block_threads: usize,
+    /// Bytes of one table entry.
+    pub table_entry_bytes: usize,
+    /// The fields of a table entry.
+    pub table_fields: Vec<FieldJson>,
+    /// The tensors, in order.
+    pub tensors: Vec<TensorJson>,
+    /// The arenas, in kernel argument order (after `tensors`, `starts`, `n_tensors`).
+    pub arenas: Vec<ArenaJson>,
+    /// The launches of a step, in order.
+    pub slots: Vec<SlotJson>,
+    /// How to run a step, in words.
+    pub protocol: String,
+}
+
+/// The table fields in entry order: the offsets, then the step's scalars, then the plan.
+pub fn table_fields() -> Vec<FieldJson> {
+    let mut fields = Vec::new();
+    let offsets = [
+        "param", "mom", "rms", "fac_row", "fac_col", "fac_v", "scratch", "partials",
+    ];
+    for (i, name) in offsets.iter().enumerate() {
+        fields.push(FieldJson {
+            name: name.to_string(),
+            dtype: "i64".into(),
+            offset: 8 * i,
+        });
+    }
+    for (i, name) in ["lr", "weight_decay", "step"].iter().enumerate() {
+        fields.push(FieldJson {
+            name: name.to_string(),
+            dtype: "f32".into(),
+            offset: 64 + 4 * i,
+        });
+    }
+    fields.push(FieldJson {
+        name: "plan".into(),
+        dtype: "i32".into(),
+        offset: 76,
+    });
+    fields
+}
+
+/// A packed model compiled to PTX: the three files of
+/// `mulo-compile --target cuda --shape A --shape B …`.
+#[derive(Clone, Debug)]
+pub struct CompiledModel {
+    /// The `.cu` source.
+    pub source: String,
+    /// The PTX and how it was obtained.
+    pub ptx: super::nvrtc::CompiledPtx,
+    /// The manifest.
+    pub manifest: ModelManifest,
+}
+
+impl CompiledModel {
+    /// Writes `mulo_model.cu`, `mulo_model.ptx` and `mulo_model.json` into `dir` (created if
+    /// missing); returns their paths.
+    pub fn write_to(&self, dir: &std::path::Path) -> Result<[std::path::PathBuf; 3]> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let paths = [
+            dir.join(&self.manifest.source),
+            dir.join(&self.manifest.ptx),
+            dir.join("mulo_model.json"),
+        ];
+        let json = serde_json::to_string_pretty(&self.manifest).unwrap_or_default();
+        let contents = [self.source.as_str(), self.ptx.ptx.as_str(), json.as_str()];
+        for (path, text) in paths.iter().zip(contents) {
+            std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+        }
+        Ok(paths)
+    }
+}
+
+impl PackedModel {
+    /// Renders the model and compiles it for `arch` (through the disk cache when `use_cache`).
+    pub fn compile(&self, arch: &str, use_cache: bool) -> Result<CompiledModel> {
+        let source = self.source()?;
+        let ptx = super::nvrtc::compile(&source, arch, use_cache)?;
+        let manifest = self.manifest(arch, ptx.nvrtc_version);
+        Ok(CompiledModel {
+            source,
+            ptx,
+            manifest,
+        })
+    }
+
+    /// The manifest of the model compiled for `arch` by NVRTC `nvrtc_version`.
+    pub fn manifest(&self, arch: &str, nvrtc_version: (i32, i32)) -> ModelManifest {
+        let tensors = self
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let layout = &self.plans[t.plan].ir.layout;
+                let mut offsets: BTreeMap<String, usize> = t
+                    .offsets
+                    .iter()
+                    .map(|(b, &o)| (b.name().to_string(), o))
+                    .collect();
+                offsets.insert("scratch".into(), t.scratch);
+                offsets.insert("partials".into(), t.partials);
+                TensorJson {
+                    shape: layout.shape().dims().to_vec(),
+                    plan: t.plan,
+                    numel: t.numel,
+                    offsets,
+                    state: Buffer::state_for_layout(layout)
+                        .into_iter()
+                        .map(|b| crate::backend::cuda::manifest::BufferJson {
+                            name: b.name().to_string(),
+                            dtype: "f32".into(),
+                            shape: b.shape(layout),
+                            len: b.len(layout),
+                            access: "read_write".into(),
+                            state: true,
+                            layout: "row-major, decay-major".into(),
+                        })
+                        .collect(),
+                    blocks: (0..self.slots.len()).map(|s| self.blocks(i, s)).collect(),
+                }
+            })
+            .collect();
+        let mut arenas: Vec<ArenaJson> = ARENAS
+            .iter()
+            .map(|b| ArenaJson {
+                name: b.name().to_string(),
+                dtype: "f32".into(),
+                len: self.arena_len[b].max(1),
+            })
+            .collect();
+        arenas.push(ArenaJson {
+            name: "scratch".into(),
+            dtype: "f32".into(),
+            len: self.scratch_len.max(1),
+        });
+        arenas.push(ArenaJson {
+            name: "partials".into(),
+            dtype: "f64".into(),
+            len: self.partials_len.max(1),
+        });
+        ModelManifest {
+            format: MODEL_FORMAT.into(),
+            format_version: 1,
+            generator: format!("mulo {}", env!("CARGO_PKG_VERSION")),
+            arch: arch.to_string(),
+            nvrtc_version: format!("{}.{}", nvrtc_version.0, nvrtc_version.1),
+            lopt_fingerprint: self.lopt_fingerprint.clone(),
+            ptx: "mulo_model.ptx".into(),
+            source: "mulo_model.cu".into(),
+            block_threads: BLOCK_THREADS,
+            table_entry_bytes: TABLE_ENTRY_BYTES,
+            table_fields: table_fields(),
+            tensors,
+            arenas,
+            slots: self
+                .slots
+                .iter()
+                .map(|s| SlotJson {
+                    name: s.name.clone(),
+                    kind: s.kind.into(),
+                    summary: self.slot_summary(s),
+                })
+                .collect(),
+            protocol: "Load mulo_model.ptx as a module. Allocate every arena of `arenas` once (zero: \
+                       the state arenas must be zero before the first step). Tensor i's parameter and \
+                       gradient are `numel` values at offsets.param in the param and grad arenas; its \
+                       state buffers are at offsets.<name> in the arena of that name. For each step: \
+                       write the gradients into the grad arena; build the table (one entry of \
+                       table_entry_bytes per tensor, fields at the given byte offsets, little-endian: the \
+                       tensor's offsets, its lr (μP-scaled), weight_decay, step counter t (steps taken \
+                       before this one) and plan); build `starts`, an int64 array of n_slots × \
+                       (n_tensors + 1): for slot s, starts[s][i] is the sum of blocks[s] of the stepped \
+                       tensors before i (a tensor left out of this step counts 0) and starts[s][n] the \
+                       total; copy both to the device. Then launch every slot in order on one stream, \
+                       grid (starts[s][n], 1, 1), block (block_threads, 1, 1), no dynamic shared \
+                       memory, arguments: table pointer, starts pointer, n_tensors as int32, then the \
+                       pointers of `arenas` in order; skip a slot whose grid is 0. Increment the step \
+                       counter of every stepped tensor. Parameters and state are updated in place."
+                .into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,8 +771,8 @@ mod tests {
             );
         }
         assert_eq!(src.matches("extern \"C\"").count(), m.slots.len());
-        assert!(src.contains("static __device__ void p0_mulo_elem_2_update("));
-        assert!(src.contains("static __device__ void p1_mulo_elem_1_update("));
+        assert!(src.contains("static __device__ __noinline__ void p0_mulo_elem_2_update("));
+        assert!(src.contains("static __device__ __noinline__ void p1_mulo_elem_1_update("));
         assert!(src.contains("case 1: p1_mulo_elem_1_update(blk, mulo_smem, param + t.param, grad + t.param, mom + t.mom, rms + t.rms, fac_v + t.fac_v, scratch + t.scratch, partials + t.partials, t.lr, t.weight_decay, t.step)"));
     }
 }

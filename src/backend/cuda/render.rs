@@ -357,7 +357,7 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
             "extern \"C\" __global__ void __launch_bounds__({BLOCK_THREADS}) {name}({params_text})"
         ),
         Form::Device { prefix } => format!(
-            "static __device__ void {prefix}{name}(const idx_t mulo_blk, double* __restrict__ mulo_smem, {params_text})"
+            "static __device__ __noinline__ void {prefix}{name}(const idx_t mulo_blk, double* __restrict__ mulo_smem, {params_text})"
         ),
     }
     };
