@@ -10,8 +10,8 @@ whatever the number of tensors; PyLO launches per tensor.
     python3 examples/pytorch_ptx.py                 # needs a GPU, torch and cupy-cuda12x
     python3 examples/pytorch_ptx.py --dry-run       # no GPU: compile, build the launch tables
 
-The model is a 2→32→32→3 MLP trained on three Gaussian blobs; the loss per epoch is printed
-and must fall. Without --weights, mulo-compile uses btherien/mulo from the Hugging Face cache
+The model is the 2→32→3 MLP of examples/train_mlp.rs, trained on three Gaussian blobs; the
+loss per epoch is printed and must fall. Without --weights, mulo-compile uses btherien/mulo from the Hugging Face cache
 if present, else its bundled demo network.
 
 The host protocol (mulo_model.json's `protocol`): per step, write gradients into the grad
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 # The example model: (out, in) of each Linear layer; parameters are weight then bias.
-LAYERS = [(32, 2), (32, 32), (3, 32)]
+LAYERS = [(32, 2), (3, 32)]
 DTYPES = {"i64": "<i8", "f32": "<f4", "i32": "<i4", "f64": "<f8"}
 
 

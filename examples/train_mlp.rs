@@ -252,7 +252,8 @@ pub fn train(
     Ok(curve)
 }
 
-fn parse_args() -> Result<(Option<String>, Config), String> {
+/// `--weights W --epochs N --lr X --weight-decay X --seed N` from the command line.
+pub fn parse_args() -> Result<(Option<String>, Config), String> {
     let mut config = Config::default();
     let mut weights = None;
     let mut args = std::env::args().skip(1);

@@ -201,3 +201,193 @@ fn bad_launches_are_rejected_before_launch() {
     );
     assert_eq!(s.step_count(), 1);
 }
+
+/// The packed backend on the GPU (one program, a fixed number of launches per model step):
+/// opens its own `PackedCuda` factory, or says why not.
+fn packed(test: &str) -> Option<mulo::backend::cuda::packed_runtime::PackedCuda> {
+    runtime(test)?;
+    match mulo::backend::cuda::packed_runtime::PackedCuda::new(0) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn packed_model_replays_every_golden_trajectory_at_once() {
+    let Some(factory) = packed("packed_model_replays_every_golden_trajectory_at_once") else {
+        return;
+    };
+    let trajs: Vec<Trajectory> = common::golden_cases()
+        .iter()
+        .map(|p| Trajectory::load(p).unwrap())
+        .collect();
+    let shapes: Vec<Shape> = trajs.iter().map(|t| t.shape.clone()).collect();
+    let mut backend = factory
+        .backend(&common::fixture_lopt(), &shapes, 0)
+        .unwrap();
+    let (report, _) = common::replay_all_at_once(&mut backend, &trajs);
+    for (name, param_error, state_error) in report {
+        eprintln!(
+            "packed cuda {name:<16} param err {param_error:.3e}, state err {state_error:.3e}"
+        );
+        assert!(
+            param_error.max(state_error) <= DEFAULT_TOLERANCE,
+            "{name}: param {param_error:e}, state {state_error:e}"
+        );
+    }
+}
+
+/// The optimizer on the packed GPU backend agrees with the interpreter (μP, a NaN gradient
+/// skipped), and stepping the device arenas in place gives bitwise what the host path gives.
+#[test]
+fn packed_optimizer_agrees_with_the_interpreter() {
+    use mulo::optimizer::backend::{InterpFactory, PerTensor};
+    use mulo::optimizer::{MuloOptimizer, OptimizerOptions, ParamSpec};
+    let Some(factory) = packed("packed_optimizer_agrees_with_the_interpreter") else {
+        return;
+    };
+    let specs = || {
+        vec![
+            ParamSpec::new("w", &[64, 16])
+                .unwrap()
+                .with_base_shape(&[16, 16])
+                .unwrap(),
+            ParamSpec::new("h", &[64, 64])
+                .unwrap()
+                .with_base_shape(&[16, 16])
+                .unwrap(),
+            ParamSpec::new("b", &[64]).unwrap(),
+            ParamSpec::new("conv", &[8, 4, 3, 3]).unwrap(),
+            ParamSpec::new("s", &[]).unwrap(),
+        ]
+    };
+    let lopt = common::fixture_lopt();
+    let mut gpu = MuloOptimizer::new(
+        &lopt,
+        specs(),
+        OptimizerOptions {
+            backend: Arc::new(factory),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut cpu = MuloOptimizer::new(
+        &lopt,
+        specs(),
+        OptimizerOptions {
+            backend: Arc::new(PerTensor(InterpFactory)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sizes: Vec<usize> = specs().iter().map(|s| s.shape.numel()).collect();
+    let p0: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| data(n, i as u64, 0.5))
+        .collect();
+    let (mut pa, mut pb) = (p0.clone(), p0.clone());
+    for step in 0..4u64 {
+        let mut grads: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| data(n, 100 * step + i as u64, 0.01))
+            .collect();
+        if step == 2 {
+            grads[1][3] = f32::NAN;
+        }
+        let g: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        let mut a: Vec<&mut [f32]> = pa.iter_mut().map(Vec::as_mut_slice).collect();
+        let ra = gpu.step(&mut a, &g, 0.7, 0.01).unwrap();
+        let mut b: Vec<&mut [f32]> = pb.iter_mut().map(Vec::as_mut_slice).collect();
+        let rb = cpu.step(&mut b, &g, 0.7, 0.01).unwrap();
+        assert_eq!(ra.skipped, rb.skipped);
+    }
+    for (i, spec) in specs().iter().enumerate() {
+        let scale = max_abs_diff(&pb[i], &p0[i]).max(f64::MIN_POSITIVE);
+        let err = max_abs_diff(&pa[i], &pb[i]) / scale;
+        let state_err = common::relative_state_error(
+            &gpu.state(&spec.name).unwrap(),
+            &cpu.state(&spec.name).unwrap(),
+        );
+        eprintln!(
+            "packed cuda {}: param err {err:.3e}, state err {state_err:.3e}",
+            spec.name
+        );
+        assert!(err.max(state_err) <= DEFAULT_TOLERANCE, "{}", spec.name);
+    }
+}
+
+/// `step_in_place` on gradients written straight into the device arena is bitwise the host
+/// path (`ModelBackend::step`), and both are deterministic.
+#[test]
+fn packed_in_place_steps_match_the_host_path_bitwise() {
+    use mulo::backend::cuda::packed_runtime::PackedExecutor;
+    use mulo::ir::Buffer;
+    use mulo::optimizer::backend::{ModelBackend, TensorStep};
+    let Some(factory) = packed("packed_in_place_steps_match_the_host_path_bitwise") else {
+        return;
+    };
+    let lopt = common::fixture_lopt();
+    let shapes: Vec<Shape> = ["96x40", "40", "96x40"]
+        .iter()
+        .map(|s| Shape::parse(s).unwrap())
+        .collect();
+    let hyper = Hyper {
+        lr: 0.3,
+        weight_decay: 0.0,
+    };
+    let mut host = factory.backend(&lopt, &shapes, 0).unwrap();
+    let mut resident = factory.backend(&lopt, &shapes, 0).unwrap();
+    let mut params: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.numel(), i as u64, 1.0))
+        .collect();
+    for (i, p) in params.iter().enumerate() {
+        let o = resident.model().param_offset(i);
+        resident.executor_mut().write(Buffer::Param, o, p).unwrap();
+    }
+    for step in 0..3u64 {
+        let grads: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| data(s.numel(), 10 * step + i as u64, 0.1))
+            .collect();
+        let mut batch: Vec<TensorStep<'_>> = params
+            .iter_mut()
+            .zip(&grads)
+            .enumerate()
+            .map(|(i, (p, g))| TensorStep {
+                index: i,
+                param: p.as_mut_slice(),
+                grad: g,
+                hyper,
+            })
+            .collect();
+        host.step(&mut batch).unwrap();
+        for (i, g) in grads.iter().enumerate() {
+            let o = resident.model().param_offset(i);
+            resident.executor_mut().write(Buffer::Grad, o, g).unwrap();
+        }
+        resident.step_in_place(&[Some(hyper); 3]).unwrap();
+    }
+    for (i, p) in params.iter().enumerate() {
+        let mut got = vec![0f32; p.len()];
+        let o = resident.model().param_offset(i);
+        resident
+            .executor()
+            .read(Buffer::Param, o, &mut got)
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(p), "tensor {i}");
+        assert_eq!(
+            resident.state(i).unwrap(),
+            host.state(i).unwrap(),
+            "tensor {i}"
+        );
+    }
+}

@@ -179,18 +179,6 @@ impl BackendFactory for EmulatedPacked {
     }
 }
 
-fn relative_state_error(got: &TensorState, want: &TensorState) -> f64 {
-    want.iter()
-        .map(|(b, values)| {
-            let scale = values
-                .iter()
-                .fold(0f64, |m, v| m.max(v.abs() as f64))
-                .max(f64::MIN_POSITIVE);
-            max_abs_diff(got.get(b), values) / scale
-        })
-        .fold(0f64, f64::max)
-}
-
 /// Every golden case is one tensor of a single model; all are stepped together (each with its
 /// own lr, weight decay and start step, trajectories of different lengths), and each must
 /// follow its reference trajectory within the golden tolerance.
@@ -209,39 +197,7 @@ fn packed_model_replays_every_golden_trajectory_at_once() {
     let launches = Arc::new(AtomicUsize::new(0));
     let exec = EmulatedExecutor::new(&model, launches.clone());
     let mut backend = PackedBackend::new(model.clone(), exec, 0, "emu");
-    for (i, t) in trajs.iter().enumerate() {
-        let layout = &model.plans[model.tensors[i].plan].ir.layout;
-        backend
-            .set_state(i, TensorState::zeros(layout, t.start_step))
-            .unwrap();
-    }
-    let mut params: Vec<Vec<f32>> = trajs.iter().map(|t| t.p0.clone()).collect();
-    let mut errors = vec![0f64; trajs.len()];
-    let steps = trajs.iter().map(|t| t.grads.len()).max().unwrap();
-    for k in 0..steps {
-        let mut batch: Vec<TensorStep<'_>> = params
-            .iter_mut()
-            .zip(&trajs)
-            .enumerate()
-            .filter(|(_, (_, t))| k < t.grads.len())
-            .map(|(i, (p, t))| TensorStep {
-                index: i,
-                param: p.as_mut_slice(),
-                grad: &t.grads[k],
-                hyper: Hyper {
-                    lr: t.lr,
-                    weight_decay: t.weight_decay,
-                },
-            })
-            .collect();
-        backend.step(&mut batch).unwrap();
-        for (i, t) in trajs.iter().enumerate() {
-            if let Some(Some(want)) = t.params.get(k) {
-                let scale = t.displacement().max(f64::MIN_POSITIVE);
-                errors[i] = errors[i].max(max_abs_diff(&params[i], want) / scale);
-            }
-        }
-    }
+    let (report, steps) = common::replay_all_at_once(&mut backend, &trajs);
     // A step is 5 launches (3 element passes and 2 small ones) while a factored tensor is
     // stepped, 3 once only rank ≤ 1 tensors remain, whatever the number of tensors.
     assert_eq!(model.slots.len(), 5);
@@ -261,24 +217,11 @@ fn packed_model_replays_every_golden_trajectory_at_once() {
         })
         .sum();
     assert_eq!(launches.load(Ordering::SeqCst), expected);
-    for (i, t) in trajs.iter().enumerate() {
-        let want = t
-            .final_state
-            .as_ref()
-            .expect("golden cases record the final state");
-        let got = backend.state(i).unwrap();
-        assert_eq!(got.step, want.step, "{}: step counter", t.name);
-        let state_error = relative_state_error(&got, want);
-        eprintln!(
-            "{:<16} param err {:.3e}, state err {:.3e}",
-            t.name, errors[i], state_error
-        );
+    for (name, param_error, state_error) in report {
+        eprintln!("{name:<16} param err {param_error:.3e}, state err {state_error:.3e}");
         assert!(
-            errors[i].max(state_error) <= mulo::trajectory::DEFAULT_TOLERANCE,
-            "{}: param {:e}, state {:e}",
-            t.name,
-            errors[i],
-            state_error
+            param_error.max(state_error) <= mulo::trajectory::DEFAULT_TOLERANCE,
+            "{name}: param {param_error:e}, state {state_error:e}"
         );
     }
 }
@@ -368,7 +311,7 @@ fn optimizer_on_the_packed_backend_agrees_with_the_interpreter() {
             packed.state(&spec.name).unwrap(),
             reference.state(&spec.name).unwrap(),
         );
-        let state_err = relative_state_error(&sa, &sb);
+        let state_err = common::relative_state_error(&sa, &sb);
         eprintln!(
             "{:<16} param err {err:.3e}, state err {state_err:.3e}",
             spec.name

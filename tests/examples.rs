@@ -69,8 +69,8 @@ fn pytorch_ptx_host_protocol_matches_the_rust_host() {
         eprintln!("SKIPPED pytorch_ptx_host_protocol_matches_the_rust_host: no python3 with numpy");
         return;
     }
-    // The example's model: Linear 2→32, 32→32, 32→3 (weight, bias each).
-    let dims: [&[usize]; 6] = [&[32, 2], &[32], &[32, 32], &[32], &[3, 32], &[3]];
+    // The example's model: Linear 2→32, 32→3 (weight, bias each).
+    let dims: [&[usize]; 4] = [&[32, 2], &[32], &[3, 32], &[3]];
     let shapes: Vec<mulo::shape::Shape> = dims
         .iter()
         .map(|d| mulo::shape::Shape::new(d.to_vec()).unwrap())

@@ -96,3 +96,84 @@ pub fn assert_within_golden_tolerance(report: &mulo::trajectory::ReplayReport, c
         report.name
     );
 }
+
+/// Replays every golden trajectory at once through `backend`, built for their shapes in the
+/// order given (one tensor per case, each with its own lr, weight decay, start step and
+/// length): the whole-model form of [`mulo::trajectory::replay`]. Returns, per case, its name,
+/// the parameter error and the final-state error (both relative, as in `replay`), and the
+/// number of steps.
+pub fn replay_all_at_once(
+    backend: &mut dyn mulo::optimizer::backend::ModelBackend,
+    trajs: &[mulo::trajectory::Trajectory],
+) -> (Vec<(String, f64, f64)>, usize) {
+    use mulo::backend::Hyper;
+    use mulo::optimizer::backend::TensorStep;
+    use mulo::shape::Layout;
+    use mulo::state::TensorState;
+    use mulo::trajectory::max_abs_diff;
+    for (i, t) in trajs.iter().enumerate() {
+        backend
+            .set_state(
+                i,
+                TensorState::zeros(&Layout::new(t.shape.clone()), t.start_step),
+            )
+            .unwrap();
+    }
+    let mut params: Vec<Vec<f32>> = trajs.iter().map(|t| t.p0.clone()).collect();
+    let mut errors = vec![0f64; trajs.len()];
+    let steps = trajs.iter().map(|t| t.grads.len()).max().unwrap_or(0);
+    for k in 0..steps {
+        let mut batch: Vec<TensorStep<'_>> = params
+            .iter_mut()
+            .zip(trajs)
+            .enumerate()
+            .filter(|(_, (_, t))| k < t.grads.len())
+            .map(|(i, (p, t))| TensorStep {
+                index: i,
+                param: p.as_mut_slice(),
+                grad: &t.grads[k],
+                hyper: Hyper {
+                    lr: t.lr,
+                    weight_decay: t.weight_decay,
+                },
+            })
+            .collect();
+        backend.step(&mut batch).unwrap();
+        for (i, t) in trajs.iter().enumerate() {
+            if let Some(Some(want)) = t.params.get(k) {
+                let scale = t.displacement().max(f64::MIN_POSITIVE);
+                errors[i] = errors[i].max(max_abs_diff(&params[i], want) / scale);
+            }
+        }
+    }
+    let report = trajs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let want = t
+                .final_state
+                .as_ref()
+                .expect("golden cases record the final state");
+            let got = backend.state(i).unwrap();
+            assert_eq!(got.step, want.step, "{}: step counter", t.name);
+            (t.name.clone(), errors[i], relative_state_error(&got, want))
+        })
+        .collect();
+    (report, steps)
+}
+
+/// max over state buffers of max |got − want| / max |want|.
+pub fn relative_state_error(
+    got: &mulo::state::TensorState,
+    want: &mulo::state::TensorState,
+) -> f64 {
+    want.iter()
+        .map(|(b, values)| {
+            let scale = values
+                .iter()
+                .fold(0f64, |m, v| m.max(v.abs() as f64))
+                .max(f64::MIN_POSITIVE);
+            mulo::trajectory::max_abs_diff(got.get(b), values) / scale
+        })
+        .fold(0f64, f64::max)
+}

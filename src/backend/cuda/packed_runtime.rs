@@ -305,6 +305,25 @@ impl CudaExecutor {
         &self.arenas[&buffer]
     }
 
+    /// The parameter arena and the gradient arena, mutable: what a training step on the GPU
+    /// reads and writes before [`PackedBackend::step_in_place`].
+    pub fn param_and_grad_mut(&mut self) -> (&CudaSlice<f32>, &mut CudaSlice<f32>) {
+        let mut it = self.arenas.iter_mut();
+        let mut param = None;
+        let mut grad = None;
+        for (b, slice) in &mut it {
+            match b {
+                Buffer::Param => param = Some(slice),
+                Buffer::Grad => grad = Some(slice),
+                _ => {}
+            }
+        }
+        (
+            param.expect("the param arena exists"),
+            grad.expect("the grad arena exists"),
+        )
+    }
+
     /// The device arena of `buffer`, mutable (write gradients here before
     /// [`PackedBackend::step_in_place`]).
     pub fn arena_mut(&mut self, buffer: Buffer) -> &mut CudaSlice<f32> {
