@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::emulation::{gxx_or_skip, EMULATION, LAUNCH};
+use common::emulation::{compile, gxx_or_skip, run, EMULATION, LAUNCH};
 use mulo::backend::cuda;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::{check_step_args, Hyper, TensorStepper};
@@ -19,7 +19,6 @@ use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, replay, Trajectory, DEFAULT_TOLERANCE};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 
 /// Runs steps by executing the generated kernels compiled for the CPU.
@@ -88,18 +87,7 @@ impl EmulatedStepper {
         }
         main.push_str("    fclose(o);\n    return 0;\n}\n");
         std::fs::write(dir.join("main.cpp"), main).unwrap();
-        let exe = dir.join("step");
-        let out = Command::new("g++")
-            .args(["-std=c++20", "-O0", "-pthread", "-w", "-o"])
-            .arg(&exe)
-            .arg(dir.join("main.cpp"))
-            .output()
-            .expect("g++ runs");
-        assert!(
-            out.status.success(),
-            "g++ failed on the generated source:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let exe = compile(&dir);
         let state = TensorState::zeros(&layout, 0);
         EmulatedStepper {
             layout,
@@ -135,18 +123,7 @@ impl TensorStepper for EmulatedStepper {
                 s => push(self.state.get(s)),
             }
         }
-        let (inp, outp) = (self.dir.join("in.bin"), self.dir.join("out.bin"));
-        std::fs::write(&inp, bytes).unwrap();
-        let status = Command::new(&self.exe)
-            .arg(&inp)
-            .arg(&outp)
-            .status()
-            .unwrap();
-        assert!(status.success(), "emulated step failed: {status}");
-        let out = std::fs::read(&outp).unwrap();
-        let mut vals = out
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let mut vals = run(&self.exe, &self.dir, &bytes).into_iter();
         for b in Buffer::for_layout(&self.layout) {
             let n = b.len(&self.layout);
             let v: Vec<f32> = vals.by_ref().take(n).collect();

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::emulation::{compile, gxx_or_skip, EMULATION, LAUNCH};
+use common::emulation::{compile, gxx_or_skip, run, EMULATION, LAUNCH};
 use mulo::backend::cuda::packed::{PackedModel, ARENAS};
 use mulo::backend::cuda::packed_runtime::{PackedBackend, PackedExecutor};
 use mulo::backend::Hyper;
@@ -25,7 +25,6 @@ use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, Trajectory};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -129,18 +128,7 @@ impl PackedExecutor for EmulatedExecutor {
         }
         bytes.extend_from_slice(table);
         starts.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
-        let (inp, outp) = (self.dir.join("in.bin"), self.dir.join("out.bin"));
-        std::fs::write(&inp, bytes).unwrap();
-        let status = Command::new(&self.exe)
-            .arg(&inp)
-            .arg(&outp)
-            .status()
-            .unwrap();
-        assert!(status.success(), "emulated packed step failed: {status}");
-        let out = std::fs::read(&outp).unwrap();
-        let mut vals = out
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let mut vals = run(&self.exe, &self.dir, &bytes).into_iter();
         for b in ARENAS {
             let len = self.arenas[&b].len();
             let v: Vec<f32> = vals.by_ref().take(len).collect();

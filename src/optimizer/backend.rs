@@ -274,7 +274,8 @@ impl PerTensorBackend {
     }
 }
 
-fn out_of_range(index: usize, len: usize) -> Error {
+/// The error for a tensor index outside a model of `len` tensors.
+pub(crate) fn out_of_range(index: usize, len: usize) -> Error {
     Error::argument(
         "index",
         format!("tensor {index} does not exist (the model has {len})"),

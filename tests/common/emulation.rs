@@ -63,6 +63,20 @@ pub fn compile(dir: &std::path::Path) -> std::path::PathBuf {
     exe
 }
 
+/// Runs the emulated program `exe` on `input` (written to `dir/in.bin`) and returns the f32
+/// values it writes to `dir/out.bin`.
+pub fn run(exe: &std::path::Path, dir: &std::path::Path, input: &[u8]) -> Vec<f32> {
+    let (inp, outp) = (dir.join("in.bin"), dir.join("out.bin"));
+    std::fs::write(&inp, input).unwrap();
+    let status = Command::new(exe).arg(&inp).arg(&outp).status().unwrap();
+    assert!(status.success(), "emulated step failed: {status}");
+    std::fs::read(&outp)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// Whether g++ is available (required under `CI=true`); prints why `test` is skipped otherwise.
 pub fn gxx_or_skip(test: &str) -> bool {
     let ok = Command::new("g++")

@@ -134,26 +134,33 @@ pub struct KernelJson {
     pub summary: String,
 }
 
+impl BufferJson {
+    /// The description of `buffer` for a tensor of `layout`.
+    pub fn new(buffer: Buffer, layout: &crate::shape::Layout) -> Self {
+        BufferJson {
+            name: buffer.name().to_string(),
+            dtype: "f32".into(),
+            shape: buffer.shape(layout),
+            len: buffer.len(layout),
+            access: if buffer == Buffer::Grad {
+                "read"
+            } else {
+                "read_write"
+            }
+            .into(),
+            state: buffer.is_state(),
+            layout: "row-major, decay-major".into(),
+        }
+    }
+}
+
 impl Manifest {
     /// The manifest of a scheduled IR compiled for `arch` by NVRTC `nvrtc_version`.
     pub fn new(ir: &StepIr, s: &Schedule, arch: &str, nvrtc_version: (i32, i32)) -> Self {
         let layout = &ir.layout;
         let buffers = Buffer::for_layout(layout)
             .into_iter()
-            .map(|b| BufferJson {
-                name: b.name().to_string(),
-                dtype: "f32".into(),
-                shape: b.shape(layout),
-                len: b.len(layout),
-                access: if b == Buffer::Grad {
-                    "read"
-                } else {
-                    "read_write"
-                }
-                .into(),
-                state: b.is_state(),
-                layout: "row-major, decay-major".into(),
-            })
+            .map(|b| BufferJson::new(b, layout))
             .collect();
         let scratch_len = s.scratch_len.max(1);
         let partials_len = s.partials_len.max(1);

@@ -579,15 +579,7 @@ impl PackedModel {
                     offsets,
                     state: Buffer::state_for_layout(layout)
                         .into_iter()
-                        .map(|b| crate::backend::cuda::manifest::BufferJson {
-                            name: b.name().to_string(),
-                            dtype: "f32".into(),
-                            shape: b.shape(layout),
-                            len: b.len(layout),
-                            access: "read_write".into(),
-                            state: true,
-                            layout: "row-major, decay-major".into(),
-                        })
+                        .map(|b| crate::backend::cuda::manifest::BufferJson::new(b, layout))
                         .collect(),
                     blocks: (0..self.slots.len()).map(|s| self.blocks(i, s)).collect(),
                 }

@@ -13,12 +13,12 @@
 
 use super::nvrtc;
 use super::packed::{PackedModel, ARENAS};
-use super::runtime::CudaRuntime;
+use super::runtime::{driver_err, CudaRuntime};
 use crate::backend::Hyper;
 use crate::error::{Error, Result};
 use crate::ir::Buffer;
 use crate::lopt::LearnedOptimizer;
-use crate::optimizer::backend::{BackendFactory, ModelBackend, TensorStep};
+use crate::optimizer::backend::{out_of_range, BackendFactory, ModelBackend, TensorStep};
 use crate::shape::Shape;
 use crate::state::TensorState;
 use cudarc::driver::{
@@ -126,13 +126,6 @@ impl<E: PackedExecutor> PackedBackend<E> {
     }
 }
 
-fn out_of_range(index: usize, len: usize) -> Error {
-    Error::argument(
-        "index",
-        format!("tensor {index} does not exist (the model has {len})"),
-    )
-}
-
 impl<E: PackedExecutor> ModelBackend for PackedBackend<E> {
     fn target(&self) -> &'static str {
         self.target
@@ -221,13 +214,6 @@ impl<E: PackedExecutor> ModelBackend for PackedBackend<E> {
         }
         self.steps[index] = state.step;
         Ok(())
-    }
-}
-
-fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Backend {
-        backend: "cuda",
-        message: format!("{what}: {e:?}"),
     }
 }
 

@@ -25,7 +25,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-fn driver_err(what: &str) -> impl Fn(DriverError) -> Error + '_ {
+/// Turns a driver error into a backend error saying what was being done.
+pub(super) fn driver_err(what: &str) -> impl Fn(DriverError) -> Error + '_ {
     move |e| Error::Backend {
         backend: "cuda",
         message: format!("{what}: {e:?}"),
