@@ -205,7 +205,7 @@ fn run() -> AnyResult<()> {
     let mut evaluate = |opt: &mut PackedBackend<CudaExecutor>| -> AnyResult<(f32, f32)> {
         let (param, _) = opt.executor_mut().param_and_grad_mut();
         let mut b = stream.launch_builder(&eval_fn);
-        b.arg(param).arg(&xs).arg(&ys).arg(&n);
+        b.arg(&param).arg(&xs).arg(&ys).arg(&n);
         for o in &offsets {
             b.arg(o);
         }
@@ -236,10 +236,10 @@ fn run() -> AnyResult<()> {
             let batch = config.batch.min(data.len() - first) as i32;
             let first = first as i32;
             {
-                let (param, grad) = opt.executor_mut().param_and_grad_mut();
+                let (param, mut grad) = opt.executor_mut().param_and_grad_mut();
                 let mut b = stream.launch_builder(&grads_fn);
-                b.arg(param)
-                    .arg(grad)
+                b.arg(&param)
+                    .arg(&mut grad)
                     .arg(&xs)
                     .arg(&ys)
                     .arg(&first)

@@ -32,7 +32,8 @@ struct EmulatedStepper {
 impl EmulatedStepper {
     fn new(ir: &StepIr, name: &str) -> Self {
         let generated = cuda::generate(ir).expect("renders");
-        let manifest = cuda::manifest::Manifest::new(ir, &generated.schedule, "sm_80", (0, 0));
+        let manifest =
+            cuda::manifest::Manifest::new(ir, &generated.schedule, "sm_80", (0, 0)).unwrap();
         let dir = std::env::temp_dir().join(format!("mulo-emu-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("mulo_step.cu"), &generated.source).unwrap();

@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 /// The arenas in host memory; a step runs the compiled model program in a subprocess.
 struct EmulatedExecutor {
+    model: PackedModel,
     arenas: BTreeMap<Buffer, Vec<f32>>,
     dir: PathBuf,
     exe: PathBuf,
@@ -90,6 +91,7 @@ impl EmulatedExecutor {
         std::fs::write(dir.join("main.cpp"), main).unwrap();
         let exe = compile(&dir);
         EmulatedExecutor {
+            model: model.clone(),
             arenas: ARENAS
                 .iter()
                 .map(|&b| (b, vec![0.0; model.arena_len[&b]]))
@@ -120,6 +122,10 @@ impl PackedExecutor for EmulatedExecutor {
     }
 
     fn run(&mut self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()> {
+        // What the host logic launches always passes the check the CUDA executor makes.
+        self.model
+            .check_launch(table, starts, grids)
+            .expect("the host's launches pass PackedModel::check_launch");
         let mut bytes = Vec::new();
         for b in ARENAS {
             self.arenas[&b]

@@ -1,7 +1,8 @@
 //! `mulo_step.json`: everything a host needs to run `mulo_step.ptx` without mulo.
 
 use super::render::params;
-use super::schedule::{KernelKind, Schedule, BLOCK_THREADS};
+use super::schedule::{grid_dim, KernelKind, Schedule, BLOCK_DIM_X};
+use crate::error::Result;
 use crate::ir::{Buffer, StepIr};
 use serde::{Deserialize, Serialize};
 
@@ -155,8 +156,9 @@ impl BufferJson {
 }
 
 impl Manifest {
-    /// The manifest of a scheduled IR compiled for `arch` by NVRTC `nvrtc_version`.
-    pub fn new(ir: &StepIr, s: &Schedule, arch: &str, nvrtc_version: (i32, i32)) -> Self {
+    /// The manifest of a scheduled IR compiled for `arch` by NVRTC `nvrtc_version`; an error
+    /// when a kernel needs more blocks than a CUDA grid can have.
+    pub fn new(ir: &StepIr, s: &Schedule, arch: &str, nvrtc_version: (i32, i32)) -> Result<Self> {
         let layout = &ir.layout;
         let buffers = Buffer::for_layout(layout)
             .into_iter()
@@ -170,7 +172,32 @@ impl Manifest {
             "step counter t: steps taken before this one, as f32 (0 on the first step); the host increments it after each step",
         ];
         let all_params = params(layout);
-        Manifest {
+        let kernels = s
+            .kernels
+            .iter()
+            .map(|k| {
+                let (kind, blocks) = match k.kind {
+                    KernelKind::Elem { .. } => ("elem", s.tiling.blocks()),
+                    KernelKind::Small { .. } => ("small", 1),
+                };
+                Ok(KernelJson {
+                    name: k.name.clone(),
+                    kind: kind.into(),
+                    grid: [
+                        grid_dim(
+                            blocks,
+                            &format!("kernel {} of shape {}", k.name, layout.shape()),
+                        )?,
+                        1,
+                        1,
+                    ],
+                    block: [BLOCK_DIM_X, 1, 1],
+                    shared_mem_bytes: 0,
+                    summary: super::render::summary(ir, k),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Manifest {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
             generator: format!("mulo {}", env!("CARGO_PKG_VERSION")),
@@ -216,24 +243,7 @@ impl Manifest {
                     dtype: p.dtype.into(),
                 })
                 .collect(),
-            kernels: s
-                .kernels
-                .iter()
-                .map(|k| {
-                    let (kind, grid) = match k.kind {
-                        KernelKind::Elem { .. } => ("elem", s.tiling.blocks() as u32),
-                        KernelKind::Small { .. } => ("small", 1),
-                    };
-                    KernelJson {
-                        name: k.name.clone(),
-                        kind: kind.into(),
-                        grid: [grid, 1, 1],
-                        block: [BLOCK_THREADS as u32, 1, 1],
-                        shared_mem_bytes: 0,
-                        summary: super::render::summary(ir, k),
-                    }
-                })
-                .collect(),
+            kernels,
             protocol: "Load mulo_step.ptx as a module. Allocate every buffer (f32, the shapes given; \
                        state zero before the first step) and the scratch arenas once. For each step: \
                        launch every kernel of `kernels` in order on one stream, each with grid/block as \
@@ -241,11 +251,44 @@ impl Manifest {
                        weight_decay, step as f32 by value); then increment the step counter. param and \
                        the state are updated in place."
                 .into(),
-        }
+        })
     }
 
     /// Pretty JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::schedule::{schedule, MAX_GRID_X};
+    use crate::lopt::LearnedOptimizer;
+    use crate::shape::Shape;
+
+    #[test]
+    fn grids_beyond_cudas_limit_are_an_error_not_a_truncation() {
+        let lopt = LearnedOptimizer::demo();
+        // Rank 13, every axis 8: 8^11 = 2^33 rest points, one block each per element pass,
+        // which `as u32` would have made 0 (2^39 elements, within the 2^40 limit).
+        let eights = vec!["8"; 13].join("x");
+        let ir = crate::compile_step(&Shape::parse(&eights).unwrap(), &lopt).unwrap();
+        let s = schedule(&ir);
+        assert!(s.tiling.blocks() > MAX_GRID_X as usize);
+        let err = Manifest::new(&ir, &s, "sm_80", (12, 9))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mulo_elem_0_reduce") && err.contains(&eights),
+            "{err}"
+        );
+        let ir = crate::compile_step(&Shape::parse("64x32").unwrap(), &lopt).unwrap();
+        let s = schedule(&ir);
+        let m = Manifest::new(&ir, &s, "sm_80", (12, 9)).unwrap();
+        assert!(m
+            .kernels
+            .iter()
+            .all(|k| k.grid[0] >= 1 && k.block == [256, 1, 1]));
     }
 }

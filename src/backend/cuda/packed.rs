@@ -21,7 +21,7 @@
 //! CPU emulation of the generated source in the tests share them.
 
 use super::render::{render_kernels, render_template, summary, Form};
-use super::schedule::{KernelKind, Schedule, BLOCK_THREADS};
+use super::schedule::{grid_dim, KernelKind, Schedule, BLOCK_THREADS};
 use crate::backend::Hyper;
 use crate::error::{Error, Result};
 use crate::ir::{Buffer, StepIr};
@@ -247,12 +247,96 @@ impl PackedModel {
         starts
     }
 
-    /// The grid (blocks) of every slot, from [`block_starts`](Self::block_starts).
-    pub fn grids(&self, starts: &[i64]) -> Vec<u32> {
+    /// The grid (blocks) of every slot, from [`block_starts`](Self::block_starts); an error
+    /// when a slot needs more blocks than a CUDA grid can have.
+    pub fn grids(&self, starts: &[i64]) -> Result<Vec<u32>> {
         let n = self.tensors.len();
         (0..self.slots.len())
-            .map(|s| starts[s * (n + 1) + n] as u32)
+            .map(|s| {
+                let total = starts.get(s * (n + 1) + n).copied().unwrap_or(-1);
+                let blocks = usize::try_from(total).map_err(|_| {
+                    Error::argument("starts", format!("slot {s} has a negative block count"))
+                })?;
+                grid_dim(blocks, &format!("launch {}", self.slots[s].name))
+            })
             .collect()
+    }
+
+    /// Checks that a step's `table`, `starts` and `grids` are ones this model produces
+    /// ([`table`](Self::table), [`block_starts`](Self::block_starts), [`grids`](Self::grids))
+    /// up to the hyper-parameters and which tensors are stepped: every tensor's offsets and
+    /// plan as packed, every tensor given 0 or all of its blocks in a slot, every grid the
+    /// slot's total. Whatever a caller passes, a launch that passes this check stays inside
+    /// each tensor's slices of arenas of [`arena_len`](Self::arena_len) values.
+    pub fn check_launch(&self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()> {
+        let n = self.tensors.len();
+        let bad = |what: &str, why: String| Err(Error::argument(what, why));
+        if table.len() != n * TABLE_ENTRY_BYTES {
+            return bad(
+                "table",
+                format!(
+                    "{} bytes for {n} tensors of {TABLE_ENTRY_BYTES} bytes",
+                    table.len()
+                ),
+            );
+        }
+        let want = self.table(&vec![None; n]);
+        for (t, (got, exp)) in table
+            .chunks_exact(TABLE_ENTRY_BYTES)
+            .zip(want.chunks_exact(TABLE_ENTRY_BYTES))
+            .enumerate()
+        {
+            // Offsets (bytes 0..64) and plan (76..80) must be the packed ones; lr,
+            // weight_decay and step (64..76) are free.
+            if got[..64] != exp[..64] || got[76..] != exp[76..] {
+                return bad(
+                    "table",
+                    format!("entry {t} has offsets or a plan this model did not pack"),
+                );
+            }
+        }
+        if starts.len() != self.slots.len() * (n + 1) {
+            return bad(
+                "starts",
+                format!(
+                    "{} values for {} slots of {} tensors",
+                    starts.len(),
+                    self.slots.len(),
+                    n
+                ),
+            );
+        }
+        if grids.len() != self.slots.len() {
+            return bad(
+                "grids",
+                format!("{} grids for {} slots", grids.len(), self.slots.len()),
+            );
+        }
+        for (s, row) in starts.chunks_exact(n + 1).enumerate() {
+            if row[0] != 0 {
+                return bad("starts", format!("slot {s} does not start at block 0"));
+            }
+            for t in 0..n {
+                let given = row[t + 1] - row[t];
+                let blocks = self.blocks(t, s) as i64;
+                if given != 0 && given != blocks {
+                    return bad(
+                        "starts",
+                        format!("slot {s} gives tensor {t} {given} blocks; it has {blocks}"),
+                    );
+                }
+            }
+            if i64::from(grids[s]) != row[n] {
+                return bad(
+                    "grids",
+                    format!(
+                        "slot {s} launches {} blocks; its starts total {}",
+                        grids[s], row[n]
+                    ),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The table of a step: for every tensor its offsets, and the hyper-parameters and step
@@ -720,7 +804,7 @@ mod tests {
         let last = m.slots.len() - 1;
         // The update pass: tensor 1 is skipped (no blocks), the others one block each.
         assert_eq!(&starts[last * 5..], &[0, 1, 1, 2, 3]);
-        assert_eq!(m.grids(&starts)[last], 3);
+        assert_eq!(m.grids(&starts).unwrap()[last], 3);
         let table = m.table(&[
             Some((
                 Hyper {
@@ -746,6 +830,54 @@ mod tests {
             i32::from_le_bytes(table[e2 + 76..e2 + 80].try_into().unwrap()),
             0
         );
+    }
+
+    #[test]
+    fn launches_that_would_leave_the_arenas_are_rejected() {
+        let m = model(&["8x4", "5", "8x4"]);
+        let n = m.tensors.len();
+        let hyper = Hyper {
+            lr: 0.1,
+            weight_decay: 0.0,
+        };
+        let active = [true, false, true];
+        let table = m.table(&[Some((hyper, 3)), None, Some((hyper, 0))]);
+        let starts = m.block_starts(&active);
+        let grids = m.grids(&starts).unwrap();
+        m.check_launch(&table, &starts, &grids).unwrap();
+        // A moved offset, a foreign plan, a short table.
+        let mut t2 = table.clone();
+        t2[TABLE_ENTRY_BYTES] = 99;
+        assert!(m.check_launch(&t2, &starts, &grids).is_err());
+        let mut t3 = table.clone();
+        t3[2 * TABLE_ENTRY_BYTES + 76] = 1;
+        assert!(m.check_launch(&t3, &starts, &grids).is_err());
+        assert!(m.check_launch(&table[1..], &starts, &grids).is_err());
+        // More blocks for a tensor than it has, a grid larger than the starts' total.
+        let last = m.slots.len() - 1;
+        let mut s2 = starts.clone();
+        s2[last * (n + 1) + n] += 1;
+        let g2 = m.grids(&s2).unwrap();
+        assert!(m.check_launch(&table, &s2, &g2).is_err());
+        let mut g3 = grids.clone();
+        g3[last] += 1;
+        assert!(m.check_launch(&table, &starts, &g3).is_err());
+        assert!(m.check_launch(&table, &starts[1..], &grids).is_err());
+        // A negative total is an error, not a huge u32.
+        let mut s4 = starts.clone();
+        s4[n] = -1;
+        assert!(m.grids(&s4).is_err());
+    }
+
+    #[test]
+    fn a_packed_grid_beyond_cudas_limit_is_an_error() {
+        // Rank 13, every axis 8: 2^33 blocks per element pass, which `as u32` would have
+        // made 0.
+        let eights = vec!["8"; 13].join("x");
+        let m = model(&[&eights]);
+        let starts = m.block_starts(&[true]);
+        let err = m.grids(&starts).unwrap_err().to_string();
+        assert!(err.contains("launch mulo_model_0_elem_0"), "{err}");
     }
 
     #[test]

@@ -22,7 +22,8 @@ use crate::optimizer::backend::{out_of_range, BackendFactory, ModelBackend, Tens
 use crate::shape::Shape;
 use crate::state::TensorState;
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig,
+    PushKernelArg,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -117,7 +118,7 @@ impl<E: PackedExecutor> PackedBackend<E> {
             .collect();
         let table = self.model.table(&entries);
         let starts = self.model.block_starts(&active);
-        let grids = self.model.grids(&starts);
+        let grids = self.model.grids(&starts)?;
         self.exec.run(&table, &starts, &grids)?;
         for (s, on) in self.steps.iter_mut().zip(active) {
             *s += on as u64;
@@ -218,7 +219,15 @@ impl<E: PackedExecutor> ModelBackend for PackedBackend<E> {
 }
 
 /// The arenas of a packed model on a CUDA device, and its loaded program.
+///
+/// The arenas are private allocations of the model's lengths for the executor's lifetime:
+/// callers get views ([`arena`](Self::arena), [`arena_mut`](Self::arena_mut),
+/// [`param_and_grad_mut`](Self::param_and_grad_mut)), which can be written through but not
+/// swapped for other allocations, and [`run`](PackedExecutor::run) launches only tables and
+/// block starts that [`PackedModel::check_launch`] accepts, after checking every arena's
+/// length. No safe call can make a kernel read or write outside an arena.
 pub struct CudaExecutor {
+    model: PackedModel,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     slots: Vec<CudaFunction>,
@@ -277,6 +286,7 @@ impl CudaExecutor {
             _module: module,
             slots,
             arenas,
+            model: model.clone(),
         })
     }
 
@@ -285,22 +295,21 @@ impl CudaExecutor {
         &self.stream
     }
 
-    /// The device arena of `buffer` (`param`: the model's parameters, each tensor at
-    /// [`PackedModel::param_offset`]; `grad`: its gradients, same offsets).
-    pub fn arena(&self, buffer: Buffer) -> &CudaSlice<f32> {
-        &self.arenas[&buffer]
+    /// A view of the device arena of `buffer` (`param`: the model's parameters, each tensor
+    /// at [`PackedModel::param_offset`]; `grad`: its gradients, same offsets).
+    pub fn arena(&self, buffer: Buffer) -> CudaView<'_, f32> {
+        self.arenas[&buffer].as_view()
     }
 
-    /// The parameter arena and the gradient arena, mutable: what a training step on the GPU
-    /// reads and writes before [`PackedBackend::step_in_place`].
-    pub fn param_and_grad_mut(&mut self) -> (&CudaSlice<f32>, &mut CudaSlice<f32>) {
-        let mut it = self.arenas.iter_mut();
+    /// Views of the parameter arena and of the gradient arena, mutable: what a training step
+    /// on the GPU reads and writes before [`PackedBackend::step_in_place`].
+    pub fn param_and_grad_mut(&mut self) -> (CudaView<'_, f32>, CudaViewMut<'_, f32>) {
         let mut param = None;
         let mut grad = None;
-        for (b, slice) in &mut it {
+        for (b, slice) in self.arenas.iter_mut() {
             match b {
-                Buffer::Param => param = Some(slice),
-                Buffer::Grad => grad = Some(slice),
+                Buffer::Param => param = Some(slice.as_view()),
+                Buffer::Grad => grad = Some(slice.as_view_mut()),
                 _ => {}
             }
         }
@@ -310,12 +319,43 @@ impl CudaExecutor {
         )
     }
 
-    /// The device arena of `buffer`, mutable (write gradients here before
+    /// A mutable view of the device arena of `buffer` (write gradients here before
     /// [`PackedBackend::step_in_place`]).
-    pub fn arena_mut(&mut self, buffer: Buffer) -> &mut CudaSlice<f32> {
+    pub fn arena_mut(&mut self, buffer: Buffer) -> CudaViewMut<'_, f32> {
         self.arenas
             .get_mut(&buffer)
             .expect("every buffer has an arena")
+            .as_view_mut()
+    }
+
+    /// Checks that every arena still has the length the model's offsets were computed for.
+    fn check_arenas(&self) -> Result<()> {
+        let lens = ARENAS
+            .iter()
+            .map(|b| {
+                (
+                    b.name(),
+                    self.arenas[b].len(),
+                    self.model.arena_len[b].max(1),
+                )
+            })
+            .chain([
+                ("scratch", self.scratch.len(), self.model.scratch_len.max(1)),
+                (
+                    "partials",
+                    self.partials.len(),
+                    self.model.partials_len.max(1),
+                ),
+            ]);
+        for (name, have, want) in lens {
+            if have != want {
+                return Err(Error::argument(
+                    name,
+                    format!("the arena has {have} values, the program needs {want}"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -338,7 +378,10 @@ impl PackedExecutor for CudaExecutor {
             return Ok(());
         }
         let stream = self.stream.clone();
-        let slice = self.arena_mut(arena);
+        let slice = self
+            .arenas
+            .get_mut(&arena)
+            .expect("every buffer has an arena");
         check_range(arena, offset, data.len(), slice.len())?;
         let mut view = slice.slice_mut(offset..offset + data.len());
         stream
@@ -350,7 +393,7 @@ impl PackedExecutor for CudaExecutor {
         if out.is_empty() {
             return Ok(());
         }
-        let slice = self.arena(arena);
+        let slice = &self.arenas[&arena];
         check_range(arena, offset, out.len(), slice.len())?;
         let view = slice.slice(offset..offset + out.len());
         self.stream
@@ -362,6 +405,9 @@ impl PackedExecutor for CudaExecutor {
     }
 
     fn run(&mut self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()> {
+        // Nothing reaches the device unless it stays inside the arenas.
+        self.model.check_launch(table, starts, grids)?;
+        self.check_arenas()?;
         if !table.is_empty() {
             let mut view = self.table.slice_mut(0..table.len());
             self.stream
@@ -380,7 +426,7 @@ impl PackedExecutor for CudaExecutor {
             }
             let cfg = LaunchConfig {
                 grid_dim: (grid, 1, 1),
-                block_dim: (super::schedule::BLOCK_THREADS as u32, 1, 1),
+                block_dim: (super::schedule::BLOCK_DIM_X, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut b = self.stream.launch_builder(f);
@@ -394,8 +440,8 @@ impl PackedExecutor for CudaExecutor {
             b.arg(&self.partials);
             // SAFETY: the arguments are those of templates/model_kernel.cu.j2 in order (table,
             // starts, tensor count, the seven arenas of `ARENAS`, scratch, partials); every
-            // arena has the length the table's offsets were computed for, and the grid is the
-            // slot's total from the starts just uploaded.
+            // arena has the length the table's offsets were computed for (`check_arenas`), and
+            // the table, the starts and the grid are the model's (`check_launch`).
             unsafe { b.launch(cfg) }.map_err(driver_err("launching a packed kernel"))?;
         }
         self.stream

@@ -104,12 +104,15 @@ impl CudaRuntime {
             return Ok(p);
         }
         let compiled = super::compile(ir, &self.arch, true)?;
-        let program = Arc::new(CudaStepProgram::load(
-            self.stream.clone(),
-            ir.layout.clone(),
-            &compiled.ptx.ptx,
-            compiled.manifest,
-        )?);
+        // SAFETY: the PTX and the manifest were produced together from `ir`'s schedule.
+        let program = Arc::new(unsafe {
+            CudaStepProgram::load(
+                self.stream.clone(),
+                ir.layout.clone(),
+                &compiled.ptx.ptx,
+                compiled.manifest,
+            )
+        }?);
         if let Ok(mut m) = self.programs.lock() {
             m.insert(key, program.clone());
         }
@@ -137,7 +140,14 @@ fn launch_config(k: &KernelJson) -> LaunchConfig {
 impl CudaStepProgram {
     /// Loads `ptx` (as written by `mulo-compile --target cuda`) described by `manifest`, to run
     /// on `stream`.
-    pub fn load(
+    ///
+    /// # Safety
+    ///
+    /// `ptx` must be the program `manifest` describes, as `mulo-compile --target cuda` wrote
+    /// them together: the kernels index the buffers and scratch arenas with the sizes and
+    /// grids of the manifest, and a mismatched pair (or arbitrary PTX) can read and write
+    /// device memory out of bounds. [`CudaRuntime::program`] is the safe way to get a program.
+    pub unsafe fn load(
         stream: Arc<CudaStream>,
         layout: Layout,
         ptx: &str,

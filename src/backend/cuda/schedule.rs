@@ -25,6 +25,33 @@ pub const BLOCK_THREADS: usize = 256;
 /// Rows of its tile each elem-kernel thread walks (caps the tile along the Y axis).
 pub const ROWS_PER_THREAD: usize = 4;
 
+/// The most blocks a launch may have along x (CUDA's `maxGridDimX`, 2^31 − 1 on every
+/// architecture since sm_30).
+pub const MAX_GRID_X: u32 = i32::MAX as u32;
+
+/// [`BLOCK_THREADS`] as the `u32` of a launch's block dimension (checked at compile time).
+pub const BLOCK_DIM_X: u32 = {
+    assert!(
+        BLOCK_THREADS <= 1024,
+        "CUDA blocks have at most 1024 threads"
+    );
+    BLOCK_THREADS as u32
+};
+
+/// `blocks` as the x dimension of a CUDA grid, or an error naming `what` when it exceeds
+/// [`MAX_GRID_X`] (no silent truncation).
+pub fn grid_dim(blocks: usize, what: &str) -> crate::error::Result<u32> {
+    u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= MAX_GRID_X)
+        .ok_or_else(|| crate::error::Error::Backend {
+            backend: "cuda",
+            message: format!(
+                "{what} needs {blocks} blocks, more than CUDA's limit of {MAX_GRID_X} blocks per grid"
+            ),
+        })
+}
+
 /// How the element domain is cut into thread blocks: the tensor is viewed as
 /// `[rest axes…] × Y × X`, where X is the factored axis with the smaller stride (a virtual
 /// axis of size 1 for unfactored tensors) and Y the other one (the whole tensor when
@@ -439,6 +466,19 @@ mod tests {
                 "{shape}"
             );
         }
+    }
+
+    #[test]
+    fn grid_dims_are_checked() {
+        assert_eq!(grid_dim(0, "k").unwrap(), 0);
+        assert_eq!(grid_dim(MAX_GRID_X as usize, "k").unwrap(), MAX_GRID_X);
+        let err = grid_dim(MAX_GRID_X as usize + 1, "kernel k").unwrap_err();
+        assert!(
+            err.to_string().contains("kernel k needs 2147483648 blocks"),
+            "{err}"
+        );
+        assert!(grid_dim(usize::MAX, "k").is_err());
+        assert!(grid_dim(1 << 32, "k").is_err(), "no truncation to 0");
     }
 
     #[test]
