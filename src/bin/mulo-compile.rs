@@ -274,7 +274,7 @@ fn compile_packed(args: &CompileArgs, shapes: &[Shape]) -> Result<i32> {
     let started = Instant::now();
     let model = PackedModel::new(&lopt, shapes)?;
     eprintln!(
-        "packing {} tensors of {} distinct shapes; compiling for {arch} (NVRTC takes about 9 s per distinct shape the first time; the result is cached)",
+        "packing {} tensors of {} distinct shapes; compiling for {arch} (NVRTC runs the first time only; the result is cached)",
         model.tensors.len(),
         model.plans.len()
     );

@@ -32,6 +32,13 @@ pub struct Manifest {
     pub arch: String,
     /// NVRTC version that produced the PTX, `major.minor`.
     pub nvrtc_version: String,
+    /// The PTX's ISA version (`.version`), `major.minor`; empty before compilation.
+    #[serde(default)]
+    pub ptx_isa: String,
+    /// The oldest driver that loads the PTX: its CUDA version and Linux driver branch, from
+    /// NVIDIA's table of PTX ISA versions per CUDA release (e.g. `CUDA 12.9 (R575)`).
+    #[serde(default)]
+    pub min_driver: String,
     /// Fingerprint of the learned optimizer (weights and meta-parameters).
     pub lopt_fingerprint: String,
     /// The PTX file name.
@@ -207,6 +214,8 @@ impl Manifest {
             factored: layout.factored().map(|f| FactoredJson { d0: f.d0, d1: f.d1 }),
             arch: arch.to_string(),
             nvrtc_version: format!("{}.{}", nvrtc_version.0, nvrtc_version.1),
+            ptx_isa: String::new(),
+            min_driver: String::new(),
             lopt_fingerprint: ir.lopt_fingerprint.clone(),
             ptx: "mulo_step.ptx".into(),
             source: "mulo_step.cu".into(),
@@ -254,9 +263,33 @@ impl Manifest {
         })
     }
 
+    /// Fills [`ptx_isa`](Self::ptx_isa) and [`min_driver`](Self::min_driver) from the PTX.
+    pub fn record_ptx(&mut self, ptx: &str) {
+        (self.ptx_isa, self.min_driver) = ptx_requirements(ptx);
+    }
+
     /// Pretty JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// The PTX ISA version of `ptx` and the oldest driver that loads it, as manifest strings.
+pub fn ptx_requirements(ptx: &str) -> (String, String) {
+    use super::nvrtc::{min_linux_driver, ptx_isa_min_cuda, ptx_isa_version};
+    match ptx_isa_version(ptx) {
+        Some(isa) => (
+            format!("{}.{}", isa.0, isa.1),
+            ptx_isa_min_cuda(isa).map_or("unknown".into(), |v| {
+                format!(
+                    "CUDA {}.{} ({})",
+                    v / 1000,
+                    (v % 1000) / 10,
+                    min_linux_driver(v)
+                )
+            }),
+        ),
+        None => (String::new(), String::new()),
     }
 }
 
@@ -290,5 +323,11 @@ mod tests {
             .kernels
             .iter()
             .all(|k| k.grid[0] >= 1 && k.block == [256, 1, 1]));
+        let mut m = m;
+        m.record_ptx("//\n.version 8.5\n.target sm_80\n");
+        assert_eq!(
+            (m.ptx_isa.as_str(), m.min_driver.as_str()),
+            ("8.5", "CUDA 12.5 (R555)")
+        );
     }
 }

@@ -50,7 +50,8 @@ pub struct CompiledStep {
 pub fn compile(ir: &StepIr, arch: &str, use_cache: bool) -> Result<CompiledStep> {
     let generated = generate(ir)?;
     let ptx = nvrtc::compile(&generated.source, arch, use_cache)?;
-    let manifest = Manifest::new(ir, &generated.schedule, arch, ptx.nvrtc_version)?;
+    let mut manifest = Manifest::new(ir, &generated.schedule, arch, ptx.nvrtc_version)?;
+    manifest.record_ptx(&ptx.ptx);
     Ok(CompiledStep {
         source: generated.source,
         ptx,

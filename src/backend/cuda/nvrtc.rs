@@ -35,6 +35,106 @@ pub fn driver_available() -> bool {
     std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
 }
 
+/// The CUDA version of the installed driver as `cuDriverGetVersion` reports it
+/// (`1000 * major + 10 * minor`, e.g. 12080 for CUDA 12.8), or `None` without a driver.
+pub fn driver_version() -> Option<i32> {
+    if !driver_available() {
+        return None;
+    }
+    std::panic::catch_unwind(|| {
+        let mut v = 0i32;
+        // SAFETY: the driver library is loaded; cuDriverGetVersion writes one int and needs
+        // no context.
+        let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(v)
+    })
+    .ok()
+    .flatten()
+}
+
+/// The PTX ISA version `(major, minor)` of a PTX text (its `.version` directive).
+pub fn ptx_isa_version(ptx: &str) -> Option<(u32, u32)> {
+    let line = ptx
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(".version"))?;
+    let (major, minor) = line.trim_start_matches(".version").trim().split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The first CUDA release whose driver loads PTX of ISA `isa`, encoded like
+/// `cuDriverGetVersion` (`1000 * major + 10 * minor`), from NVIDIA's table of PTX ISA
+/// versions per CUDA release (PTX ISA 7.x: CUDA 11.x; 8.0–8.5: CUDA 12.0–12.5 (12.6 kept 8.5);
+/// 8.7: 12.8; 8.8: 12.9; 9.0: 13.0). `None` for an ISA the table does not know (newer).
+pub fn ptx_isa_min_cuda(isa: (u32, u32)) -> Option<i32> {
+    let cuda = match isa {
+        (7, m @ 0..=8) => (11, m),
+        (8, m @ 0..=5) => (12, m),
+        (8, 6 | 7) => (12, 8),
+        (8, 8) => (12, 9),
+        (9, 0) => (13, 0),
+        _ => return None,
+    };
+    Some(1000 * cuda.0 as i32 + 10 * cuda.1 as i32)
+}
+
+/// The oldest Linux driver branch shipped with a CUDA release (as from
+/// [`ptx_isa_min_cuda`]), for error messages and the manifest.
+pub fn min_linux_driver(cuda: i32) -> &'static str {
+    match cuda {
+        ..=11080 => "R450 (CUDA 11.x)",
+        ..=12000 => "R525",
+        ..=12010 => "R530",
+        ..=12020 => "R535",
+        ..=12030 => "R545",
+        ..=12040 => "R550",
+        ..=12050 => "R555",
+        ..=12060 => "R560",
+        ..=12080 => "R570",
+        ..=12090 => "R575",
+        ..=13000 => "R580",
+        _ => "newer than R580",
+    }
+}
+
+fn cuda_text(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// Refuses to load `program` (named in the error) whose PTX is ISA `isa` on a driver of CUDA
+/// version `driver` (as `cuDriverGetVersion` reports it) that is too old to load it: the
+/// check made before any module is loaded, so that an old driver gives this error instead of
+/// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION` at the first step.
+pub fn check_driver(driver: i32, isa: (u32, u32), program: &str) -> Result<()> {
+    let Some(need) = ptx_isa_min_cuda(isa) else {
+        return Err(backend(format!(
+            "{program}: PTX ISA {}.{} is newer than this build of mulo knows; compile with an older NVRTC",
+            isa.0, isa.1
+        )));
+    };
+    if driver < need {
+        return Err(backend(format!(
+            "{program}: the PTX is ISA {}.{}, which needs a CUDA {} driver ({} or newer); this driver supports CUDA {}. Update the NVIDIA driver, or install an NVRTC no newer than the driver (pip install \"nvidia-cuda-nvrtc-cu12=={}.*\") and recompile",
+            isa.0,
+            isa.1,
+            cuda_text(need),
+            min_linux_driver(need),
+            cuda_text(driver),
+            cuda_text(driver),
+        )));
+    }
+    Ok(())
+}
+
+/// [`check_driver`] against the installed driver ([`driver_version`]); passes when the
+/// driver cannot be asked (loading then reports the driver's own error).
+pub fn check_installed_driver(ptx: &str, program: &str) -> Result<()> {
+    match (driver_version(), ptx_isa_version(ptx)) {
+        (Some(driver), Some(isa)) => check_driver(driver, isa, program),
+        _ => Ok(()),
+    }
+}
+
 /// The NVRTC version `(major, minor)`.
 pub fn nvrtc_version() -> Result<(i32, i32)> {
     if !nvrtc_available() {
@@ -110,6 +210,8 @@ pub fn cache_key(source: &str, arch: &str, version: (i32, i32)) -> String {
     h.update(arch.as_bytes());
     h.update([0]);
     h.update(format!("nvrtc {}.{}", version.0, version.1).as_bytes());
+    h.update([0]);
+    h.update(nvrtc_options(arch, version).join(" ").as_bytes());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -126,6 +228,24 @@ pub struct CompiledPtx {
     pub key: String,
     /// Whether it was read from the disk cache instead of compiled.
     pub from_cache: bool,
+}
+
+/// The NVRTC options of every compilation by NVRTC `version`: the architecture, C++17, and
+/// from NVRTC 12.9 on `--Ofast-compile=min`, the lowest fast-compile level (the one meant to
+/// keep runtime performance; NVRTC 12.8 knows only `0` and `max`). It cut NVRTC's time about
+/// threefold on mulo's programs (`bench/results/cuda-compile-time.md`); its effect on kernel
+/// speed is not measured yet (no GPU). Floating-point
+/// semantics stay NVRTC's defaults (`--fmad=true`, IEEE division and square root, no
+/// flush-to-zero).
+pub fn nvrtc_options(arch: &str, version: (i32, i32)) -> Vec<String> {
+    let mut options = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+    ];
+    if version >= (12, 9) {
+        options.push("--Ofast-compile=min".to_string());
+    }
+    options
 }
 
 /// Compiles `source` for `arch` with NVRTC, using the disk cache when `use_cache`.
@@ -152,10 +272,7 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
         }
     }
     let opts = cudarc::nvrtc::CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".to_string(),
-        ],
+        options: nvrtc_options(arch, version),
         name: Some("mulo_step.cu".to_string()),
         ..Default::default()
     };
@@ -253,6 +370,51 @@ mod tests {
         assert_ne!(k, cache_key("src2", "sm_80", (12, 9)));
         assert_ne!(k, cache_key("src", "sm_90", (12, 9)));
         assert_ne!(k, cache_key("src", "sm_80", (12, 8)));
+    }
+
+    #[test]
+    fn old_drivers_are_refused_before_loading() {
+        let ptx = "//\n.version 8.8\n.target sm_90\n.address_size 64\n";
+        let isa = ptx_isa_version(ptx).unwrap();
+        assert_eq!(isa, (8, 8));
+        assert_eq!(ptx_isa_min_cuda(isa), Some(12090));
+        // A CUDA 12.8 driver (R570) cannot load ISA 8.8; 12.9 and 13.0 can.
+        let err = check_driver(12080, isa, "mulo_step.ptx (1024x512)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mulo_step.ptx (1024x512)")
+                && err.contains("ISA 8.8")
+                && err.contains("CUDA 12.9 driver (R575")
+                && err.contains("supports CUDA 12.8"),
+            "{err}"
+        );
+        check_driver(12090, isa, "p").unwrap();
+        check_driver(13000, isa, "p").unwrap();
+        // The table: ISA 8.5 is CUDA 12.5 (and 12.6), 8.7 is 12.8, 9.0 is 13.0.
+        assert_eq!(ptx_isa_min_cuda((8, 5)), Some(12050));
+        assert_eq!(ptx_isa_min_cuda((8, 7)), Some(12080));
+        assert_eq!(ptx_isa_min_cuda((9, 0)), Some(13000));
+        assert_eq!(ptx_isa_min_cuda((7, 8)), Some(11080));
+        assert!(check_driver(99000, (9, 9), "p").is_err());
+        assert_eq!(ptx_isa_version("no version"), None);
+    }
+
+    #[test]
+    fn fast_compile_only_where_nvrtc_has_it() {
+        let has = |v| {
+            nvrtc_options("sm_80", v)
+                .iter()
+                .any(|o| o == "--Ofast-compile=min")
+        };
+        assert!(!has((12, 4)));
+        assert!(!has((12, 8)), "NVRTC 12.8 rejects the level `min`");
+        assert!(has((12, 9)));
+        assert!(has((13, 0)));
+        assert_eq!(
+            nvrtc_options("sm_90", (12, 4))[0],
+            "--gpu-architecture=sm_90"
+        );
     }
 
     #[test]

@@ -547,6 +547,12 @@ pub struct ModelManifest {
     pub arch: String,
     /// NVRTC version that produced the PTX, `major.minor`.
     pub nvrtc_version: String,
+    /// The PTX's ISA version (`.version`), `major.minor`.
+    #[serde(default)]
+    pub ptx_isa: String,
+    /// The oldest driver that loads the PTX (e.g. `CUDA 12.9 (R575)`).
+    #[serde(default)]
+    pub min_driver: String,
     /// Fingerprint of the learned optimizer.
     pub lopt_fingerprint: String,
     /// The PTX file name.
@@ -633,7 +639,8 @@ impl PackedModel {
     pub fn compile(&self, arch: &str, use_cache: bool) -> Result<CompiledModel> {
         let source = self.source()?;
         let ptx = super::nvrtc::compile(&source, arch, use_cache)?;
-        let manifest = self.manifest(arch, ptx.nvrtc_version);
+        let mut manifest = self.manifest(arch, ptx.nvrtc_version);
+        (manifest.ptx_isa, manifest.min_driver) = super::manifest::ptx_requirements(&ptx.ptx);
         Ok(CompiledModel {
             source,
             ptx,
@@ -693,6 +700,8 @@ impl PackedModel {
             generator: format!("mulo {}", env!("CARGO_PKG_VERSION")),
             arch: arch.to_string(),
             nvrtc_version: format!("{}.{}", nvrtc_version.0, nvrtc_version.1),
+            ptx_isa: String::new(),
+            min_driver: String::new(),
             lopt_fingerprint: self.lopt_fingerprint.clone(),
             ptx: "mulo_model.ptx".into(),
             source: "mulo_model.cu".into(),

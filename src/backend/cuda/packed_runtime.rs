@@ -246,10 +246,16 @@ impl CudaExecutor {
         let source = model.source()?;
         let ptx = nvrtc::compile(&source, runtime.arch(), true)?;
         let stream = runtime.stream().clone();
+        let program = format!(
+            "mulo_model.ptx ({} tensors, {} shapes)",
+            model.tensors.len(),
+            model.plans.len()
+        );
+        nvrtc::check_installed_driver(&ptx.ptx, &program)?;
         let module = stream
             .context()
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx.ptx))
-            .map_err(driver_err("loading the packed PTX module"))?;
+            .map_err(driver_err(&format!("loading {program}")))?;
         let slots = model
             .slots
             .iter()

@@ -599,11 +599,50 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
     })
 }
 
+/// Opens the region in which the threads of a small kernel's block visit the `n` points of a
+/// domain as `p`: one point per thread without a loop when `n` fits in the block (NVRTC's
+/// compile time grows much faster with the number of loops than with straight-line code),
+/// else a block-strided loop. Closed by `}`.
+fn open_points(n: usize) -> String {
+    let t = BLOCK_THREADS;
+    if n <= t {
+        format!("    if (tid < {n}) {{ const idx_t p = tid;\n")
+    } else {
+        format!("    for (idx_t p = tid; p < {n}; p += {t}) {{\n")
+    }
+}
+
+/// Whether a small node is computed point by point from values of its own point (grouped with
+/// its neighbours of the same domain into one region without barriers).
+fn is_pointwise(ir: &StepIr, v: ValueId) -> bool {
+    !matches!(
+        ir.node(v).op,
+        Op::Mean(_) | Op::Load { .. } | Op::Store { .. } | Op::Const(_) | Op::Scalar(_)
+    )
+}
+
 fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) -> Result<String> {
     let layout = &ir.layout;
     let t = BLOCK_THREADS;
     let mut out = String::new();
-    for &v in nodes {
+    // Consecutive pointwise nodes of one domain share a region: each thread computes them
+    // for its points in registers (and into scratch for later kernels and other domains),
+    // with one barrier after the group instead of one per node.
+    let mut i = 0;
+    while i < nodes.len() {
+        let v = nodes[i];
+        if is_pointwise(ir, v) {
+            let d = ir.node(v).domain;
+            let mut j = i;
+            while j < nodes.len() && is_pointwise(ir, nodes[j]) && ir.node(nodes[j]).domain == d {
+                j += 1;
+            }
+            small_group(ir, s, &nodes[i..j], &mut out)?;
+            let _ = writeln!(out, "    __syncthreads();");
+            i = j;
+            continue;
+        }
+        i += 1;
         let node = ir.node(v);
         let d = node.domain;
         let n = layout.domain_len(d);
@@ -627,7 +666,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                 let (po, k) = (m.partial_offset, m.partials_per_point);
                 match m.kind {
                     PartialKind::KeepX | PartialKind::KeepY => {
-                        let _ = writeln!(out, "    for (idx_t p = tid; p < {n}; p += {t}) {{");
+                        out.push_str(&open_points(n));
                         for l in 0..w {
                             let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {count}); }}");
                         }
@@ -639,7 +678,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                         }
                     }
                     PartialKind::Blocks => {
-                        let _ = writeln!(out, "    for (idx_t p = tid; p < {n}; p += {t}) {{");
+                        out.push_str(&open_points(n));
                         for l in 0..w {
                             let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (p * {k} + k) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {count}); }}");
                         }
@@ -664,7 +703,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                     .ok_or_else(|| Error::Verify(format!("{a}: mean operand not in scratch")))?;
                 let cnt = f64_literal(count as f64);
                 if n >= 64 {
-                    let _ = writeln!(out, "    for (idx_t p = tid; p < {n}; p += {t}) {{");
+                    out.push_str(&open_points(n));
                     for l in 0..w {
                         let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {count}; ++k) s += (double)scratch[{aoff} + ({aidx}) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {cnt}); }}");
                     }
@@ -678,7 +717,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                 }
             }
             Op::Load { buffer, lane } => {
-                let _ = writeln!(out, "    for (idx_t p = tid; p < {n}; p += {t}) {{");
+                out.push_str(&open_points(n));
                 let _ = writeln!(
                     out,
                     "        scratch[{off} + p] = {}[{}];",
@@ -687,29 +726,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                 );
                 let _ = writeln!(out, "    }}");
             }
-            Op::Store { .. } | Op::Const(_) | Op::Scalar(_) => {
-                return Err(Error::Verify(format!("{v}: not computed into scratch")))
-            }
-            _ => {
-                let _ = writeln!(out, "    for (idx_t p = tid; p < {n}; p += {t}) {{");
-                let coords = decompose(layout, &layout.domain_axes(d), "p");
-                let mut seen = BTreeSet::new();
-                for o in node.op.operands() {
-                    if s.scratch_offset[o.index()].is_some() && seen.insert(o) {
-                        let idx = compose(layout, ir.node(o).domain, &coords);
-                        read_scratch(ir, s, o, &idx, "        ", &mut out);
-                    }
-                }
-                compute_node(ir, v, "        ", &mut out)?;
-                for l in 0..w {
-                    let _ = writeln!(
-                        out,
-                        "        scratch[{off} + p * {w} + {l}] = {};",
-                        operand(ir, v, l as u32)
-                    );
-                }
-                let _ = writeln!(out, "    }}");
-            }
+            _ => return Err(Error::Verify(format!("{v}: not computed into scratch"))),
         }
         let _ = writeln!(out, "    __syncthreads();");
     }
@@ -726,7 +743,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
         let n = layout.domain_len(d);
         let coords = decompose(layout, &layout.domain_axes(d), "p");
         let _ = writeln!(out, "    // store {}[{lane}] = {value}", buffer.name());
-        let _ = writeln!(out, "    for (idx_t p = tid; p < {n}; p += {t}) {{");
+        out.push_str(&open_points(n));
         if s.scratch_offset[value.index()].is_some() {
             let idx = compose(layout, ir.node(*value).domain, &coords);
             read_scratch(ir, s, *value, &idx, "        ", &mut out);
@@ -741,6 +758,50 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
         let _ = writeln!(out, "    }}");
     }
     Ok(out)
+}
+
+/// One region computing the pointwise small nodes `group` (all on one domain) for every
+/// point: operands of the group come from registers, the others from scratch; every node is
+/// also written to scratch.
+fn small_group(ir: &StepIr, s: &Schedule, group: &[ValueId], out: &mut String) -> Result<()> {
+    let layout = &ir.layout;
+    let d = ir.node(group[0]).domain;
+    let n = layout.domain_len(d);
+    for &v in group {
+        let node = ir.node(v);
+        let _ = writeln!(
+            out,
+            "    // {v} on {d} x{}: {}",
+            node.width,
+            node.note.as_deref().unwrap_or("")
+        );
+    }
+    out.push_str(&open_points(n));
+    let coords = decompose(layout, &layout.domain_axes(d), "p");
+    let mut in_registers: BTreeSet<ValueId> = BTreeSet::new();
+    for &v in group {
+        let node = ir.node(v);
+        let w = node.width as usize;
+        let off = s.scratch_offset[v.index()]
+            .ok_or_else(|| Error::Verify(format!("{v}: small node without a scratch slot")))?;
+        for o in node.op.operands() {
+            if s.scratch_offset[o.index()].is_some() && in_registers.insert(o) {
+                let idx = compose(layout, ir.node(o).domain, &coords);
+                read_scratch(ir, s, o, &idx, "        ", out);
+            }
+        }
+        compute_node(ir, v, "        ", out)?;
+        in_registers.insert(v);
+        for l in 0..w {
+            let _ = writeln!(
+                out,
+                "        scratch[{off} + p * {w} + {l}] = {};",
+                operand(ir, v, l as u32)
+            );
+        }
+    }
+    let _ = writeln!(out, "    }}");
+    Ok(())
 }
 
 #[cfg(test)]

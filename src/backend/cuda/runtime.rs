@@ -163,10 +163,12 @@ impl CudaStepProgram {
                 ),
             ));
         }
+        let program = format!("mulo_step.ptx ({})", layout.shape());
+        nvrtc::check_installed_driver(ptx, &program)?;
         let module = stream
             .context()
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(driver_err("loading the PTX module"))?;
+            .map_err(driver_err(&format!("loading {program}")))?;
         let kernels = manifest
             .kernels
             .iter()

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Register and spill guard of the generated CUDA, without a GPU: `ptxas -v` (from the PyPI
+# wheel nvidia-cuda-nvcc-cu12, pinned) on the PTX of every shape class and of a packed model,
+# for sm_80 and sm_90. Fails on any spill or stack frame in an element kernel, or an update
+# kernel above 128 registers. Prints the resource table (bench/results/ptxas-resources.md
+# is this table as committed).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/env.sh
+python3 -m pip install --quiet --disable-pip-version-check "nvidia-cuda-nvcc-cu12==12.9.86"
+ptxas="$(python3 -c 'import nvidia.cuda_nvcc as m, os; print(os.path.join(m.__path__[0], "bin", "ptxas"))')"
+export MULO_CACHE_DIR="${MULO_CACHE_DIR:-$(mktemp -d)}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+bin=target/debug/mulo-compile
+weights=tests/fixtures/golden/weights
+
+# Shape classes (as tests/cuda_nvrtc.rs): 1-d, one element, 0-d, tall, wide, square, a
+# dimension of 1, rank 4; and a packed model of several of them.
+shapes=(37 1 scalar 4096x64 64x4096 48x48 1x300 16x8x3x3)
+for arch in sm_80 sm_90; do
+    for s in "${shapes[@]}"; do
+        "$bin" --shape "$s" --target cuda --arch "$arch" --weights "$weights" -o "$work/$s-$arch" >/dev/null 2>&1
+        cp "$work/$s-$arch/mulo_step.ptx" "$work/$s-$arch.ptx"
+    done
+    "$bin" --target cuda --arch "$arch" --weights "$weights" -o "$work/packed-$arch" \
+        --shape 64x32 --shape 37 --shape 16x8x3x3 --shape scalar --shape 1x300 >/dev/null 2>&1
+    cp "$work/packed-$arch/mulo_model.ptx" "$work/packed-$arch.ptx"
+done
+
+echo "| program | arch | function | registers | spill stores (B) | spill loads (B) | stack frame (B) |"
+echo "|---|---|---|---|---|---|---|"
+fail=0
+for ptx in "$work"/*.ptx; do
+    name="$(basename "$ptx" .ptx)"
+    arch="${name##*-}"
+    prog="${name%-*}"
+    "$ptxas" -v --gpu-name "$arch" -o /dev/null "$ptx" 2>"$work/log"
+    python3 - "$work/log" "$prog" "$arch" <<'PY' || fail=1
+import re, sys
+log, prog, arch = sys.argv[1:]
+func = None
+frames = {}
+bad = []
+for line in open(log):
+    m = re.search(r"Compiling entry function '(\w+)'|Function properties for (\w+)", line)
+    if m:
+        func = m.group(1) or m.group(2)
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and func:
+        frames[func] = tuple(map(int, m.groups()))
+    m = re.search(r"Used (\d+) registers", line)
+    if m and func:
+        regs = int(m.group(1))
+        frame, stores, loads = frames.get(func, (0, 0, 0))
+        print(f"| {prog} | {arch} | {func} | {regs} | {stores} | {loads} | {frame} |")
+        if "elem_" in func and (stores or loads or frame):
+            bad.append(f"{prog}/{arch}: {func} spills or has a stack frame ({stores} B stores, {loads} B loads, {frame} B frame)")
+        if func.endswith("_update") and regs > 128:
+            bad.append(f"{prog}/{arch}: {func} uses {regs} registers (> 128)")
+# Device functions (the packed program's per-plan kernels, helpers) report no registers of
+# their own, but their spills and frames count for the element kernels that call them.
+for f, (frame, stores, loads) in frames.items():
+    if "elem_" in f and (stores or loads or frame):
+        bad.append(f"{prog}/{arch}: device function {f} spills or has a stack frame")
+for b in bad:
+    print("FAIL:", b, file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+done
+if [ "$fail" != 0 ]; then
+    echo "ptxas: resource limits exceeded (see FAIL lines above)" >&2
+    exit 1
+fi
+echo "ptxas: ok"
