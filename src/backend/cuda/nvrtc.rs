@@ -67,7 +67,7 @@ pub fn ptx_isa_version(ptx: &str) -> Option<(u32, u32)> {
 /// versions per CUDA release (PTX ISA 7.x: CUDA 11.x; 8.0–8.5: CUDA 12.0–12.5 (12.6 kept 8.5);
 /// 8.7: 12.8; 8.8: 12.9; 9.0: 13.0). `None` for an ISA the table does not know (newer).
 pub fn ptx_isa_min_cuda(isa: (u32, u32)) -> Option<i32> {
-    let cuda = match isa {
+    let cuda: (i32, u32) = match isa {
         (7, m @ 0..=8) => (11, m),
         (8, m @ 0..=5) => (12, m),
         (8, 6 | 7) => (12, 8),
@@ -75,26 +75,29 @@ pub fn ptx_isa_min_cuda(isa: (u32, u32)) -> Option<i32> {
         (9, 0) => (13, 0),
         _ => return None,
     };
-    Some(1000 * cuda.0 as i32 + 10 * cuda.1 as i32)
+    Some(1000 * cuda.0 + 10 * cuda.1 as i32)
 }
 
 /// The oldest Linux driver branch shipped with a CUDA release (as from
 /// [`ptx_isa_min_cuda`]), for error messages and the manifest.
 pub fn min_linux_driver(cuda: i32) -> &'static str {
-    match cuda {
-        ..=11080 => "R450 (CUDA 11.x)",
-        ..=12000 => "R525",
-        ..=12010 => "R530",
-        ..=12020 => "R535",
-        ..=12030 => "R545",
-        ..=12040 => "R550",
-        ..=12050 => "R555",
-        ..=12060 => "R560",
-        ..=12080 => "R570",
-        ..=12090 => "R575",
-        ..=13000 => "R580",
-        _ => "newer than R580",
-    }
+    const BRANCHES: [(i32, &str); 11] = [
+        (11080, "R450 (CUDA 11.x)"),
+        (12000, "R525"),
+        (12010, "R530"),
+        (12020, "R535"),
+        (12030, "R545"),
+        (12040, "R550"),
+        (12050, "R555"),
+        (12060, "R560"),
+        (12080, "R570"),
+        (12090, "R575"),
+        (13000, "R580"),
+    ];
+    BRANCHES
+        .iter()
+        .find(|(v, _)| cuda <= *v)
+        .map_or("newer than R580", |(_, b)| b)
 }
 
 fn cuda_text(v: i32) -> String {
