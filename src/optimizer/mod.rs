@@ -169,6 +169,8 @@ pub struct StepReport {
     /// Tensors whose step produced NaN or ±Inf (in the parameter or the state) and was undone
     /// by the guard ([`OptimizerOptions::guard`]); they are listed in `skipped` too.
     pub reverted: Vec<String>,
+    /// Tensors given no gradient ([`MuloOptimizer::step_partial`]), left unchanged.
+    pub without_grad: Vec<String>,
 }
 
 /// A μLO_M optimizer over every parameter tensor of a model.
@@ -288,6 +290,19 @@ impl MuloOptimizer {
         self.rules[index].apply(lr)
     }
 
+    /// The per-tensor clipping norm (PyLO's `max_grad_norm`).
+    pub fn max_grad_norm(&self) -> Option<f32> {
+        self.max_grad_norm
+    }
+
+    /// Changes the per-tensor clipping norm for the next steps (PyLO reads its parameter
+    /// group's `max_grad_norm` at every step). Refused unless positive and finite.
+    pub fn set_max_grad_norm(&mut self, max_grad_norm: Option<f32>) -> Result<()> {
+        clip::check_max_norm("max_grad_norm", max_grad_norm)?;
+        self.max_grad_norm = max_grad_norm;
+        Ok(())
+    }
+
     /// The SHA-256 fingerprint of the learned optimizer this was built for.
     pub fn lopt_fingerprint(&self) -> &str {
         &self.lopt_fingerprint
@@ -321,6 +336,23 @@ impl MuloOptimizer {
         lr: f32,
         weight_decay: f32,
     ) -> Result<StepReport> {
+        let grads: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(*g)).collect();
+        self.step_partial(params, &grads, lr, weight_decay)
+    }
+
+    /// [`step`](Self::step) where some tensors may have no gradient (`None`), as a PyTorch
+    /// parameter whose `.grad` is `None`: such a tensor is left unchanged, like a skipped one
+    /// (its accumulators are kept, its step counter follows the optimizer's, as PyLO's
+    /// per-group counter does), and is listed in [`StepReport::without_grad`]. Its parameter
+    /// is still given (and its length checked) so that indices stay those of
+    /// [`params`](Self::params).
+    pub fn step_partial(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &[Option<&[f32]>],
+        lr: f32,
+        weight_decay: f32,
+    ) -> Result<StepReport> {
         self.check_usable()?;
         let n = self.specs.len();
         for (what, len) in [("params", params.len()), ("grads", grads.len())] {
@@ -333,7 +365,8 @@ impl MuloOptimizer {
         }
         for (i, spec) in self.specs.iter().enumerate() {
             let want = self.layouts[i].numel();
-            for (what, len) in [("param", params[i].len()), ("grad", grads[i].len())] {
+            let grad_len = grads[i].map_or(want, |g| g.len());
+            for (what, len) in [("param", params[i].len()), ("grad", grad_len)] {
                 if len != want {
                     return Err(Error::argument(
                         format!("{what} `{}`", spec.name),
@@ -367,7 +400,10 @@ impl MuloOptimizer {
             step: self.step,
             ..Default::default()
         };
-        let counts: Vec<NonFiniteCount> = grads.iter().map(|g| NonFiniteCount::of(g)).collect();
+        let counts: Vec<NonFiniteCount> = grads
+            .iter()
+            .map(|g| g.map_or_else(NonFiniteCount::default, NonFiniteCount::of))
+            .collect();
         for (spec, c) in self.specs.iter().zip(&counts) {
             if !c.is_clean() {
                 report.nonfinite.push((spec.name.clone(), *c));
@@ -391,6 +427,11 @@ impl MuloOptimizer {
         // The gradients the step will use: borrowed unless something had to change them.
         let mut work: Vec<Option<Cow<[f32]>>> = Vec::with_capacity(n);
         for (i, grad) in grads.iter().enumerate() {
+            let Some(grad) = grad else {
+                report.without_grad.push(self.specs[i].name.clone());
+                work.push(None);
+                continue;
+            };
             if counts[i].is_clean() {
                 work.push(Some(Cow::Borrowed(*grad)));
             } else if self.nonfinite == NonFinitePolicy::Skip {
