@@ -26,7 +26,8 @@ from mulo.torch import MuLO
 
 
 def mlp(hidden):
-    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+    # μP: the readout is mup's MuReadout (its output is scaled by the base width over the width).
+    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), mup.MuReadout(hidden, 10))
 
 
 def main():
