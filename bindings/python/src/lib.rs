@@ -214,7 +214,7 @@ impl PyGroup {
             numels.push(shape.numel());
             let mut spec = ParamSpec::with_shape(name.clone(), shape);
             if let Some((d0, d1)) = ax {
-                let _ = (d0, d1); // TEMP until main has ParamSpec::with_factored_axes
+                spec = spec.with_factored_axes(*d0, *d1).map_err(to_py)?;
             }
             specs.push(spec);
         }
