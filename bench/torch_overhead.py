@@ -27,6 +27,39 @@ from pytorch_reference import NaiveStep, load_mlp  # noqa: E402
 from mulo.torch import AdafacLO  # noqa: E402
 
 
+def model(layers, width):
+    torch.manual_seed(0)
+    params = []
+    for _ in range(layers):
+        params.append(torch.nn.Parameter(torch.randn(width, width) * 0.05))
+        params.append(torch.nn.Parameter(torch.randn(width) * 0.05))
+    for p in params:
+        p.grad = torch.randn(p.shape) * 1e-2
+    return params
+
+
+def measure(params, args):
+    """Medians of the Python step, the Rust step, and of their paired differences (seconds).
+
+    The two alternate step by step, so that the load of a shared machine hits both alike.
+    """
+    opt = AdafacLO(params, lr=1e-3, hf_key=args.weights)
+    for _ in range(args.warmup):
+        opt.step()
+    rt = opt._rt[0]
+    group = opt.param_groups[0]
+    ptrs, grads = opt._check(0, group, rt.names)  # the flat [address, length, ...] lists
+    rt.native.bench_steps(ptrs, grads, 1e-3, 0.0, args.warmup)
+    py_times, rust_times, diffs = [], [], []
+    for _ in range(args.rounds * args.steps):
+        t0 = time.perf_counter()
+        opt.step()
+        py_times.append(time.perf_counter() - t0)
+        rust_times += rt.native.bench_steps(ptrs, grads, float(group["lr"]), 0.0, 1)
+        diffs.append(py_times[-1] - rust_times[-1])
+    return statistics.median(py_times), statistics.median(rust_times), statistics.median(diffs)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=60)
@@ -38,36 +71,18 @@ def main():
     ap.add_argument("--reference-steps", type=int, default=2, help="steps of the PyTorch reference (slow)")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    params = []
-    for _ in range(args.layers):
-        params.append(torch.nn.Parameter(torch.randn(args.width, args.width) * 0.05))
-        params.append(torch.nn.Parameter(torch.randn(args.width) * 0.05))
-    for p in params:
-        p.grad = torch.randn(p.shape) * 1e-2
+    params = model(args.layers, args.width)
     numel = sum(p.numel() for p in params)
-    opt = AdafacLO(params, lr=1e-3, hf_key=args.weights)
-    for _ in range(args.warmup):
-        opt.step()
-    rt = opt._rt[0]
-    group = opt.param_groups[0]
-    ptrs = [(p.data_ptr(), p.numel()) for p in params]
-    grads = [(p.grad.data_ptr(), p.grad.numel()) for p in params]
-    rt.native.bench_steps(ptrs, grads, 1e-3, 0.0, args.warmup)
-
-    # Interleaved one by one, so that the load of a shared machine hits both paths alike; the
-    # overhead is the median of the paired differences.
-    py_times, rust_times, diffs = [], [], []
-    for _ in range(args.rounds * args.steps):
-        t0 = time.perf_counter()
-        opt.step()
-        py_times.append(time.perf_counter() - t0)
-        rust_times += rt.native.bench_steps(ptrs, grads, float(group["lr"]), 0.0, 1)
-        diffs.append(py_times[-1] - rust_times[-1])
-    py, rust, diff = statistics.median(py_times), statistics.median(rust_times), statistics.median(diffs)
+    py, rust, diff = measure(params, args)
     common = {"tensors": len(params), "elements": numel, "threads": torch.get_num_threads()}
     print(json.dumps({"path": "mulo.torch AdafacLO.step", "median_s": py, "ns_per_element": py / numel * 1e9, **common}))
     print(json.dumps({"path": "Rust MuloOptimizer::step_partial", "median_s": rust, "ns_per_element": rust / numel * 1e9, **common}))
+    # The Python layer's cost does not depend on the tensors' sizes (checks and addresses per
+    # tensor): measured again on the same number of 4x4 tensors, where the step itself is short
+    # and a loaded machine adds little noise to the difference.
+    tiny = model(args.layers, 4)
+    tpy, trust, tdiff = measure(tiny, args)
+    print(json.dumps({"path": "python layer alone (same tensor count, 4x4)", "median_diff_s": tdiff, "median_py_s": tpy, "median_rust_s": trust, "tensors": len(tiny)}))
 
     mlp = load_mlp(args.weights)
     states = [NaiveStep(tuple(p.shape), mlp) for p in params]
@@ -81,11 +96,11 @@ def main():
             ref_times.append(time.perf_counter() - t0)
     ref = statistics.median(ref_times)
     print(json.dumps({"path": "PyTorch reference (bench/pytorch_reference.py)", "median_s": ref, "ns_per_element": ref / numel * 1e9, "torch": torch.__version__, **common}))
-    overhead = diff / rust
     print(
-        f"model: {len(params)} tensors, {numel} elements; python layer overhead {overhead * 100:+.2f}% "
+        f"model: {len(params)} tensors, {numel} elements; python layer overhead {diff / rust * 100:+.2f}% "
         f"(median paired difference {diff * 1e6:.0f} us per step; medians {py * 1e3:.2f} ms vs "
-        f"{rust * 1e3:.2f} ms); speed-up over the PyTorch reference {ref / py:.1f}x; "
+        f"{rust * 1e3:.2f} ms); python layer alone {tdiff * 1e6:.0f} us per step = "
+        f"{tdiff / rust * 100:.2f}% of the Rust step; speed-up over the PyTorch reference {ref / py:.1f}x; "
         f"machine {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}"
     )
 

@@ -22,6 +22,30 @@ use std::time::Instant;
 /// A buffer given from Python: its address and its number of f32 values.
 type Buf = (usize, usize);
 
+/// Pairs of a flat list `[address, length, address, length, ...]` (flat lists of ints cross
+/// from Python much faster than lists of tuples); an address 0 is "no buffer" (a parameter
+/// without gradient).
+fn pairs(what: &str, flat: &[usize]) -> PyResult<Vec<Option<Buf>>> {
+    if flat.len() % 2 != 0 {
+        return Err(PyValueError::new_err(format!(
+            "{what}: expected [address, length, ...] pairs, got {} numbers",
+            flat.len()
+        )));
+    }
+    Ok(flat
+        .chunks_exact(2)
+        .map(|c| (c[0] != 0).then_some((c[0], c[1])))
+        .collect())
+}
+
+fn required(what: &str, flat: &[usize]) -> PyResult<Vec<Buf>> {
+    pairs(what, flat)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| b.ok_or_else(|| PyValueError::new_err(format!("{what}[{i}]: address 0"))))
+        .collect()
+}
+
 fn to_py(e: mulo::Error) -> PyErr {
     match e {
         mulo::Error::Argument { .. } => PyValueError::new_err(e.to_string()),
@@ -114,33 +138,58 @@ struct PyGroup {
     numels: Vec<usize>,
 }
 
-fn slice_checks(what: &str, names: &[String], bufs: &[(usize, usize, bool)]) -> PyResult<()> {
-    // Every buffer is (address, values, writable); no writable buffer may overlap another.
+/// Why a set of buffers cannot be turned into slices.
+enum BufferError {
+    /// Buffer `k` has a null or misaligned address.
+    Address(usize, usize),
+    /// Buffers `a` and `b` overlap, and one of them is written.
+    Overlap(usize, usize),
+}
+
+impl BufferError {
+    fn into_py_err(self, what: &str, names: &[String]) -> PyErr {
+        let name = |k: usize| names.get(k).map_or("?", |n| n.as_str()).to_string();
+        match self {
+            BufferError::Address(k, addr) => PyValueError::new_err(format!(
+                "{what} `{}`: address {addr:#x} is not that of f32 data",
+                name(k)
+            )),
+            BufferError::Overlap(a, b) => PyValueError::new_err(format!(
+                "{what}: the memory of `{}` and `{}` overlaps (a parameter must not share \
+                 storage with another parameter or a gradient)",
+                name(a),
+                name(b)
+            )),
+        }
+    }
+}
+
+/// Every buffer is (address, values, written): addresses non-null and aligned for f32, and no
+/// written buffer overlapping another, so that the mutable slices built from them do not alias.
+fn check_buffers(bufs: &[(usize, usize, bool)]) -> Result<(), BufferError> {
+    for (k, b) in bufs.iter().enumerate() {
+        if b.1 > 0 && (b.0 == 0 || b.0 % std::mem::align_of::<f32>() != 0) {
+            return Err(BufferError::Address(k, b.0));
+        }
+    }
     let mut spans: Vec<(usize, usize, usize, bool)> = bufs
         .iter()
         .enumerate()
         .filter(|(_, b)| b.1 > 0)
-        .map(|(i, b)| (b.0, b.0 + 4 * b.1, i, b.2))
+        .map(|(k, b)| (b.0, b.0 + 4 * b.1, k, b.2))
         .collect();
-    for (i, b) in bufs.iter().enumerate() {
-        if b.1 > 0 && (b.0 == 0 || b.0 % std::mem::align_of::<f32>() != 0) {
-            return Err(PyValueError::new_err(format!(
-                "{what} `{}`: address {:#x} is not that of f32 data",
-                names[i % names.len()],
-                b.0
-            )));
-        }
-    }
     spans.sort_unstable();
-    for w in spans.windows(2) {
-        let (a, b) = (w[0], w[1]);
-        if b.0 < a.1 && (a.3 || b.3) {
-            return Err(PyValueError::new_err(format!(
-                "{what}: the memory of `{}` and `{}` overlaps (a parameter must not share \
-                 storage with another parameter or a gradient)",
-                names[a.2 % names.len()],
-                names[b.2 % names.len()]
-            )));
+    // Sorted by start: a span overlaps a later one iff that one starts before the furthest end
+    // seen so far.
+    let mut reach: Option<(usize, usize, bool)> = None; // (end, index, written)
+    for &(start, end, k, written) in &spans {
+        if let Some((far, j, far_written)) = reach {
+            if start < far && (written || far_written) {
+                return Err(BufferError::Overlap(j, k));
+            }
+        }
+        if reach.is_none_or(|(far, _, _)| end > far) {
+            reach = Some((end, k, written));
         }
     }
     Ok(())
@@ -229,16 +278,19 @@ impl PyGroup {
         Ok(PyGroup { opt, numels })
     }
 
-    /// One step: `params[i]` (address, values) of every tensor, `grads[i]` or None (no
-    /// gradient: left unchanged), the group's lr and weight decay. Returns the report.
+    /// One step: `params` = [address, values, ...] of every tensor, `grads` the same with
+    /// (0, 0) for a tensor without gradient (left unchanged); the group's lr and weight decay.
+    /// Returns the report.
     fn step<'py>(
         &mut self,
         py: Python<'py>,
-        params: Vec<Buf>,
-        grads: Vec<Option<Buf>>,
+        params: Vec<usize>,
+        grads: Vec<usize>,
         lr: f32,
         weight_decay: f32,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let params = required("params", &params)?;
+        let grads = pairs("grads", &grads)?;
         let report = self.step_inner(&params, &grads, lr, weight_decay)?;
         report_dict(py, &report)
     }
@@ -253,12 +305,14 @@ impl PyGroup {
     /// overhead benchmark). Changes the parameters and the state like `steps` real steps.
     fn bench_steps(
         &mut self,
-        params: Vec<Buf>,
-        grads: Vec<Option<Buf>>,
+        params: Vec<usize>,
+        grads: Vec<usize>,
         lr: f32,
         weight_decay: f32,
         steps: usize,
     ) -> PyResult<Vec<f64>> {
+        let params = required("params", &params)?;
+        let grads = pairs("grads", &grads)?;
         let mut times = Vec::with_capacity(steps);
         for _ in 0..steps {
             let t = Instant::now();
@@ -315,7 +369,7 @@ impl PyGroup {
         let names: Vec<String> = tensors.iter().map(|t| format!("{name}.{}", t.0)).collect();
         let bufs: Vec<(usize, usize, bool)> =
             tensors.iter().map(|t| (t.2 .0, t.2 .1, false)).collect();
-        slice_checks("state", &names, &bufs)?;
+        check_buffers(&bufs).map_err(|e| e.into_py_err("state", &names))?;
         for (n, shape, (_, len)) in &tensors {
             if shape.iter().product::<usize>() != *len {
                 return Err(PyValueError::new_err(format!(
@@ -387,7 +441,7 @@ impl PyGroup {
                 grads.len()
             )));
         }
-        let names: Vec<String> = self.opt.params().iter().map(|p| p.name.clone()).collect();
+        let name = |i: usize| self.opt.params()[i].name.clone();
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let want = self.numels[i];
             for (what, len) in [("param", Some(p.1)), ("grad", g.map(|g| g.1))] {
@@ -395,7 +449,7 @@ impl PyGroup {
                     if len != want {
                         return Err(PyValueError::new_err(format!(
                             "{what} `{}` has {len} values; it was declared with {want}",
-                            names[i]
+                            name(i)
                         )));
                     }
                 }
@@ -403,15 +457,19 @@ impl PyGroup {
         }
         let mut bufs: Vec<(usize, usize, bool)> = params.iter().map(|p| (p.0, p.1, true)).collect();
         bufs.extend(grads.iter().flatten().map(|g| (g.0, g.1, false)));
-        let mut buf_names = names.clone();
-        buf_names.extend(
-            grads
-                .iter()
-                .zip(&names)
-                .filter(|(g, _)| g.is_some())
-                .map(|(_, n)| format!("{n}.grad")),
-        );
-        slice_checks("step", &buf_names, &bufs)?;
+        if let Err(e) = check_buffers(&bufs) {
+            // Only now spell out which tensors (buffer k: the k-th parameter, then the
+            // gradients in order).
+            let mut names: Vec<String> = (0..n).map(name).collect();
+            names.extend(
+                grads
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| g.is_some())
+                    .map(|(i, _)| format!("{}.grad", name(i))),
+            );
+            return Err(e.into_py_err("step", &names));
+        }
         // SAFETY: every address is that of a live, contiguous f32 buffer of the given length
         // that the caller keeps alive for the call (checked on the Python side: dtype,
         // contiguity, device; here: length, alignment, and that no written buffer overlaps

@@ -445,6 +445,10 @@ def test_bad_inputs_are_refused_naming_the_parameter_and_nothing_changes():
     other.data = keep.t().contiguous().t()
     _refused(opt, [good, other], "`other` is not contiguous")
     other.data = keep
+    # a gradient sharing the parameter's memory (the step would write what it reads)
+    other.grad = other.detach()
+    _refused(opt, [good, other], "memory of `other` and `other.grad` overlaps")
+    other.grad = torch.randn(3, 5)
     # non-finite learning rate of a group
     opt.param_groups[0]["lr"] = float("nan")
     _refused(opt, [good, other], "lr=nan")

@@ -287,20 +287,46 @@ class AdafacLO(Optimizer):
     # ----------------------------------------------------------------------------- step
 
     def _check(self, gi: int, group: Dict[str, Any], names: List[str]):
-        """Checks one group's tensors; returns (params, grads) as (address, length) pairs."""
+        """Checks one group's tensors; returns the flat lists [address, length, ...] of the
+        parameters and of the gradients (0, 0 where a parameter has no gradient)."""
         rt = self._rt[gi]
-        ptrs, grads = [], []
+        shapes = rt.shapes if rt is not None else None
+        f32, strided = torch.float32, torch.strided
+        ptrs: List[int] = []
+        grads: List[int] = []
         for j, p in enumerate(group["params"]):
-            name = names[j]
+            # The common case in one expression; the reasons are spelled out only on failure.
+            if not (
+                p.is_cpu
+                and p.dtype is f32
+                and p.is_contiguous()
+                and (shapes is None or p.shape == shapes[j])
+            ):
+                self._refuse(names[j], p, None, shapes[j] if shapes else None)
+            ptrs += (p.data_ptr(), p.numel())
             g = p.grad
-            if g is not None:
-                if g.layout != torch.strided:
-                    raise ValueError(f"parameter `{name}`: sparse gradient ({g.layout}) is not supported")
-                if g.device != p.device:
-                    raise ValueError(
-                        f"parameter `{name}` is on {p.device} but its gradient on {g.device} (mixed devices)"
-                    )
+            if g is None:
+                grads += (0, 0)
+                continue
+            if not (
+                g.layout is strided
+                and g.is_cpu
+                and g.dtype is f32
+                and g.is_contiguous()
+                and g.shape == p.shape
+            ):
+                self._refuse(names[j], p, g, None)
+            grads += (g.data_ptr(), g.numel())
+        return ptrs, grads
+
+    def _refuse(self, name: str, p: torch.Tensor, g: Optional[torch.Tensor], shape):
+        if g is None:
             if p.device.type != "cpu":
+                if any(q.is_cpu for group in self.param_groups for q in group["params"]):
+                    raise ValueError(
+                        f"parameter `{name}` is on {p.device}, others on the CPU (mixed devices); "
+                        "put the model on one device"
+                    )
                 raise ValueError(
                     f"parameter `{name}` is on {p.device}: mulo.torch steps CPU tensors only for now "
                     "(CUDA tensors are not supported yet)"
@@ -309,25 +335,23 @@ class AdafacLO(Optimizer):
                 raise ValueError(f"parameter `{name}` has dtype {p.dtype}; mulo steps float32 only")
             if not p.is_contiguous():
                 raise ValueError(f"parameter `{name}` is not contiguous (strides {p.stride()})")
-            if rt is not None and tuple(p.shape) != rt.shapes[j]:
-                raise ValueError(
-                    f"parameter `{name}` has shape {list(p.shape)}, but it was stepped with shape "
-                    f"{list(rt.shapes[j])}: its optimizer state is for that shape"
-                )
-            ptrs.append((p.data_ptr(), p.numel()))
-            if g is None:
-                grads.append(None)
-                continue
-            if g.dtype != torch.float32:
-                raise ValueError(f"gradient of parameter `{name}` has dtype {g.dtype}; mulo steps float32 only")
-            if not g.is_contiguous():
-                raise ValueError(f"gradient of parameter `{name}` is not contiguous (strides {g.stride()})")
-            if g.shape != p.shape:
-                raise ValueError(
-                    f"gradient of parameter `{name}` has shape {list(g.shape)}, the parameter {list(p.shape)}"
-                )
-            grads.append((g.data_ptr(), g.numel()))
-        return ptrs, grads
+            raise ValueError(
+                f"parameter `{name}` has shape {list(p.shape)}, but it was stepped with shape "
+                f"{list(shape)}: its optimizer state is for that shape"
+            )
+        if g.layout != torch.strided:
+            raise ValueError(f"parameter `{name}`: sparse gradient ({g.layout}) is not supported")
+        if g.device != p.device:
+            raise ValueError(
+                f"parameter `{name}` is on {p.device} but its gradient on {g.device} (mixed devices)"
+            )
+        if g.dtype != torch.float32:
+            raise ValueError(f"gradient of parameter `{name}` has dtype {g.dtype}; mulo steps float32 only")
+        if not g.is_contiguous():
+            raise ValueError(f"gradient of parameter `{name}` is not contiguous (strides {g.stride()})")
+        raise ValueError(
+            f"gradient of parameter `{name}` has shape {list(g.shape)}, the parameter {list(p.shape)}"
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -336,35 +360,27 @@ class AdafacLO(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        groups = self.param_groups
         work = []
-        device = None
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(groups):
             _check_hyper(f"param_groups[{gi}]", group["lr"], group["weight_decay"], group["max_grad_norm"])
             rt = self._rt[gi]
             names = rt.names if rt is not None else self._names(gi, group)
-            for p in group["params"]:
-                if device is None:
-                    device = p.device
-                elif p.device != device and p.grad is not None:
-                    raise ValueError(
-                        f"parameters on mixed devices ({device} and {p.device}, "
-                        f"in param_groups[{gi}]); put the model on one device"
-                    )
             work.append(self._check(gi, group, names))
-        if self._nonfinite == "error" and len(self.param_groups) > 1:
+        if self._nonfinite == "error" and len(groups) > 1:
             # One group must not be stepped when another is refused: check them all first.
-            for gi, group in enumerate(self.param_groups):
+            for gi, group in enumerate(groups):
                 for j, p in enumerate(group["params"]):
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                         name = self._names(gi, group)[j]
                         raise ValueError(
                             f"non-finite gradient in `{name}`; nothing was changed (nonfinite='error')"
                         )
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(groups):
             if self._rt[gi] is None:
                 self._rt[gi] = self._build(gi, group)
-        report: Dict[str, list] = defaultdict(list)
-        for gi, group in enumerate(self.param_groups):
+        report: Dict[str, list] = {}
+        for gi, group in enumerate(groups):
             rt = self._rt[gi]
             if group["max_grad_norm"] != rt.max_grad_norm:
                 rt.native.set_max_grad_norm(group["max_grad_norm"])
@@ -374,8 +390,8 @@ class AdafacLO(Optimizer):
             group["step"] = rt.native.step_count
             for key, value in r.items():
                 if key != "step":
-                    report[key].extend(value)
-        self.last_report = dict(report)
+                    report.setdefault(key, []).extend(value)
+        self.last_report = report
         return loss
 
     # ------------------------------------------------------------------------ state dict
