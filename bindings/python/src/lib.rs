@@ -508,22 +508,11 @@ unsafe fn slice_mut<'a>(ptr: usize, len: usize) -> &'a mut [f32] {
     }
 }
 
-/// The factored axes mulo picks by default for `shape` (a stable sort; PyTorch users get
-/// numpy's argsort from `mulo.torch` instead, as PyLO does).
-#[pyfunction]
-fn default_factored_axes(shape: Vec<usize>) -> PyResult<Option<(usize, usize)>> {
-    let shape = Shape::new(shape).map_err(to_py)?;
-    Ok(mulo::shape::Layout::new(shape)
-        .factored()
-        .map(|a| (a.d0, a.d1)))
-}
-
 /// The native module of the `mulo` package.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLearnedOptimizer>()?;
     m.add_class::<PyGroup>()?;
-    m.add_function(wrap_pyfunction!(default_factored_axes, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

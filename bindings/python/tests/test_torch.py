@@ -526,3 +526,26 @@ def test_backend_interp_matches_golden_too():
         p.grad = t[f"g{step}"].clone()
         opt.step()
         assert rel_err(p.detach(), t[f"p{step}"], disp) <= TOL
+
+
+def test_weights_and_meta_parameters():
+    p = torch.nn.Parameter(torch.zeros(3))
+    by_dir = AdafacLO([p], hf_key=WEIGHTS).lopt
+    by_file = AdafacLO([p], hf_key=WEIGHTS + "/model.safetensors").lopt
+    assert by_dir.fingerprint == by_file.fingerprint and not by_dir.is_demo
+    assert AdafacLO([p], hf_key="demo").lopt.is_demo
+    with pytest.raises(Exception, match="nobody/nothing"):
+        AdafacLO([p], hf_key="nobody/nothing")
+    # PyLO's default meta-parameters give mulo's normative f32 decays (SPEC.md §1) ...
+    meta = by_dir.meta()
+    assert meta["exp_mult"] == pytest.approx(0.001) and meta["step_mult"] == pytest.approx(0.01)
+    assert [np.float32(x) for x in meta["momentum_decays"]] == [
+        np.float32(0.542027295), np.float32(0.958441377), np.float32(0.99802357)]
+    # ... and other values are computed as PyLO computes them and change the step.
+    other = AdafacLO([p], hf_key=WEIGHTS, exp_mult=0.002, momentum_decays=(0.1, 0.1, 0.1)).lopt
+    m2 = other.meta()
+    assert m2["exp_mult"] == pytest.approx(0.002)
+    init = torch.tensor([0.9, 0.99, 0.999])
+    want = torch.clip(1 - torch.exp((torch.log(1 - init) / 10.0 + 0.1) * 10.0), 0.0, 1.0)
+    assert m2["momentum_decays"] == [float(x) for x in want]
+    assert other.fingerprint != by_dir.fingerprint
