@@ -47,9 +47,9 @@ impl Trajectory {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let tensors = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let value = |key: &str| -> Result<&str> {
             meta.get(key)

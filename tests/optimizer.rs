@@ -600,10 +600,7 @@ impl TensorStepper for Flaky {
     }
     fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> mulo::Result<()> {
         if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
-            return Err(mulo::Error::Backend {
-                backend: "flaky",
-                message: "device lost".into(),
-            });
+            return Err(mulo::Error::backend("flaky", "device lost"));
         }
         self.inner.step(param, grad, hyper)
     }

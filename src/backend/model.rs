@@ -217,12 +217,15 @@ impl ModelBackend for PerTensorBackend {
         for (done, t) in batch.iter_mut().enumerate() {
             self.steppers[t.index]
                 .step(t.param, t.grad, t.hyper)
-                .map_err(|e| Error::Backend {
-                    backend: self.target,
-                    message: format!(
-                        "tensor {} failed after {done} of the batch's {total} tensors were stepped: {e}",
-                        t.index
-                    ),
+                .map_err(|e| {
+                    Error::backend_from(
+                        self.target,
+                        &format!(
+                            "tensor {} failed after {done} of the batch's {total} tensors were stepped",
+                            t.index
+                        ),
+                        e,
+                    )
                 })?;
         }
         Ok(())

@@ -183,10 +183,23 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::exit(2);
         }
     }
+}
+
+/// The error and its causes, each cause printed unless the text before already holds it (mulo's
+/// errors carry their source's text and keep the source too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 fn run_compile(args: &CompileArgs) -> Result<i32> {

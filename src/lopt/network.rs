@@ -82,7 +82,7 @@ impl MetaNetwork {
     /// Parses safetensors bytes; `path` is only used to name the file in errors.
     pub fn from_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let names: Vec<String> = tensors.names().into_iter().map(str::to_string).collect();
         let mut hidden_layers = 0;
         while names.contains(&format!("network.linear_{hidden_layers}.weight")) {

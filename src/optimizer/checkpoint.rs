@@ -106,13 +106,13 @@ impl MuloOptimizer {
         for (i, spec) in self.specs.iter().enumerate() {
             let state = self.backend.state(i)?;
             if state.step != self.step {
-                return Err(Error::Backend {
-                    backend: self.backend.target(),
-                    message: format!(
+                return Err(Error::backend(
+                    self.backend.target(),
+                    format!(
                         "tensor `{}` is at step {}, the optimizer at {}",
                         spec.name, state.step, self.step
                     ),
-                });
+                ));
             }
             for (buffer, values) in state.iter() {
                 let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -143,10 +143,8 @@ impl MuloOptimizer {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        safetensors::serialize(&views, Some(metadata)).map_err(|e| Error::Backend {
-            backend: "safetensors",
-            message: format!("cannot serialize the checkpoint: {e}"),
-        })
+        safetensors::serialize(&views, Some(metadata))
+            .map_err(|e| Error::backend_from("safetensors", "cannot serialize the checkpoint", e))
     }
 
     /// Writes the checkpoint to `path`.
@@ -167,9 +165,9 @@ impl MuloOptimizer {
     pub fn restore_checkpoint(&mut self, bytes: &[u8], origin: &Path) -> Result<()> {
         let bad = |reason: String| Error::bad_file(origin, reason);
         let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(origin, "not a valid safetensors file", e))?;
         let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(origin, "not a valid safetensors file", e))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field = |key: &str| -> Result<&String> {
             meta.get(key).ok_or_else(|| {
@@ -270,7 +268,7 @@ impl MuloOptimizer {
         self.check_usable()?;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let tensors = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let mut states = Vec::with_capacity(self.specs.len());
         for (spec, layout) in self.specs.iter().zip(&self.layouts) {
             let mut error = None;

@@ -325,13 +325,13 @@ impl MuloOptimizer {
 
     fn check_usable(&self) -> Result<()> {
         match &self.poisoned {
-            Some(why) => Err(Error::Backend {
-                backend: self.backend.target(),
-                message: format!(
+            Some(why) => Err(Error::backend(
+                self.backend.target(),
+                format!(
                     "the optimizer is unusable after a failed step ({why}); load a checkpoint \
                      or set every tensor's state to continue"
                 ),
-            }),
+            )),
             None => Ok(()),
         }
     }
@@ -523,10 +523,7 @@ impl MuloOptimizer {
                 corrupted.join(", ")
             );
             self.poisoned = Some(why.clone());
-            return Err(Error::Backend {
-                backend: self.backend.target(),
-                message: why,
-            });
+            return Err(Error::backend(self.backend.target(), why));
         }
         // Skipped tensors keep their accumulators; their counter follows the optimizer's.
         for (i, g) in work.iter().enumerate() {

@@ -17,10 +17,7 @@ or `pip install nvidia-cuda-nvrtc-cu12` and put its lib folder on LD_LIBRARY_PAT
 export LD_LIBRARY_PATH=\"$(python3 -c 'import nvidia.cuda_nvrtc as m; print(m.__path__[0])')/lib:$LD_LIBRARY_PATH\"";
 
 fn backend(message: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: "cuda",
-        message: message.into(),
-    }
+    Error::backend("cuda", message)
 }
 
 /// Whether libnvrtc can be loaded.

@@ -27,25 +27,19 @@ use std::time::Instant;
 
 /// Turns a driver error into a backend error saying what was being done.
 pub(super) fn driver_err(what: &str) -> impl Fn(DriverError) -> Error + '_ {
-    move |e| Error::Backend {
-        backend: "cuda",
-        message: format!("{what}: {e:?}"),
-    }
+    move |e| Error::backend_from("cuda", what, e)
 }
 
 /// Opens CUDA device `ordinal`, or says why not (no driver library, no device).
 pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !nvrtc::driver_available() {
-        return Err(Error::Backend {
-            backend: "cuda",
-            message: "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine".into(),
-        });
+        return Err(Error::backend(
+            "cuda",
+            "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine",
+        ));
     }
     std::panic::catch_unwind(|| CudaContext::new(ordinal))
-        .map_err(|_| Error::Backend {
-            backend: "cuda",
-            message: "the CUDA driver panicked while opening the device".into(),
-        })?
+        .map_err(|_| Error::backend("cuda", "the CUDA driver panicked while opening the device"))?
         .map_err(driver_err("opening CUDA device"))
 }
 

@@ -57,10 +57,9 @@ pub fn io_shape(buffer: Buffer, layout: &Layout, with_lanes: bool) -> Vec<usize>
 /// Renders `ir` and serializes the model to protobuf bytes (the content of `mulo_step.onnx`).
 pub fn export(ir: &StepIr) -> Result<Vec<u8>> {
     let model = render::render(ir)?;
-    model.write_to_bytes().map_err(|e| Error::Backend {
-        backend: "onnx",
-        message: format!("serializing the model: {e}"),
-    })
+    model
+        .write_to_bytes()
+        .map_err(|e| Error::backend_from("onnx", "serializing the model", e))
 }
 
 /// The tract CPU runtime as a [`StepperFactory`](crate::backend::StepperFactory): the chunked runtime (statistics graph plus
