@@ -4,7 +4,7 @@
 //! optimizer-step programs for one concrete tensor shape.
 //!
 //! The centre is the step IR ([`ir::StepIr`]), built from the math of SPEC.md by
-//! [`frontend::build_step`] and optimized by [`passes::optimize`]. Backends render it:
+//! [`frontend::build_step`] and optimized by the passes of `src/passes.rs`. Backends render it:
 //! the reference interpreter ([`backend::interp`]) executes it on the CPU in f32 or f64.
 //!
 //! ```no_run
@@ -24,13 +24,13 @@
 
 pub mod backend;
 pub mod bench;
-pub mod digest;
+pub(crate) mod digest;
 pub mod error;
 pub mod frontend;
 pub mod ir;
 pub mod lopt;
 pub mod optimizer;
-pub mod passes;
+pub(crate) mod passes;
 pub mod shape;
 pub mod state;
 pub mod trajectory;

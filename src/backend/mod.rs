@@ -79,7 +79,7 @@ pub fn check_step_args(layout: &Layout, param: usize, grad: usize, hyper: &Hyper
 }
 
 /// Checks that a state handed to a stepper is for the layout the stepper was compiled for.
-pub fn check_state_layout<T: Copy + Default>(
+pub(crate) fn check_state_layout<T: Copy + Default>(
     layout: &Layout,
     state: &TensorState<T>,
 ) -> Result<()> {

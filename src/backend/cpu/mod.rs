@@ -1393,7 +1393,7 @@ impl TensorStepper for CpuStepper {
     }
 }
 
-/// The native CPU backend ([`CpuStepper`](crate::backend::cpu::CpuStepper): chunk programs
+/// The native CPU backend ([`CpuStepper`]: chunk programs
 /// rendered from the IR, FMA kernels, 2 threads) as a [`StepperFactory`](crate::backend::StepperFactory): the fast CPU path,
 /// and the default backend of the optimizer.
 #[derive(Clone, Copy, Debug, Default)]

@@ -1,4 +1,4 @@
-//! One CUDA program per tensor as a [`StepperFactory`](crate::backend::StepperFactory): the simple, host-copy path of the
+//! One CUDA program per tensor as a [`StepperFactory`]: the simple, host-copy path of the
 //! optimizer on a GPU (the packed whole-model backend is
 //! [`PackedCuda`](super::packed_runtime::PackedCuda)).
 

@@ -64,7 +64,7 @@ pub fn export(ir: &StepIr) -> Result<Vec<u8>> {
 
 /// The tract CPU runtime as a [`StepperFactory`](crate::backend::StepperFactory): the chunked runtime (statistics graph plus
 /// per-chunk graphs on 2 threads) where the tensor has at least 2 rows on axis 0, the whole
-/// exported graph ([`OnnxStepper`](OnnxStepper)) elsewhere.
+/// exported graph ([`OnnxStepper`]) elsewhere.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OnnxFactory;
 
