@@ -812,7 +812,9 @@ fn the_harness_catches_panics_hangs_unnamed_errors_and_invalid_acceptances() {
         assert!(msg.contains(what), "{msg}");
     };
     fails(
-        run_case(&mut state, short, "f.bin", &counts, |_| panic!("boom")),
+        run_case(&mut state, short, "f.bin", &counts, |_| {
+            panic!("a deliberate panic: the harness self-test")
+        }),
         "reader panicked",
     );
     state = Some(());

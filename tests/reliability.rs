@@ -376,7 +376,8 @@ fn two_processes_compile_the_same_program_through_the_cache() {
     );
     let hashes: Vec<&str> = hashes.iter().map(|h| &h[..h.len() - 1]).collect();
     assert!(hashes.iter().all(|h| h == &hashes[0]), "{hashes:?}");
-    // One entry, complete, holding that PTX; no temporary left; the next compile reads it.
+    // One entry, complete and valid for `compile`'s cache lookup, holding that PTX; no
+    // temporary left.
     let entries: Vec<PathBuf> = std::fs::read_dir(cache.path())
         .unwrap()
         .map(|e| e.unwrap().path())
