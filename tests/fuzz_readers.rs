@@ -847,3 +847,80 @@ fn the_harness_catches_panics_hangs_unnamed_errors_and_invalid_acceptances() {
     })
     .unwrap();
 }
+
+/// Inputs the fuzzing found accepted and invalid, kept as regression tests: a NaN or ±Inf in
+/// a checkpoint, a PyLO state file or a trajectory is refused, naming the file, the tensor and
+/// the index.
+#[test]
+fn non_finite_values_in_state_and_trajectory_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // The f32 in the middle of the data section set to `value`.
+    let poison = |bytes: &[u8], value: f32| {
+        let mut b = bytes.to_vec();
+        let (_, data) = split_safetensors(&b).unwrap();
+        let at = b.len() - data.len() + 4 * (data.len() / 8);
+        b[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        b
+    };
+    let expect = |r: mulo::Result<()>, file: &str| {
+        let msg = r.expect_err("a non-finite value was accepted").to_string();
+        assert!(msg.contains(file) && msg.contains("non-finite"), "{msg}");
+    };
+    for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut opt = stepped_optimizer();
+        let ckpt = dir.path().join("bad.ckpt");
+        std::fs::write(&ckpt, poison(&opt.checkpoint_bytes().unwrap(), value)).unwrap();
+        let before = opt.state("w").unwrap();
+        expect(opt.load_checkpoint(&ckpt), "bad.ckpt");
+        assert_eq!(
+            opt.state("w").unwrap(),
+            before,
+            "a refused checkpoint changed the state"
+        );
+
+        let traj = dir.path().join("bad_traj.safetensors");
+        let golden = std::fs::read(golden_dir().join("vec_37.safetensors")).unwrap();
+        std::fs::write(&traj, poison(&golden, value)).unwrap();
+        expect(Trajectory::load(&traj).map(drop), "bad_traj.safetensors");
+    }
+    // A PyLO state file: the optimizer's own state exported, one value poisoned.
+    let opt = stepped_optimizer();
+    let (buf, shape, values) = opt.export_pylo_state("w").unwrap().remove(0);
+    let mut tensors = vec![(format!("w.{buf}"), shape, values)];
+    for spec in ["b", "s"] {
+        for (buf, shape, values) in opt.export_pylo_state(spec).unwrap() {
+            if !shape.is_empty() {
+                tensors.push((format!("{spec}.{buf}"), shape, values));
+            }
+        }
+    }
+    for (buf, shape, values) in opt.export_pylo_state("w").unwrap().into_iter().skip(1) {
+        tensors.push((format!("w.{buf}"), shape, values));
+    }
+    tensors[0].2[1] = f32::NAN;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(k, s, v)| (k, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let path = dir.path().join("bad_pylo.safetensors");
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let mut fresh = MuloOptimizer::new(&fixture_lopt(), fuzz_specs(), Default::default()).unwrap();
+    let msg = fresh
+        .import_pylo_file(&path, 3, |n, b| format!("{n}.{b}"))
+        .expect_err("a NaN PyLO state was imported")
+        .to_string();
+    assert!(
+        msg.contains("bad_pylo.safetensors") && msg.contains("w.mom") && msg.contains("NaN"),
+        "{msg}"
+    );
+}
