@@ -42,9 +42,16 @@ use ir::StepIr;
 use lopt::LearnedOptimizer;
 use shape::{Layout, Shape};
 
-/// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `shape`.
+/// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `shape`, with the
+/// default factored axes (SPEC.md §2; see [`compile_layout`] to state them).
 pub fn compile_step(shape: &Shape, lopt: &LearnedOptimizer) -> Result<StepIr> {
-    let ir = frontend::build_step(&Layout::new(shape.clone()), lopt);
+    compile_layout(&Layout::new(shape.clone()), lopt)
+}
+
+/// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `layout`: a shape with
+/// its factored axes ([`Layout::with_axes`]).
+pub fn compile_layout(layout: &Layout, lopt: &LearnedOptimizer) -> Result<StepIr> {
+    let ir = frontend::build_step(layout, lopt);
     ir::verify(&ir)?;
     passes::optimize(ir)
 }

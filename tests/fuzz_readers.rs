@@ -604,13 +604,14 @@ fn fuzz_trajectories() {
         "vec_37.safetensors",
         "vec_1.safetensors",
         "mat_1x300.safetensors",
+        "scalar_0d.safetensors",
     ]
     .iter()
     .map(|n| (n.to_string(), std::fs::read(dir.join(n)).unwrap(), false))
     .collect();
     fuzz("trajectories", inputs, (), |_, dir, name| {
         outcome(Trajectory::load(&dir.join(name)), |t| {
-            let n = t.shape.numel();
+            let n = t.layout.shape().numel();
             if t.p0.len() != n {
                 return Err("p0 has the wrong length".into());
             }

@@ -534,7 +534,8 @@ fn one_plan_cache_serves_several_threads() {
                     (0..shapes.len())
                         .map(|i| {
                             let shape = &shapes[(i + t) % shapes.len()];
-                            let ir = cache.lock().unwrap().get(&lopt, shape).unwrap();
+                            let layout = mulo::shape::Layout::new(shape.clone());
+                            let ir = cache.lock().unwrap().get(&lopt, &layout).unwrap();
                             // The program is used outside the lock, concurrently.
                             assert_eq!(ir.layout.shape(), shape);
                             (shape.clone(), ir)

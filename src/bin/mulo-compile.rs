@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::TensorStepper;
 use mulo::lopt::LearnedOptimizer;
-use mulo::shape::{Layout, Shape};
+use mulo::shape::{FactoredAxes, Layout, Shape};
 use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,6 +91,12 @@ struct CompileArgs {
     /// (mulo_model.cu, .ptx, .json), tensors in the order given.
     #[arg(long, value_name = "SHAPE", allow_hyphen_values = true)]
     shape: Vec<String>,
+    /// The factored axes `D0,D1` of a tensor of rank ≥ 2 (SPEC.md §2), or `default` (the
+    /// stable order). Give it once per --shape, in the same order, to reproduce a PyLO run
+    /// whose host ordered tied largest axes the other way (e.g. `--shape 32x32x3x3
+    /// --factored-axes 0,1`).
+    #[arg(long, value_name = "D0,D1")]
+    factored_axes: Vec<String>,
     /// With --target cuda: write the packed model program even for a single --shape.
     #[arg(long)]
     packed: bool,
@@ -143,6 +149,9 @@ struct BenchArgs {
     /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`.
     #[arg(long, value_name = "SHAPE", allow_hyphen_values = true)]
     shape: String,
+    /// The factored axes `D0,D1` (SPEC.md §2); default: the stable order.
+    #[arg(long, value_name = "D0,D1")]
+    factored_axes: Option<String>,
     /// Backend to time.
     #[arg(long, value_enum, default_value = "interp")]
     target: RunTarget,
@@ -186,12 +195,20 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             "--shape is required (e.g. `mulo-compile --shape 1024x512 --target cuda`); see --help"
         );
     }
-    let shapes = args
+    if !args.factored_axes.is_empty() && args.factored_axes.len() != args.shape.len() {
+        bail!(
+            "{} --factored-axes for {} --shape: give one per --shape, in order (`default` for the stable order)",
+            args.factored_axes.len(),
+            args.shape.len()
+        );
+    }
+    let layouts = args
         .shape
         .iter()
-        .map(|s| Shape::parse(s).with_context(|| format!("--shape {s}")))
+        .enumerate()
+        .map(|(i, s)| layout_arg(s, args.factored_axes.get(i).map(String::as_str)))
         .collect::<Result<Vec<_>>>()?;
-    if shapes.len() > 1 || args.packed {
+    if layouts.len() > 1 || args.packed {
         if args.target != CompileTarget::Cuda {
             bail!(
                 "several --shape values (or --packed) make a packed whole-model program, which only --target cuda produces; compile one shape at a time for --target {}",
@@ -202,12 +219,11 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 }
             );
         }
-        return compile_packed(args, &shapes);
+        return compile_packed(args, &layouts);
     }
-    let shape = shapes[0].clone();
     let lopt = args.weights.load()?;
     let started = Instant::now();
-    let ir = mulo::compile_step(&shape, &lopt)?;
+    let ir = mulo::compile_layout(&layouts[0], &lopt)?;
     match args.target {
         CompileTarget::Ir => {
             let text = ir.to_text();
@@ -264,14 +280,33 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// The layout of `--shape SHAPE` with its `--factored-axes` (absent or `default`: the stable
+/// order), the error naming the argument at fault.
+fn layout_arg(shape: &str, axes: Option<&str>) -> Result<Layout> {
+    let parsed = Shape::parse(shape).with_context(|| format!("--shape {shape}"))?;
+    let axes = match axes.map(str::trim) {
+        None | Some("default") => None,
+        Some(text) => Some(
+            text.parse::<FactoredAxes>()
+                .with_context(|| format!("--factored-axes {text}"))?,
+        ),
+    };
+    Layout::with_axes(parsed, axes).with_context(|| {
+        format!(
+            "--shape {shape} --factored-axes {}",
+            axes.map_or("default".to_string(), |a| a.to_string())
+        )
+    })
+}
+
 /// `--target cuda` with several shapes: the packed model program.
-fn compile_packed(args: &CompileArgs, shapes: &[Shape]) -> Result<i32> {
+fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
     use mulo::backend::cuda::{nvrtc, packed::PackedModel};
     let lopt = args.weights.load()?;
     let arch = args.arch.clone().unwrap_or_else(nvrtc::default_arch);
     nvrtc::check_arch(&arch)?;
     let started = Instant::now();
-    let model = PackedModel::new(&lopt, shapes)?;
+    let model = PackedModel::new(&lopt, layouts)?;
     eprintln!(
         "packing {} tensors of {} distinct shapes; compiling for {arch} (NVRTC takes about 9 s per distinct shape the first time; the result is cached)",
         model.tensors.len(),
@@ -302,7 +337,7 @@ fn make_stepper(
     layout: &Layout,
     lopt: &LearnedOptimizer,
 ) -> Result<Box<dyn TensorStepper>> {
-    let ir = Arc::new(mulo::compile_step(layout.shape(), lopt)?);
+    let ir = Arc::new(mulo::compile_layout(layout, lopt)?);
     Ok(match target {
         RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
         RunTarget::Cuda => {
@@ -334,8 +369,7 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
     );
     for path in &args.cases {
         let traj = Trajectory::load(path)?;
-        let layout = Layout::new(traj.shape.clone());
-        let mut stepper = make_stepper(args.target, &layout, &lopt)?;
+        let mut stepper = make_stepper(args.target, &traj.layout, &lopt)?;
         let started = Instant::now();
         let report = replay(stepper.as_mut(), &traj)?;
         let state_err = report.state_errors.iter().map(|e| e.1).fold(0f64, f64::max);
@@ -364,13 +398,13 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<i32> {
-    let shape = Shape::parse(&args.shape)?;
+    let layout = layout_arg(&args.shape, args.factored_axes.as_deref())?;
+    let shape = layout.shape().clone();
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let lopt = args.weights.load()?;
-    let layout = Layout::new(shape.clone());
-    let ir = mulo::compile_step(&shape, &lopt)?;
+    let ir = mulo::compile_layout(&layout, &lopt)?;
     if args.target == RunTarget::Cuda {
         // Device-resident steps; floors from the measured copy bandwidth and the GPU's FP32 peak.
         let runtime = mulo::backend::cuda::runtime::CudaRuntime::new(0)?;

@@ -15,15 +15,16 @@
 //!   [`StepIr`]; [`PerTensorBackend`] turns any such factory (the reference interpreter,
 //!   tract/ONNX) into a [`ModelBackend`] by looping over the batch.
 //!
-//! Both compile through a [`PlanCache`]: one [`StepIr`] per distinct [`Shape`], shared by every
-//! tensor of that shape, so a model with 150 tensors of 12 distinct shapes compiles 12 plans.
+//! Both compile through a [`PlanCache`]: one [`StepIr`] per distinct [`Layout`] (shape and
+//! factored axes), shared by every tensor of that layout, so a model with 150 tensors of 12
+//! distinct shapes compiles 12 plans.
 
 use crate::backend::interp::InterpStepper;
 use crate::backend::{Hyper, TensorStepper};
 use crate::error::{Error, Result};
 use crate::ir::StepIr;
 use crate::lopt::LearnedOptimizer;
-use crate::shape::Shape;
+use crate::shape::Layout;
 use crate::state::TensorState;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,12 +82,12 @@ pub trait BackendFactory: Send + Sync {
     /// The backend's name.
     fn target(&self) -> &'static str;
 
-    /// A backend for tensors of `shapes` (in the optimizer's order), all at step counter
-    /// `start_step`, compiling `lopt` once per distinct shape.
+    /// A backend for tensors of `layouts` (in the optimizer's order), all at step counter
+    /// `start_step`, compiling `lopt` once per distinct layout.
     fn build(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<Box<dyn ModelBackend>>;
 }
@@ -190,14 +191,14 @@ impl StepperFactory for CudaFactory {
     }
 }
 
-/// Compiled step programs, one per distinct shape.
+/// Compiled step programs, one per distinct layout (shape and factored axes).
 ///
 /// `Send + Sync`, the programs shared as `Arc<StepIr>`: [`get`](Self::get) takes `&mut self`,
 /// so threads share one cache behind a `Mutex`, and the programs it returns can be used from
 /// any thread.
 #[derive(Default)]
 pub struct PlanCache {
-    plans: HashMap<Shape, Arc<StepIr>>,
+    plans: HashMap<Layout, Arc<StepIr>>,
     compiled: usize,
 }
 
@@ -207,14 +208,14 @@ impl PlanCache {
         Self::default()
     }
 
-    /// The program for `shape`, compiled on first use.
-    pub fn get(&mut self, lopt: &LearnedOptimizer, shape: &Shape) -> Result<Arc<StepIr>> {
-        if let Some(ir) = self.plans.get(shape) {
+    /// The program for `layout`, compiled on first use.
+    pub fn get(&mut self, lopt: &LearnedOptimizer, layout: &Layout) -> Result<Arc<StepIr>> {
+        if let Some(ir) = self.plans.get(layout) {
             return Ok(ir.clone());
         }
-        let ir = Arc::new(crate::compile_step(shape, lopt)?);
+        let ir = Arc::new(crate::compile_layout(layout, lopt)?);
         self.compiled += 1;
-        self.plans.insert(shape.clone(), ir.clone());
+        self.plans.insert(layout.clone(), ir.clone());
         Ok(ir)
     }
 
@@ -237,11 +238,11 @@ impl<F: StepperFactory> BackendFactory for PerTensor<F> {
     fn build(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<Box<dyn ModelBackend>> {
         Ok(Box::new(PerTensorBackend::new(
-            lopt, shapes, start_step, &self.0,
+            lopt, layouts, start_step, &self.0,
         )?))
     }
 }
@@ -254,17 +255,17 @@ pub struct PerTensorBackend {
 }
 
 impl PerTensorBackend {
-    /// Compiles `lopt` once per distinct shape of `shapes` and makes one stepper per tensor.
+    /// Compiles `lopt` once per distinct layout of `layouts` and makes one stepper per tensor.
     pub fn new(
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
         factory: &dyn StepperFactory,
     ) -> Result<Self> {
         let mut cache = PlanCache::new();
-        let steppers = shapes
+        let steppers = layouts
             .iter()
-            .map(|shape| factory.stepper(cache.get(lopt, shape)?, start_step))
+            .map(|layout| factory.stepper(cache.get(lopt, layout)?, start_step))
             .collect::<Result<Vec<_>>>()?;
         Ok(PerTensorBackend {
             target: factory.target(),

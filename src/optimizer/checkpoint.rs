@@ -6,16 +6,19 @@
 //! | format version | metadata `format` = [`CHECKPOINT_FORMAT`] |
 //! | step counter | metadata `step` |
 //! | SHA-256 of the learned optimizer ([`LearnedOptimizer::fingerprint`](crate::lopt::LearnedOptimizer::fingerprint)) | metadata `lopt_fingerprint` |
-//! | the parameters, in order | metadata `params`: JSON `[{"name": …, "shape": […]}, …]` |
+//! | the parameters, in order | metadata `params`: JSON `[{"name": …, "shape": […], "factored_axes": [d0, d1] or null}, …]` |
 //! | SHA-256 of the two above | metadata `fingerprint` |
 //!
 //! Loading checks all of it before anything is replaced, and refuses a checkpoint of another
-//! learned optimizer or of other parameters with a message naming what differs. The values
+//! learned optimizer or of other parameters (names, shapes, or factored axes: a tensor's
+//! accumulators only mean something for the axes they were made with) with a message naming
+//! what differs. The values
 //! are stored exactly, so resuming from a checkpoint continues bitwise the same trajectory.
 
 use super::MuloOptimizer;
 use crate::error::{Error, Result};
 use crate::ir::Buffer;
+use crate::shape::FactoredAxes;
 use crate::state::TensorState;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -34,6 +37,20 @@ pub const CHECKPOINT_FORMAT: &str = "mulo-optimizer-checkpoint/1";
 struct ParamEntry {
     name: String,
     shape: Vec<usize>,
+    /// `[d0, d1]`, or null for rank ≤ 1. Absent in checkpoints written before the axes could be
+    /// chosen: those used the default (stable) order.
+    #[serde(default)]
+    factored_axes: Option<[usize; 2]>,
+}
+
+impl ParamEntry {
+    /// The axes the checkpoint's state was made with.
+    fn axes(&self) -> Option<FactoredAxes> {
+        match self.factored_axes {
+            Some([d0, d1]) => Some(FactoredAxes { d0, d1 }),
+            None => FactoredAxes::stable(&self.shape),
+        }
+    }
 }
 
 fn combined_fingerprint(lopt: &str, params_json: &str) -> String {
@@ -44,6 +61,12 @@ fn combined_fingerprint(lopt: &str, params_json: &str) -> String {
     h.update([0]);
     h.update(params_json.as_bytes());
     hex(&h.finalize())
+}
+
+fn axes_text(axes: Option<FactoredAxes>) -> String {
+    axes.map_or("none (rank ≤ 1)".to_string(), |f| {
+        format!("(d0 = {}, d1 = {})", f.d0, f.d1)
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -75,15 +98,18 @@ impl MuloOptimizer {
         let entries: Vec<ParamEntry> = self
             .specs
             .iter()
-            .map(|p| ParamEntry {
+            .zip(&self.layouts)
+            .map(|(p, layout)| ParamEntry {
                 name: p.name.clone(),
                 shape: p.shape.dims().to_vec(),
+                factored_axes: layout.factored().map(|f| [f.d0, f.d1]),
             })
             .collect();
         serde_json::to_string(&entries).expect("parameter list serializes")
     }
 
-    /// A fingerprint of the learned optimizer and the parameters (names and shapes, in order):
+    /// A fingerprint of the learned optimizer and the parameters (names, shapes and factored
+    /// axes, in order):
     /// what a checkpoint must match to be loaded.
     pub fn fingerprint(&self) -> String {
         combined_fingerprint(&self.lopt_fingerprint, &self.params_json())
@@ -316,19 +342,23 @@ impl MuloOptimizer {
             .iter()
             .map(|p| (p.name.as_str(), p.shape.dims()))
             .collect();
-        let theirs: HashMap<&str, &[usize]> = entries
-            .iter()
-            .map(|e| (e.name.as_str(), e.shape.as_slice()))
-            .collect();
+        let theirs: HashMap<&str, &ParamEntry> =
+            entries.iter().map(|e| (e.name.as_str(), e)).collect();
         let mut problems = Vec::new();
-        for p in &self.specs {
+        for (p, layout) in self.specs.iter().zip(&self.layouts) {
             match theirs.get(p.name.as_str()) {
                 None => problems.push(format!("parameter `{}` is not in the checkpoint", p.name)),
-                Some(&dims) if dims != p.shape.dims() => problems.push(format!(
+                Some(e) if e.shape != p.shape.dims() => problems.push(format!(
                     "parameter `{}` has shape {:?} in the checkpoint but {:?} here",
                     p.name,
-                    dims,
+                    e.shape,
                     p.shape.dims()
+                )),
+                Some(e) if e.axes() != layout.factored() => problems.push(format!(
+                    "parameter `{}` has factored axes {} in the checkpoint but {} here",
+                    p.name,
+                    axes_text(e.axes()),
+                    axes_text(layout.factored())
                 )),
                 _ => {}
             }

@@ -53,7 +53,7 @@ pub use nonfinite::{NonFiniteCount, NonFinitePolicy};
 use crate::backend::Hyper;
 use crate::error::{Error, Result};
 use crate::lopt::LearnedOptimizer;
-use crate::shape::{Layout, Shape};
+use crate::shape::{FactoredAxes, Layout, Shape};
 use crate::state::TensorState;
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -63,13 +63,17 @@ use std::sync::Arc;
 /// A tensor of a PyLO state: its PyLO name (`mom`, `fac_vec_row`, …), shape and values.
 pub type PyloTensor = (String, Vec<usize>, Vec<f32>);
 
-/// One parameter tensor of the model: its name, shape and learning-rate rule.
+/// One parameter tensor of the model: its name, shape, factored axes and learning-rate rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
     /// A unique name (used in reports, errors and checkpoints).
     pub name: String,
     /// The tensor's shape.
     pub shape: Shape,
+    /// The factored axes (d0, d1) of a tensor of rank ≥ 2; `None`: the default, the stable
+    /// order of SPEC.md §2. Set it ([`ParamSpec::with_factored_axes`]) to reproduce a PyLO run
+    /// whose host ordered tied largest axes the other way.
+    pub factored_axes: Option<FactoredAxes>,
     /// How its learning rate relates to the optimizer's (μP).
     pub lr_scale: LrScale,
 }
@@ -85,8 +89,36 @@ impl ParamSpec {
         ParamSpec {
             name: name.into(),
             shape,
+            factored_axes: None,
             lr_scale: LrScale::Unscaled,
         }
+    }
+
+    /// A tensor of an already-resolved layout: its shape and factored axes (e.g. a
+    /// [`Trajectory`](crate::trajectory::Trajectory)'s, which come from PyLO's recording).
+    pub fn with_layout(name: impl Into<String>, layout: &Layout) -> Self {
+        ParamSpec {
+            factored_axes: layout.factored(),
+            ..Self::with_shape(name, layout.shape().clone())
+        }
+    }
+
+    /// States the factored axes (SPEC.md §2): `d0` the largest axis (the row accumulators are
+    /// reduced over it), `d1` the second largest. An invalid pair (the same axis twice, out of
+    /// range, not of the two largest sizes, or a tensor of rank ≤ 1) is an error naming the
+    /// tensor.
+    pub fn with_factored_axes(mut self, d0: usize, d1: usize) -> Result<Self> {
+        let axes = FactoredAxes { d0, d1 };
+        axes.check(self.shape.dims())
+            .map_err(|reason| Error::argument(&self.name, reason))?;
+        self.factored_axes = Some(axes);
+        Ok(self)
+    }
+
+    /// The tensor's layout: its shape with the factored axes resolved.
+    pub fn layout(&self) -> Result<Layout> {
+        Layout::with_axes(self.shape.clone(), self.factored_axes)
+            .map_err(|e| Error::argument(&self.name, e.to_string()))
     }
 
     /// μP: the tensor's shape in the base model (mup's `set_base_shapes`); same rank required.
@@ -235,11 +267,14 @@ impl MuloOptimizer {
             .iter()
             .map(|p| LrRule::resolve(&p.name, &p.shape, &p.lr_scale))
             .collect::<Result<Vec<_>>>()?;
-        let shapes: Vec<Shape> = params.iter().map(|p| p.shape.clone()).collect();
-        let backend = options.backend.build(lopt, &shapes, 0)?;
+        let layouts = params
+            .iter()
+            .map(ParamSpec::layout)
+            .collect::<Result<Vec<_>>>()?;
+        let backend = options.backend.build(lopt, &layouts, 0)?;
         Ok(MuloOptimizer {
             lopt_fingerprint: lopt.fingerprint(),
-            layouts: shapes.into_iter().map(Layout::new).collect(),
+            layouts,
             specs: params,
             rules,
             max_grad_norm: options.max_grad_norm,

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::ir::Buffer;
 use crate::lopt::LearnedOptimizer;
 use crate::optimizer::backend::{out_of_range, BackendFactory, ModelBackend, TensorStep};
-use crate::shape::Shape;
+use crate::shape::Layout;
 use crate::state::TensorState;
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -423,14 +423,14 @@ impl PackedCuda {
         &self.runtime
     }
 
-    /// A packed backend for tensors of `shapes`, with direct access to its device arenas.
+    /// A packed backend for tensors of `layouts`, with direct access to its device arenas.
     pub fn backend(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<PackedBackend<CudaExecutor>> {
-        let model = Arc::new(PackedModel::new(lopt, shapes)?);
+        let model = Arc::new(PackedModel::new(lopt, layouts)?);
         let exec = CudaExecutor::new(&self.runtime, &model)?;
         Ok(PackedBackend::new(model, exec, start_step, "cuda"))
     }
@@ -444,9 +444,9 @@ impl BackendFactory for PackedCuda {
     fn build(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<Box<dyn ModelBackend>> {
-        Ok(Box::new(self.backend(lopt, shapes, start_step)?))
+        Ok(Box::new(self.backend(lopt, layouts, start_step)?))
     }
 }
