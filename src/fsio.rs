@@ -9,7 +9,7 @@
 //! wins; both files are complete).
 //!
 //! A writer killed between creating its temporary file and the rename leaves that temporary
-//! file behind (`.NAME.tmpXXXXXX` beside the destination, never read by mulo); an error
+//! file behind (`.NAME.XXXXXX.tmp` beside the destination, never read by mulo); an error
 //! inside the process removes it.
 
 use crate::error::{Error, Result};
