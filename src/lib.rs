@@ -27,6 +27,7 @@ pub mod bench;
 pub(crate) mod digest;
 pub mod error;
 pub mod frontend;
+pub mod fsio;
 pub mod ir;
 pub mod lopt;
 pub mod optimizer;

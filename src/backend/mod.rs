@@ -98,7 +98,10 @@ pub(crate) fn check_state_layout<T: Copy + Default>(
 
 /// Something that steps one tensor with host-side buffers and keeps its state: what
 /// `mulo-compile replay` and the property tests drive, whatever the backend.
-pub trait TensorStepper {
+///
+/// `Send + Sync`: a stepper can be moved to another thread, and its `&self` methods (the
+/// state, the layout) called from several threads at once; stepping takes `&mut self`.
+pub trait TensorStepper: Send + Sync {
     /// The backend's name (`interp`, `onnx`, `cuda`).
     fn target(&self) -> &'static str;
 

@@ -50,7 +50,9 @@ pub struct TensorStep<'a> {
 /// error, a broken device). After such an error the optimizer cannot know which tensors of
 /// the batch were stepped; it refuses further steps until its state is restored (a checkpoint
 /// or [`set_state`](ModelBackend::set_state) of every tensor).
-pub trait ModelBackend {
+///
+/// `Send + Sync`, so that a [`MuloOptimizer`](crate::optimizer::MuloOptimizer) is too.
+pub trait ModelBackend: Send + Sync {
     /// The backend's name (`interp`, `onnx`, `cuda`).
     fn target(&self) -> &'static str;
 
@@ -76,8 +78,9 @@ pub trait ModelBackend {
 }
 
 /// Builds a [`ModelBackend`] for a model: what
-/// [`OptimizerOptions::backend`](crate::optimizer::OptimizerOptions::backend) holds.
-pub trait BackendFactory {
+/// [`OptimizerOptions::backend`](crate::optimizer::OptimizerOptions::backend) holds
+/// (`Send + Sync`: one factory may build optimizers on several threads).
+pub trait BackendFactory: Send + Sync {
     /// The backend's name.
     fn target(&self) -> &'static str;
 
@@ -92,7 +95,7 @@ pub trait BackendFactory {
 }
 
 /// Makes a [`TensorStepper`] from a compiled step program.
-pub trait StepperFactory {
+pub trait StepperFactory: Send + Sync {
     /// The backend's name.
     fn target(&self) -> &'static str;
 
@@ -101,6 +104,10 @@ pub trait StepperFactory {
 }
 
 /// Compiled step programs, one per distinct layout (shape and factored axes).
+///
+/// `Send + Sync`, the programs shared as `Arc<StepIr>`: [`get`](Self::get) takes `&mut self`,
+/// so threads share one cache behind a `Mutex`, and the programs it returns can be used from
+/// any thread.
 #[derive(Default)]
 pub struct PlanCache {
     plans: HashMap<Layout, Arc<StepIr>>,

@@ -242,8 +242,7 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             let text = ir.to_text();
             match &args.output {
                 Some(path) => {
-                    std::fs::write(path, text)
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    mulo::fsio::write_atomic(path, text.as_bytes())?;
                     eprintln!(
                         "wrote {} ({} nodes) in {:.1?}",
                         path.display(),
@@ -285,7 +284,7 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
 fn write_onnx(ir: &mulo::ir::StepIr, output: Option<PathBuf>, started: Instant) -> Result<()> {
     let path = output.unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
     let bytes = mulo::backend::onnx::export(ir)?;
-    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    mulo::fsio::write_atomic(&path, &bytes)?;
     eprintln!(
         "wrote {} ({} bytes, opset {}) in {:.1?}",
         path.display(),

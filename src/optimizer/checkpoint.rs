@@ -73,6 +73,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Little-endian f32s, refused (with the first offender) when any is NaN or ±Inf: mulo never
+/// keeps a non-finite state (the step guard undoes such a step), so one in a file is damage.
+fn finite_f32s(data: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(format!(
+            "holds a non-finite value ({}) at flat index {i}",
+            values[i]
+        )),
+        None => Ok(values),
+    }
+}
+
 fn short(fp: &str) -> &str {
     &fp[..fp.len().min(16)]
 }
@@ -147,10 +163,11 @@ impl MuloOptimizer {
             .map_err(|e| Error::backend_from("safetensors", "cannot serialize the checkpoint", e))
     }
 
-    /// Writes the checkpoint to `path`.
+    /// Writes the checkpoint to `path` atomically ([`write_atomic`](crate::fsio::write_atomic)):
+    /// a crash or a full disk part-way through leaves the previous checkpoint at `path` intact.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let bytes = self.checkpoint_bytes()?;
-        std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+        crate::fsio::write_atomic(path, &bytes)
     }
 
     /// Loads a checkpoint written by [`save_checkpoint`](Self::save_checkpoint): the step
@@ -229,11 +246,9 @@ impl MuloOptimizer {
                         view.shape()
                     )));
                 }
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let values = finite_f32s(view.data()).map_err(|why| {
+                    bad(format!("tensor `{key}` {why}: the checkpoint is corrupt"))
+                })?;
                 state.set(buffer, values)?;
             }
             states.push(state);
@@ -282,12 +297,13 @@ impl MuloOptimizer {
                     ));
                     return None;
                 }
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                Some((view.shape().to_vec(), values))
+                match finite_f32s(view.data()) {
+                    Ok(values) => Some((view.shape().to_vec(), values)),
+                    Err(why) => {
+                        error = Some(format!("tensor `{k}` {why}"));
+                        None
+                    }
+                }
             });
             if let Some(reason) = error {
                 return Err(Error::bad_file(path, reason));

@@ -203,6 +203,12 @@ pub struct StepReport {
 /// One step counter for the whole optimizer (PyLO keeps one per parameter group); every
 /// tensor's [`TensorState::step`] equals it. Every argument is checked before anything is
 /// modified: a step that returns an error has changed no parameter and no state.
+///
+/// `Send + Sync` (checked at compile time, and by `tests/reliability.rs`): an optimizer can
+/// be moved to a training thread, or shared between threads behind a `Mutex`/`RwLock`;
+/// [`step`](Self::step) and the state setters take `&mut self`, the readers
+/// ([`state`](Self::state), [`checkpoint_bytes`](Self::checkpoint_bytes)) `&self`, so several
+/// threads may read one optimizer at once.
 pub struct MuloOptimizer {
     lopt_fingerprint: String,
     specs: Vec<ParamSpec>,

@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Where a packed model's arenas live and how its launches run.
-pub trait PackedExecutor {
+pub trait PackedExecutor: Send + Sync {
     /// Copies `data` into `arena` at element `offset`.
     fn write(&mut self, arena: Buffer, offset: usize, data: &[f32]) -> Result<()>;
 

@@ -47,6 +47,10 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
 type ProgramKey = (Vec<usize>, String, String, (i32, i32));
 
 /// A CUDA context and stream, with compiled programs cached in memory.
+///
+/// `Send + Sync`: one runtime can be shared (`Arc<CudaRuntime>`) by several threads, which
+/// may all call [`program`](Self::program) at once; the in-memory cache is behind a mutex
+/// and the NVRTC disk cache tolerates concurrent writers of one entry.
 pub struct CudaRuntime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -104,10 +108,12 @@ impl CudaRuntime {
             &compiled.ptx.ptx,
             compiled.manifest,
         )?);
-        if let Ok(mut m) = self.programs.lock() {
-            m.insert(key, program.clone());
+        // Two threads asking for the same new program both compile it (the disk cache is safe
+        // for that); the first one stored is the one every caller gets from then on.
+        match self.programs.lock() {
+            Ok(mut m) => Ok(m.entry(key).or_insert(program).clone()),
+            Err(_) => Ok(program),
         }
-        Ok(program)
     }
 }
 
