@@ -47,9 +47,9 @@ impl Trajectory {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let tensors = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let value = |key: &str| -> Result<&str> {
             meta.get(key)
@@ -71,6 +71,14 @@ impl Trajectory {
         let steps: usize = parse(path, "steps", value("steps")?)?;
         let lr: f32 = parse(path, "lr", value("lr")?)?;
         let weight_decay: f32 = parse(path, "weight_decay", value("weight_decay")?)?;
+        for (key, v) in [("lr", lr), ("weight_decay", weight_decay)] {
+            if !v.is_finite() {
+                return Err(Error::bad_file(
+                    path,
+                    format!("metadata `{key}` = {v} is not a finite number"),
+                ));
+            }
+        }
         let start_step: u64 = match meta.get("start_step") {
             Some(text) => parse(path, "start_step", text)?,
             None => 0,
@@ -111,12 +119,21 @@ impl Trajectory {
                     ),
                 ));
             }
-            Ok(Some(
-                view.data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ))
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "tensor `{name}` holds a non-finite value ({}) at flat index {i}",
+                        values[i]
+                    ),
+                ));
+            }
+            Ok(Some(values))
         };
         let dims = shape.dims().to_vec();
         let required = |name: &str| -> Result<Vec<f32>> {

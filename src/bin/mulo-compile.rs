@@ -183,10 +183,23 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::exit(2);
         }
     }
+}
+
+/// The error and its causes, each cause printed unless the text before already holds it (mulo's
+/// errors carry their source's text and keep the source too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 fn run_compile(args: &CompileArgs) -> Result<i32> {
@@ -229,8 +242,7 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             let text = ir.to_text();
             match &args.output {
                 Some(path) => {
-                    std::fs::write(path, text)
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    mulo::fsio::write_atomic(path, text.as_bytes())?;
                     eprintln!(
                         "wrote {} ({} nodes) in {:.1?}",
                         path.display(),
@@ -262,23 +274,51 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 started.elapsed()
             );
         }
-        CompileTarget::Onnx => {
-            let path = args
-                .output
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
-            let bytes = mulo::backend::onnx::export(&ir)?;
-            std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!(
-                "wrote {} ({} bytes, opset {}) in {:.1?}",
-                path.display(),
-                bytes.len(),
-                mulo::backend::onnx::OPSET,
-                started.elapsed()
-            );
-        }
+        CompileTarget::Onnx => write_onnx(&ir, args.output.clone(), started)?,
     }
     Ok(0)
+}
+
+/// `--target onnx`: writes the graph.
+#[cfg(feature = "onnx")]
+fn write_onnx(ir: &mulo::ir::StepIr, output: Option<PathBuf>, started: Instant) -> Result<()> {
+    let path = output.unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
+    let bytes = mulo::backend::onnx::export(ir)?;
+    mulo::fsio::write_atomic(&path, &bytes)?;
+    eprintln!(
+        "wrote {} ({} bytes, opset {}) in {:.1?}",
+        path.display(),
+        bytes.len(),
+        mulo::backend::onnx::OPSET,
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "onnx"))]
+fn write_onnx(_: &mulo::ir::StepIr, _: Option<PathBuf>, _: Instant) -> Result<()> {
+    bail!(NO_ONNX)
+}
+
+#[cfg(not(feature = "onnx"))]
+const NO_ONNX: &str =
+    "this mulo-compile was built without the `onnx` feature: rebuild with default features";
+
+/// A stepper on tract: the whole graph, or the chunked runtime.
+#[cfg(feature = "onnx")]
+fn onnx_stepper(ir: &mulo::ir::StepIr, chunked: bool) -> Result<Box<dyn TensorStepper>> {
+    use mulo::backend::onnx::{chunked::DEFAULT_CHUNK_ELEMENTS, ChunkedOnnxStepper, OnnxStepper};
+    // One row on axis 0: nothing to chunk.
+    Ok(if chunked && ChunkedOnnxStepper::supports(&ir.layout) {
+        Box::new(ChunkedOnnxStepper::new(ir, 0, DEFAULT_CHUNK_ELEMENTS, 2)?)
+    } else {
+        Box::new(OnnxStepper::new(ir, 0)?)
+    })
+}
+
+#[cfg(not(feature = "onnx"))]
+fn onnx_stepper(_: &mulo::ir::StepIr, _: bool) -> Result<Box<dyn TensorStepper>> {
+    bail!(NO_ONNX)
 }
 
 /// The layout of `--shape SHAPE` with its `--factored-axes` (absent or `default`: the stable
@@ -346,18 +386,9 @@ fn make_stepper(
             let program = CudaRuntime::new(0)?.program(&ir)?;
             Box::new(CudaStepper::new(program, 0)?)
         }
-        RunTarget::Onnx => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::Onnx => onnx_stepper(&ir, false)?,
         RunTarget::Cpu => Box::new(mulo::backend::cpu::CpuStepper::new(ir, 0)),
-        RunTarget::OnnxChunked if mulo::backend::onnx::ChunkedOnnxStepper::supports(layout) => {
-            Box::new(mulo::backend::onnx::ChunkedOnnxStepper::new(
-                &ir,
-                0,
-                mulo::backend::onnx::chunked::DEFAULT_CHUNK_ELEMENTS,
-                2,
-            )?)
-        }
-        // One row on axis 0: nothing to chunk.
-        RunTarget::OnnxChunked => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::OnnxChunked => onnx_stepper(&ir, true)?,
     })
 }
 

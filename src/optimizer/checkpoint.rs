@@ -73,6 +73,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Little-endian f32s, refused (with the first offender) when any is NaN or ±Inf: mulo never
+/// keeps a non-finite state (the step guard undoes such a step), so one in a file is damage.
+fn finite_f32s(data: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(format!(
+            "holds a non-finite value ({}) at flat index {i}",
+            values[i]
+        )),
+        None => Ok(values),
+    }
+}
+
 fn short(fp: &str) -> &str {
     &fp[..fp.len().min(16)]
 }
@@ -106,13 +122,13 @@ impl MuloOptimizer {
         for (i, spec) in self.specs.iter().enumerate() {
             let state = self.backend.state(i)?;
             if state.step != self.step {
-                return Err(Error::Backend {
-                    backend: self.backend.target(),
-                    message: format!(
+                return Err(Error::backend(
+                    self.backend.target(),
+                    format!(
                         "tensor `{}` is at step {}, the optimizer at {}",
                         spec.name, state.step, self.step
                     ),
-                });
+                ));
             }
             for (buffer, values) in state.iter() {
                 let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -143,16 +159,15 @@ impl MuloOptimizer {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        safetensors::serialize(&views, Some(metadata)).map_err(|e| Error::Backend {
-            backend: "safetensors",
-            message: format!("cannot serialize the checkpoint: {e}"),
-        })
+        safetensors::serialize(&views, Some(metadata))
+            .map_err(|e| Error::backend_from("safetensors", "cannot serialize the checkpoint", e))
     }
 
-    /// Writes the checkpoint to `path`.
+    /// Writes the checkpoint to `path` atomically ([`write_atomic`](crate::fsio::write_atomic)):
+    /// a crash or a full disk part-way through leaves the previous checkpoint at `path` intact.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let bytes = self.checkpoint_bytes()?;
-        std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+        crate::fsio::write_atomic(path, &bytes)
     }
 
     /// Loads a checkpoint written by [`save_checkpoint`](Self::save_checkpoint): the step
@@ -167,9 +182,9 @@ impl MuloOptimizer {
     pub fn restore_checkpoint(&mut self, bytes: &[u8], origin: &Path) -> Result<()> {
         let bad = |reason: String| Error::bad_file(origin, reason);
         let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(origin, "not a valid safetensors file", e))?;
         let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(origin, "not a valid safetensors file", e))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field = |key: &str| -> Result<&String> {
             meta.get(key).ok_or_else(|| {
@@ -231,11 +246,9 @@ impl MuloOptimizer {
                         view.shape()
                     )));
                 }
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let values = finite_f32s(view.data()).map_err(|why| {
+                    bad(format!("tensor `{key}` {why}: the checkpoint is corrupt"))
+                })?;
                 state.set(buffer, values)?;
             }
             states.push(state);
@@ -270,7 +283,7 @@ impl MuloOptimizer {
         self.check_usable()?;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let tensors = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let mut states = Vec::with_capacity(self.specs.len());
         for (spec, layout) in self.specs.iter().zip(&self.layouts) {
             let mut error = None;
@@ -284,12 +297,13 @@ impl MuloOptimizer {
                     ));
                     return None;
                 }
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                Some((view.shape().to_vec(), values))
+                match finite_f32s(view.data()) {
+                    Ok(values) => Some((view.shape().to_vec(), values)),
+                    Err(why) => {
+                        error = Some(format!("tensor `{k}` {why}"));
+                        None
+                    }
+                }
             });
             if let Some(reason) = error {
                 return Err(Error::bad_file(path, reason));

@@ -29,9 +29,8 @@
 //! checks, μP, clipping, non-finite handling, the step counter, checkpoints) happens here, on
 //! the host; the step programs run in a [`ModelBackend`], which receives
 //! the whole batch of tensors at once so that a packed GPU backend can step a model in a fixed
-//! number of launches (see [`backend`]).
+//! number of launches (see [`crate::backend::model`]).
 
-pub mod backend;
 mod checkpoint;
 
 /// `docs/training.md`, compiled and run as doc tests.
@@ -42,15 +41,11 @@ pub mod clip;
 pub mod mup;
 pub mod nonfinite;
 
-pub use backend::{
-    BackendFactory, CpuFactory, CudaFactory, InterpFactory, ModelBackend, OnnxFactory, PerTensor,
-    PerTensorBackend, PlanCache, StepperFactory, TensorStep,
-};
 pub use checkpoint::{CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY};
 pub use mup::{LrRule, LrScale, MupInfo};
 pub use nonfinite::{NonFiniteCount, NonFinitePolicy};
 
-use crate::backend::Hyper;
+use crate::backend::{BackendFactory, Hyper, ModelBackend, TensorStep};
 use crate::error::{Error, Result};
 use crate::lopt::LearnedOptimizer;
 use crate::shape::{FactoredAxes, Layout, Shape};
@@ -163,7 +158,7 @@ impl Default for OptimizerOptions {
             global_max_grad_norm: None,
             nonfinite: NonFinitePolicy::Skip,
             guard: true,
-            backend: Arc::new(PerTensor(CpuFactory)),
+            backend: crate::backend::default_factory(),
         }
     }
 }
@@ -210,6 +205,12 @@ pub struct StepReport {
 /// One step counter for the whole optimizer (PyLO keeps one per parameter group); every
 /// tensor's [`TensorState::step`] equals it. Every argument is checked before anything is
 /// modified: a step that returns an error has changed no parameter and no state.
+///
+/// `Send + Sync` (checked at compile time, and by `tests/reliability.rs`): an optimizer can
+/// be moved to a training thread, or shared between threads behind a `Mutex`/`RwLock`;
+/// [`step`](Self::step) and the state setters take `&mut self`, the readers
+/// ([`state`](Self::state), [`checkpoint_bytes`](Self::checkpoint_bytes)) `&self`, so several
+/// threads may read one optimizer at once.
 pub struct MuloOptimizer {
     lopt_fingerprint: String,
     specs: Vec<ParamSpec>,
@@ -345,13 +346,13 @@ impl MuloOptimizer {
 
     fn check_usable(&self) -> Result<()> {
         match &self.poisoned {
-            Some(why) => Err(Error::Backend {
-                backend: self.backend.target(),
-                message: format!(
+            Some(why) => Err(Error::backend(
+                self.backend.target(),
+                format!(
                     "the optimizer is unusable after a failed step ({why}); load a checkpoint \
                      or set every tensor's state to continue"
                 ),
-            }),
+            )),
             None => Ok(()),
         }
     }
@@ -569,10 +570,7 @@ impl MuloOptimizer {
                 corrupted.join(", ")
             );
             self.poisoned = Some(why.clone());
-            return Err(Error::Backend {
-                backend: self.backend.target(),
-                message: why,
-            });
+            return Err(Error::backend(self.backend.target(), why));
         }
         // Skipped tensors keep their accumulators; their counter follows the optimizer's.
         for (i, g) in work.iter().enumerate() {

@@ -108,7 +108,7 @@ pub struct PackedModel {
 impl PackedModel {
     /// Compiles `lopt` once per distinct layout of `layouts` and packs the tensors.
     pub fn new(lopt: &LearnedOptimizer, layouts: &[Layout]) -> Result<Self> {
-        let mut cache = crate::optimizer::backend::PlanCache::new();
+        let mut cache = crate::backend::PlanCache::new();
         let irs = layouts
             .iter()
             .map(|l| cache.get(lopt, l))
@@ -530,7 +530,7 @@ impl CompiledModel {
     /// Writes `mulo_model.cu`, `mulo_model.ptx` and `mulo_model.json` into `dir` (created if
     /// missing); returns their paths.
     pub fn write_to(&self, dir: &std::path::Path) -> Result<[std::path::PathBuf; 3]> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::fsio::create_dir_all(dir)?;
         let paths = [
             dir.join(&self.manifest.source),
             dir.join(&self.manifest.ptx),
@@ -539,7 +539,7 @@ impl CompiledModel {
         let json = serde_json::to_string_pretty(&self.manifest).unwrap_or_default();
         let contents = [self.source.as_str(), self.ptx.ptx.as_str(), json.as_str()];
         for (path, text) in paths.iter().zip(contents) {
-            std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+            crate::fsio::write_atomic(path, text.as_bytes())?;
         }
         Ok(paths)
     }

@@ -14,11 +14,12 @@
 use super::nvrtc;
 use super::packed::{PackedModel, ARENAS};
 use super::runtime::{driver_err, CudaRuntime};
+use crate::backend::model::out_of_range;
 use crate::backend::Hyper;
+use crate::backend::{BackendFactory, ModelBackend, TensorStep};
 use crate::error::{Error, Result};
 use crate::ir::Buffer;
 use crate::lopt::LearnedOptimizer;
-use crate::optimizer::backend::{out_of_range, BackendFactory, ModelBackend, TensorStep};
 use crate::shape::Layout;
 use crate::state::TensorState;
 use cudarc::driver::{
@@ -28,7 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Where a packed model's arenas live and how its launches run.
-pub trait PackedExecutor {
+pub trait PackedExecutor: Send + Sync {
     /// Copies `data` into `arena` at element `offset`.
     fn write(&mut self, arena: Buffer, offset: usize, data: &[f32]) -> Result<()>;
 

@@ -1,5 +1,8 @@
-//! The backend abstraction of [`MuloOptimizer`](super::MuloOptimizer): something that steps a
-//! *batch* of a model's tensors in one call and keeps their states.
+//! The model-level backend abstraction that [`MuloOptimizer`](crate::optimizer::MuloOptimizer)
+//! drives: something that steps a *batch* of a model's tensors in one call and keeps their
+//! states. The optimizer knows only these traits; each backend module implements them
+//! ([`InterpFactory`](crate::backend::interp::InterpFactory),
+//! [`CpuFactory`](crate::backend::cpu::CpuFactory), the ONNX and CUDA factories).
 //!
 //! Two levels:
 //!
@@ -19,7 +22,6 @@
 //! factored axes), shared by every tensor of that layout, so a model with 150 tensors of 12
 //! distinct shapes compiles 12 plans.
 
-use crate::backend::interp::InterpStepper;
 use crate::backend::{Hyper, TensorStepper};
 use crate::error::{Error, Result};
 use crate::ir::StepIr;
@@ -48,7 +50,9 @@ pub struct TensorStep<'a> {
 /// error, a broken device). After such an error the optimizer cannot know which tensors of
 /// the batch were stepped; it refuses further steps until its state is restored (a checkpoint
 /// or [`set_state`](ModelBackend::set_state) of every tensor).
-pub trait ModelBackend {
+///
+/// `Send + Sync`, so that a [`MuloOptimizer`](crate::optimizer::MuloOptimizer) is too.
+pub trait ModelBackend: Send + Sync {
     /// The backend's name (`interp`, `onnx`, `cuda`).
     fn target(&self) -> &'static str;
 
@@ -74,8 +78,9 @@ pub trait ModelBackend {
 }
 
 /// Builds a [`ModelBackend`] for a model: what
-/// [`OptimizerOptions::backend`](super::OptimizerOptions::backend) holds.
-pub trait BackendFactory {
+/// [`OptimizerOptions::backend`](crate::optimizer::OptimizerOptions::backend) holds
+/// (`Send + Sync`: one factory may build optimizers on several threads).
+pub trait BackendFactory: Send + Sync {
     /// The backend's name.
     fn target(&self) -> &'static str;
 
@@ -90,7 +95,7 @@ pub trait BackendFactory {
 }
 
 /// Makes a [`TensorStepper`] from a compiled step program.
-pub trait StepperFactory {
+pub trait StepperFactory: Send + Sync {
     /// The backend's name.
     fn target(&self) -> &'static str;
 
@@ -98,97 +103,11 @@ pub trait StepperFactory {
     fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>>;
 }
 
-/// The reference interpreter ([`InterpStepper`], f32) as a [`StepperFactory`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct InterpFactory;
-
-impl StepperFactory for InterpFactory {
-    fn target(&self) -> &'static str {
-        "interp"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        Ok(Box::new(InterpStepper::new(ir, start_step)))
-    }
-}
-
-/// The native CPU backend ([`CpuStepper`](crate::backend::cpu::CpuStepper): chunk programs
-/// rendered from the IR, FMA kernels, 2 threads) as a [`StepperFactory`]: the fast CPU path,
-/// and the default backend of the optimizer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuFactory;
-
-impl StepperFactory for CpuFactory {
-    fn target(&self) -> &'static str {
-        "cpu"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        Ok(Box::new(crate::backend::cpu::CpuStepper::new(
-            ir, start_step,
-        )))
-    }
-}
-
-/// The tract CPU runtime as a [`StepperFactory`]: the chunked runtime (statistics graph plus
-/// per-chunk graphs on 2 threads) where the tensor has at least 2 rows on axis 0, the whole
-/// exported graph ([`OnnxStepper`](crate::backend::onnx::OnnxStepper)) elsewhere.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct OnnxFactory;
-
-impl StepperFactory for OnnxFactory {
-    fn target(&self) -> &'static str {
-        "onnx"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        use crate::backend::onnx::{
-            chunked::DEFAULT_CHUNK_ELEMENTS, ChunkedOnnxStepper, OnnxStepper,
-        };
-        Ok(if ChunkedOnnxStepper::supports(&ir.layout) {
-            Box::new(ChunkedOnnxStepper::new(
-                &ir,
-                start_step,
-                DEFAULT_CHUNK_ELEMENTS,
-                2,
-            )?)
-        } else {
-            Box::new(OnnxStepper::new(&ir, start_step)?)
-        })
-    }
-}
-
-/// CUDA, one [`CudaStepper`](crate::backend::cuda::runtime::CudaStepper) per tensor (programs
-/// shared per shape by the runtime's cache). Each tensor's step is its own launch sequence
-/// with host copies through [`TensorStepper`]: correct, not the packed whole-model backend
-/// (see the module documentation).
-pub struct CudaFactory {
-    runtime: crate::backend::cuda::runtime::CudaRuntime,
-}
-
-impl CudaFactory {
-    /// Opens CUDA device `ordinal`.
-    pub fn new(ordinal: usize) -> Result<Self> {
-        Ok(CudaFactory {
-            runtime: crate::backend::cuda::runtime::CudaRuntime::new(ordinal)?,
-        })
-    }
-}
-
-impl StepperFactory for CudaFactory {
-    fn target(&self) -> &'static str {
-        "cuda"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        let program = self.runtime.program(&ir)?;
-        Ok(Box::new(crate::backend::cuda::runtime::CudaStepper::new(
-            program, start_step,
-        )?))
-    }
-}
-
 /// Compiled step programs, one per distinct layout (shape and factored axes).
+///
+/// `Send + Sync`, the programs shared as `Arc<StepIr>`: [`get`](Self::get) takes `&mut self`,
+/// so threads share one cache behind a `Mutex`, and the programs it returns can be used from
+/// any thread.
 #[derive(Default)]
 pub struct PlanCache {
     plans: HashMap<Layout, Arc<StepIr>>,
@@ -305,12 +224,15 @@ impl ModelBackend for PerTensorBackend {
         for (done, t) in batch.iter_mut().enumerate() {
             self.steppers[t.index]
                 .step(t.param, t.grad, t.hyper)
-                .map_err(|e| Error::Backend {
-                    backend: self.target,
-                    message: format!(
-                        "tensor {} failed after {done} of the batch's {total} tensors were stepped: {e}",
-                        t.index
-                    ),
+                .map_err(|e| {
+                    Error::backend_from(
+                        self.target,
+                        &format!(
+                            "tensor {} failed after {done} of the batch's {total} tensors were stepped",
+                            t.index
+                        ),
+                        e,
+                    )
                 })?;
         }
         Ok(())
