@@ -6,13 +6,11 @@
 //! slice. Everything else (μP, clipping, the non-finite policy and guard, the step counter,
 //! PyLO's state layout) is `mulo::optimizer::MuloOptimizer`'s.
 
-use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::{
-    CpuFactory, InterpFactory, MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec,
-    PerTensor, StepReport,
-};
-use mulo::shape::Shape;
 use mulo::state::TensorState;
+use mulo::{
+    BackendFactory, CpuFactory, InterpFactory, LearnedOptimizer, MuloOptimizer, NonFinitePolicy,
+    OptimizerOptions, ParamSpec, PerTensor, Shape, StepReport,
+};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -246,7 +244,7 @@ impl PyGroup {
                 )))
             }
         };
-        let backend: Arc<dyn mulo::optimizer::BackendFactory> = match backend {
+        let backend: Arc<dyn BackendFactory> = match backend {
             "cpu" => Arc::new(PerTensor(CpuFactory)),
             "interp" => Arc::new(PerTensor(InterpFactory)),
             other => {
