@@ -33,9 +33,9 @@ use mulo::backend::cuda::packed_runtime::{
     CudaExecutor, PackedBackend, PackedCuda, PackedExecutor,
 };
 use mulo::backend::Hyper;
+use mulo::backend::ModelBackend;
 use mulo::ir::Buffer;
 use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::backend::ModelBackend;
 use std::time::Instant;
 use train_mlp::{blobs, parse_args, Mlp, CLASSES, HIDDEN, INPUTS};
 

@@ -36,11 +36,18 @@ pub mod shape;
 pub mod state;
 pub mod trajectory;
 
+#[cfg(feature = "onnx")]
+pub use backend::OnnxFactory;
+pub use backend::{
+    BackendFactory, CpuFactory, CudaFactory, Hyper, InterpFactory, ModelBackend, PackedCuda,
+    PerTensor, StepperFactory, TensorStepper,
+};
 pub use error::{Error, Result};
+pub use lopt::LearnedOptimizer;
+pub use optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec, StepReport};
+pub use shape::{FactoredAxes, Layout, Shape};
 
 use ir::StepIr;
-use lopt::LearnedOptimizer;
-use shape::{Layout, Shape};
 
 /// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `shape`, with the
 /// default factored axes (SPEC.md §2; see [`compile_layout`] to state them).

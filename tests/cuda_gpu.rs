@@ -244,7 +244,7 @@ fn packed_model_replays_every_golden_trajectory_at_once() {
 /// skipped), and stepping the device arenas in place gives bitwise what the host path gives.
 #[test]
 fn packed_optimizer_agrees_with_the_interpreter() {
-    use mulo::optimizer::backend::{InterpFactory, PerTensor};
+    use mulo::backend::{InterpFactory, PerTensor};
     use mulo::optimizer::{MuloOptimizer, OptimizerOptions, ParamSpec};
     let Some(factory) = packed("packed_optimizer_agrees_with_the_interpreter") else {
         return;
@@ -326,8 +326,8 @@ fn packed_optimizer_agrees_with_the_interpreter() {
 #[test]
 fn packed_in_place_steps_match_the_host_path_bitwise() {
     use mulo::backend::cuda::packed_runtime::PackedExecutor;
+    use mulo::backend::{ModelBackend, TensorStep};
     use mulo::ir::Buffer;
-    use mulo::optimizer::backend::{ModelBackend, TensorStep};
     let Some(factory) = packed("packed_in_place_steps_match_the_host_path_bitwise") else {
         return;
     };

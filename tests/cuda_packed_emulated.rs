@@ -15,10 +15,10 @@ use common::emulation::{compile, gxx_or_skip, run, EMULATION, LAUNCH};
 use mulo::backend::cuda::packed::{PackedModel, ARENAS};
 use mulo::backend::cuda::packed_runtime::{PackedBackend, PackedExecutor};
 use mulo::backend::Hyper;
+use mulo::backend::{BackendFactory, ModelBackend, TensorStep};
 use mulo::error::Result;
 use mulo::ir::Buffer;
 use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::backend::{BackendFactory, ModelBackend, TensorStep};
 use mulo::optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec};
 use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
@@ -240,7 +240,7 @@ fn optimizer_on_the_packed_backend_agrees_with_the_interpreter() {
     if !gxx_or_skip("optimizer_on_the_packed_backend_agrees_with_the_interpreter") {
         return;
     }
-    use mulo::optimizer::backend::{InterpFactory, PerTensor};
+    use mulo::backend::{InterpFactory, PerTensor};
     let lopt = common::fixture_lopt();
     let launches = Arc::new(AtomicUsize::new(0));
     let options = |backend: Arc<dyn BackendFactory>| OptimizerOptions {

@@ -7,10 +7,11 @@
 mod common;
 
 use common::model::{assert_model_within_tolerance, ModelCase, Mup};
-use mulo::optimizer::{CpuFactory, InterpFactory, OnnxFactory, OptimizerOptions, PerTensor};
+use mulo::backend::{CpuFactory, InterpFactory, PerTensor};
+use mulo::optimizer::OptimizerOptions;
 use std::sync::Arc;
 
-fn options(backend: Arc<dyn mulo::optimizer::BackendFactory>) -> OptimizerOptions {
+fn options(backend: Arc<dyn mulo::backend::BackendFactory>) -> OptimizerOptions {
     OptimizerOptions {
         backend,
         ..Default::default()
@@ -31,10 +32,14 @@ fn digits_cnn_replays_on_the_cpu_backend() {
     assert_model_within_tolerance(&errors, "cpu, μP from base shapes");
 }
 
+#[cfg(feature = "onnx")]
 #[test]
 fn digits_cnn_replays_on_tract() {
     let case = ModelCase::digits();
-    let errors = case.replay(Mup::BaseShapes, options(Arc::new(PerTensor(OnnxFactory))));
+    let errors = case.replay(
+        Mup::BaseShapes,
+        options(Arc::new(PerTensor(mulo::backend::OnnxFactory))),
+    );
     assert_model_within_tolerance(&errors, "onnx (tract), μP from base shapes");
 }
 

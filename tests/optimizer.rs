@@ -6,12 +6,10 @@ mod common;
 
 use common::Rng;
 use mulo::backend::interp::InterpStepper;
+use mulo::backend::{BackendFactory, InterpFactory, PerTensor, StepperFactory};
 use mulo::backend::{Hyper, TensorStepper};
 use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::{
-    BackendFactory, InterpFactory, MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec,
-    PerTensor, StepperFactory,
-};
+use mulo::optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec};
 use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, DEFAULT_TOLERANCE};
@@ -38,10 +36,11 @@ fn reference(lopt: &LearnedOptimizer, dims: &[usize], start: u64) -> InterpStepp
 fn backends() -> Vec<Arc<dyn BackendFactory>> {
     let mut all: Vec<Arc<dyn BackendFactory>> = vec![
         Arc::new(PerTensor(InterpFactory)),
-        Arc::new(PerTensor(mulo::optimizer::CpuFactory)),
-        Arc::new(PerTensor(mulo::optimizer::OnnxFactory)),
+        Arc::new(PerTensor(mulo::backend::CpuFactory)),
+        #[cfg(feature = "onnx")]
+        Arc::new(PerTensor(mulo::backend::OnnxFactory)),
     ];
-    match std::panic::catch_unwind(|| mulo::optimizer::CudaFactory::new(0)) {
+    match std::panic::catch_unwind(|| mulo::backend::CudaFactory::new(0)) {
         Ok(Ok(cuda)) => all.push(Arc::new(PerTensor(cuda))),
         Ok(Err(e)) => eprintln!("SKIPPED the cuda backend: {e}"),
         Err(_) => {

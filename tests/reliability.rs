@@ -15,8 +15,9 @@ mod common;
 
 use common::fixture_lopt;
 use mulo::backend::cuda::nvrtc;
+use mulo::backend::PlanCache;
 use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::{MuloOptimizer, OptimizerOptions, ParamSpec, PlanCache};
+use mulo::optimizer::{MuloOptimizer, OptimizerOptions, ParamSpec};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -436,9 +437,9 @@ fn assert_send_sync<T: Send + Sync + ?Sized>() {}
 fn documented_types_are_send_and_sync() {
     assert_send_sync::<MuloOptimizer>();
     assert_send_sync::<PlanCache>();
-    assert_send_sync::<mulo::optimizer::PerTensorBackend>();
-    assert_send_sync::<dyn mulo::optimizer::ModelBackend>();
-    assert_send_sync::<dyn mulo::optimizer::BackendFactory>();
+    assert_send_sync::<mulo::backend::PerTensorBackend>();
+    assert_send_sync::<dyn mulo::backend::ModelBackend>();
+    assert_send_sync::<dyn mulo::backend::BackendFactory>();
     assert_send_sync::<dyn mulo::backend::TensorStepper>();
     assert_send_sync::<mulo::backend::cuda::runtime::CudaRuntime>();
     assert_send_sync::<LearnedOptimizer>();

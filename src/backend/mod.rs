@@ -1,13 +1,37 @@
 //! Backends: each one renders or executes a [`StepIr`](crate::ir::StepIr); none re-derives the math.
+//!
+//! [`TensorStepper`] steps one tensor; [`model`] lifts steppers to a whole model
+//! ([`ModelBackend`], what [`MuloOptimizer`](crate::optimizer::MuloOptimizer) drives). The
+//! factories that pick a backend for the optimizer live beside their backends:
+//! [`InterpFactory`], [`CpuFactory`] (the default, [`default_factory`]), `OnnxFactory` (feature
+//! `onnx`), [`CudaFactory`] and [`PackedCuda`].
 
 pub mod cpu;
 pub mod cuda;
 pub mod interp;
+pub mod model;
+#[cfg(feature = "onnx")]
 pub mod onnx;
+
+pub use cpu::CpuFactory;
+pub use cuda::factory::CudaFactory;
+pub use cuda::packed_runtime::PackedCuda;
+pub use interp::InterpFactory;
+pub use model::{
+    BackendFactory, ModelBackend, PerTensor, PerTensorBackend, PlanCache, StepperFactory,
+    TensorStep,
+};
+#[cfg(feature = "onnx")]
+pub use onnx::OnnxFactory;
 
 use crate::error::{Error, Result};
 use crate::shape::Layout;
 use crate::state::TensorState;
+
+/// The optimizer's default backend: the native CPU backend, one stepper per tensor.
+pub fn default_factory() -> std::sync::Arc<dyn BackendFactory> {
+    std::sync::Arc::new(PerTensor(CpuFactory))
+}
 
 /// The runtime hyper-parameters of one step.
 #[derive(Clone, Copy, Debug, PartialEq)]

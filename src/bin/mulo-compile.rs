@@ -261,23 +261,51 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 started.elapsed()
             );
         }
-        CompileTarget::Onnx => {
-            let path = args
-                .output
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
-            let bytes = mulo::backend::onnx::export(&ir)?;
-            mulo::fsio::write_atomic(&path, &bytes)?;
-            eprintln!(
-                "wrote {} ({} bytes, opset {}) in {:.1?}",
-                path.display(),
-                bytes.len(),
-                mulo::backend::onnx::OPSET,
-                started.elapsed()
-            );
-        }
+        CompileTarget::Onnx => write_onnx(&ir, args.output.clone(), started)?,
     }
     Ok(0)
+}
+
+/// `--target onnx`: writes the graph.
+#[cfg(feature = "onnx")]
+fn write_onnx(ir: &mulo::ir::StepIr, output: Option<PathBuf>, started: Instant) -> Result<()> {
+    let path = output.unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
+    let bytes = mulo::backend::onnx::export(ir)?;
+    mulo::fsio::write_atomic(&path, &bytes)?;
+    eprintln!(
+        "wrote {} ({} bytes, opset {}) in {:.1?}",
+        path.display(),
+        bytes.len(),
+        mulo::backend::onnx::OPSET,
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "onnx"))]
+fn write_onnx(_: &mulo::ir::StepIr, _: Option<PathBuf>, _: Instant) -> Result<()> {
+    bail!(NO_ONNX)
+}
+
+#[cfg(not(feature = "onnx"))]
+const NO_ONNX: &str =
+    "this mulo-compile was built without the `onnx` feature: rebuild with default features";
+
+/// A stepper on tract: the whole graph, or the chunked runtime.
+#[cfg(feature = "onnx")]
+fn onnx_stepper(ir: &mulo::ir::StepIr, chunked: bool) -> Result<Box<dyn TensorStepper>> {
+    use mulo::backend::onnx::{chunked::DEFAULT_CHUNK_ELEMENTS, ChunkedOnnxStepper, OnnxStepper};
+    // One row on axis 0: nothing to chunk.
+    Ok(if chunked && ChunkedOnnxStepper::supports(&ir.layout) {
+        Box::new(ChunkedOnnxStepper::new(ir, 0, DEFAULT_CHUNK_ELEMENTS, 2)?)
+    } else {
+        Box::new(OnnxStepper::new(ir, 0)?)
+    })
+}
+
+#[cfg(not(feature = "onnx"))]
+fn onnx_stepper(_: &mulo::ir::StepIr, _: bool) -> Result<Box<dyn TensorStepper>> {
+    bail!(NO_ONNX)
 }
 
 /// The layout of `--shape SHAPE` with its `--factored-axes` (absent or `default`: the stable
@@ -345,18 +373,9 @@ fn make_stepper(
             let program = CudaRuntime::new(0)?.program(&ir)?;
             Box::new(CudaStepper::new(program, 0)?)
         }
-        RunTarget::Onnx => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::Onnx => onnx_stepper(&ir, false)?,
         RunTarget::Cpu => Box::new(mulo::backend::cpu::CpuStepper::new(ir, 0)),
-        RunTarget::OnnxChunked if mulo::backend::onnx::ChunkedOnnxStepper::supports(layout) => {
-            Box::new(mulo::backend::onnx::ChunkedOnnxStepper::new(
-                &ir,
-                0,
-                mulo::backend::onnx::chunked::DEFAULT_CHUNK_ELEMENTS,
-                2,
-            )?)
-        }
-        // One row on axis 0: nothing to chunk.
-        RunTarget::OnnxChunked => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::OnnxChunked => onnx_stepper(&ir, true)?,
     })
 }
 

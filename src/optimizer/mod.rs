@@ -29,9 +29,8 @@
 //! checks, μP, clipping, non-finite handling, the step counter, checkpoints) happens here, on
 //! the host; the step programs run in a [`ModelBackend`], which receives
 //! the whole batch of tensors at once so that a packed GPU backend can step a model in a fixed
-//! number of launches (see [`backend`]).
+//! number of launches (see [`crate::backend::model`]).
 
-pub mod backend;
 mod checkpoint;
 
 /// `docs/training.md`, compiled and run as doc tests.
@@ -42,15 +41,11 @@ pub mod clip;
 pub mod mup;
 pub mod nonfinite;
 
-pub use backend::{
-    BackendFactory, CpuFactory, CudaFactory, InterpFactory, ModelBackend, OnnxFactory, PerTensor,
-    PerTensorBackend, PlanCache, StepperFactory, TensorStep,
-};
 pub use checkpoint::{CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY};
 pub use mup::{LrRule, LrScale, MupInfo};
 pub use nonfinite::{NonFiniteCount, NonFinitePolicy};
 
-use crate::backend::Hyper;
+use crate::backend::{BackendFactory, Hyper, ModelBackend, TensorStep};
 use crate::error::{Error, Result};
 use crate::lopt::LearnedOptimizer;
 use crate::shape::{FactoredAxes, Layout, Shape};
@@ -163,7 +158,7 @@ impl Default for OptimizerOptions {
             global_max_grad_norm: None,
             nonfinite: NonFinitePolicy::Skip,
             guard: true,
-            backend: Arc::new(PerTensor(CpuFactory)),
+            backend: crate::backend::default_factory(),
         }
     }
 }

@@ -104,11 +104,11 @@ pub fn assert_within_golden_tolerance(report: &mulo::trajectory::ReplayReport, c
 /// the parameter error and the final-state error (both relative, as in `replay`), and the
 /// number of steps.
 pub fn replay_all_at_once(
-    backend: &mut dyn mulo::optimizer::backend::ModelBackend,
+    backend: &mut dyn mulo::backend::ModelBackend,
     trajs: &[mulo::trajectory::Trajectory],
 ) -> (Vec<(String, f64, f64)>, usize) {
     use mulo::backend::Hyper;
-    use mulo::optimizer::backend::TensorStep;
+    use mulo::backend::TensorStep;
     use mulo::state::TensorState;
     use mulo::trajectory::max_abs_diff;
     for (i, t) in trajs.iter().enumerate() {

@@ -4,6 +4,7 @@
 //!
 //! Compiling needs libnvrtc but no GPU; running needs a GPU. See `docs/cuda.md`.
 
+pub mod factory;
 pub mod manifest;
 pub mod nvrtc;
 pub mod packed;

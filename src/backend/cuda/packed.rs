@@ -108,7 +108,7 @@ pub struct PackedModel {
 impl PackedModel {
     /// Compiles `lopt` once per distinct layout of `layouts` and packs the tensors.
     pub fn new(lopt: &LearnedOptimizer, layouts: &[Layout]) -> Result<Self> {
-        let mut cache = crate::optimizer::backend::PlanCache::new();
+        let mut cache = crate::backend::PlanCache::new();
         let irs = layouts
             .iter()
             .map(|l| cache.get(lopt, l))

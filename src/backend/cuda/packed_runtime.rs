@@ -14,11 +14,12 @@
 use super::nvrtc;
 use super::packed::{PackedModel, ARENAS};
 use super::runtime::{driver_err, CudaRuntime};
+use crate::backend::model::out_of_range;
 use crate::backend::Hyper;
+use crate::backend::{BackendFactory, ModelBackend, TensorStep};
 use crate::error::{Error, Result};
 use crate::ir::Buffer;
 use crate::lopt::LearnedOptimizer;
-use crate::optimizer::backend::{out_of_range, BackendFactory, ModelBackend, TensorStep};
 use crate::shape::Layout;
 use crate::state::TensorState;
 use cudarc::driver::{

@@ -1,5 +1,8 @@
-//! The backend abstraction of [`MuloOptimizer`](super::MuloOptimizer): something that steps a
-//! *batch* of a model's tensors in one call and keeps their states.
+//! The model-level backend abstraction that [`MuloOptimizer`](crate::optimizer::MuloOptimizer)
+//! drives: something that steps a *batch* of a model's tensors in one call and keeps their
+//! states. The optimizer knows only these traits; each backend module implements them
+//! ([`InterpFactory`](crate::backend::interp::InterpFactory),
+//! [`CpuFactory`](crate::backend::cpu::CpuFactory), the ONNX and CUDA factories).
 //!
 //! Two levels:
 //!
@@ -19,7 +22,6 @@
 //! factored axes), shared by every tensor of that layout, so a model with 150 tensors of 12
 //! distinct shapes compiles 12 plans.
 
-use crate::backend::interp::InterpStepper;
 use crate::backend::{Hyper, TensorStepper};
 use crate::error::{Error, Result};
 use crate::ir::StepIr;
@@ -76,8 +78,8 @@ pub trait ModelBackend: Send + Sync {
 }
 
 /// Builds a [`ModelBackend`] for a model: what
-/// [`OptimizerOptions::backend`](super::OptimizerOptions::backend) holds (`Send + Sync`: one
-/// factory may build optimizers on several threads).
+/// [`OptimizerOptions::backend`](crate::optimizer::OptimizerOptions::backend) holds (`Send +
+/// Sync`: one factory may build optimizers on several threads).
 pub trait BackendFactory: Send + Sync {
     /// The backend's name.
     fn target(&self) -> &'static str;
@@ -99,96 +101,6 @@ pub trait StepperFactory: Send + Sync {
 
     /// A stepper running `ir` with zero state and step counter `start_step`.
     fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>>;
-}
-
-/// The reference interpreter ([`InterpStepper`], f32) as a [`StepperFactory`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct InterpFactory;
-
-impl StepperFactory for InterpFactory {
-    fn target(&self) -> &'static str {
-        "interp"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        Ok(Box::new(InterpStepper::new(ir, start_step)))
-    }
-}
-
-/// The native CPU backend ([`CpuStepper`](crate::backend::cpu::CpuStepper): chunk programs
-/// rendered from the IR, FMA kernels, 2 threads) as a [`StepperFactory`]: the fast CPU path,
-/// and the default backend of the optimizer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuFactory;
-
-impl StepperFactory for CpuFactory {
-    fn target(&self) -> &'static str {
-        "cpu"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        Ok(Box::new(crate::backend::cpu::CpuStepper::new(
-            ir, start_step,
-        )))
-    }
-}
-
-/// The tract CPU runtime as a [`StepperFactory`]: the chunked runtime (statistics graph plus
-/// per-chunk graphs on 2 threads) where the tensor has at least 2 rows on axis 0, the whole
-/// exported graph ([`OnnxStepper`](crate::backend::onnx::OnnxStepper)) elsewhere.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct OnnxFactory;
-
-impl StepperFactory for OnnxFactory {
-    fn target(&self) -> &'static str {
-        "onnx"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        use crate::backend::onnx::{
-            chunked::DEFAULT_CHUNK_ELEMENTS, ChunkedOnnxStepper, OnnxStepper,
-        };
-        Ok(if ChunkedOnnxStepper::supports(&ir.layout) {
-            Box::new(ChunkedOnnxStepper::new(
-                &ir,
-                start_step,
-                DEFAULT_CHUNK_ELEMENTS,
-                2,
-            )?)
-        } else {
-            Box::new(OnnxStepper::new(&ir, start_step)?)
-        })
-    }
-}
-
-/// CUDA, one [`CudaStepper`](crate::backend::cuda::runtime::CudaStepper) per tensor (programs
-/// shared per shape by the runtime's cache). Each tensor's step is its own launch sequence
-/// with host copies through [`TensorStepper`]: correct, not the packed whole-model backend
-/// (see the module documentation).
-pub struct CudaFactory {
-    runtime: crate::backend::cuda::runtime::CudaRuntime,
-}
-
-impl CudaFactory {
-    /// Opens CUDA device `ordinal`.
-    pub fn new(ordinal: usize) -> Result<Self> {
-        Ok(CudaFactory {
-            runtime: crate::backend::cuda::runtime::CudaRuntime::new(ordinal)?,
-        })
-    }
-}
-
-impl StepperFactory for CudaFactory {
-    fn target(&self) -> &'static str {
-        "cuda"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        let program = self.runtime.program(&ir)?;
-        Ok(Box::new(crate::backend::cuda::runtime::CudaStepper::new(
-            program, start_step,
-        )?))
-    }
 }
 
 /// Compiled step programs, one per distinct layout (shape and factored axes).
