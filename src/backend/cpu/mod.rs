@@ -1394,7 +1394,7 @@ impl TensorStepper for CpuStepper {
 }
 
 /// The native CPU backend ([`CpuStepper`]: chunk programs
-/// rendered from the IR, FMA kernels, 2 threads) as a [`StepperFactory`](crate::backend::StepperFactory): the fast CPU path,
+/// rendered from the IR, FMA kernels, on every core) as a [`StepperFactory`](crate::backend::StepperFactory): the fast CPU path,
 /// and the default backend of the optimizer.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuFactory;
