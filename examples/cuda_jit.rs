@@ -33,9 +33,9 @@ use mulo::backend::cuda::packed_runtime::{
     CudaExecutor, PackedBackend, PackedCuda, PackedExecutor,
 };
 use mulo::backend::Hyper;
+use mulo::backend::ModelBackend;
 use mulo::ir::Buffer;
 use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::backend::ModelBackend;
 use std::time::Instant;
 use train_mlp::{blobs, parse_args, Mlp, CLASSES, HIDDEN, INPUTS};
 
@@ -146,7 +146,10 @@ fn run() -> AnyResult<()> {
         None => LearnedOptimizer::demo(),
     };
     println!("learned optimizer: {}", lopt.origin);
-    let shapes: Vec<mulo::shape::Shape> = Mlp::specs().into_iter().map(|s| s.shape).collect();
+    let shapes: Vec<mulo::shape::Layout> = Mlp::specs()
+        .iter()
+        .map(|s| s.layout())
+        .collect::<mulo::Result<_>>()?;
     if !nvrtc::nvrtc_available() {
         println!("SKIPPED: {}", nvrtc::NVRTC_HELP);
         return Ok(());

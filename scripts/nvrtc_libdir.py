@@ -1,4 +1,8 @@
-"""Prints the lib folder of the nvidia-cuda-nvrtc-cu12 wheel (empty if not installed)."""
+"""Prints the lib folder of the nvidia-cuda-nvrtc-cu12 wheel (empty if not installed).
+
+Run it with the project's virtual environment's Python (scripts/env.sh does), where
+scripts/setup installed the wheel.
+"""
 import glob
 import os
 import sys

@@ -49,23 +49,20 @@ def load_case(path):
         "lr": np.float32(meta["lr"]),
         "weight_decay": np.float32(meta["weight_decay"]),
         "start_step": int(meta.get("start_step", "0")),
+        "factored_axes": json.loads(meta.get("factored_axes", "null")),
         "tensors": tensors,
     }
 
 
-def factored_axes(shape):
-    """d0, d1 of SPEC.md §2 (stable ascending sort by size; d0 the last, d1 the one before)."""
-    if len(shape) < 2:
-        return None
-    order = sorted(range(len(shape)), key=lambda a: shape[a])
-    return order[-1], order[-2]
-
-
-def export(mulo, weights, shape, out_dir):
+def export(mulo, weights, shape, axes, out_dir):
+    """Exports the step for `shape` with the factored axes PyLO recorded (None: the default)."""
     text = "x".join(str(d) for d in shape) if shape else "scalar"
-    path = os.path.join(out_dir, f"mulo_step_{text}.onnx")
+    tag = text if axes is None else f"{text}_axes{axes[0]}{axes[1]}"
+    path = os.path.join(out_dir, f"mulo_step_{tag}.onnx")
     if not os.path.exists(path):
         cmd = [mulo, "--shape", text, "--target", "onnx", "-o", path]
+        if axes is not None:
+            cmd += ["--factored-axes", f"{axes[0]},{axes[1]}"]
         if weights:
             cmd += ["--weights", weights]
         subprocess.run(cmd, check=True)
@@ -98,13 +95,15 @@ def replay(session, case):
         zeros[inp.name] = np.zeros(inp.shape, dtype=np.float32)
     state = dict(zeros)
     step = case["start_step"]
-    param = t["p0"].astype(np.float32)
+    # The graph's I/O shape of the parameter (the tensor's own, 0-d included).
+    io_shape = [int(d) for d in next(i for i in session.get_inputs() if i.name == "param").shape]
+    param = t["p0"].astype(np.float32).reshape(io_shape)
     scale = max(float(np.max(np.abs(t[f"p{case['steps']}"] - t["p0"]))), np.finfo(np.float64).tiny)
     param_err = 0.0
     for k in range(1, case["steps"] + 1):
         feeds = dict(state)
         feeds["param"] = param
-        feeds["grad"] = t[f"g{k}"].astype(np.float32)
+        feeds["grad"] = t[f"g{k}"].astype(np.float32).reshape(io_shape)
         feeds["step"] = np.array(step, dtype=np.int64)
         feeds["lr"] = np.array(case["lr"], dtype=np.float32)
         feeds["weight_decay"] = np.array(case["weight_decay"], dtype=np.float32)
@@ -112,14 +111,15 @@ def replay(session, case):
         outs = session.run(None, feeds)
         out = {o.name: v for o, v in zip(session.get_outputs(), outs)}
         param = out["param_out"]
-        assert param.shape == tuple(shape), (param.shape, shape)
+        assert param.shape == tuple(io_shape), (param.shape, io_shape)
         state = {n: out[f"{n}_out"] for n in zeros}
         if int(out["step_out"]) != step + 1:
             raise SystemExit(f"{case['name']}: step_out {int(out['step_out'])} != {step + 1}")
         step += 1
         want = t.get(f"p{k}")
         if want is not None:
-            param_err = max(param_err, float(np.max(np.abs(param.astype(np.float64) - want))) / scale)
+            got = param.astype(np.float64).reshape(want.shape)
+            param_err = max(param_err, float(np.max(np.abs(got - want))) / scale)
     # Final state: PyLO decay-last -> canonical decay-major.
     state_errs = {}
     pylo = {"mom": "mom", "rms": "rms", "fac_row": "fac_vec_row", "fac_col": "fac_vec_col", "fac_v": "fac_vec_v"}
@@ -154,7 +154,7 @@ def main():
     print(f"{'case':<24} {'shape':<14} {'nodes':>5} {'param err':>10} {'state err':>10}  result")
     for path in args.cases:
         case = load_case(path)
-        model = export(args.mulo, args.weights, case["shape"], out_dir)
+        model = export(args.mulo, args.weights, case["shape"], case["factored_axes"], out_dir)
         nodes = check_model(model)
         session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         started = time.time()

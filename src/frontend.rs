@@ -142,24 +142,54 @@ pub fn build_step(layout: &Layout, lopt: &LearnedOptimizer) -> StepIr {
 
     // §3.4 normalization over the tensor. A broadcast feature's mean over the tensor is its
     // mean over its own domain, so `mean(…, Step)` of it is taken where it lives.
-    let mut normalized_cache: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut mean_squares: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut mean_square = |b: &mut IrBuilder, j: usize, f: ValueId| -> ValueId {
+        *mean_squares.entry(f).or_insert_with(|| {
+            let f2 = b.unary(Unary::Square, f);
+            let ms = b.mean(f2, Domain::Step);
+            b.note(ms, format!("mean of feature {j}²"))
+        })
+    };
     let mut inputs = Vec::with_capacity(NUM_FEATURES + TIME_PERIODS.len());
-    for (j, &f) in features.iter().enumerate() {
-        let fhat = match normalized_cache.get(&f) {
-            Some(&fhat) => fhat,
-            None => {
-                let f2 = b.unary(Unary::Square, f);
-                let ms = b.mean(f2, Domain::Step);
-                b.note(ms, format!("mean of feature {j}²"));
-                let ms_eps = b.add_const(ms, eps::NORM);
-                let norm = b.rsqrt(ms_eps);
-                let fhat = b.mul(f, norm);
-                normalized_cache.insert(f, fhat);
-                fhat
-            }
-        };
-        b.note(fhat, format!("normalized feature {j}"));
-        inputs.push(fhat);
+    if layout.is_scalar() {
+        // A 0-d tensor: PyLO reduces over an empty axis list, which PyTorch reads as every
+        // axis, feature axis included, so all 28 features share one statistic
+        // (1/28)·Σ_j f_j². A feature that appears twice (unfactored 13–18, 19–24) counts twice.
+        let squares: Vec<ValueId> = features
+            .iter()
+            .enumerate()
+            .map(|(j, &f)| mean_square(&mut b, j, f))
+            .collect();
+        let sum = squares[1..]
+            .iter()
+            .fold(squares[0], |acc, &ms| b.add(acc, ms));
+        let count = b.constant(NUM_FEATURES as f64);
+        let ms = b.div(sum, count);
+        b.note(ms, "mean of all 28 features² (0-d tensor)");
+        let ms_eps = b.add_const(ms, eps::NORM);
+        let norm = b.rsqrt(ms_eps);
+        for (j, &f) in features.iter().enumerate() {
+            let fhat = b.mul(f, norm);
+            b.note(fhat, format!("normalized feature {j}"));
+            inputs.push(fhat);
+        }
+    } else {
+        let mut normalized: HashMap<ValueId, ValueId> = HashMap::new();
+        for (j, &f) in features.iter().enumerate() {
+            let fhat = match normalized.get(&f) {
+                Some(&fhat) => fhat,
+                None => {
+                    let ms = mean_square(&mut b, j, f);
+                    let ms_eps = b.add_const(ms, eps::NORM);
+                    let norm = b.rsqrt(ms_eps);
+                    let fhat = b.mul(f, norm);
+                    normalized.insert(f, fhat);
+                    fhat
+                }
+            };
+            b.note(fhat, format!("normalized feature {j}"));
+            inputs.push(fhat);
+        }
     }
 
     // §3.5 time features.

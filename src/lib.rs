@@ -4,7 +4,7 @@
 //! optimizer-step programs for one concrete tensor shape.
 //!
 //! The centre is the step IR ([`ir::StepIr`]), built from the math of SPEC.md by
-//! [`frontend::build_step`] and optimized by [`passes::optimize`]. Backends render it:
+//! [`frontend::build_step`] and optimized by the passes of `src/passes.rs`. Backends render it:
 //! the reference interpreter ([`backend::interp`]) executes it on the CPU in f32 or f64.
 //!
 //! ```no_run
@@ -24,26 +24,41 @@
 
 pub mod backend;
 pub mod bench;
-pub mod digest;
+pub(crate) mod digest;
 pub mod error;
 pub mod frontend;
+pub mod fsio;
 pub mod ir;
 pub mod lopt;
 pub mod optimizer;
-pub mod passes;
+pub(crate) mod passes;
 pub mod shape;
 pub mod state;
 pub mod trajectory;
 
+#[cfg(feature = "onnx")]
+pub use backend::OnnxFactory;
+pub use backend::{
+    BackendFactory, CpuFactory, CudaFactory, Hyper, InterpFactory, ModelBackend, PackedCuda,
+    PerTensor, StepperFactory, TensorStepper,
+};
 pub use error::{Error, Result};
+pub use lopt::LearnedOptimizer;
+pub use optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec, StepReport};
+pub use shape::{FactoredAxes, Layout, Shape};
 
 use ir::StepIr;
-use lopt::LearnedOptimizer;
-use shape::{Layout, Shape};
 
-/// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `shape`.
+/// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `shape`, with the
+/// default factored axes (SPEC.md §2; see [`compile_layout`] to state them).
 pub fn compile_step(shape: &Shape, lopt: &LearnedOptimizer) -> Result<StepIr> {
-    let ir = frontend::build_step(&Layout::new(shape.clone()), lopt);
+    compile_layout(&Layout::new(shape.clone()), lopt)
+}
+
+/// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `layout`: a shape with
+/// its factored axes ([`Layout::with_axes`]).
+pub fn compile_layout(layout: &Layout, lopt: &LearnedOptimizer) -> Result<StepIr> {
+    let ir = frontend::build_step(layout, lopt);
     ir::verify(&ir)?;
     passes::optimize(ir)
 }

@@ -137,6 +137,81 @@ pub struct FactoredAxes {
     pub d1: usize,
 }
 
+impl FactoredAxes {
+    /// The default axes of a shape (SPEC.md §2): a stable ascending sort of the axes by size,
+    /// d0 the last, d1 the one before (so among equal sizes the lower axis comes first).
+    /// `None` for rank ≤ 1.
+    pub fn stable(dims: &[usize]) -> Option<FactoredAxes> {
+        if dims.len() < 2 {
+            return None;
+        }
+        let mut order: Vec<usize> = (0..dims.len()).collect();
+        order.sort_by_key(|&axis| dims[axis]);
+        Some(FactoredAxes {
+            d0: order[order.len() - 1],
+            d1: order[order.len() - 2],
+        })
+    }
+
+    /// Checks that `self` is a valid choice for a tensor of shape `dims`: rank ≥ 2, two
+    /// different axes in range, d0 of the largest size and d1 of the largest size among the
+    /// other axes (any order of tied axes is valid: that is what PyLO's unstable sort may pick).
+    pub fn check(self, dims: &[usize]) -> std::result::Result<(), String> {
+        let FactoredAxes { d0, d1 } = self;
+        if dims.len() < 2 {
+            return Err(format!(
+                "factored axes ({d0}, {d1}) were given for a tensor of rank {}; only tensors \
+                 of rank ≥ 2 are factored",
+                dims.len()
+            ));
+        }
+        if d0 >= dims.len() || d1 >= dims.len() {
+            return Err(format!(
+                "factored axes ({d0}, {d1}) are out of range for a tensor of rank {}",
+                dims.len()
+            ));
+        }
+        if d0 == d1 {
+            return Err(format!("factored axes ({d0}, {d1}) are the same axis"));
+        }
+        let mut sorted = dims.to_vec();
+        sorted.sort_unstable();
+        let (largest, second) = (sorted[sorted.len() - 1], sorted[sorted.len() - 2]);
+        if dims[d0] != largest || dims[d1] != second {
+            return Err(format!(
+                "factored axes ({d0}, {d1}) have sizes ({}, {}); d0 must be a largest axis \
+                 (size {largest}) and d1 a largest of the others (size {second})",
+                dims[d0], dims[d1]
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for FactoredAxes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.d0, self.d1)
+    }
+}
+
+impl std::str::FromStr for FactoredAxes {
+    type Err = Error;
+    /// Parses `D0,D1` (as the CLI's `--factored-axes` takes it).
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::argument(
+                "factored-axes",
+                format!("`{text}` is not two axis numbers `D0,D1` (e.g. `0,1`)"),
+            )
+        };
+        let (a, b) = text.split_once(',').ok_or_else(bad)?;
+        Ok(FactoredAxes {
+            d0: a.trim().parse().map_err(|_| bad())?,
+            d1: b.trim().parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 /// Where a value of the IR lives: which axes of the tensor it varies along.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Domain {
@@ -227,29 +302,46 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Resolves the factored axes of `shape` (SPEC.md §2); a 0-d tensor is treated as `[1]`.
+    /// The layout of `shape` with the default factored axes (the stable order of SPEC.md §2);
+    /// a 0-d tensor is stepped as one element (`dims() == [1]`).
     pub fn new(shape: Shape) -> Self {
+        let factored = FactoredAxes::stable(shape.dims());
+        Self::build(shape, factored)
+    }
+
+    /// The layout of `shape` with the factored axes `axes` (`None`: the default). An explicit
+    /// pair must be valid for the shape ([`FactoredAxes::check`]): this is how a caller
+    /// reproduces a PyLO run whose unstable sort ordered tied largest axes the other way.
+    pub fn with_axes(shape: Shape, axes: Option<FactoredAxes>) -> Result<Self> {
+        match axes {
+            None => Ok(Self::new(shape)),
+            Some(axes) => {
+                axes.check(shape.dims()).map_err(|reason| Error::Shape {
+                    text: shape.to_string(),
+                    reason,
+                })?;
+                Ok(Self::build(shape, Some(axes)))
+            }
+        }
+    }
+
+    fn build(shape: Shape, factored: Option<FactoredAxes>) -> Self {
         let dims = if shape.dims().is_empty() {
             vec![1]
         } else {
             shape.dims().to_vec()
-        };
-        let factored = if dims.len() >= 2 {
-            let mut order: Vec<usize> = (0..dims.len()).collect();
-            // Stable sort by size, ascending: equal sizes keep the lower axis first.
-            order.sort_by_key(|&axis| dims[axis]);
-            Some(FactoredAxes {
-                d0: order[order.len() - 1],
-                d1: order[order.len() - 2],
-            })
-        } else {
-            None
         };
         Layout {
             shape,
             dims,
             factored,
         }
+    }
+
+    /// Whether the tensor is 0-d: stepped as one element, its 28 features normalized together
+    /// (SPEC.md §3.4).
+    pub fn is_scalar(&self) -> bool {
+        self.shape.dims().is_empty()
     }
 
     /// The shape as the user gave it.
@@ -353,6 +445,20 @@ impl Layout {
     }
 }
 
+impl fmt::Display for Layout {
+    /// The shape, and the factored axes where they are not the default (`32x32x3x3 with
+    /// factored axes 0,1`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.shape)?;
+        match self.factored {
+            Some(axes) if Some(axes) != FactoredAxes::stable(self.shape.dims()) => {
+                write!(f, " with factored axes {axes}")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,6 +478,40 @@ mod tests {
         assert_eq!(axes(&[1, 300]), Some((1, 0)));
         assert_eq!(axes(&[37]), None);
         assert_eq!(axes(&[]), None);
+    }
+
+    #[test]
+    fn explicit_axes_are_checked() {
+        let shape = Shape::new(vec![32, 32, 3, 3]).unwrap();
+        assert_eq!(
+            Layout::new(shape.clone()).factored(),
+            Some(FactoredAxes { d0: 1, d1: 0 })
+        );
+        let tied = Layout::with_axes(shape.clone(), Some(FactoredAxes { d0: 0, d1: 1 })).unwrap();
+        assert_eq!(tied.factored(), Some(FactoredAxes { d0: 0, d1: 1 }));
+        assert_ne!(tied, Layout::new(shape.clone()));
+        for (d0, d1, why) in [
+            (0, 0, "same axis"),
+            (0, 4, "out of range"),
+            (0, 2, "d0 must be a largest"),
+            (2, 3, "d0 must be a largest"),
+        ] {
+            let err = Layout::with_axes(shape.clone(), Some(FactoredAxes { d0, d1 }))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why) && err.contains("32x32x3x3"), "{err}");
+        }
+        let vector = Shape::new(vec![7]).unwrap();
+        let err = Layout::with_axes(vector, Some(FactoredAxes { d0: 0, d1: 1 })).unwrap_err();
+        assert!(err.to_string().contains("rank 1"), "{err}");
+        assert!(Layout::with_axes(Shape::new(vec![]).unwrap(), None)
+            .unwrap()
+            .is_scalar());
+        assert_eq!(
+            "1, 0".parse::<FactoredAxes>().unwrap(),
+            FactoredAxes { d0: 1, d1: 0 }
+        );
+        assert!("1".parse::<FactoredAxes>().is_err());
     }
 
     #[test]

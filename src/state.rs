@@ -104,9 +104,14 @@ pub fn pylo_name(buffer: Buffer) -> &'static str {
     }
 }
 
-/// PyLO's shape of a state buffer: the domain shape with the lanes last.
+/// PyLO's shape of a state buffer: the domain shape with the lanes last. A 0-d tensor's
+/// domain shape is `()`, so its state is `mom` (3), `rms` (1), `fac_vec_v` (3) (SPEC.md §2).
 pub fn pylo_shape(buffer: Buffer, layout: &Layout) -> Vec<usize> {
-    let mut shape = layout.domain_shape(buffer.domain());
+    let mut shape = if layout.is_scalar() {
+        Vec::new()
+    } else {
+        layout.domain_shape(buffer.domain())
+    };
     shape.push(buffer.lanes());
     shape
 }
@@ -196,5 +201,24 @@ mod tests {
         assert_eq!(back, state);
         let err = TensorState::from_pylo(&layout, 0, |_| None).unwrap_err();
         assert!(err.to_string().contains("mom"), "{err}");
+    }
+
+    #[test]
+    fn scalar_pylo_state_has_pylo_shapes() {
+        let layout = Layout::new(Shape::new(vec![]).unwrap());
+        let state = TensorState::<f32>::zeros(&layout, 0);
+        let shapes: Vec<(String, Vec<usize>)> = state
+            .to_pylo()
+            .into_iter()
+            .map(|(name, shape, _)| (name, shape))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                ("mom".to_string(), vec![3]),
+                ("rms".to_string(), vec![1]),
+                ("fac_vec_v".to_string(), vec![3])
+            ]
+        );
     }
 }

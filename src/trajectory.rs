@@ -3,11 +3,12 @@
 //! A trajectory file is a safetensors file holding `p0`, the gradients `g1..gT`, the
 //! parameters after each step `p1..pT` (some may be left out; `pT` never is), PyLO's final
 //! state `state.mom`, `state.rms`, `state.fac_vec_*` (optional), and string metadata `shape`
-//! (JSON list), `steps`, `lr`, `weight_decay`, `start_step`.
+//! (JSON list), `steps`, `lr`, `weight_decay`, `start_step`, and `factored_axes` (JSON
+//! `[d0, d1]` as PyLO chose them, or `null`; optional: the default axes when absent).
 
 use crate::backend::{Hyper, TensorStepper};
 use crate::error::{Error, Result};
-use crate::shape::{Layout, Shape};
+use crate::shape::{FactoredAxes, Layout, Shape};
 use crate::state::TensorState;
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
@@ -22,8 +23,9 @@ pub struct Trajectory {
     pub path: PathBuf,
     /// Case name (file stem).
     pub name: String,
-    /// The tensor's shape.
-    pub shape: Shape,
+    /// The tensor's shape with the factored axes PyLO used (the file's `factored_axes`
+    /// metadata, else the default of SPEC.md §2).
+    pub layout: Layout,
     /// Learning rate of every step.
     pub lr: f32,
     /// Weight decay of every step.
@@ -45,9 +47,9 @@ impl Trajectory {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let tensors = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let value = |key: &str| -> Result<&str> {
             meta.get(key)
@@ -69,11 +71,35 @@ impl Trajectory {
         let steps: usize = parse(path, "steps", value("steps")?)?;
         let lr: f32 = parse(path, "lr", value("lr")?)?;
         let weight_decay: f32 = parse(path, "weight_decay", value("weight_decay")?)?;
+        for (key, v) in [("lr", lr), ("weight_decay", weight_decay)] {
+            if !v.is_finite() {
+                return Err(Error::bad_file(
+                    path,
+                    format!("metadata `{key}` = {v} is not a finite number"),
+                ));
+            }
+        }
         let start_step: u64 = match meta.get("start_step") {
             Some(text) => parse(path, "start_step", text)?,
             None => 0,
         };
-        let layout = Layout::new(shape.clone());
+        let axes: Option<FactoredAxes> = match meta.get("factored_axes").map(|t| t.trim()) {
+            None | Some("null") => None,
+            Some(text) => {
+                let pair: [usize; 2] = serde_json::from_str(text).map_err(|_| {
+                    Error::bad_file(
+                        path,
+                        format!("metadata `factored_axes` = `{text}` is not `[d0, d1]` or null"),
+                    )
+                })?;
+                Some(FactoredAxes {
+                    d0: pair[0],
+                    d1: pair[1],
+                })
+            }
+        };
+        let layout = Layout::with_axes(shape.clone(), axes)
+            .map_err(|e| Error::bad_file(path, format!("metadata `factored_axes`: {e}")))?;
         let read = |name: &str, want: &[usize]| -> Result<Option<Vec<f32>>> {
             let Ok(view) = tensors.tensor(name) else {
                 return Ok(None);
@@ -93,12 +119,21 @@ impl Trajectory {
                     ),
                 ));
             }
-            Ok(Some(
-                view.data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ))
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "tensor `{name}` holds a non-finite value ({}) at flat index {i}",
+                        values[i]
+                    ),
+                ));
+            }
+            Ok(Some(values))
         };
         let dims = shape.dims().to_vec();
         let required = |name: &str| -> Result<Vec<f32>> {
@@ -151,7 +186,7 @@ impl Trajectory {
         Ok(Trajectory {
             path: path.to_path_buf(),
             name,
-            shape,
+            layout,
             lr,
             weight_decay,
             start_step,
@@ -198,19 +233,21 @@ impl ReplayReport {
 
 /// Replays `traj` through `stepper` from zero state at the trajectory's start step.
 pub fn replay(stepper: &mut dyn TensorStepper, traj: &Trajectory) -> Result<ReplayReport> {
-    let layout = Layout::new(traj.shape.clone());
-    if stepper.layout() != &layout {
+    let layout = &traj.layout;
+    if stepper.layout() != layout {
         return Err(Error::argument(
             "trajectory",
             format!(
-                "{} is for shape {}, the stepper for {}",
+                "{} is for shape {} with factored axes {:?}, the stepper for {} with {:?}",
                 traj.name,
-                traj.shape,
-                stepper.layout().shape()
+                layout.shape(),
+                layout.factored(),
+                stepper.layout().shape(),
+                stepper.layout().factored()
             ),
         ));
     }
-    stepper.set_state(TensorState::zeros(&layout, traj.start_step))?;
+    stepper.set_state(TensorState::zeros(layout, traj.start_step))?;
     let hyper = Hyper {
         lr: traj.lr,
         weight_decay: traj.weight_decay,

@@ -175,6 +175,21 @@ fn checkpoints_of_other_models_or_optimizers_are_refused() {
     let mut other = MuloOptimizer::new(&lopt, fewer, OptimizerOptions::default()).unwrap();
     refused(&mut other, &path, &["checkpoint has parameter `w1`"]);
 
+    // The same shapes with other factored axes: the accumulators would be read along the
+    // wrong axes. (w2 is 12x12: the default is d0 = 1, d1 = 0.)
+    let mut swapped = specs();
+    swapped[2] = swapped[2].clone().with_factored_axes(0, 1).unwrap();
+    let mut other = MuloOptimizer::new(&lopt, swapped, OptimizerOptions::default()).unwrap();
+    refused(
+        &mut other,
+        &path,
+        &[
+            "`w2`",
+            "factored axes (d0 = 1, d1 = 0)",
+            "(d0 = 0, d1 = 1) here",
+        ],
+    );
+
     // Not a checkpoint at all (a golden trajectory), and a tampered one.
     let mut same = MuloOptimizer::new(&lopt, specs(), OptimizerOptions::default()).unwrap();
     refused(
@@ -225,7 +240,7 @@ fn pylo_states_import_and_export_against_the_golden_cases() {
     let lopt = common::fixture_lopt();
     for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
-        let spec = || vec![ParamSpec::with_shape("p", traj.shape.clone())];
+        let spec = || vec![ParamSpec::with_layout("p", &traj.layout)];
         let end = traj.start_step + traj.grads.len() as u64;
 
         // Replay the trajectory with the whole-model optimizer.
@@ -306,8 +321,8 @@ fn a_pylo_state_file_imports_for_the_whole_model() {
     let traj = Trajectory::load(&path).unwrap();
     let end = traj.start_step + traj.grads.len() as u64;
     let specs = vec![
-        ParamSpec::with_shape("a", traj.shape.clone()),
-        ParamSpec::with_shape("b", traj.shape.clone()),
+        ParamSpec::with_layout("a", &traj.layout),
+        ParamSpec::with_layout("b", &traj.layout),
     ];
     let mut opt = MuloOptimizer::new(&lopt, specs, OptimizerOptions::default()).unwrap();
     opt.import_pylo_file(&path, end, |_, buf| format!("state.{buf}"))
@@ -322,7 +337,7 @@ fn a_pylo_state_file_imports_for_the_whole_model() {
     // A missing key names the parameter and the key; nothing changes.
     let mut fresh = MuloOptimizer::new(
         &lopt,
-        vec![ParamSpec::with_shape("a", traj.shape.clone())],
+        vec![ParamSpec::with_layout("a", &traj.layout)],
         OptimizerOptions::default(),
     )
     .unwrap();
@@ -332,4 +347,34 @@ fn a_pylo_state_file_imports_for_the_whole_model() {
         .to_string();
     assert!(err.contains("`a`") && err.contains("`a.mom`"), "{err}");
     assert_eq!(fresh.step_count(), 0);
+}
+
+/// Invalid factored axes are refused when the parameter is declared, naming it.
+#[test]
+fn invalid_factored_axes_name_the_tensor() {
+    let cases: [(&[usize], usize, usize, &str); 5] = [
+        (&[12, 12], 0, 0, "same axis"),
+        (&[12, 12], 0, 2, "out of range"),
+        (&[12, 6, 3], 0, 2, "d1 a largest of the others"),
+        (&[12], 0, 1, "rank 1"),
+        (&[], 0, 1, "rank 0"),
+    ];
+    for (dims, d0, d1, words) in cases {
+        let err = ParamSpec::new("layer.weight", dims)
+            .unwrap()
+            .with_factored_axes(d0, d1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layer.weight") && err.contains(words),
+            "{dims:?} ({d0}, {d1}): {err}"
+        );
+    }
+    // Tied largest axes may be given in either order.
+    for (d0, d1) in [(0, 1), (1, 0)] {
+        ParamSpec::new("k", &[32, 32, 3, 3])
+            .unwrap()
+            .with_factored_axes(d0, d1)
+            .unwrap();
+    }
 }

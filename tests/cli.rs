@@ -163,3 +163,84 @@ fn bench_prints_a_json_last_line() {
     assert_eq!(json["shape"], "32x16");
     assert_eq!(json["steps"], 2);
 }
+
+#[test]
+fn factored_axes_are_an_argument_of_compile_and_bench() {
+    let weights = common::golden_dir().join("weights");
+    let w = weights.to_str().unwrap();
+    // The IR text names the axes it was built for.
+    let out = mulo(&[
+        "--shape",
+        "32x32x3x3",
+        "--factored-axes",
+        "0,1",
+        "--weights",
+        w,
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let default = text(&mulo(&["--shape", "32x32x3x3", "--weights", w])).0;
+    assert_ne!(stdout, default, "other axes, other program");
+    // Bad pairs are errors naming the argument, not panics.
+    for (axes, words) in [
+        ("0,0", "same axis"),
+        ("0,2", "d1 a largest of the others"),
+        ("1", "D0,D1"),
+    ] {
+        let out = mulo(&["--shape", "32x32x3x3", "--factored-axes", axes]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{axes}: {stderr}");
+        assert!(
+            stderr.contains("--factored-axes") && stderr.contains(words),
+            "{axes}: {stderr}"
+        );
+    }
+    let out = mulo(&["--shape", "64", "--factored-axes", "0,1"]);
+    assert!(text(&out).1.contains("rank 1"), "{}", text(&out).1);
+    let out = mulo(&[
+        "--shape",
+        "4x4",
+        "--shape",
+        "8",
+        "--factored-axes",
+        "0,1",
+        "--target",
+        "cuda",
+    ]);
+    assert!(text(&out).1.contains("one per --shape"), "{}", text(&out).1);
+    // bench takes them too.
+    let out = mulo(&[
+        "bench",
+        "--shape",
+        "8x8x3x3",
+        "--factored-axes",
+        "0,1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--weights",
+        w,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+}
+
+/// `replay` takes the axes from the trajectory's `factored_axes` metadata: the tied case
+/// replays within tolerance, and the 0-d case too.
+#[test]
+fn replay_uses_the_recorded_axes_and_steps_0d_tensors() {
+    let dir = common::golden_dir();
+    let weights = dir.join("weights");
+    for case in ["conv_32x32x3x3_tie", "scalar_0d"] {
+        let path = dir.join(format!("{case}.safetensors"));
+        let out = mulo(&[
+            "replay",
+            "--weights",
+            weights.to_str().unwrap(),
+            path.to_str().unwrap(),
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{case}: {stdout}{stderr}");
+        assert!(stdout.contains("1 of 1 cases within tolerance"), "{stdout}");
+    }
+}

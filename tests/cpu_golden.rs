@@ -16,7 +16,7 @@ fn cpu_replays_every_golden_case_within_tolerance() {
     assert!(cases.len() >= 8, "golden cases missing: {cases:?}");
     for path in cases {
         let traj = Trajectory::load(&path).unwrap();
-        let ir = Arc::new(mulo::compile_step(&traj.shape, &lopt).unwrap());
+        let ir = Arc::new(mulo::compile_layout(&traj.layout, &lopt).unwrap());
         for isa in [Isa::detect(), Isa::Portable] {
             let mut stepper = CpuStepper::new(ir.clone(), 0).with_isa(isa);
             let report = replay(&mut stepper, &traj).unwrap();

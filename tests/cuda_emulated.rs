@@ -155,7 +155,7 @@ fn emulated_kernels_replay_the_golden_trajectories() {
     let mut failures = Vec::new();
     for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
-        let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
+        let ir = mulo::compile_layout(&traj.layout, &lopt).unwrap();
         let mut s = EmulatedStepper::new(&ir, &traj.name);
         let report = replay(&mut s, &traj).unwrap();
         eprintln!(

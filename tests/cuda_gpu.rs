@@ -33,8 +33,8 @@ fn runtime(test: &str) -> Option<&'static CudaRuntime> {
     }
 }
 
-fn stepper(rt: &CudaRuntime, shape: &Shape, lopt: &LearnedOptimizer) -> CudaStepper {
-    let ir = mulo::compile_step(shape, lopt).unwrap();
+fn stepper(rt: &CudaRuntime, layout: &Layout, lopt: &LearnedOptimizer) -> CudaStepper {
+    let ir = mulo::compile_layout(layout, lopt).unwrap();
     CudaStepper::new(rt.program(&ir).unwrap(), 0).unwrap()
 }
 
@@ -46,7 +46,7 @@ fn golden_replay_within_tolerance() {
     let lopt = common::fixture_lopt();
     for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
-        let mut s = stepper(rt, &traj.shape, &lopt);
+        let mut s = stepper(rt, &traj.layout, &lopt);
         let report = replay(&mut s, &traj).unwrap();
         eprintln!(
             "{}: param {:.3e}, state {:?}",
@@ -111,7 +111,7 @@ fn steps_are_bitwise_deterministic() {
     };
     let lopt = common::fixture_lopt();
     for shape in ["1024x512", "777", "16x8x3x3"] {
-        let shape = Shape::parse(shape).unwrap();
+        let shape = Layout::new(Shape::parse(shape).unwrap());
         let n = shape.numel();
         let run = || {
             let mut s = stepper(rt, &shape, &lopt);
@@ -150,7 +150,7 @@ fn bad_launches_are_rejected_before_launch() {
     let lopt = common::fixture_lopt();
     let shape = Shape::parse("64x32").unwrap();
     let layout = Layout::new(shape.clone());
-    let mut s = stepper(rt, &shape, &lopt);
+    let mut s = stepper(rt, &layout, &lopt);
     let n = layout.numel();
     let mut p = data(n, 1, 1.0);
     let g = data(n, 2, 0.1);
@@ -224,9 +224,9 @@ fn packed_model_replays_every_golden_trajectory_at_once() {
         .iter()
         .map(|p| Trajectory::load(p).unwrap())
         .collect();
-    let shapes: Vec<Shape> = trajs.iter().map(|t| t.shape.clone()).collect();
+    let layouts: Vec<Layout> = trajs.iter().map(|t| t.layout.clone()).collect();
     let mut backend = factory
-        .backend(&common::fixture_lopt(), &shapes, 0)
+        .backend(&common::fixture_lopt(), &layouts, 0)
         .unwrap();
     let (report, _) = common::replay_all_at_once(&mut backend, &trajs);
     for (name, param_error, state_error) in report {
@@ -244,7 +244,7 @@ fn packed_model_replays_every_golden_trajectory_at_once() {
 /// skipped), and stepping the device arenas in place gives bitwise what the host path gives.
 #[test]
 fn packed_optimizer_agrees_with_the_interpreter() {
-    use mulo::optimizer::backend::{InterpFactory, PerTensor};
+    use mulo::backend::{InterpFactory, PerTensor};
     use mulo::optimizer::{MuloOptimizer, OptimizerOptions, ParamSpec};
     let Some(factory) = packed("packed_optimizer_agrees_with_the_interpreter") else {
         return;
@@ -326,15 +326,15 @@ fn packed_optimizer_agrees_with_the_interpreter() {
 #[test]
 fn packed_in_place_steps_match_the_host_path_bitwise() {
     use mulo::backend::cuda::packed_runtime::PackedExecutor;
+    use mulo::backend::{ModelBackend, TensorStep};
     use mulo::ir::Buffer;
-    use mulo::optimizer::backend::{ModelBackend, TensorStep};
     let Some(factory) = packed("packed_in_place_steps_match_the_host_path_bitwise") else {
         return;
     };
     let lopt = common::fixture_lopt();
-    let shapes: Vec<Shape> = ["96x40", "40", "96x40"]
+    let shapes: Vec<Layout> = ["96x40", "40", "96x40"]
         .iter()
-        .map(|s| Shape::parse(s).unwrap())
+        .map(|s| Layout::new(Shape::parse(s).unwrap()))
         .collect();
     let hyper = Hyper {
         lr: 0.3,

@@ -188,10 +188,11 @@ fn packed_model_program_compiles_for_every_shape_class() {
     }
     use mulo::backend::cuda::packed::PackedModel;
     // Every shape class, some twice (tensors of one shape share a plan).
-    let shapes: Vec<Shape> = ["64x32", "37", "16x8x3x3", "scalar", "1x300", "64x32", "37"]
-        .iter()
-        .map(|s| Shape::parse(s).unwrap())
-        .collect();
+    let shapes: Vec<mulo::shape::Layout> =
+        ["64x32", "37", "16x8x3x3", "scalar", "1x300", "64x32", "37"]
+            .iter()
+            .map(|s| mulo::shape::Layout::new(Shape::parse(s).unwrap()))
+            .collect();
     let model = PackedModel::new(&lopt(), &shapes).unwrap();
     assert_eq!(model.plans.len(), 5);
     let source = model.source().unwrap();

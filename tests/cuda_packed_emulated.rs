@@ -15,12 +15,12 @@ use common::emulation::{compile, gxx_or_skip, run, EMULATION, LAUNCH};
 use mulo::backend::cuda::packed::{PackedModel, ARENAS};
 use mulo::backend::cuda::packed_runtime::{PackedBackend, PackedExecutor};
 use mulo::backend::Hyper;
+use mulo::backend::{BackendFactory, ModelBackend, TensorStep};
 use mulo::error::Result;
 use mulo::ir::Buffer;
 use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::backend::{BackendFactory, ModelBackend, TensorStep};
 use mulo::optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec};
-use mulo::shape::Shape;
+use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, Trajectory};
 use std::collections::BTreeMap;
@@ -159,10 +159,10 @@ impl BackendFactory for EmulatedPacked {
     fn build(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<Box<dyn ModelBackend>> {
-        let model = Arc::new(PackedModel::new(lopt, shapes)?);
+        let model = Arc::new(PackedModel::new(lopt, layouts)?);
         let exec = EmulatedExecutor::new(&model, self.launches.clone());
         Ok(Box::new(PackedBackend::new(
             model,
@@ -186,8 +186,8 @@ fn packed_model_replays_every_golden_trajectory_at_once() {
         .iter()
         .map(|p| Trajectory::load(p).unwrap())
         .collect();
-    let shapes: Vec<Shape> = trajs.iter().map(|t| t.shape.clone()).collect();
-    let model = Arc::new(PackedModel::new(&lopt, &shapes).unwrap());
+    let layouts: Vec<Layout> = trajs.iter().map(|t| t.layout.clone()).collect();
+    let model = Arc::new(PackedModel::new(&lopt, &layouts).unwrap());
     let launches = Arc::new(AtomicUsize::new(0));
     let exec = EmulatedExecutor::new(&model, launches.clone());
     let mut backend = PackedBackend::new(model.clone(), exec, 0, "emu");
@@ -197,12 +197,9 @@ fn packed_model_replays_every_golden_trajectory_at_once() {
     assert_eq!(model.slots.len(), 5);
     let expected: usize = (0..steps)
         .map(|k| {
-            let factored = trajs.iter().any(|t| {
-                k < t.grads.len()
-                    && mulo::shape::Layout::new(t.shape.clone())
-                        .factored()
-                        .is_some()
-            });
+            let factored = trajs
+                .iter()
+                .any(|t| k < t.grads.len() && t.layout.factored().is_some());
             if factored {
                 5
             } else {
@@ -249,7 +246,7 @@ fn optimizer_on_the_packed_backend_agrees_with_the_interpreter() {
     if !gxx_or_skip("optimizer_on_the_packed_backend_agrees_with_the_interpreter") {
         return;
     }
-    use mulo::optimizer::backend::{InterpFactory, PerTensor};
+    use mulo::backend::{InterpFactory, PerTensor};
     let lopt = common::fixture_lopt();
     let launches = Arc::new(AtomicUsize::new(0));
     let options = |backend: Arc<dyn BackendFactory>| OptimizerOptions {
@@ -327,11 +324,11 @@ fn packing_does_not_change_a_tensors_result() {
         return;
     }
     let lopt = common::fixture_lopt();
-    let shapes: Vec<Shape> = ["10x7", "13", "10x7"]
+    let shapes: Vec<Layout> = ["10x7", "13", "10x7"]
         .iter()
-        .map(|s| Shape::parse(s).unwrap())
+        .map(|s| Layout::new(Shape::parse(s).unwrap()))
         .collect();
-    let run = |shapes: &[Shape]| -> Vec<Vec<f32>> {
+    let run = |shapes: &[Layout]| -> Vec<Vec<f32>> {
         let model = Arc::new(PackedModel::new(&lopt, shapes).unwrap());
         let exec = EmulatedExecutor::new(&model, Arc::new(AtomicUsize::new(0)));
         let mut backend = PackedBackend::new(model, exec, 0, "emu");
@@ -399,7 +396,10 @@ fn bad_batches_are_refused_before_anything_runs() {
         return;
     }
     let lopt = common::fixture_lopt();
-    let shapes = [Shape::parse("4x3").unwrap(), Shape::parse("5").unwrap()];
+    let shapes = [
+        Layout::new(Shape::parse("4x3").unwrap()),
+        Layout::new(Shape::parse("5").unwrap()),
+    ];
     let model = Arc::new(PackedModel::new(&lopt, &shapes).unwrap());
     let launches = Arc::new(AtomicUsize::new(0));
     let exec = EmulatedExecutor::new(&model, launches.clone());
@@ -474,9 +474,27 @@ fn bad_batches_are_refused_before_anything_runs() {
     assert!(err.contains("appears twice"), "{err}");
     assert_eq!(launches.load(Ordering::SeqCst), 0);
     assert_eq!(p, vec![1.0f32; 12]);
-    assert_eq!(
-        backend.state(0).unwrap(),
-        TensorState::zeros(&mulo::shape::Layout::new(shapes[0].clone()), 0)
-    );
+    assert_eq!(backend.state(0).unwrap(), TensorState::zeros(&shapes[0], 0));
     assert_eq!(backend.step_count(0).unwrap(), 0);
+}
+
+/// The whole-model golden replay (`digits_cnn_w32`: a 0-d gain, a kernel with tied largest
+/// axes, μP, weight decay, clipping) through the optimizer on the packed program in emulation.
+#[test]
+fn packed_program_replays_the_whole_model_golden_run() {
+    if !gxx_or_skip("packed_program_replays_the_whole_model_golden_run") {
+        return;
+    }
+    use common::model::{assert_model_within_tolerance, ModelCase, Mup};
+    let case = ModelCase::digits();
+    let errors = case.replay(
+        Mup::BaseShapes,
+        OptimizerOptions {
+            backend: Arc::new(EmulatedPacked {
+                launches: Arc::new(AtomicUsize::new(0)),
+            }),
+            ..Default::default()
+        },
+    );
+    assert_model_within_tolerance(&errors, "packed CUDA program in emulation");
 }

@@ -71,9 +71,9 @@ fn pytorch_ptx_host_protocol_matches_the_rust_host() {
     }
     // The example's model: Linear 2→32, 32→3 (weight, bias each).
     let dims: [&[usize]; 4] = [&[32, 2], &[32], &[3, 32], &[3]];
-    let shapes: Vec<mulo::shape::Shape> = dims
+    let shapes: Vec<mulo::shape::Layout> = dims
         .iter()
-        .map(|d| mulo::shape::Shape::new(d.to_vec()).unwrap())
+        .map(|d| mulo::shape::Layout::new(mulo::shape::Shape::new(d.to_vec()).unwrap()))
         .collect();
     let model = PackedModel::new(&LearnedOptimizer::demo(), &shapes).unwrap();
     let dir = std::env::temp_dir().join(format!("mulo-pytorch-ptx-{}", std::process::id()));

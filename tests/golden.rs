@@ -5,7 +5,6 @@ mod common;
 
 use mulo::backend::interp::{execute, InterpStepper};
 use mulo::backend::Hyper;
-use mulo::shape::Layout;
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, replay, Trajectory, DEFAULT_TOLERANCE};
 use std::sync::Arc;
@@ -16,7 +15,7 @@ fn interpreter_f32_replays_every_golden_case() {
     let mut shapes_seen = Vec::new();
     for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
-        let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
+        let ir = mulo::compile_layout(&traj.layout, &lopt).unwrap();
         let mut stepper = InterpStepper::new(Arc::new(ir), 0);
         let report = replay(&mut stepper, &traj).unwrap();
         println!(
@@ -42,7 +41,7 @@ fn interpreter_f32_replays_every_golden_case() {
                 report.name
             );
         }
-        shapes_seen.push(traj.shape.dims().len());
+        shapes_seen.push(traj.layout.shape().dims().len());
     }
     // Shape classes: 1-d, 2-d and rank 4 are all covered.
     for rank in [1, 2, 4] {
@@ -57,8 +56,8 @@ fn interpreter_f64_agrees_with_f32_and_the_reference() {
     let lopt = common::fixture_lopt();
     for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
-        let layout = Layout::new(traj.shape.clone());
-        let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
+        let layout = traj.layout.clone();
+        let ir = mulo::compile_layout(&traj.layout, &lopt).unwrap();
         let hyper = Hyper {
             lr: traj.lr,
             weight_decay: traj.weight_decay,
@@ -89,7 +88,7 @@ fn a_late_step_counter_changes_the_trajectory() {
     assert_eq!(traj.start_step, 2999);
     traj.start_step = 0;
     traj.final_state = None;
-    let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
+    let ir = mulo::compile_layout(&traj.layout, &lopt).unwrap();
     let mut stepper = InterpStepper::new(Arc::new(ir), 0);
     let report = replay(&mut stepper, &traj).unwrap();
     assert!(

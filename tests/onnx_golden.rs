@@ -20,7 +20,7 @@ fn tract_replays_every_golden_case_within_tolerance() {
     assert!(cases.len() >= 8, "golden cases missing: {cases:?}");
     for path in cases {
         let traj = Trajectory::load(&path).unwrap();
-        let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
+        let ir = mulo::compile_layout(&traj.layout, &lopt).unwrap();
         let mut stepper = OnnxStepper::new(&ir, 0).unwrap();
         let report = replay(&mut stepper, &traj).unwrap();
         common::assert_within_golden_tolerance(&report, "tract");
@@ -168,6 +168,45 @@ fn zero_d_parameter_keeps_its_shape() {
     assert_eq!(dims("mom", &g.input), 1);
 }
 
+/// What the step depends on beyond its I/O shapes is in the model's `metadata_props`: the
+/// factored axes above all (SPEC.md §2).
+#[test]
+fn metadata_records_the_factored_axes() {
+    let lopt = common::fixture_lopt();
+    let props = |layout: &mulo::shape::Layout| -> Vec<(String, String)> {
+        let ir = mulo::compile_layout(layout, &lopt).unwrap();
+        let m = ModelProto::parse_from_bytes(&export(&ir).unwrap()).unwrap();
+        m.metadata_props
+            .iter()
+            .map(|p| (p.key.clone(), p.value.clone()))
+            .collect()
+    };
+    let shape = Shape::parse("32x32x3x3").unwrap();
+    let tied = mulo::shape::Layout::with_axes(
+        shape.clone(),
+        Some(mulo::shape::FactoredAxes { d0: 0, d1: 1 }),
+    )
+    .unwrap();
+    let get = |props: &[(String, String)], key: &str| {
+        props.iter().find(|p| p.0 == key).map(|p| p.1.clone())
+    };
+    assert_eq!(
+        get(&props(&tied), "mulo.factored_axes").as_deref(),
+        Some("[0, 1]")
+    );
+    let default = props(&mulo::shape::Layout::new(shape));
+    assert_eq!(
+        get(&default, "mulo.factored_axes").as_deref(),
+        Some("[1, 0]")
+    );
+    assert_eq!(
+        get(&default, "mulo.shape").as_deref(),
+        Some("[32, 32, 3, 3]")
+    );
+    let vector = props(&mulo::shape::Layout::new(Shape::parse("37").unwrap()));
+    assert_eq!(get(&vector, "mulo.factored_axes").as_deref(), Some("null"));
+}
+
 #[test]
 fn chunked_runtime_replays_golden_cases_within_tolerance() {
     use mulo::backend::onnx::ChunkedOnnxStepper;
@@ -175,7 +214,7 @@ fn chunked_runtime_replays_golden_cases_within_tolerance() {
     let mut ran = 0;
     for path in common::golden_cases() {
         let traj = Trajectory::load(&path).unwrap();
-        let ir = mulo::compile_step(&traj.shape, &lopt).unwrap();
+        let ir = mulo::compile_layout(&traj.layout, &lopt).unwrap();
         if !ChunkedOnnxStepper::supports(&ir.layout) {
             continue;
         }

@@ -6,12 +6,10 @@ mod common;
 
 use common::Rng;
 use mulo::backend::interp::InterpStepper;
+use mulo::backend::{BackendFactory, InterpFactory, PerTensor, StepperFactory};
 use mulo::backend::{Hyper, TensorStepper};
 use mulo::lopt::LearnedOptimizer;
-use mulo::optimizer::{
-    BackendFactory, InterpFactory, MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec,
-    PerTensor, StepperFactory,
-};
+use mulo::optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec};
 use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, DEFAULT_TOLERANCE};
@@ -38,10 +36,11 @@ fn reference(lopt: &LearnedOptimizer, dims: &[usize], start: u64) -> InterpStepp
 fn backends() -> Vec<Arc<dyn BackendFactory>> {
     let mut all: Vec<Arc<dyn BackendFactory>> = vec![
         Arc::new(PerTensor(InterpFactory)),
-        Arc::new(PerTensor(mulo::optimizer::CpuFactory)),
-        Arc::new(PerTensor(mulo::optimizer::OnnxFactory)),
+        Arc::new(PerTensor(mulo::backend::CpuFactory)),
+        #[cfg(feature = "onnx")]
+        Arc::new(PerTensor(mulo::backend::OnnxFactory)),
     ];
-    match std::panic::catch_unwind(|| mulo::optimizer::CudaFactory::new(0)) {
+    match std::panic::catch_unwind(|| mulo::backend::CudaFactory::new(0)) {
         Ok(Ok(cuda)) => all.push(Arc::new(PerTensor(cuda))),
         Ok(Err(e)) => eprintln!("SKIPPED the cuda backend: {e}"),
         Err(_) => {
@@ -601,10 +600,7 @@ impl TensorStepper for Flaky {
     }
     fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> mulo::Result<()> {
         if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
-            return Err(mulo::Error::Backend {
-                backend: "flaky",
-                message: "device lost".into(),
-            });
+            return Err(mulo::Error::backend("flaky", "device lost"));
         }
         self.inner.step(param, grad, hyper)
     }
@@ -683,4 +679,85 @@ fn a_backend_failure_mid_step_makes_the_optimizer_refuse_until_restored() {
     opt.step(&mut refs(&mut params), &crefs(&grads[1]), 0.1, 0.0)
         .unwrap();
     assert_eq!(opt.step_count(), 2);
+}
+
+#[test]
+fn tensors_without_gradient_are_left_unchanged_and_follow_the_counter() {
+    // PyTorch's parameters whose `.grad` is None (step_partial): untouched, listed, and when
+    // they get a gradient again they are stepped with the optimizer's counter, as PyLO's
+    // per-group counter does.
+    let lopt = common::fixture_lopt();
+    let mut rng = Rng(21);
+    let (mut params, grads) = model_data(&mut rng);
+    let mut opt = MuloOptimizer::new(
+        &lopt,
+        specs(MODEL),
+        OptimizerOptions {
+            backend: Arc::new(PerTensor(InterpFactory)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let absent = [1usize, 7]; // l0.w and the 0-d gain
+    let mut refs_alone: Vec<InterpStepper> =
+        MODEL.iter().map(|(_, d)| reference(&lopt, d, 0)).collect();
+    let mut want = params.clone();
+    for (step, g) in grads.iter().enumerate() {
+        let partial: Vec<Option<&[f32]>> = g
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (step != 1 || !absent.contains(&i)).then_some(g.as_slice()))
+            .collect();
+        let before = params.clone();
+        let report = opt
+            .step_partial(&mut refs(&mut params), &partial, 0.1, 0.01)
+            .unwrap();
+        for (i, r) in refs_alone.iter_mut().enumerate() {
+            if partial[i].is_some() {
+                let mut s = r.state().unwrap();
+                s.step = step as u64;
+                r.set_state(s).unwrap();
+                r.step(
+                    &mut want[i],
+                    &g[i],
+                    Hyper {
+                        lr: 0.1,
+                        weight_decay: 0.01,
+                    },
+                )
+                .unwrap();
+            }
+            assert_eq!(
+                bits(&params[i]),
+                bits(&want[i]),
+                "{} at step {step}",
+                MODEL[i].0
+            );
+        }
+        if step == 1 {
+            assert_eq!(report.without_grad, ["l0.w", "gain"]);
+            assert!(report.skipped.is_empty());
+            for &i in &absent {
+                assert_eq!(bits(&params[i]), bits(&before[i]));
+            }
+        } else {
+            assert!(report.without_grad.is_empty());
+        }
+    }
+    assert_eq!(opt.step_count(), grads.len() as u64);
+    for (name, _) in MODEL {
+        assert_eq!(opt.state(name).unwrap().step, grads.len() as u64, "{name}");
+    }
+    // A wrong length of a parameter whose gradient is absent is still refused.
+    let mut short = params.clone();
+    short[1].pop();
+    let none: Vec<Option<&[f32]>> = vec![None; MODEL.len()];
+    let err = opt
+        .step_partial(&mut refs(&mut short), &none, 0.1, 0.0)
+        .unwrap_err();
+    assert!(err.to_string().contains("l0.w"), "{err}");
+    // The clipping norm can change between steps, and is checked.
+    assert!(opt.set_max_grad_norm(Some(0.0)).is_err());
+    opt.set_max_grad_norm(Some(1.0)).unwrap();
+    assert_eq!(opt.max_grad_norm(), Some(1.0));
 }

@@ -4,6 +4,7 @@
 # `cargo test` built (target/debug, optimized); installs its own Python dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/env.sh  # the virtual environment of scripts/setup: python3 is its interpreter
 
 WEIGHTS=tests/fixtures/golden/weights
 BIN=target/debug/mulo-compile

@@ -325,3 +325,17 @@ impl TensorStepper for InterpStepper {
         Ok(())
     }
 }
+
+/// The reference interpreter ([`InterpStepper`], f32) as a [`StepperFactory`](crate::backend::StepperFactory).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InterpFactory;
+
+impl crate::backend::StepperFactory for InterpFactory {
+    fn target(&self) -> &'static str {
+        "interp"
+    }
+
+    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
+        Ok(Box::new(InterpStepper::new(ir, start_step)))
+    }
+}

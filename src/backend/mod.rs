@@ -1,13 +1,37 @@
 //! Backends: each one renders or executes a [`StepIr`](crate::ir::StepIr); none re-derives the math.
+//!
+//! [`TensorStepper`] steps one tensor; [`model`] lifts steppers to a whole model
+//! ([`ModelBackend`], what [`MuloOptimizer`](crate::optimizer::MuloOptimizer) drives). The
+//! factories that pick a backend for the optimizer live beside their backends:
+//! [`InterpFactory`], [`CpuFactory`] (the default, [`default_factory`]), `OnnxFactory` (feature
+//! `onnx`), [`CudaFactory`] and [`PackedCuda`].
 
 pub mod cpu;
 pub mod cuda;
 pub mod interp;
+pub mod model;
+#[cfg(feature = "onnx")]
 pub mod onnx;
+
+pub use cpu::CpuFactory;
+pub use cuda::factory::CudaFactory;
+pub use cuda::packed_runtime::PackedCuda;
+pub use interp::InterpFactory;
+pub use model::{
+    BackendFactory, ModelBackend, PerTensor, PerTensorBackend, PlanCache, StepperFactory,
+    TensorStep,
+};
+#[cfg(feature = "onnx")]
+pub use onnx::OnnxFactory;
 
 use crate::error::{Error, Result};
 use crate::shape::Layout;
 use crate::state::TensorState;
+
+/// The optimizer's default backend: the native CPU backend, one stepper per tensor.
+pub fn default_factory() -> std::sync::Arc<dyn BackendFactory> {
+    std::sync::Arc::new(PerTensor(CpuFactory))
+}
 
 /// The runtime hyper-parameters of one step.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -55,7 +79,7 @@ pub fn check_step_args(layout: &Layout, param: usize, grad: usize, hyper: &Hyper
 }
 
 /// Checks that a state handed to a stepper is for the layout the stepper was compiled for.
-pub fn check_state_layout<T: Copy + Default>(
+pub(crate) fn check_state_layout<T: Copy + Default>(
     layout: &Layout,
     state: &TensorState<T>,
 ) -> Result<()> {
@@ -74,7 +98,10 @@ pub fn check_state_layout<T: Copy + Default>(
 
 /// Something that steps one tensor with host-side buffers and keeps its state: what
 /// `mulo-compile replay` and the property tests drive, whatever the backend.
-pub trait TensorStepper {
+///
+/// `Send + Sync`: a stepper can be moved to another thread, and its `&self` methods (the
+/// state, the layout) called from several threads at once; stepping takes `&mut self`.
+pub trait TensorStepper: Send + Sync {
     /// The backend's name (`interp`, `onnx`, `cuda`).
     fn target(&self) -> &'static str;
 

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::TensorStepper;
 use mulo::lopt::LearnedOptimizer;
-use mulo::shape::{Layout, Shape};
+use mulo::shape::{FactoredAxes, Layout, Shape};
 use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,6 +91,12 @@ struct CompileArgs {
     /// (mulo_model.cu, .ptx, .json), tensors in the order given.
     #[arg(long, value_name = "SHAPE", allow_hyphen_values = true)]
     shape: Vec<String>,
+    /// The factored axes `D0,D1` of a tensor of rank ≥ 2 (SPEC.md §2), or `default` (the
+    /// stable order). Give it once per --shape, in the same order, to reproduce a PyLO run
+    /// whose host ordered tied largest axes the other way (e.g. `--shape 32x32x3x3
+    /// --factored-axes 0,1`).
+    #[arg(long, value_name = "D0,D1")]
+    factored_axes: Vec<String>,
     /// With --target cuda: write the packed model program even for a single --shape.
     #[arg(long)]
     packed: bool,
@@ -143,6 +149,9 @@ struct BenchArgs {
     /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`.
     #[arg(long, value_name = "SHAPE", allow_hyphen_values = true)]
     shape: String,
+    /// The factored axes `D0,D1` (SPEC.md §2); default: the stable order.
+    #[arg(long, value_name = "D0,D1")]
+    factored_axes: Option<String>,
     /// Backend to time.
     #[arg(long, value_enum, default_value = "interp")]
     target: RunTarget,
@@ -174,10 +183,23 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::exit(2);
         }
     }
+}
+
+/// The error and its causes, each cause printed unless the text before already holds it (mulo's
+/// errors carry their source's text and keep the source too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 fn run_compile(args: &CompileArgs) -> Result<i32> {
@@ -186,12 +208,20 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             "--shape is required (e.g. `mulo-compile --shape 1024x512 --target cuda`); see --help"
         );
     }
-    let shapes = args
+    if !args.factored_axes.is_empty() && args.factored_axes.len() != args.shape.len() {
+        bail!(
+            "{} --factored-axes for {} --shape: give one per --shape, in order (`default` for the stable order)",
+            args.factored_axes.len(),
+            args.shape.len()
+        );
+    }
+    let layouts = args
         .shape
         .iter()
-        .map(|s| Shape::parse(s).with_context(|| format!("--shape {s}")))
+        .enumerate()
+        .map(|(i, s)| layout_arg(s, args.factored_axes.get(i).map(String::as_str)))
         .collect::<Result<Vec<_>>>()?;
-    if shapes.len() > 1 || args.packed {
+    if layouts.len() > 1 || args.packed {
         if args.target != CompileTarget::Cuda {
             bail!(
                 "several --shape values (or --packed) make a packed whole-model program, which only --target cuda produces; compile one shape at a time for --target {}",
@@ -202,19 +232,17 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 }
             );
         }
-        return compile_packed(args, &shapes);
+        return compile_packed(args, &layouts);
     }
-    let shape = shapes[0].clone();
     let lopt = args.weights.load()?;
     let started = Instant::now();
-    let ir = mulo::compile_step(&shape, &lopt)?;
+    let ir = mulo::compile_layout(&layouts[0], &lopt)?;
     match args.target {
         CompileTarget::Ir => {
             let text = ir.to_text();
             match &args.output {
                 Some(path) => {
-                    std::fs::write(path, text)
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    mulo::fsio::write_atomic(path, text.as_bytes())?;
                     eprintln!(
                         "wrote {} ({} nodes) in {:.1?}",
                         path.display(),
@@ -246,33 +274,80 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 started.elapsed()
             );
         }
-        CompileTarget::Onnx => {
-            let path = args
-                .output
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
-            let bytes = mulo::backend::onnx::export(&ir)?;
-            std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!(
-                "wrote {} ({} bytes, opset {}) in {:.1?}",
-                path.display(),
-                bytes.len(),
-                mulo::backend::onnx::OPSET,
-                started.elapsed()
-            );
-        }
+        CompileTarget::Onnx => write_onnx(&ir, args.output.clone(), started)?,
     }
     Ok(0)
 }
 
+/// `--target onnx`: writes the graph.
+#[cfg(feature = "onnx")]
+fn write_onnx(ir: &mulo::ir::StepIr, output: Option<PathBuf>, started: Instant) -> Result<()> {
+    let path = output.unwrap_or_else(|| PathBuf::from(mulo::backend::onnx::DEFAULT_FILE_NAME));
+    let bytes = mulo::backend::onnx::export(ir)?;
+    mulo::fsio::write_atomic(&path, &bytes)?;
+    eprintln!(
+        "wrote {} ({} bytes, opset {}) in {:.1?}",
+        path.display(),
+        bytes.len(),
+        mulo::backend::onnx::OPSET,
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "onnx"))]
+fn write_onnx(_: &mulo::ir::StepIr, _: Option<PathBuf>, _: Instant) -> Result<()> {
+    bail!(NO_ONNX)
+}
+
+#[cfg(not(feature = "onnx"))]
+const NO_ONNX: &str =
+    "this mulo-compile was built without the `onnx` feature: rebuild with default features";
+
+/// A stepper on tract: the whole graph, or the chunked runtime.
+#[cfg(feature = "onnx")]
+fn onnx_stepper(ir: &mulo::ir::StepIr, chunked: bool) -> Result<Box<dyn TensorStepper>> {
+    use mulo::backend::onnx::{chunked::DEFAULT_CHUNK_ELEMENTS, ChunkedOnnxStepper, OnnxStepper};
+    // One row on axis 0: nothing to chunk.
+    Ok(if chunked && ChunkedOnnxStepper::supports(&ir.layout) {
+        Box::new(ChunkedOnnxStepper::new(ir, 0, DEFAULT_CHUNK_ELEMENTS, 2)?)
+    } else {
+        Box::new(OnnxStepper::new(ir, 0)?)
+    })
+}
+
+#[cfg(not(feature = "onnx"))]
+fn onnx_stepper(_: &mulo::ir::StepIr, _: bool) -> Result<Box<dyn TensorStepper>> {
+    bail!(NO_ONNX)
+}
+
+/// The layout of `--shape SHAPE` with its `--factored-axes` (absent or `default`: the stable
+/// order), the error naming the argument at fault.
+fn layout_arg(shape: &str, axes: Option<&str>) -> Result<Layout> {
+    let parsed = Shape::parse(shape).with_context(|| format!("--shape {shape}"))?;
+    let axes = match axes.map(str::trim) {
+        None | Some("default") => None,
+        Some(text) => Some(
+            text.parse::<FactoredAxes>()
+                .with_context(|| format!("--factored-axes {text}"))?,
+        ),
+    };
+    Layout::with_axes(parsed, axes).with_context(|| {
+        format!(
+            "--shape {shape} --factored-axes {}",
+            axes.map_or("default".to_string(), |a| a.to_string())
+        )
+    })
+}
+
 /// `--target cuda` with several shapes: the packed model program.
-fn compile_packed(args: &CompileArgs, shapes: &[Shape]) -> Result<i32> {
+fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
     use mulo::backend::cuda::{nvrtc, packed::PackedModel};
     let lopt = args.weights.load()?;
     let arch = args.arch.clone().unwrap_or_else(nvrtc::default_arch);
     nvrtc::check_arch(&arch)?;
     let started = Instant::now();
-    let model = PackedModel::new(&lopt, shapes)?;
+    let model = PackedModel::new(&lopt, layouts)?;
     eprintln!(
         "packing {} tensors of {} distinct shapes; compiling for {arch} (NVRTC runs the first time only; the result is cached)",
         model.tensors.len(),
@@ -303,7 +378,7 @@ fn make_stepper(
     layout: &Layout,
     lopt: &LearnedOptimizer,
 ) -> Result<Box<dyn TensorStepper>> {
-    let ir = Arc::new(mulo::compile_step(layout.shape(), lopt)?);
+    let ir = Arc::new(mulo::compile_layout(layout, lopt)?);
     Ok(match target {
         RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
         RunTarget::Cuda => {
@@ -311,18 +386,9 @@ fn make_stepper(
             let program = CudaRuntime::new(0)?.program(&ir)?;
             Box::new(CudaStepper::new(program, 0)?)
         }
-        RunTarget::Onnx => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::Onnx => onnx_stepper(&ir, false)?,
         RunTarget::Cpu => Box::new(mulo::backend::cpu::CpuStepper::new(ir, 0)),
-        RunTarget::OnnxChunked if mulo::backend::onnx::ChunkedOnnxStepper::supports(layout) => {
-            Box::new(mulo::backend::onnx::ChunkedOnnxStepper::new(
-                &ir,
-                0,
-                mulo::backend::onnx::chunked::DEFAULT_CHUNK_ELEMENTS,
-                2,
-            )?)
-        }
-        // One row on axis 0: nothing to chunk.
-        RunTarget::OnnxChunked => Box::new(mulo::backend::onnx::OnnxStepper::new(&ir, 0)?),
+        RunTarget::OnnxChunked => onnx_stepper(&ir, true)?,
     })
 }
 
@@ -335,8 +401,7 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
     );
     for path in &args.cases {
         let traj = Trajectory::load(path)?;
-        let layout = Layout::new(traj.shape.clone());
-        let mut stepper = make_stepper(args.target, &layout, &lopt)?;
+        let mut stepper = make_stepper(args.target, &traj.layout, &lopt)?;
         let started = Instant::now();
         let report = replay(stepper.as_mut(), &traj)?;
         let state_err = report.state_errors.iter().map(|e| e.1).fold(0f64, f64::max);
@@ -365,13 +430,13 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<i32> {
-    let shape = Shape::parse(&args.shape)?;
+    let layout = layout_arg(&args.shape, args.factored_axes.as_deref())?;
+    let shape = layout.shape().clone();
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let lopt = args.weights.load()?;
-    let layout = Layout::new(shape.clone());
-    let ir = mulo::compile_step(&shape, &lopt)?;
+    let ir = mulo::compile_layout(&layout, &lopt)?;
     if args.target == RunTarget::Cuda {
         // Device-resident steps; floors from the measured copy bandwidth and the GPU's FP32 peak.
         let runtime = mulo::backend::cuda::runtime::CudaRuntime::new(0)?;

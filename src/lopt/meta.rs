@@ -53,7 +53,7 @@ impl MetaParams {
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let meta: MetaParams = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(path, format!("not valid meta-parameter JSON: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not valid meta-parameter JSON", e))?;
         meta.validate()
             .map_err(|reason| Error::bad_file(path, reason))?;
         Ok(meta)

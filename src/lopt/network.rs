@@ -82,7 +82,7 @@ impl MetaNetwork {
     /// Parses safetensors bytes; `path` is only used to name the file in errors.
     pub fn from_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let names: Vec<String> = tensors.names().into_iter().map(str::to_string).collect();
         let mut hidden_layers = 0;
         while names.contains(&format!("network.linear_{hidden_layers}.weight")) {
@@ -209,12 +209,12 @@ impl MetaNetwork {
 
     /// Writes `model.safetensors` and `config.json` into `dir` (created if missing).
     pub fn save_hub_layout(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::fsio::create_dir_all(dir)?;
         let model = dir.join("model.safetensors");
-        std::fs::write(&model, self.to_safetensors_bytes()).map_err(|e| Error::io(&model, e))?;
+        crate::fsio::write_atomic(&model, &self.to_safetensors_bytes())?;
         let config = dir.join("config.json");
         let text = serde_json::to_string_pretty(&self.config()).expect("config serializes") + "\n";
-        std::fs::write(&config, text).map_err(|e| Error::io(&config, e))?;
+        crate::fsio::write_atomic(&config, text.as_bytes())?;
         Ok(())
     }
 

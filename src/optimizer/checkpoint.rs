@@ -6,16 +6,19 @@
 //! | format version | metadata `format` = [`CHECKPOINT_FORMAT`] |
 //! | step counter | metadata `step` |
 //! | SHA-256 of the learned optimizer ([`LearnedOptimizer::fingerprint`](crate::lopt::LearnedOptimizer::fingerprint)) | metadata `lopt_fingerprint` |
-//! | the parameters, in order | metadata `params`: JSON `[{"name": …, "shape": […]}, …]` |
+//! | the parameters, in order | metadata `params`: JSON `[{"name": …, "shape": […], "factored_axes": [d0, d1] or null}, …]` |
 //! | SHA-256 of the two above | metadata `fingerprint` |
 //!
 //! Loading checks all of it before anything is replaced, and refuses a checkpoint of another
-//! learned optimizer or of other parameters with a message naming what differs. The values
+//! learned optimizer or of other parameters (names, shapes, or factored axes: a tensor's
+//! accumulators only mean something for the axes they were made with) with a message naming
+//! what differs. The values
 //! are stored exactly, so resuming from a checkpoint continues bitwise the same trajectory.
 
 use super::MuloOptimizer;
 use crate::error::{Error, Result};
 use crate::ir::Buffer;
+use crate::shape::FactoredAxes;
 use crate::state::TensorState;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -34,6 +37,20 @@ pub const CHECKPOINT_FORMAT: &str = "mulo-optimizer-checkpoint/1";
 struct ParamEntry {
     name: String,
     shape: Vec<usize>,
+    /// `[d0, d1]`, or null for rank ≤ 1. Absent in checkpoints written before the axes could be
+    /// chosen: those used the default (stable) order.
+    #[serde(default)]
+    factored_axes: Option<[usize; 2]>,
+}
+
+impl ParamEntry {
+    /// The axes the checkpoint's state was made with.
+    fn axes(&self) -> Option<FactoredAxes> {
+        match self.factored_axes {
+            Some([d0, d1]) => Some(FactoredAxes { d0, d1 }),
+            None => FactoredAxes::stable(&self.shape),
+        }
+    }
 }
 
 fn combined_fingerprint(lopt: &str, params_json: &str) -> String {
@@ -46,8 +63,30 @@ fn combined_fingerprint(lopt: &str, params_json: &str) -> String {
     hex(&h.finalize())
 }
 
+fn axes_text(axes: Option<FactoredAxes>) -> String {
+    axes.map_or("none (rank ≤ 1)".to_string(), |f| {
+        format!("(d0 = {}, d1 = {})", f.d0, f.d1)
+    })
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Little-endian f32s, refused (with the first offender) when any is NaN or ±Inf: mulo never
+/// keeps a non-finite state (the step guard undoes such a step), so one in a file is damage.
+fn finite_f32s(data: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(format!(
+            "holds a non-finite value ({}) at flat index {i}",
+            values[i]
+        )),
+        None => Ok(values),
+    }
 }
 
 fn short(fp: &str) -> &str {
@@ -59,15 +98,18 @@ impl MuloOptimizer {
         let entries: Vec<ParamEntry> = self
             .specs
             .iter()
-            .map(|p| ParamEntry {
+            .zip(&self.layouts)
+            .map(|(p, layout)| ParamEntry {
                 name: p.name.clone(),
                 shape: p.shape.dims().to_vec(),
+                factored_axes: layout.factored().map(|f| [f.d0, f.d1]),
             })
             .collect();
         serde_json::to_string(&entries).expect("parameter list serializes")
     }
 
-    /// A fingerprint of the learned optimizer and the parameters (names and shapes, in order):
+    /// A fingerprint of the learned optimizer and the parameters (names, shapes and factored
+    /// axes, in order):
     /// what a checkpoint must match to be loaded.
     pub fn fingerprint(&self) -> String {
         combined_fingerprint(&self.lopt_fingerprint, &self.params_json())
@@ -80,13 +122,13 @@ impl MuloOptimizer {
         for (i, spec) in self.specs.iter().enumerate() {
             let state = self.backend.state(i)?;
             if state.step != self.step {
-                return Err(Error::Backend {
-                    backend: self.backend.target(),
-                    message: format!(
+                return Err(Error::backend(
+                    self.backend.target(),
+                    format!(
                         "tensor `{}` is at step {}, the optimizer at {}",
                         spec.name, state.step, self.step
                     ),
-                });
+                ));
             }
             for (buffer, values) in state.iter() {
                 let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -117,16 +159,15 @@ impl MuloOptimizer {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        safetensors::serialize(&views, Some(metadata)).map_err(|e| Error::Backend {
-            backend: "safetensors",
-            message: format!("cannot serialize the checkpoint: {e}"),
-        })
+        safetensors::serialize(&views, Some(metadata))
+            .map_err(|e| Error::backend_from("safetensors", "cannot serialize the checkpoint", e))
     }
 
-    /// Writes the checkpoint to `path`.
+    /// Writes the checkpoint to `path` atomically ([`write_atomic`](crate::fsio::write_atomic)):
+    /// a crash or a full disk part-way through leaves the previous checkpoint at `path` intact.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let bytes = self.checkpoint_bytes()?;
-        std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+        crate::fsio::write_atomic(path, &bytes)
     }
 
     /// Loads a checkpoint written by [`save_checkpoint`](Self::save_checkpoint): the step
@@ -141,9 +182,9 @@ impl MuloOptimizer {
     pub fn restore_checkpoint(&mut self, bytes: &[u8], origin: &Path) -> Result<()> {
         let bad = |reason: String| Error::bad_file(origin, reason);
         let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(origin, "not a valid safetensors file", e))?;
         let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(origin, "not a valid safetensors file", e))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field = |key: &str| -> Result<&String> {
             meta.get(key).ok_or_else(|| {
@@ -205,11 +246,9 @@ impl MuloOptimizer {
                         view.shape()
                     )));
                 }
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let values = finite_f32s(view.data()).map_err(|why| {
+                    bad(format!("tensor `{key}` {why}: the checkpoint is corrupt"))
+                })?;
                 state.set(buffer, values)?;
             }
             states.push(state);
@@ -244,7 +283,7 @@ impl MuloOptimizer {
         self.check_usable()?;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let tensors = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file_from(path, "not a valid safetensors file", e))?;
         let mut states = Vec::with_capacity(self.specs.len());
         for (spec, layout) in self.specs.iter().zip(&self.layouts) {
             let mut error = None;
@@ -258,12 +297,13 @@ impl MuloOptimizer {
                     ));
                     return None;
                 }
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                Some((view.shape().to_vec(), values))
+                match finite_f32s(view.data()) {
+                    Ok(values) => Some((view.shape().to_vec(), values)),
+                    Err(why) => {
+                        error = Some(format!("tensor `{k}` {why}"));
+                        None
+                    }
+                }
             });
             if let Some(reason) = error {
                 return Err(Error::bad_file(path, reason));
@@ -300,19 +340,23 @@ impl MuloOptimizer {
             .iter()
             .map(|p| (p.name.as_str(), p.shape.dims()))
             .collect();
-        let theirs: HashMap<&str, &[usize]> = entries
-            .iter()
-            .map(|e| (e.name.as_str(), e.shape.as_slice()))
-            .collect();
+        let theirs: HashMap<&str, &ParamEntry> =
+            entries.iter().map(|e| (e.name.as_str(), e)).collect();
         let mut problems = Vec::new();
-        for p in &self.specs {
+        for (p, layout) in self.specs.iter().zip(&self.layouts) {
             match theirs.get(p.name.as_str()) {
                 None => problems.push(format!("parameter `{}` is not in the checkpoint", p.name)),
-                Some(&dims) if dims != p.shape.dims() => problems.push(format!(
+                Some(e) if e.shape != p.shape.dims() => problems.push(format!(
                     "parameter `{}` has shape {:?} in the checkpoint but {:?} here",
                     p.name,
-                    dims,
+                    e.shape,
                     p.shape.dims()
+                )),
+                Some(e) if e.axes() != layout.factored() => problems.push(format!(
+                    "parameter `{}` has factored axes {} in the checkpoint but {} here",
+                    p.name,
+                    axes_text(e.axes()),
+                    axes_text(layout.factored())
                 )),
                 _ => {}
             }

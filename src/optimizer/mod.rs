@@ -29,9 +29,8 @@
 //! checks, μP, clipping, non-finite handling, the step counter, checkpoints) happens here, on
 //! the host; the step programs run in a [`ModelBackend`], which receives
 //! the whole batch of tensors at once so that a packed GPU backend can step a model in a fixed
-//! number of launches (see [`backend`]).
+//! number of launches (see [`crate::backend::model`]).
 
-pub mod backend;
 mod checkpoint;
 
 /// `docs/training.md`, compiled and run as doc tests.
@@ -42,18 +41,14 @@ pub mod clip;
 pub mod mup;
 pub mod nonfinite;
 
-pub use backend::{
-    BackendFactory, CpuFactory, CudaFactory, InterpFactory, ModelBackend, OnnxFactory, PerTensor,
-    PerTensorBackend, PlanCache, StepperFactory, TensorStep,
-};
 pub use checkpoint::{CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY};
 pub use mup::{LrRule, LrScale, MupInfo};
 pub use nonfinite::{NonFiniteCount, NonFinitePolicy};
 
-use crate::backend::Hyper;
+use crate::backend::{BackendFactory, Hyper, ModelBackend, TensorStep};
 use crate::error::{Error, Result};
 use crate::lopt::LearnedOptimizer;
-use crate::shape::{Layout, Shape};
+use crate::shape::{FactoredAxes, Layout, Shape};
 use crate::state::TensorState;
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -63,13 +58,17 @@ use std::sync::Arc;
 /// A tensor of a PyLO state: its PyLO name (`mom`, `fac_vec_row`, …), shape and values.
 pub type PyloTensor = (String, Vec<usize>, Vec<f32>);
 
-/// One parameter tensor of the model: its name, shape and learning-rate rule.
+/// One parameter tensor of the model: its name, shape, factored axes and learning-rate rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
     /// A unique name (used in reports, errors and checkpoints).
     pub name: String,
     /// The tensor's shape.
     pub shape: Shape,
+    /// The factored axes (d0, d1) of a tensor of rank ≥ 2; `None`: the default, the stable
+    /// order of SPEC.md §2. Set it ([`ParamSpec::with_factored_axes`]) to reproduce a PyLO run
+    /// whose host ordered tied largest axes the other way.
+    pub factored_axes: Option<FactoredAxes>,
     /// How its learning rate relates to the optimizer's (μP).
     pub lr_scale: LrScale,
 }
@@ -85,8 +84,36 @@ impl ParamSpec {
         ParamSpec {
             name: name.into(),
             shape,
+            factored_axes: None,
             lr_scale: LrScale::Unscaled,
         }
+    }
+
+    /// A tensor of an already-resolved layout: its shape and factored axes (e.g. a
+    /// [`Trajectory`](crate::trajectory::Trajectory)'s, which come from PyLO's recording).
+    pub fn with_layout(name: impl Into<String>, layout: &Layout) -> Self {
+        ParamSpec {
+            factored_axes: layout.factored(),
+            ..Self::with_shape(name, layout.shape().clone())
+        }
+    }
+
+    /// States the factored axes (SPEC.md §2): `d0` the largest axis (the row accumulators are
+    /// reduced over it), `d1` the second largest. An invalid pair (the same axis twice, out of
+    /// range, not of the two largest sizes, or a tensor of rank ≤ 1) is an error naming the
+    /// tensor.
+    pub fn with_factored_axes(mut self, d0: usize, d1: usize) -> Result<Self> {
+        let axes = FactoredAxes { d0, d1 };
+        axes.check(self.shape.dims())
+            .map_err(|reason| Error::argument(&self.name, reason))?;
+        self.factored_axes = Some(axes);
+        Ok(self)
+    }
+
+    /// The tensor's layout: its shape with the factored axes resolved.
+    pub fn layout(&self) -> Result<Layout> {
+        Layout::with_axes(self.shape.clone(), self.factored_axes)
+            .map_err(|e| Error::argument(&self.name, e.to_string()))
     }
 
     /// μP: the tensor's shape in the base model (mup's `set_base_shapes`); same rank required.
@@ -131,7 +158,7 @@ impl Default for OptimizerOptions {
             global_max_grad_norm: None,
             nonfinite: NonFinitePolicy::Skip,
             guard: true,
-            backend: Arc::new(PerTensor(CpuFactory)),
+            backend: crate::backend::default_factory(),
         }
     }
 }
@@ -169,6 +196,8 @@ pub struct StepReport {
     /// Tensors whose step produced NaN or ±Inf (in the parameter or the state) and was undone
     /// by the guard ([`OptimizerOptions::guard`]); they are listed in `skipped` too.
     pub reverted: Vec<String>,
+    /// Tensors given no gradient ([`MuloOptimizer::step_partial`]), left unchanged.
+    pub without_grad: Vec<String>,
 }
 
 /// A μLO_M optimizer over every parameter tensor of a model.
@@ -176,6 +205,12 @@ pub struct StepReport {
 /// One step counter for the whole optimizer (PyLO keeps one per parameter group); every
 /// tensor's [`TensorState::step`] equals it. Every argument is checked before anything is
 /// modified: a step that returns an error has changed no parameter and no state.
+///
+/// `Send + Sync` (checked at compile time, and by `tests/reliability.rs`): an optimizer can
+/// be moved to a training thread, or shared between threads behind a `Mutex`/`RwLock`;
+/// [`step`](Self::step) and the state setters take `&mut self`, the readers
+/// ([`state`](Self::state), [`checkpoint_bytes`](Self::checkpoint_bytes)) `&self`, so several
+/// threads may read one optimizer at once.
 pub struct MuloOptimizer {
     lopt_fingerprint: String,
     specs: Vec<ParamSpec>,
@@ -229,11 +264,14 @@ impl MuloOptimizer {
             .iter()
             .map(|p| LrRule::resolve(&p.name, &p.shape, &p.lr_scale))
             .collect::<Result<Vec<_>>>()?;
-        let shapes: Vec<Shape> = params.iter().map(|p| p.shape.clone()).collect();
-        let backend = options.backend.build(lopt, &shapes, 0)?;
+        let layouts = params
+            .iter()
+            .map(ParamSpec::layout)
+            .collect::<Result<Vec<_>>>()?;
+        let backend = options.backend.build(lopt, &layouts, 0)?;
         Ok(MuloOptimizer {
             lopt_fingerprint: lopt.fingerprint(),
-            layouts: shapes.into_iter().map(Layout::new).collect(),
+            layouts,
             specs: params,
             rules,
             max_grad_norm: options.max_grad_norm,
@@ -288,6 +326,19 @@ impl MuloOptimizer {
         self.rules[index].apply(lr)
     }
 
+    /// The per-tensor clipping norm (PyLO's `max_grad_norm`).
+    pub fn max_grad_norm(&self) -> Option<f32> {
+        self.max_grad_norm
+    }
+
+    /// Changes the per-tensor clipping norm for the next steps (PyLO reads its parameter
+    /// group's `max_grad_norm` at every step). Refused unless positive and finite.
+    pub fn set_max_grad_norm(&mut self, max_grad_norm: Option<f32>) -> Result<()> {
+        clip::check_max_norm("max_grad_norm", max_grad_norm)?;
+        self.max_grad_norm = max_grad_norm;
+        Ok(())
+    }
+
     /// The SHA-256 fingerprint of the learned optimizer this was built for.
     pub fn lopt_fingerprint(&self) -> &str {
         &self.lopt_fingerprint
@@ -295,13 +346,13 @@ impl MuloOptimizer {
 
     fn check_usable(&self) -> Result<()> {
         match &self.poisoned {
-            Some(why) => Err(Error::Backend {
-                backend: self.backend.target(),
-                message: format!(
+            Some(why) => Err(Error::backend(
+                self.backend.target(),
+                format!(
                     "the optimizer is unusable after a failed step ({why}); load a checkpoint \
                      or set every tensor's state to continue"
                 ),
-            }),
+            )),
             None => Ok(()),
         }
     }
@@ -321,6 +372,23 @@ impl MuloOptimizer {
         lr: f32,
         weight_decay: f32,
     ) -> Result<StepReport> {
+        let grads: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(*g)).collect();
+        self.step_partial(params, &grads, lr, weight_decay)
+    }
+
+    /// [`step`](Self::step) where some tensors may have no gradient (`None`), as a PyTorch
+    /// parameter whose `.grad` is `None`: such a tensor is left unchanged, like a skipped one
+    /// (its accumulators are kept, its step counter follows the optimizer's, as PyLO's
+    /// per-group counter does), and is listed in [`StepReport::without_grad`]. Its parameter
+    /// is still given (and its length checked) so that indices stay those of
+    /// [`params`](Self::params).
+    pub fn step_partial(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &[Option<&[f32]>],
+        lr: f32,
+        weight_decay: f32,
+    ) -> Result<StepReport> {
         self.check_usable()?;
         let n = self.specs.len();
         for (what, len) in [("params", params.len()), ("grads", grads.len())] {
@@ -333,7 +401,8 @@ impl MuloOptimizer {
         }
         for (i, spec) in self.specs.iter().enumerate() {
             let want = self.layouts[i].numel();
-            for (what, len) in [("param", params[i].len()), ("grad", grads[i].len())] {
+            let grad_len = grads[i].map_or(want, |g| g.len());
+            for (what, len) in [("param", params[i].len()), ("grad", grad_len)] {
                 if len != want {
                     return Err(Error::argument(
                         format!("{what} `{}`", spec.name),
@@ -367,7 +436,10 @@ impl MuloOptimizer {
             step: self.step,
             ..Default::default()
         };
-        let counts: Vec<NonFiniteCount> = grads.iter().map(|g| NonFiniteCount::of(g)).collect();
+        let counts: Vec<NonFiniteCount> = grads
+            .iter()
+            .map(|g| g.map_or_else(NonFiniteCount::default, NonFiniteCount::of))
+            .collect();
         for (spec, c) in self.specs.iter().zip(&counts) {
             if !c.is_clean() {
                 report.nonfinite.push((spec.name.clone(), *c));
@@ -391,6 +463,11 @@ impl MuloOptimizer {
         // The gradients the step will use: borrowed unless something had to change them.
         let mut work: Vec<Option<Cow<[f32]>>> = Vec::with_capacity(n);
         for (i, grad) in grads.iter().enumerate() {
+            let Some(grad) = grad else {
+                report.without_grad.push(self.specs[i].name.clone());
+                work.push(None);
+                continue;
+            };
             if counts[i].is_clean() {
                 work.push(Some(Cow::Borrowed(*grad)));
             } else if self.nonfinite == NonFinitePolicy::Skip {
@@ -493,10 +570,7 @@ impl MuloOptimizer {
                 corrupted.join(", ")
             );
             self.poisoned = Some(why.clone());
-            return Err(Error::Backend {
-                backend: self.backend.target(),
-                message: why,
-            });
+            return Err(Error::backend(self.backend.target(), why));
         }
         // Skipped tensors keep their accumulators; their counter follows the optimizer's.
         for (i, g) in work.iter().enumerate() {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod emulation;
+pub mod model;
 
 use mulo::lopt::LearnedOptimizer;
 use std::path::PathBuf;
@@ -103,20 +104,16 @@ pub fn assert_within_golden_tolerance(report: &mulo::trajectory::ReplayReport, c
 /// the parameter error and the final-state error (both relative, as in `replay`), and the
 /// number of steps.
 pub fn replay_all_at_once(
-    backend: &mut dyn mulo::optimizer::backend::ModelBackend,
+    backend: &mut dyn mulo::backend::ModelBackend,
     trajs: &[mulo::trajectory::Trajectory],
 ) -> (Vec<(String, f64, f64)>, usize) {
     use mulo::backend::Hyper;
-    use mulo::optimizer::backend::TensorStep;
-    use mulo::shape::Layout;
+    use mulo::backend::TensorStep;
     use mulo::state::TensorState;
     use mulo::trajectory::max_abs_diff;
     for (i, t) in trajs.iter().enumerate() {
         backend
-            .set_state(
-                i,
-                TensorState::zeros(&Layout::new(t.shape.clone()), t.start_step),
-            )
+            .set_state(i, TensorState::zeros(&t.layout, t.start_step))
             .unwrap();
     }
     let mut params: Vec<Vec<f32>> = trajs.iter().map(|t| t.p0.clone()).collect();

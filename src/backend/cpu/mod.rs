@@ -1392,3 +1392,19 @@ impl TensorStepper for CpuStepper {
         Ok(())
     }
 }
+
+/// The native CPU backend ([`CpuStepper`]: chunk programs
+/// rendered from the IR, FMA kernels, on every core) as a [`StepperFactory`](crate::backend::StepperFactory): the fast CPU path,
+/// and the default backend of the optimizer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuFactory;
+
+impl crate::backend::StepperFactory for CpuFactory {
+    fn target(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
+        Ok(Box::new(CpuStepper::new(ir, start_step)))
+    }
+}

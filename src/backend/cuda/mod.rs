@@ -4,6 +4,7 @@
 //!
 //! Compiling needs libnvrtc but no GPU; running needs a GPU. See `docs/cuda.md`.
 
+pub mod factory;
 pub mod manifest;
 pub mod nvrtc;
 pub mod packed;
@@ -12,7 +13,7 @@ pub mod render;
 pub mod runtime;
 pub mod schedule;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ir::StepIr;
 use manifest::Manifest;
 use schedule::Schedule;
@@ -63,7 +64,7 @@ impl CompiledStep {
     /// Writes `mulo_step.cu`, `mulo_step.ptx` and `mulo_step.json` into `dir` (created if
     /// missing); returns their paths.
     pub fn write_to(&self, dir: &Path) -> Result<[PathBuf; 3]> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::fsio::create_dir_all(dir)?;
         let paths = [
             dir.join(&self.manifest.source),
             dir.join(&self.manifest.ptx),
@@ -75,7 +76,7 @@ impl CompiledStep {
             self.manifest.to_json(),
         ];
         for (path, text) in paths.iter().zip(contents) {
-            std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+            crate::fsio::write_atomic(path, text.as_bytes())?;
         }
         Ok(paths)
     }

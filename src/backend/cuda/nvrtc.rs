@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The architecture used when no CUDA device can be opened (Ampere; its PTX also JIT-compiles
 /// on every newer GPU).
@@ -17,10 +17,7 @@ or `pip install nvidia-cuda-nvrtc-cu12` and put its lib folder on LD_LIBRARY_PAT
 export LD_LIBRARY_PATH=\"$(python3 -c 'import nvidia.cuda_nvrtc as m; print(m.__path__[0])')/lib:$LD_LIBRARY_PATH\"";
 
 fn backend(message: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: "cuda",
-        message: message.into(),
-    }
+    Error::backend("cuda", message)
 }
 
 /// Whether libnvrtc can be loaded.
@@ -218,6 +215,38 @@ pub fn cache_key(source: &str, arch: &str, version: (i32, i32)) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The line that ends every cache entry: the SHA-256 of the PTX before it.
+const CACHE_TRAILER: &str = "\n// mulo-ptx-sha256 ";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes a disk-cache entry atomically ([`write_atomic`](crate::fsio::write_atomic)): the
+/// PTX followed by a trailer line holding its SHA-256, so that [`cache_load`] can tell a
+/// complete entry from a damaged one. Two processes storing the same entry at once each
+/// rename a complete file into place; either one wins and both are the same PTX.
+pub fn cache_store(path: &Path, ptx: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        crate::fsio::create_dir_all(dir)?;
+    }
+    let text = format!("{ptx}{CACHE_TRAILER}{}\n", sha256_hex(ptx.as_bytes()));
+    crate::fsio::write_atomic(path, text.as_bytes())
+}
+
+/// Reads a disk-cache entry written by [`cache_store`]: `None` when it is missing, not UTF-8,
+/// lacks the trailer, its checksum does not match, or it holds no `.entry` kernel (then the
+/// program is compiled again and the entry rewritten).
+pub fn cache_load(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let body = text.strip_suffix('\n')?;
+    let (ptx, sum) = body.rsplit_once(CACHE_TRAILER)?;
+    (sum == sha256_hex(ptx.as_bytes()) && ptx.contains(".entry")).then(|| ptx.to_string())
+}
+
 /// PTX produced by NVRTC, and whether it came from the disk cache.
 #[derive(Clone, Debug)]
 pub struct CompiledPtx {
@@ -261,18 +290,14 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
         .then(cache_dir)
         .flatten()
         .map(|d| d.join(format!("{key}.ptx")));
-    if let Some(path) = &cached {
-        if let Ok(ptx) = std::fs::read_to_string(path) {
-            if ptx.contains(".entry") {
-                return Ok(CompiledPtx {
-                    ptx,
-                    arch: arch.to_string(),
-                    nvrtc_version: version,
-                    key,
-                    from_cache: true,
-                });
-            }
-        }
+    if let Some(ptx) = cached.as_deref().and_then(cache_load) {
+        return Ok(CompiledPtx {
+            ptx,
+            arch: arch.to_string(),
+            nvrtc_version: version,
+            key,
+            from_cache: true,
+        });
     }
     let opts = cudarc::nvrtc::CompileOptions {
         options: nvrtc_options(arch, version),
@@ -299,13 +324,7 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
     };
     if let Some(path) = &cached {
         // The cache is an optimization: failing to write it is not an error.
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let tmp = path.with_extension(format!("ptx.tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &ptx).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
+        let _ = cache_store(path, &ptx);
     }
     Ok(CompiledPtx {
         ptx,
@@ -433,5 +452,30 @@ mod tests {
             )
         );
         assert_eq!(e[1], ("k1".to_string(), vec![]));
+    }
+
+    #[test]
+    fn cache_entries_round_trip_and_damaged_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("k.ptx");
+        let ptx = ".version 8.0\n.visible .entry k0()\n{\n}\n";
+        assert_eq!(cache_load(&path), None);
+        cache_store(&path, ptx).unwrap();
+        assert_eq!(cache_load(&path).as_deref(), Some(ptx));
+        let full = std::fs::read(&path).unwrap();
+        // Every prefix (a torn write) and every single flipped byte is refused.
+        for len in 0..full.len() {
+            std::fs::write(&path, &full[..len]).unwrap();
+            assert_eq!(cache_load(&path), None, "prefix of {len} bytes");
+        }
+        for i in 0..full.len() {
+            let mut bad = full.clone();
+            bad[i] ^= 0x20;
+            std::fs::write(&path, &bad).unwrap();
+            assert_eq!(cache_load(&path), None, "byte {i} flipped");
+        }
+        // A complete entry without a kernel is not used either.
+        cache_store(&path, ".version 8.0\n").unwrap();
+        assert_eq!(cache_load(&path), None);
     }
 }

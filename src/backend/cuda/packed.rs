@@ -26,10 +26,10 @@ use crate::backend::Hyper;
 use crate::error::{Error, Result};
 use crate::ir::{Buffer, StepIr};
 use crate::lopt::LearnedOptimizer;
-use crate::shape::Shape;
+use crate::shape::Layout;
 use minijinja::context;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Bytes of one `MuloTensor` entry of the table: 8 × i64 offsets, 3 × f32, 1 × i32.
@@ -89,7 +89,7 @@ pub struct Slot {
 /// A model's packed step: plans, tensors, launches and arena sizes.
 #[derive(Clone, Debug)]
 pub struct PackedModel {
-    /// Distinct shapes, in order of first appearance.
+    /// Distinct layouts (shape and factored axes), in order of first appearance.
     pub plans: Vec<ModelPlan>,
     /// The tensors, in the order given.
     pub tensors: Vec<PackedTensor>,
@@ -106,20 +106,20 @@ pub struct PackedModel {
 }
 
 impl PackedModel {
-    /// Compiles `lopt` once per distinct shape of `shapes` and packs the tensors.
-    pub fn new(lopt: &LearnedOptimizer, shapes: &[Shape]) -> Result<Self> {
-        let mut cache = crate::optimizer::backend::PlanCache::new();
-        let irs = shapes
+    /// Compiles `lopt` once per distinct layout of `layouts` and packs the tensors.
+    pub fn new(lopt: &LearnedOptimizer, layouts: &[Layout]) -> Result<Self> {
+        let mut cache = crate::backend::PlanCache::new();
+        let irs = layouts
             .iter()
-            .map(|s| cache.get(lopt, s))
+            .map(|l| cache.get(lopt, l))
             .collect::<Result<Vec<_>>>()?;
         Self::from_plans(&irs, &lopt.fingerprint())
     }
 
-    /// Packs tensors stepped by `irs` (one per tensor; tensors of one shape share a plan).
+    /// Packs tensors stepped by `irs` (one per tensor; tensors of one layout share a plan).
     pub fn from_plans(irs: &[Arc<StepIr>], lopt_fingerprint: &str) -> Result<Self> {
         let mut plans: Vec<ModelPlan> = Vec::new();
-        let mut plan_of_dims: BTreeMap<Vec<usize>, usize> = BTreeMap::new();
+        let mut plan_of_layout: HashMap<Layout, usize> = HashMap::new();
         let mut tensor_plan = Vec::with_capacity(irs.len());
         for ir in irs {
             if ir.lopt_fingerprint != lopt_fingerprint {
@@ -128,8 +128,7 @@ impl PackedModel {
                     "every tensor's program must come from the same learned optimizer",
                 ));
             }
-            let key = ir.layout.dims().to_vec();
-            let p = *plan_of_dims.entry(key).or_insert_with(|| {
+            let p = *plan_of_layout.entry(ir.layout.clone()).or_insert_with(|| {
                 plans.push(ModelPlan {
                     ir: ir.clone(),
                     schedule: super::schedule::schedule(ir),
@@ -499,6 +498,8 @@ pub struct FieldJson {
 pub struct TensorJson {
     /// The tensor's shape (empty for 0-d).
     pub shape: Vec<usize>,
+    /// Its factored axes `{d0, d1}` (SPEC.md §2), or null for rank ≤ 1.
+    pub factored: Option<crate::backend::cuda::manifest::FactoredJson>,
     /// Its plan.
     pub plan: usize,
     /// Number of elements.
@@ -619,7 +620,7 @@ impl CompiledModel {
     /// Writes `mulo_model.cu`, `mulo_model.ptx` and `mulo_model.json` into `dir` (created if
     /// missing); returns their paths.
     pub fn write_to(&self, dir: &std::path::Path) -> Result<[std::path::PathBuf; 3]> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::fsio::create_dir_all(dir)?;
         let paths = [
             dir.join(&self.manifest.source),
             dir.join(&self.manifest.ptx),
@@ -628,7 +629,7 @@ impl CompiledModel {
         let json = serde_json::to_string_pretty(&self.manifest).unwrap_or_default();
         let contents = [self.source.as_str(), self.ptx.ptx.as_str(), json.as_str()];
         for (path, text) in paths.iter().zip(contents) {
-            std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+            crate::fsio::write_atomic(path, text.as_bytes())?;
         }
         Ok(paths)
     }
@@ -665,6 +666,9 @@ impl PackedModel {
                 offsets.insert("partials".into(), t.partials);
                 TensorJson {
                     shape: layout.shape().dims().to_vec(),
+                    factored: layout.factored().map(|f| {
+                        crate::backend::cuda::manifest::FactoredJson { d0: f.d0, d1: f.d1 }
+                    }),
                     plan: t.plan,
                     numel: t.numel,
                     offsets,
@@ -744,8 +748,11 @@ mod tests {
     use super::*;
 
     fn model(shapes: &[&str]) -> PackedModel {
-        let shapes: Vec<Shape> = shapes.iter().map(|s| Shape::parse(s).unwrap()).collect();
-        PackedModel::new(&LearnedOptimizer::demo(), &shapes).unwrap()
+        let layouts: Vec<Layout> = shapes
+            .iter()
+            .map(|s| Layout::new(crate::shape::Shape::parse(s).unwrap()))
+            .collect();
+        PackedModel::new(&LearnedOptimizer::demo(), &layouts).unwrap()
     }
 
     #[test]

@@ -14,12 +14,13 @@
 use super::nvrtc;
 use super::packed::{PackedModel, ARENAS};
 use super::runtime::{driver_err, CudaRuntime};
+use crate::backend::model::out_of_range;
 use crate::backend::Hyper;
+use crate::backend::{BackendFactory, ModelBackend, TensorStep};
 use crate::error::{Error, Result};
 use crate::ir::Buffer;
 use crate::lopt::LearnedOptimizer;
-use crate::optimizer::backend::{out_of_range, BackendFactory, ModelBackend, TensorStep};
-use crate::shape::Shape;
+use crate::shape::Layout;
 use crate::state::TensorState;
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig,
@@ -29,7 +30,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Where a packed model's arenas live and how its launches run.
-pub trait PackedExecutor {
+pub trait PackedExecutor: Send + Sync {
     /// Copies `data` into `arena` at element `offset`.
     fn write(&mut self, arena: Buffer, offset: usize, data: &[f32]) -> Result<()>;
 
@@ -475,14 +476,14 @@ impl PackedCuda {
         &self.runtime
     }
 
-    /// A packed backend for tensors of `shapes`, with direct access to its device arenas.
+    /// A packed backend for tensors of `layouts`, with direct access to its device arenas.
     pub fn backend(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<PackedBackend<CudaExecutor>> {
-        let model = Arc::new(PackedModel::new(lopt, shapes)?);
+        let model = Arc::new(PackedModel::new(lopt, layouts)?);
         let exec = CudaExecutor::new(&self.runtime, &model)?;
         Ok(PackedBackend::new(model, exec, start_step, "cuda"))
     }
@@ -496,9 +497,9 @@ impl BackendFactory for PackedCuda {
     fn build(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<Box<dyn ModelBackend>> {
-        Ok(Box::new(self.backend(lopt, shapes, start_step)?))
+        Ok(Box::new(self.backend(lopt, layouts, start_step)?))
     }
 }

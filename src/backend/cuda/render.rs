@@ -298,10 +298,7 @@ fn template_env() -> Result<Environment<'static>> {
 }
 
 fn template_error(e: minijinja::Error) -> Error {
-    Error::Backend {
-        backend: "cuda",
-        message: format!("template: {e:#}"),
-    }
+    Error::backend_from("cuda", "template", e)
 }
 
 /// Renders template `name` of the CUDA templates with `ctx`.

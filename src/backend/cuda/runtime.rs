@@ -27,25 +27,19 @@ use std::time::Instant;
 
 /// Turns a driver error into a backend error saying what was being done.
 pub(super) fn driver_err(what: &str) -> impl Fn(DriverError) -> Error + '_ {
-    move |e| Error::Backend {
-        backend: "cuda",
-        message: format!("{what}: {e:?}"),
-    }
+    move |e| Error::backend_from("cuda", what, e)
 }
 
 /// Opens CUDA device `ordinal`, or says why not (no driver library, no device).
 pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !nvrtc::driver_available() {
-        return Err(Error::Backend {
-            backend: "cuda",
-            message: "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine".into(),
-        });
+        return Err(Error::backend(
+            "cuda",
+            "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine",
+        ));
     }
     std::panic::catch_unwind(|| CudaContext::new(ordinal))
-        .map_err(|_| Error::Backend {
-            backend: "cuda",
-            message: "the CUDA driver panicked while opening the device".into(),
-        })?
+        .map_err(|_| Error::backend("cuda", "the CUDA driver panicked while opening the device"))?
         .map_err(driver_err("opening CUDA device"))
 }
 
@@ -53,6 +47,10 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
 type ProgramKey = (Vec<usize>, String, String, (i32, i32));
 
 /// A CUDA context and stream, with compiled programs cached in memory.
+///
+/// `Send + Sync`: one runtime can be shared (`Arc<CudaRuntime>`) by several threads, which
+/// may all call [`program`](Self::program) at once; the in-memory cache is behind a mutex
+/// and the NVRTC disk cache tolerates concurrent writers of one entry.
 pub struct CudaRuntime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -113,10 +111,12 @@ impl CudaRuntime {
                 compiled.manifest,
             )
         }?);
-        if let Ok(mut m) = self.programs.lock() {
-            m.insert(key, program.clone());
+        // Two threads asking for the same new program both compile it (the disk cache is safe
+        // for that); the first one stored is the one every caller gets from then on.
+        match self.programs.lock() {
+            Ok(mut m) => Ok(m.entry(key).or_insert(program).clone()),
+            Err(_) => Ok(program),
         }
-        Ok(program)
     }
 }
 

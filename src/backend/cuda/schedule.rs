@@ -44,11 +44,13 @@ pub fn grid_dim(blocks: usize, what: &str) -> crate::error::Result<u32> {
     u32::try_from(blocks)
         .ok()
         .filter(|&b| b <= MAX_GRID_X)
-        .ok_or_else(|| crate::error::Error::Backend {
-            backend: "cuda",
-            message: format!(
-                "{what} needs {blocks} blocks, more than CUDA's limit of {MAX_GRID_X} blocks per grid"
-            ),
+        .ok_or_else(|| {
+            crate::error::Error::backend(
+                "cuda",
+                format!(
+                    "{what} needs {blocks} blocks, more than CUDA's limit of {MAX_GRID_X} blocks per grid"
+                ),
+            )
         })
 }
 

@@ -32,11 +32,8 @@ use tract_onnx::prelude::*;
 /// Elements per chunk the runtime aims at by default.
 pub const DEFAULT_CHUNK_ELEMENTS: usize = 16384;
 
-fn backend_err(context: &str, e: impl std::fmt::Display) -> Error {
-    Error::Backend {
-        backend: "onnx",
-        message: format!("{context}: {e:#}"),
-    }
+fn backend_err(context: &str, e: impl Into<crate::error::BoxError>) -> Error {
+    Error::backend_from("onnx", context, e)
 }
 
 fn plan_for(layout: &Layout, model: &onnx_protobuf::ModelProto) -> Result<Arc<TypedRunnableModel>> {

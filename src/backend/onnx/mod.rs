@@ -26,10 +26,12 @@ pub mod runtime;
 pub use chunked::ChunkedOnnxStepper;
 pub use runtime::OnnxStepper;
 
+use crate::backend::TensorStepper;
 use crate::error::{Error, Result};
 use crate::ir::{Buffer, StepIr};
 use crate::shape::{Domain, Layout};
 use protobuf::Message;
+use std::sync::Arc;
 
 /// The ONNX opset the exported graphs use (standard domain only).
 pub const OPSET: i64 = 18;
@@ -55,8 +57,33 @@ pub fn io_shape(buffer: Buffer, layout: &Layout, with_lanes: bool) -> Vec<usize>
 /// Renders `ir` and serializes the model to protobuf bytes (the content of `mulo_step.onnx`).
 pub fn export(ir: &StepIr) -> Result<Vec<u8>> {
     let model = render::render(ir)?;
-    model.write_to_bytes().map_err(|e| Error::Backend {
-        backend: "onnx",
-        message: format!("serializing the model: {e}"),
-    })
+    model
+        .write_to_bytes()
+        .map_err(|e| Error::backend_from("onnx", "serializing the model", e))
+}
+
+/// The tract CPU runtime as a [`StepperFactory`](crate::backend::StepperFactory): the chunked runtime (statistics graph plus
+/// per-chunk graphs on 2 threads) where the tensor has at least 2 rows on axis 0, the whole
+/// exported graph ([`OnnxStepper`]) elsewhere.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OnnxFactory;
+
+impl crate::backend::StepperFactory for OnnxFactory {
+    fn target(&self) -> &'static str {
+        "onnx"
+    }
+
+    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
+        use chunked::DEFAULT_CHUNK_ELEMENTS;
+        Ok(if ChunkedOnnxStepper::supports(&ir.layout) {
+            Box::new(ChunkedOnnxStepper::new(
+                &ir,
+                start_step,
+                DEFAULT_CHUNK_ELEMENTS,
+                2,
+            )?)
+        } else {
+            Box::new(OnnxStepper::new(&ir, start_step)?)
+        })
+    }
 }

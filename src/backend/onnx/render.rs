@@ -24,8 +24,8 @@ use crate::ir::{Binary, Buffer, Op, RuntimeScalar, StepIr, Unary, ValueId};
 use crate::shape::Domain;
 use onnx_protobuf::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use std::collections::BTreeMap;
 
@@ -606,5 +606,22 @@ pub fn render_graph(ir: &StepIr, spec: &GraphSpec) -> Result<ModelProto> {
     model.producer_name = "mulo".to_string();
     model.producer_version = env!("CARGO_PKG_VERSION").to_string();
     model.graph = Some(graph).into();
+    // What the step depends on beyond the graph's I/O shapes: a tensor of this shape with other
+    // factored axes steps differently (SPEC.md §2).
+    for (key, value) in [
+        ("mulo.shape", format!("{:?}", ir.layout.shape().dims())),
+        (
+            "mulo.factored_axes",
+            ir.layout
+                .factored()
+                .map_or("null".to_string(), |f| format!("[{}, {}]", f.d0, f.d1)),
+        ),
+        ("mulo.lopt_fingerprint", ir.lopt_fingerprint.clone()),
+    ] {
+        let mut entry = StringStringEntryProto::new();
+        entry.key = key.to_string();
+        entry.value = value;
+        model.metadata_props.push(entry);
+    }
     Ok(model)
 }

@@ -10,11 +10,8 @@ use crate::state::TensorState;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
-fn backend_err(context: &str, e: impl std::fmt::Display) -> Error {
-    Error::Backend {
-        backend: "onnx",
-        message: format!("{context}: {e:#}"),
-    }
+fn backend_err(context: &str, e: impl Into<crate::error::BoxError>) -> Error {
+    Error::backend_from("onnx", context, e)
 }
 
 /// A [`TensorStepper`] running the exported ONNX graph through tract on the CPU.

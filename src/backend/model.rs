@@ -1,5 +1,8 @@
-//! The backend abstraction of [`MuloOptimizer`](super::MuloOptimizer): something that steps a
-//! *batch* of a model's tensors in one call and keeps their states.
+//! The model-level backend abstraction that [`MuloOptimizer`](crate::optimizer::MuloOptimizer)
+//! drives: something that steps a *batch* of a model's tensors in one call and keeps their
+//! states. The optimizer knows only these traits; each backend module implements them
+//! ([`InterpFactory`](crate::backend::interp::InterpFactory),
+//! [`CpuFactory`](crate::backend::cpu::CpuFactory), the ONNX and CUDA factories).
 //!
 //! Two levels:
 //!
@@ -15,15 +18,15 @@
 //!   [`StepIr`]; [`PerTensorBackend`] turns any such factory (the reference interpreter,
 //!   tract/ONNX) into a [`ModelBackend`] by looping over the batch.
 //!
-//! Both compile through a [`PlanCache`]: one [`StepIr`] per distinct [`Shape`], shared by every
-//! tensor of that shape, so a model with 150 tensors of 12 distinct shapes compiles 12 plans.
+//! Both compile through a [`PlanCache`]: one [`StepIr`] per distinct [`Layout`] (shape and
+//! factored axes), shared by every tensor of that layout, so a model with 150 tensors of 12
+//! distinct shapes compiles 12 plans.
 
-use crate::backend::interp::InterpStepper;
 use crate::backend::{Hyper, TensorStepper};
 use crate::error::{Error, Result};
 use crate::ir::StepIr;
 use crate::lopt::LearnedOptimizer;
-use crate::shape::Shape;
+use crate::shape::Layout;
 use crate::state::TensorState;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,7 +50,9 @@ pub struct TensorStep<'a> {
 /// error, a broken device). After such an error the optimizer cannot know which tensors of
 /// the batch were stepped; it refuses further steps until its state is restored (a checkpoint
 /// or [`set_state`](ModelBackend::set_state) of every tensor).
-pub trait ModelBackend {
+///
+/// `Send + Sync`, so that a [`MuloOptimizer`](crate::optimizer::MuloOptimizer) is too.
+pub trait ModelBackend: Send + Sync {
     /// The backend's name (`interp`, `onnx`, `cuda`).
     fn target(&self) -> &'static str;
 
@@ -73,23 +78,24 @@ pub trait ModelBackend {
 }
 
 /// Builds a [`ModelBackend`] for a model: what
-/// [`OptimizerOptions::backend`](super::OptimizerOptions::backend) holds.
-pub trait BackendFactory {
+/// [`OptimizerOptions::backend`](crate::optimizer::OptimizerOptions::backend) holds
+/// (`Send + Sync`: one factory may build optimizers on several threads).
+pub trait BackendFactory: Send + Sync {
     /// The backend's name.
     fn target(&self) -> &'static str;
 
-    /// A backend for tensors of `shapes` (in the optimizer's order), all at step counter
-    /// `start_step`, compiling `lopt` once per distinct shape.
+    /// A backend for tensors of `layouts` (in the optimizer's order), all at step counter
+    /// `start_step`, compiling `lopt` once per distinct layout.
     fn build(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<Box<dyn ModelBackend>>;
 }
 
 /// Makes a [`TensorStepper`] from a compiled step program.
-pub trait StepperFactory {
+pub trait StepperFactory: Send + Sync {
     /// The backend's name.
     fn target(&self) -> &'static str;
 
@@ -97,100 +103,14 @@ pub trait StepperFactory {
     fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>>;
 }
 
-/// The reference interpreter ([`InterpStepper`], f32) as a [`StepperFactory`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct InterpFactory;
-
-impl StepperFactory for InterpFactory {
-    fn target(&self) -> &'static str {
-        "interp"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        Ok(Box::new(InterpStepper::new(ir, start_step)))
-    }
-}
-
-/// The native CPU backend ([`CpuStepper`](crate::backend::cpu::CpuStepper): chunk programs
-/// rendered from the IR, FMA kernels, 2 threads) as a [`StepperFactory`]: the fast CPU path,
-/// and the default backend of the optimizer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuFactory;
-
-impl StepperFactory for CpuFactory {
-    fn target(&self) -> &'static str {
-        "cpu"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        Ok(Box::new(crate::backend::cpu::CpuStepper::new(
-            ir, start_step,
-        )))
-    }
-}
-
-/// The tract CPU runtime as a [`StepperFactory`]: the chunked runtime (statistics graph plus
-/// per-chunk graphs on 2 threads) where the tensor has at least 2 rows on axis 0, the whole
-/// exported graph ([`OnnxStepper`](crate::backend::onnx::OnnxStepper)) elsewhere.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct OnnxFactory;
-
-impl StepperFactory for OnnxFactory {
-    fn target(&self) -> &'static str {
-        "onnx"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        use crate::backend::onnx::{
-            chunked::DEFAULT_CHUNK_ELEMENTS, ChunkedOnnxStepper, OnnxStepper,
-        };
-        Ok(if ChunkedOnnxStepper::supports(&ir.layout) {
-            Box::new(ChunkedOnnxStepper::new(
-                &ir,
-                start_step,
-                DEFAULT_CHUNK_ELEMENTS,
-                2,
-            )?)
-        } else {
-            Box::new(OnnxStepper::new(&ir, start_step)?)
-        })
-    }
-}
-
-/// CUDA, one [`CudaStepper`](crate::backend::cuda::runtime::CudaStepper) per tensor (programs
-/// shared per shape by the runtime's cache). Each tensor's step is its own launch sequence
-/// with host copies through [`TensorStepper`]: correct, not the packed whole-model backend
-/// (see the module documentation).
-pub struct CudaFactory {
-    runtime: crate::backend::cuda::runtime::CudaRuntime,
-}
-
-impl CudaFactory {
-    /// Opens CUDA device `ordinal`.
-    pub fn new(ordinal: usize) -> Result<Self> {
-        Ok(CudaFactory {
-            runtime: crate::backend::cuda::runtime::CudaRuntime::new(ordinal)?,
-        })
-    }
-}
-
-impl StepperFactory for CudaFactory {
-    fn target(&self) -> &'static str {
-        "cuda"
-    }
-
-    fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
-        let program = self.runtime.program(&ir)?;
-        Ok(Box::new(crate::backend::cuda::runtime::CudaStepper::new(
-            program, start_step,
-        )?))
-    }
-}
-
-/// Compiled step programs, one per distinct shape.
+/// Compiled step programs, one per distinct layout (shape and factored axes).
+///
+/// `Send + Sync`, the programs shared as `Arc<StepIr>`: [`get`](Self::get) takes `&mut self`,
+/// so threads share one cache behind a `Mutex`, and the programs it returns can be used from
+/// any thread.
 #[derive(Default)]
 pub struct PlanCache {
-    plans: HashMap<Shape, Arc<StepIr>>,
+    plans: HashMap<Layout, Arc<StepIr>>,
     compiled: usize,
 }
 
@@ -200,14 +120,14 @@ impl PlanCache {
         Self::default()
     }
 
-    /// The program for `shape`, compiled on first use.
-    pub fn get(&mut self, lopt: &LearnedOptimizer, shape: &Shape) -> Result<Arc<StepIr>> {
-        if let Some(ir) = self.plans.get(shape) {
+    /// The program for `layout`, compiled on first use.
+    pub fn get(&mut self, lopt: &LearnedOptimizer, layout: &Layout) -> Result<Arc<StepIr>> {
+        if let Some(ir) = self.plans.get(layout) {
             return Ok(ir.clone());
         }
-        let ir = Arc::new(crate::compile_step(shape, lopt)?);
+        let ir = Arc::new(crate::compile_layout(layout, lopt)?);
         self.compiled += 1;
-        self.plans.insert(shape.clone(), ir.clone());
+        self.plans.insert(layout.clone(), ir.clone());
         Ok(ir)
     }
 
@@ -230,11 +150,11 @@ impl<F: StepperFactory> BackendFactory for PerTensor<F> {
     fn build(
         &self,
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
     ) -> Result<Box<dyn ModelBackend>> {
         Ok(Box::new(PerTensorBackend::new(
-            lopt, shapes, start_step, &self.0,
+            lopt, layouts, start_step, &self.0,
         )?))
     }
 }
@@ -247,17 +167,17 @@ pub struct PerTensorBackend {
 }
 
 impl PerTensorBackend {
-    /// Compiles `lopt` once per distinct shape of `shapes` and makes one stepper per tensor.
+    /// Compiles `lopt` once per distinct layout of `layouts` and makes one stepper per tensor.
     pub fn new(
         lopt: &LearnedOptimizer,
-        shapes: &[Shape],
+        layouts: &[Layout],
         start_step: u64,
         factory: &dyn StepperFactory,
     ) -> Result<Self> {
         let mut cache = PlanCache::new();
-        let steppers = shapes
+        let steppers = layouts
             .iter()
-            .map(|shape| factory.stepper(cache.get(lopt, shape)?, start_step))
+            .map(|layout| factory.stepper(cache.get(lopt, layout)?, start_step))
             .collect::<Result<Vec<_>>>()?;
         Ok(PerTensorBackend {
             target: factory.target(),
@@ -304,12 +224,15 @@ impl ModelBackend for PerTensorBackend {
         for (done, t) in batch.iter_mut().enumerate() {
             self.steppers[t.index]
                 .step(t.param, t.grad, t.hyper)
-                .map_err(|e| Error::Backend {
-                    backend: self.target,
-                    message: format!(
-                        "tensor {} failed after {done} of the batch's {total} tensors were stepped: {e}",
-                        t.index
-                    ),
+                .map_err(|e| {
+                    Error::backend_from(
+                        self.target,
+                        &format!(
+                            "tensor {} failed after {done} of the batch's {total} tensors were stepped",
+                            t.index
+                        ),
+                        e,
+                    )
                 })?;
         }
         Ok(())
