@@ -39,9 +39,11 @@ pub mod trajectory;
 #[cfg(feature = "onnx")]
 pub use backend::OnnxFactory;
 pub use backend::{
-    BackendFactory, CpuFactory, CudaFactory, Hyper, InterpFactory, ModelBackend, PackedCuda,
-    PerTensor, StepperFactory, TensorStepper,
+    BackendFactory, CpuFactory, Hyper, InterpFactory, ModelBackend, PerTensor, StepperFactory,
+    TensorStepper,
 };
+#[cfg(feature = "cuda")]
+pub use backend::{CudaFactory, PackedCuda};
 pub use error::{Error, Result};
 pub use lopt::LearnedOptimizer;
 pub use optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec, StepReport};

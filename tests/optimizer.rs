@@ -33,6 +33,7 @@ fn reference(lopt: &LearnedOptimizer, dims: &[usize], start: u64) -> InterpStepp
 /// others within the golden tolerance; parameters and states that must stay unchanged are
 /// compared bitwise on every backend.
 /// Every CPU backend, and CUDA where a device can be opened (with a printed reason otherwise).
+#[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
 fn backends() -> Vec<Arc<dyn BackendFactory>> {
     let mut all: Vec<Arc<dyn BackendFactory>> = vec![
         Arc::new(PerTensor(InterpFactory)),
@@ -40,6 +41,7 @@ fn backends() -> Vec<Arc<dyn BackendFactory>> {
         #[cfg(feature = "onnx")]
         Arc::new(PerTensor(mulo::backend::OnnxFactory)),
     ];
+    #[cfg(feature = "cuda")]
     match std::panic::catch_unwind(|| mulo::backend::CudaFactory::new(0)) {
         Ok(Ok(cuda)) => all.push(Arc::new(PerTensor(cuda))),
         Ok(Err(e)) => eprintln!("SKIPPED the cuda backend: {e}"),

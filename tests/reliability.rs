@@ -441,6 +441,7 @@ fn documented_types_are_send_and_sync() {
     assert_send_sync::<dyn mulo::backend::ModelBackend>();
     assert_send_sync::<dyn mulo::backend::BackendFactory>();
     assert_send_sync::<dyn mulo::backend::TensorStepper>();
+    #[cfg(feature = "cuda")]
     assert_send_sync::<mulo::backend::cuda::runtime::CudaRuntime>();
     assert_send_sync::<LearnedOptimizer>();
     assert_send_sync::<mulo::ir::StepIr>();

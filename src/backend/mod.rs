@@ -4,7 +4,7 @@
 //! ([`ModelBackend`], what [`MuloOptimizer`](crate::optimizer::MuloOptimizer) drives). The
 //! factories that pick a backend for the optimizer live beside their backends:
 //! [`InterpFactory`], [`CpuFactory`] (the default, [`default_factory`]), `OnnxFactory` (feature
-//! `onnx`), [`CudaFactory`] and [`PackedCuda`].
+//! `onnx`), `CudaFactory` and `PackedCuda` (feature `cuda`).
 
 pub mod cpu;
 pub mod cuda;
@@ -14,7 +14,9 @@ pub mod model;
 pub mod onnx;
 
 pub use cpu::CpuFactory;
+#[cfg(feature = "cuda")]
 pub use cuda::factory::CudaFactory;
+#[cfg(feature = "cuda")]
 pub use cuda::packed_runtime::PackedCuda;
 pub use interp::InterpFactory;
 pub use model::{

@@ -381,11 +381,7 @@ fn make_stepper(
     let ir = Arc::new(mulo::compile_layout(layout, lopt)?);
     Ok(match target {
         RunTarget::Interp => Box::new(InterpStepper::new(ir, 0)),
-        RunTarget::Cuda => {
-            use mulo::backend::cuda::runtime::{CudaRuntime, CudaStepper};
-            let program = CudaRuntime::new(0)?.program(&ir)?;
-            Box::new(CudaStepper::new(program, 0)?)
-        }
+        RunTarget::Cuda => cuda_stepper(&ir)?,
         RunTarget::Onnx => onnx_stepper(&ir, false)?,
         RunTarget::Cpu => Box::new(mulo::backend::cpu::CpuStepper::new(ir, 0)),
         RunTarget::OnnxChunked => onnx_stepper(&ir, true)?,
@@ -438,19 +434,7 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
     let lopt = args.weights.load()?;
     let ir = mulo::compile_layout(&layout, &lopt)?;
     if args.target == RunTarget::Cuda {
-        // Device-resident steps; floors from the measured copy bandwidth and the GPU's FP32 peak.
-        let runtime = mulo::backend::cuda::runtime::CudaRuntime::new(0)?;
-        let report = mulo::backend::cuda::runtime::bench(&runtime, &ir, args.warmup, args.steps)?;
-        eprintln!(
-            "median {:.3} ms per step, {:.3} ns per element; {:.1}% of the {} B/element memory floor, {:.1}% of the FP32 floor",
-            report.median_ns as f64 / 1e6,
-            report.ns_per_element,
-            report.memory_floor_fraction * 100.0,
-            report.cost.bytes_per_element,
-            report.compute_floor_fraction * 100.0
-        );
-        println!("{}", report.to_json());
-        return Ok(0);
+        return bench_cuda(&ir, args);
     }
     let mut stepper = make_stepper(args.target, &layout, &lopt)?;
     let n = layout.numel();
@@ -489,6 +473,42 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
     );
     println!("{}", report.to_json());
     Ok(0)
+}
+
+/// `bench --target cuda`: device-resident steps; floors from the measured copy bandwidth and
+/// the GPU's FP32 peak.
+#[cfg(feature = "cuda")]
+fn bench_cuda(ir: &mulo::ir::StepIr, args: &BenchArgs) -> Result<i32> {
+    let runtime = mulo::backend::cuda::runtime::CudaRuntime::new(0)?;
+    let report = mulo::backend::cuda::runtime::bench(&runtime, ir, args.warmup, args.steps)?;
+    eprintln!(
+            "median {:.3} ms per step, {:.3} ns per element; {:.1}% of the {} B/element memory floor, {:.1}% of the FP32 floor",
+            report.median_ns as f64 / 1e6,
+            report.ns_per_element,
+            report.memory_floor_fraction * 100.0,
+            report.cost.bytes_per_element,
+            report.compute_floor_fraction * 100.0
+        );
+    println!("{}", report.to_json());
+    Ok(0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_: &mulo::ir::StepIr, _: &BenchArgs) -> Result<i32> {
+    bail!(mulo::backend::cuda::nvrtc::NO_CUDA)
+}
+
+/// A CUDA stepper for `ir` on GPU 0.
+#[cfg(feature = "cuda")]
+fn cuda_stepper(ir: &Arc<mulo::ir::StepIr>) -> Result<Box<dyn TensorStepper>> {
+    use mulo::backend::cuda::runtime::{CudaRuntime, CudaStepper};
+    let program = CudaRuntime::new(0)?.program(ir)?;
+    Ok(Box::new(CudaStepper::new(program, 0)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_stepper(_: &Arc<mulo::ir::StepIr>) -> Result<Box<dyn TensorStepper>> {
+    bail!(mulo::backend::cuda::nvrtc::NO_CUDA)
 }
 
 fn write_demo(output: &Path) -> Result<i32> {

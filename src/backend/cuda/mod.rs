@@ -4,12 +4,16 @@
 //!
 //! Compiling needs libnvrtc but no GPU; running needs a GPU. See `docs/cuda.md`.
 
+#[cfg(feature = "cuda")]
 pub mod factory;
 pub mod manifest;
 pub mod nvrtc;
 pub mod packed;
+#[cfg(feature = "cuda")]
+pub mod packed_cuda;
 pub mod packed_runtime;
 pub mod render;
+#[cfg(feature = "cuda")]
 pub mod runtime;
 pub mod schedule;
 

@@ -23,13 +23,27 @@ fn backend(message: impl Into<String>) -> Error {
 /// Whether libnvrtc can be loaded.
 pub fn nvrtc_available() -> bool {
     // SAFETY: only tries to dlopen the library by its usual names.
-    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+    #[cfg(feature = "cuda")]
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+        .unwrap_or(false);
+    #[cfg(not(feature = "cuda"))]
+    let present = false;
+    present
 }
+
+/// Why CUDA cannot be compiled or run in a build without the `cuda` feature.
+pub const NO_CUDA: &str =
+    "this build of mulo has no CUDA support (cargo feature `cuda`): rebuild with it to compile or run CUDA";
 
 /// Whether the CUDA driver library can be loaded (not whether a GPU is present).
 pub fn driver_available() -> bool {
     // SAFETY: only tries to dlopen the library by its usual names.
-    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+    #[cfg(feature = "cuda")]
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() })
+        .unwrap_or(false);
+    #[cfg(not(feature = "cuda"))]
+    let present = false;
+    present
 }
 
 /// The CUDA version of the installed driver as `cuDriverGetVersion` reports it
@@ -38,6 +52,9 @@ pub fn driver_version() -> Option<i32> {
     if !driver_available() {
         return None;
     }
+    #[cfg(not(feature = "cuda"))]
+    return None;
+    #[cfg(feature = "cuda")]
     std::panic::catch_unwind(|| {
         let mut v = 0i32;
         // SAFETY: the driver library is loaded; cuDriverGetVersion writes one int and needs
@@ -138,18 +155,28 @@ pub fn check_installed_driver(ptx: &str, program: &str) -> Result<()> {
 /// The NVRTC version `(major, minor)`.
 pub fn nvrtc_version() -> Result<(i32, i32)> {
     if !nvrtc_available() {
-        return Err(backend(NVRTC_HELP));
+        return Err(backend(if cfg!(feature = "cuda") {
+            NVRTC_HELP
+        } else {
+            NO_CUDA
+        }));
     }
+    #[cfg(not(feature = "cuda"))]
+    return Err(backend(NO_CUDA));
+    #[cfg(feature = "cuda")]
     let (mut major, mut minor) = (0i32, 0i32);
     // SAFETY: the library is loaded; nvrtcVersion writes two ints.
+    #[cfg(feature = "cuda")]
     let status = std::panic::catch_unwind(move || {
         let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
         (r, major, minor)
     })
     .map_err(|_| backend(NVRTC_HELP))?;
+    #[cfg(feature = "cuda")]
     if status.0 != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
         return Err(backend(format!("nvrtcVersion failed: {:?}", status.0)));
     }
+    #[cfg(feature = "cuda")]
     Ok((status.1, status.2))
 }
 
@@ -158,6 +185,9 @@ pub fn device_arch() -> Option<String> {
     if !driver_available() {
         return None;
     }
+    #[cfg(not(feature = "cuda"))]
+    return None;
+    #[cfg(feature = "cuda")]
     std::panic::catch_unwind(|| {
         let ctx = cudarc::driver::CudaContext::new(0).ok()?;
         let (major, minor) = ctx.compute_capability().ok()?;
@@ -299,29 +329,7 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
             from_cache: true,
         });
     }
-    let opts = cudarc::nvrtc::CompileOptions {
-        options: nvrtc_options(arch, version),
-        name: Some("mulo_step.cu".to_string()),
-        ..Default::default()
-    };
-    let src = source.to_string();
-    let result = std::panic::catch_unwind(move || cudarc::nvrtc::compile_ptx_with_opts(src, opts))
-        .map_err(|_| backend(format!("NVRTC panicked while compiling. {NVRTC_HELP}")))?;
-    let ptx = match result {
-        Ok(ptx) => match ptx.as_bytes() {
-            Some(bytes) => String::from_utf8_lossy(bytes)
-                .trim_end_matches('\0')
-                .to_string(),
-            None => return Err(backend("NVRTC returned no PTX image")),
-        },
-        Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => {
-            return Err(backend(format!(
-                "NVRTC failed ({nvrtc:?}) compiling for {arch}:\n{}",
-                log.to_string_lossy()
-            )))
-        }
-        Err(e) => return Err(backend(format!("NVRTC failed: {e:?}"))),
-    };
+    let ptx = run_nvrtc(source, arch, version)?;
     if let Some(path) = &cached {
         // The cache is an optimization: failing to write it is not an error.
         let _ = cache_store(path, &ptx);
@@ -333,6 +341,37 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
         key,
         from_cache: false,
     })
+}
+
+/// One NVRTC compilation of `source` for `arch` (no cache).
+#[cfg(feature = "cuda")]
+fn run_nvrtc(source: &str, arch: &str, version: (i32, i32)) -> Result<String> {
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: nvrtc_options(arch, version),
+        name: Some("mulo_step.cu".to_string()),
+        ..Default::default()
+    };
+    let src = source.to_string();
+    let result = std::panic::catch_unwind(move || cudarc::nvrtc::compile_ptx_with_opts(src, opts))
+        .map_err(|_| backend(format!("NVRTC panicked while compiling. {NVRTC_HELP}")))?;
+    match result {
+        Ok(ptx) => match ptx.as_bytes() {
+            Some(bytes) => Ok(String::from_utf8_lossy(bytes)
+                .trim_end_matches('\0')
+                .to_string()),
+            None => Err(backend("NVRTC returned no PTX image")),
+        },
+        Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => Err(backend(format!(
+            "NVRTC failed ({nvrtc:?}) compiling for {arch}:\n{}",
+            log.to_string_lossy()
+        ))),
+        Err(e) => Err(backend(format!("NVRTC failed: {e:?}"))),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_nvrtc(_: &str, _: &str, _: (i32, i32)) -> Result<String> {
+    Err(backend(NO_CUDA))
 }
 
 /// The `.entry` kernels of a PTX text with their parameter types (`.u64`, `.f32`, …), in order.
