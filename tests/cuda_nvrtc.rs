@@ -4,6 +4,9 @@
 //! Needs libnvrtc (CI installs the `nvidia-cuda-nvrtc-cu12` wheel and puts its lib folder on
 //! LD_LIBRARY_PATH). Without it each test prints why it is skipped and passes.
 
+mod common;
+
+use common::nvrtc_or_skip;
 use mulo::backend::cuda::{self, manifest::Manifest, nvrtc};
 use mulo::lopt::LearnedOptimizer;
 use mulo::shape::Shape;
@@ -14,21 +17,6 @@ const SHAPES: [&str; 8] = [
     "37", "1", "scalar", "4096x64", "64x4096", "48x48", "1x300", "16x8x3x3",
 ];
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
-
-/// Whether libnvrtc can be loaded; without it the test is skipped with the reason, except in
-/// CI (`CI=true`), which installs libnvrtc and must therefore never skip these tests.
-fn nvrtc_or_skip(test: &str) -> bool {
-    if nvrtc::nvrtc_available() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: libnvrtc is missing under CI, which installs it (scripts/setup): {}",
-        nvrtc::NVRTC_HELP
-    );
-    eprintln!("SKIPPED {test}: {}", nvrtc::NVRTC_HELP);
-    false
-}
 
 fn lopt() -> LearnedOptimizer {
     LearnedOptimizer::load(

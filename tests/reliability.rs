@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::fixture_lopt;
+use common::{fixture_lopt, nvrtc_or_skip};
 use mulo::backend::cuda::nvrtc;
 use mulo::backend::PlanCache;
 use mulo::lopt::LearnedOptimizer;
@@ -303,19 +303,6 @@ fn every_truncated_or_extended_checkpoint_is_refused_naming_the_file() {
 
 const KERNEL: &str =
     "extern \"C\" __global__ void mulo_cache_race(float* x) { x[threadIdx.x] *= 2.0f; }\n";
-
-fn nvrtc_or_skip(test: &str) -> bool {
-    if nvrtc::nvrtc_available() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: libnvrtc is missing under CI, which installs it (scripts/setup): {}",
-        nvrtc::NVRTC_HELP
-    );
-    eprintln!("SKIPPED {test}: {}", nvrtc::NVRTC_HELP);
-    false
-}
 
 /// The child process: compiles [`KERNEL`] through the disk cache (`MULO_CACHE_DIR`) on three
 /// threads at once and prints each PTX's hash.

@@ -34,6 +34,22 @@ pub fn golden_cases() -> Vec<PathBuf> {
     cases
 }
 
+/// Whether libnvrtc can be loaded; without it the test is skipped with the reason, except in
+/// CI (`CI=true`), which installs libnvrtc and must therefore never skip these tests.
+pub fn nvrtc_or_skip(test: &str) -> bool {
+    use mulo::backend::cuda::nvrtc;
+    if nvrtc::nvrtc_available() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: libnvrtc is missing under CI, which installs it (scripts/setup): {}",
+        nvrtc::NVRTC_HELP
+    );
+    eprintln!("SKIPPED {test}: {}", nvrtc::NVRTC_HELP);
+    false
+}
+
 /// A fresh temporary directory for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mulo-test-{}-{name}", std::process::id()));
