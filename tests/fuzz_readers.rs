@@ -734,17 +734,7 @@ fn fuzz_pylo_state_files() {
             tensors.push((format!("{}.{buf}", spec.name), shape, bytes));
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, None).unwrap();
+    let bytes = serialize_f32(&tensors);
     // The unmutated file imports.
     let check_dir = tempfile::tempdir().unwrap();
     let check_path = check_dir.path().join("pylo_state.safetensors");
@@ -903,18 +893,8 @@ fn non_finite_values_in_state_and_trajectory_files_are_refused() {
         .into_iter()
         .map(|(k, s, v)| (k, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-        .iter()
-        .map(|(k, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
     let path = dir.path().join("bad_pylo.safetensors");
-    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::write(&path, serialize_f32(&bytes)).unwrap();
     let mut fresh = MuloOptimizer::new(&fixture_lopt(), fuzz_specs(), Default::default()).unwrap();
     let msg = fresh
         .import_pylo_file(&path, 3, |n, b| format!("{n}.{b}"))
@@ -924,4 +904,19 @@ fn non_finite_values_in_state_and_trajectory_files_are_refused() {
         msg.contains("bad_pylo.safetensors") && msg.contains("w.mom") && msg.contains("NaN"),
         "{msg}"
     );
+}
+
+/// A safetensors file (no metadata) of f32 tensors given as (name, shape, little-endian bytes).
+fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).unwrap()
 }
