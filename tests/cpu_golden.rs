@@ -76,6 +76,71 @@ fn results_do_not_depend_on_thread_count() {
     }
 }
 
+/// AVX-512 and AVX2 + FMA run the same fused multiply-adds in the same order: bitwise the
+/// same parameter and state (each path is checked against the golden cases on its own above
+/// and, forced with `MULO_CPU_ISA`, in CI).
+#[test]
+fn fma_instruction_sets_agree_bitwise() {
+    let fma: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect();
+    if fma.len() < 2 {
+        eprintln!("skipped: this CPU has only {fma:?} of AVX-512 and AVX2 + FMA");
+        return;
+    }
+    let lopt = common::fixture_lopt();
+    for shape in ["300x37", "64x256", "1000", "5x7x3x11"] {
+        let ir = Arc::new(mulo::compile_step(&Shape::parse(shape).unwrap(), &lopt).unwrap());
+        let n = ir.layout.numel();
+        let run = |isa: Isa| {
+            let mut stepper = CpuStepper::new(ir.clone(), 3).with_isa(isa);
+            assert_eq!(stepper.isa(), isa);
+            let mut param = data(n, 1);
+            for k in 0..3 {
+                let hyper = Hyper {
+                    lr: 0.05,
+                    weight_decay: 0.01,
+                };
+                stepper.step(&mut param, &data(n, 100 + k), hyper).unwrap();
+            }
+            (param, stepper.state().unwrap())
+        };
+        let (p0, s0) = run(fma[0]);
+        let (p1, s1) = run(fma[1]);
+        assert!(
+            p0.iter().zip(&p1).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{shape}: parameter differs between {:?} and {:?}",
+            fma[0],
+            fma[1]
+        );
+        for (buffer, want) in s0.iter() {
+            assert!(
+                s1.get(buffer)
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{shape}: {buffer} differs between instruction sets"
+            );
+        }
+    }
+}
+
+/// `MULO_CPU_ISA` (set by CI to run these tests on each path) is honoured: a path the CPU
+/// lacks would silently fall back, so this fails instead.
+#[test]
+fn forced_instruction_set_is_used() {
+    let Ok(forced) = std::env::var("MULO_CPU_ISA") else {
+        return;
+    };
+    let isa = Isa::detect();
+    assert_eq!(
+        isa.name(),
+        forced,
+        "MULO_CPU_ISA={forced}, but the steppers run {isa:?} (this CPU lacks it, or the name is unknown)"
+    );
+}
+
 #[test]
 fn bad_input_is_rejected_and_nothing_changes() {
     let lopt = common::fixture_lopt();

@@ -7,7 +7,7 @@
 
 use super::{check_step_args, Hyper, TensorStepper};
 use crate::error::Result;
-use crate::ir::{Binary, Buffer, Op, RuntimeScalar, StepIr, Unary};
+use crate::ir::{Binary, Buffer, Op, RuntimeScalar, StepIr, Unary, ValueId};
 use crate::shape::{Domain, Layout};
 use crate::state::TensorState;
 use std::collections::HashMap;
@@ -103,32 +103,207 @@ fn binary<T: Real>(op: Binary, a: T, b: T) -> T {
     }
 }
 
-/// Index maps for broadcasting, built once per (big, small) domain pair.
-struct Broadcasts<'a> {
-    layout: &'a Layout,
-    maps: HashMap<(Domain, Domain), Arc<Vec<usize>>>,
+/// Index maps for broadcasting, one per (big, small) domain pair in use.
+#[derive(Debug)]
+pub(crate) struct Broadcasts {
+    maps: HashMap<(Domain, Domain), Vec<usize>>,
 }
 
-impl Broadcasts<'_> {
-    /// `f(p)` = index in `small` of point `p` of `big`; `None` means the identity.
-    fn map(&mut self, big: Domain, small: Domain) -> Option<Arc<Vec<usize>>> {
-        if big == small {
+impl Broadcasts {
+    /// The maps from every domain `big` that `keep(big)` accepts to each smaller domain of the
+    /// layout.
+    pub(crate) fn new(layout: &Layout, keep: impl Fn(Domain) -> bool) -> Self {
+        let mut maps = HashMap::new();
+        for &big in &layout.domains() {
+            if !keep(big) {
+                continue;
+            }
+            for &small in &layout.domains() {
+                if big != small && big.contains(small) {
+                    maps.insert((big, small), layout.broadcast_index(big, small));
+                }
+            }
+        }
+        Broadcasts { maps }
+    }
+
+    /// The maps the nodes of `ir` use (operand or mean domains differing from the node's).
+    fn for_ir(ir: &StepIr) -> Self {
+        let layout = &ir.layout;
+        let mut maps = HashMap::new();
+        for node in &ir.nodes {
+            for o in node.op.operands() {
+                let od = ir.node(o).domain;
+                let pair = if matches!(node.op, Op::Mean(_)) {
+                    (od, node.domain)
+                } else {
+                    (node.domain, od)
+                };
+                if pair.0 != pair.1 && pair.1 != Domain::Step {
+                    maps.entry(pair)
+                        .or_insert_with(|| layout.broadcast_index(pair.0, pair.1));
+                }
+            }
+        }
+        Broadcasts { maps }
+    }
+
+    /// `f(p)` = index in `small` of point `p` of `big`; `None` means the identity (or `small`
+    /// is the one-point step domain, see [`at`]).
+    pub(crate) fn map(&self, big: Domain, small: Domain) -> Option<&[usize]> {
+        if big == small || small == Domain::Step {
             return None;
         }
-        let layout = self.layout;
-        Some(
-            self.maps
-                .entry((big, small))
-                .or_insert_with(|| Arc::new(layout.broadcast_index(big, small)))
-                .clone(),
-        )
+        Some(&self.maps[&(big, small)])
     }
 }
 
-fn at(map: &Option<Arc<Vec<usize>>>, p: usize) -> usize {
+/// Point `p` of a domain mapped into a smaller one by `map` (see [`Broadcasts::map`]);
+/// `small_n` is the smaller domain's length (1 for the step domain, which has no map).
+fn at(map: Option<&[usize]>, p: usize, small_n: usize) -> usize {
     match map {
+        None if small_n == 1 => 0,
         None => p,
         Some(m) => m[p],
+    }
+}
+
+/// What [`eval_node`] reads a node's inputs from.
+pub(crate) trait NodeInputs<T> {
+    /// The value of an earlier node (`[points][width]`).
+    fn value(&self, v: ValueId) -> &[T];
+    /// A buffer's data (every lane, lane-major).
+    fn buffer(&self, b: Buffer) -> &[T];
+    /// Broadcast maps between the layout's domains.
+    fn broadcasts(&self) -> &Broadcasts;
+}
+
+/// The value of node `i` of `ir` over its whole domain (`[points][width]`): the op semantics
+/// that every backend is checked against. `None` for a store, which writes instead (the
+/// caller performs it). `step` is the step counter the step runs with.
+pub(crate) fn eval_node<T: Real>(
+    ir: &StepIr,
+    i: usize,
+    inputs: &impl NodeInputs<T>,
+    step: u64,
+    hyper: &Hyper,
+) -> Option<Vec<T>> {
+    let layout = &ir.layout;
+    let node = &ir.nodes[i];
+    let n = layout.domain_len(node.domain);
+    let w = node.width as usize;
+    let bc = inputs.broadcasts();
+    let get = |v: ValueId| inputs.value(v);
+    let map = |x: ValueId| {
+        let d = ir.node(x).domain;
+        (bc.map(node.domain, d), layout.domain_len(d))
+    };
+    Some(match &node.op {
+        Op::Load { buffer, lane } => {
+            let start = *lane as usize * n;
+            inputs.buffer(*buffer)[start..start + n].to_vec()
+        }
+        Op::Scalar(s) => vec![match s {
+            RuntimeScalar::Lr => T::from_f64(hyper.lr as f64),
+            RuntimeScalar::WeightDecay => T::from_f64(hyper.weight_decay as f64),
+            RuntimeScalar::StepCount => T::from_f64(step as f64),
+        }],
+        Op::Const(c) => vec![T::from_f64(*c)],
+        Op::Unary(op, a) => get(*a).iter().map(|&x| unary(*op, x)).collect(),
+        Op::Binary(op, a, b) => {
+            let ((ma, na), (mb, nb)) = (map(*a), map(*b));
+            let (va, vb) = (get(*a), get(*b));
+            let mut out = Vec::with_capacity(n * w);
+            for p in 0..n {
+                let (pa, pb) = (at(ma, p, na) * w, at(mb, p, nb) * w);
+                for l in 0..w {
+                    out.push(binary(*op, va[pa + l], vb[pb + l]));
+                }
+            }
+            out
+        }
+        Op::Mean(a) => {
+            let from = ir.node(*a).domain;
+            let big_n = layout.domain_len(from);
+            let m = bc.map(from, node.domain);
+            let va = get(*a);
+            let mut sums = vec![0f64; n * w];
+            for p in 0..big_n {
+                let q = at(m, p, n);
+                for l in 0..w {
+                    sums[q * w + l] += va[p * w + l].to_f64();
+                }
+            }
+            let count = (big_n / n) as f64;
+            sums.into_iter().map(|s| T::from_f64(s / count)).collect()
+        }
+        Op::Pack(xs) => {
+            let maps: Vec<_> = xs.iter().map(|x| map(*x)).collect();
+            let mut out = Vec::with_capacity(n * w);
+            for p in 0..n {
+                for (x, &(m, nx)) in xs.iter().zip(&maps) {
+                    out.push(get(*x)[at(m, p, nx)]);
+                }
+            }
+            out
+        }
+        Op::Dense { matrix, x } => {
+            let m = ir.matrix(*matrix);
+            let vx = get(*x);
+            let mut out = Vec::with_capacity(n * m.rows);
+            for p in 0..n {
+                let xp = &vx[p * m.cols..(p + 1) * m.cols];
+                for r in 0..m.rows {
+                    let mut acc = m
+                        .bias
+                        .as_ref()
+                        .map_or(T::default(), |b| T::from_f64(b[r] as f64));
+                    let wr = &m.weight[r * m.cols..(r + 1) * m.cols];
+                    for (&wv, &xv) in wr.iter().zip(xp) {
+                        acc = acc + T::from_f64(wv as f64) * xv;
+                    }
+                    out.push(acc);
+                }
+            }
+            out
+        }
+        Op::Lane { x, lane } => {
+            let wx = ir.node(*x).width as usize;
+            get(*x)
+                .chunks_exact(wx)
+                .map(|c| c[*lane as usize])
+                .collect()
+        }
+        Op::Store { .. } => return None,
+    })
+}
+
+/// The interpreter's inputs: the step's buffers and the live values.
+struct Live<'a, T> {
+    param: &'a [T],
+    grad: &'a [T],
+    state: &'a TensorState<T>,
+    values: &'a [Option<Vec<T>>],
+    bc: &'a Broadcasts,
+}
+
+impl<T: Real> NodeInputs<T> for Live<'_, T> {
+    fn value(&self, v: ValueId) -> &[T] {
+        self.values[v.index()]
+            .as_deref()
+            .expect("operands are computed before use and freed after their last use")
+    }
+
+    fn buffer(&self, b: Buffer) -> &[T] {
+        match b {
+            Buffer::Param => self.param,
+            Buffer::Grad => self.grad,
+            b => self.state.get(b),
+        }
+    }
+
+    fn broadcasts(&self) -> &Broadcasts {
+        self.bc
     }
 }
 
@@ -144,10 +319,7 @@ pub fn execute<T: Real>(
     let layout = &ir.layout;
     check_step_args(layout, param.len(), grad.len(), &hyper)?;
     super::check_state_layout(layout, state)?;
-    let mut bc = Broadcasts {
-        layout,
-        maps: HashMap::new(),
-    };
+    let bc = Broadcasts::for_ir(ir);
     let last_use = ir.last_uses();
     let mut values: Vec<Option<Vec<T>>> = vec![None; ir.nodes.len()];
     let mut new_param = param.to_vec();
@@ -155,125 +327,35 @@ pub fn execute<T: Real>(
     new_state.step = state.step + 1;
 
     for (i, node) in ir.nodes.iter().enumerate() {
-        let n = layout.domain_len(node.domain);
-        let w = node.width as usize;
-        let get = |v: crate::ir::ValueId| -> &Vec<T> {
-            values[v.index()]
-                .as_ref()
-                .expect("operands are computed before use and freed after their last use")
+        let live = Live {
+            param,
+            grad,
+            state,
+            values: &values,
+            bc: &bc,
         };
-        let out: Option<Vec<T>> = match &node.op {
-            Op::Load { buffer, lane } => {
-                let data: &[T] = match buffer {
-                    Buffer::Param => param,
-                    Buffer::Grad => grad,
-                    b => state.get(*b),
-                };
-                let start = *lane as usize * n;
-                Some(data[start..start + n].to_vec())
+        let out = eval_node(ir, i, &live, state.step, &hyper);
+        if let Op::Store {
+            buffer,
+            lane,
+            value,
+        } = &node.op
+        {
+            let n = layout.domain_len(node.domain);
+            let vd = ir.node(*value).domain;
+            let (map, vn) = (bc.map(node.domain, vd), layout.domain_len(vd));
+            let v = live.value(*value);
+            let mut stored = Vec::with_capacity(n);
+            for p in 0..n {
+                stored.push(v[at(map, p, vn)]);
             }
-            Op::Scalar(s) => Some(vec![match s {
-                RuntimeScalar::Lr => T::from_f64(hyper.lr as f64),
-                RuntimeScalar::WeightDecay => T::from_f64(hyper.weight_decay as f64),
-                RuntimeScalar::StepCount => T::from_f64(state.step as f64),
-            }]),
-            Op::Const(c) => Some(vec![T::from_f64(*c)]),
-            Op::Unary(op, a) => Some(get(*a).iter().map(|&x| unary(*op, x)).collect()),
-            Op::Binary(op, a, b) => {
-                let (ma, mb) = (
-                    bc.map(node.domain, ir.node(*a).domain),
-                    bc.map(node.domain, ir.node(*b).domain),
-                );
-                let (va, vb) = (get(*a), get(*b));
-                let mut out = Vec::with_capacity(n * w);
-                for p in 0..n {
-                    let (pa, pb) = (at(&ma, p) * w, at(&mb, p) * w);
-                    for l in 0..w {
-                        out.push(binary(*op, va[pa + l], vb[pb + l]));
-                    }
-                }
-                Some(out)
-            }
-            Op::Mean(a) => {
-                let from = ir.node(*a).domain;
-                let big_n = layout.domain_len(from);
-                let map = bc.map(from, node.domain);
-                let va = get(*a);
-                let mut sums = vec![0f64; n * w];
-                for p in 0..big_n {
-                    let q = if node.domain == Domain::Step {
-                        0
-                    } else {
-                        at(&map, p)
-                    };
-                    for l in 0..w {
-                        sums[q * w + l] += va[p * w + l].to_f64();
-                    }
-                }
-                let count = (big_n / n) as f64;
-                Some(sums.into_iter().map(|s| T::from_f64(s / count)).collect())
-            }
-            Op::Pack(xs) => {
-                let maps: Vec<_> = xs
-                    .iter()
-                    .map(|x| bc.map(node.domain, ir.node(*x).domain))
-                    .collect();
-                let mut out = Vec::with_capacity(n * w);
-                for p in 0..n {
-                    for (x, m) in xs.iter().zip(&maps) {
-                        out.push(get(*x)[at(m, p)]);
-                    }
-                }
-                Some(out)
-            }
-            Op::Dense { matrix, x } => {
-                let m = ir.matrix(*matrix);
-                let weight: Vec<T> = m.weight.iter().map(|&v| T::from_f64(v as f64)).collect();
-                let bias: Option<Vec<T>> = m
-                    .bias
-                    .as_ref()
-                    .map(|b| b.iter().map(|&v| T::from_f64(v as f64)).collect());
-                let vx = get(*x);
-                let mut out = Vec::with_capacity(n * m.rows);
-                for p in 0..n {
-                    let xp = &vx[p * m.cols..(p + 1) * m.cols];
-                    for r in 0..m.rows {
-                        let mut acc = bias.as_ref().map_or(T::default(), |b| b[r]);
-                        for (c, &xv) in xp.iter().enumerate() {
-                            acc = acc + weight[r * m.cols + c] * xv;
-                        }
-                        out.push(acc);
-                    }
-                }
-                Some(out)
-            }
-            Op::Lane { x, lane } => {
-                let wx = ir.node(*x).width as usize;
-                Some(
-                    get(*x)
-                        .chunks_exact(wx)
-                        .map(|c| c[*lane as usize])
-                        .collect(),
-                )
-            }
-            Op::Store {
-                buffer,
-                lane,
-                value,
-            } => {
-                let map = bc.map(node.domain, ir.node(*value).domain);
-                let v = get(*value);
-                let dst: &mut [T] = match buffer {
-                    Buffer::Param => &mut new_param,
-                    b => new_state.get_mut(*b),
-                };
-                let start = *lane as usize * n;
-                for p in 0..n {
-                    dst[start + p] = v[at(&map, p)];
-                }
-                None
-            }
-        };
+            let dst: &mut [T] = match buffer {
+                Buffer::Param => &mut new_param,
+                b => new_state.get_mut(*b),
+            };
+            let start = *lane as usize * n;
+            dst[start..start + n].copy_from_slice(&stored);
+        }
         values[i] = out;
         // Free every operand whose last use this was.
         for operand in node.op.operands() {

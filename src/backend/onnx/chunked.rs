@@ -129,7 +129,7 @@ impl ChunkedOnnxStepper {
         let row_len = layout.numel() / rows_total;
         let rows_per_chunk = (chunk_elements / row_len).clamp(1, rows_total);
         let mut chunk_rows = vec![rows_per_chunk];
-        if rows_total % rows_per_chunk != 0 {
+        if !rows_total.is_multiple_of(rows_per_chunk) {
             chunk_rows.push(rows_total % rows_per_chunk);
         }
         let mut chunks = Vec::new();

@@ -233,7 +233,7 @@ impl<'a> Renderer<'a> {
         let root = (n as f64).sqrt() as usize;
         let divisor = (root.max(2) / 8..=root)
             .rev()
-            .find(|&k| k >= 2 && n % k == 0);
+            .find(|&k| k >= 2 && n.is_multiple_of(k));
         let (x, inner, padded) = match divisor {
             Some(k) => (x.to_string(), k, n),
             None => {

@@ -1,0 +1,262 @@
+//! The native CPU backend's benchmark (issue #16), one command:
+//!
+//! ```sh
+//! cargo bench --bench cpu                # or bench/cpu.sh: this, then the PyTorch reference
+//! ```
+//!
+//! Prints a Markdown report: this machine's fused multiply-add peak per instruction set, the
+//! step's three dense layers alone (% of that peak), the whole step at 1024x512 and 4096x1024
+//! on every instruction set path, 1- vs all-thread scaling, and GPT-2-small's tensors through
+//! [`MuloOptimizer`]. Every figure is a median over repeats; the 1-minute load average is
+//! printed beside each, since the machine may be shared. Environment: `MULO_BENCH_WEIGHTS`
+//! (default `tests/fixtures/golden/weights`), `MULO_BENCH_QUICK=1` (fewer repeats, no GPT-2).
+
+use mulo::backend::cpu::{bench, default_threads, CpuProgram, CpuStepper, Isa};
+use mulo::backend::{CpuFactory, Hyper, PerTensor, TensorStepper};
+use mulo::lopt::LearnedOptimizer;
+use mulo::optimizer::{MuloOptimizer, OptimizerOptions, ParamSpec};
+use mulo::shape::Shape;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+fn data(n: usize, seed: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 - 500.0) * scale)
+        .collect()
+}
+
+/// Median ns per element of `steps` steps (after 1 warm-up) of `shape`.
+fn step_ns(prog: &Arc<CpuProgram>, isa: Isa, threads: usize, steps: usize) -> f64 {
+    let mut stepper = CpuStepper::from_program(prog.clone(), 0, threads).with_isa(isa);
+    let n = prog.ir().layout.numel();
+    let (mut p, g) = (data(n, 1, 1e-3), data(n, 2, 1e-4));
+    let hyper = Hyper {
+        lr: 1e-3,
+        weight_decay: 0.0,
+    };
+    stepper.step(&mut p, &g, hyper).unwrap();
+    let times = (0..steps)
+        .map(|_| {
+            let t = Instant::now();
+            stepper.step(&mut p, &g, hyper).unwrap();
+            t.elapsed().as_secs_f64() * 1e9 / n as f64
+        })
+        .collect();
+    median(times)
+}
+
+/// GPT-2 small's parameter tensors (124,439,808 elements).
+fn gpt2_small() -> Vec<(String, Vec<usize>)> {
+    let mut t = vec![
+        ("wte".to_string(), vec![50257, 768]),
+        ("wpe".to_string(), vec![1024, 768]),
+    ];
+    for l in 0..12 {
+        for (name, shape) in [
+            ("ln_1.weight", vec![768]),
+            ("ln_1.bias", vec![768]),
+            ("attn.c_attn.weight", vec![768, 2304]),
+            ("attn.c_attn.bias", vec![2304]),
+            ("attn.c_proj.weight", vec![768, 768]),
+            ("attn.c_proj.bias", vec![768]),
+            ("ln_2.weight", vec![768]),
+            ("ln_2.bias", vec![768]),
+            ("mlp.c_fc.weight", vec![768, 3072]),
+            ("mlp.c_fc.bias", vec![3072]),
+            ("mlp.c_proj.weight", vec![3072, 768]),
+            ("mlp.c_proj.bias", vec![768]),
+        ] {
+            t.push((format!("h.{l}.{name}"), shape));
+        }
+    }
+    t.push(("ln_f.weight".to_string(), vec![768]));
+    t.push(("ln_f.bias".to_string(), vec![768]));
+    t
+}
+
+fn main() {
+    let quick = std::env::var("MULO_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let weights = std::env::var("MULO_BENCH_WEIGHTS")
+        .unwrap_or_else(|_| "tests/fixtures/golden/weights".to_string());
+    let lopt = LearnedOptimizer::load(&weights).expect("weights (MULO_BENCH_WEIGHTS)");
+    let threads = default_threads();
+    let reps = if quick { 3 } else { 7 };
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!("# mulo CPU benchmark (`cargo bench --bench cpu`)\n");
+    println!(
+        "CPU `{model}`, {threads} threads (default_threads), best ISA {:?}, weights `{weights}`, load at start {}\n",
+        Isa::detect(),
+        load()
+    );
+
+    // 1. FMA peak.
+    println!("## FMA peak (independent 512/256-bit FMA chains)\n");
+    println!("| ISA | threads | G multiply-adds/s (median of {reps}) | load |");
+    println!("|---|---|---|---|");
+    let mut peak = std::collections::HashMap::new();
+    for isa in [Isa::Avx512, Isa::Avx2] {
+        if !isa.available() {
+            continue;
+        }
+        for t in [1, threads] {
+            let g = median(
+                (0..reps)
+                    .map(|_| bench::fma_peak(isa, t, 20_000_000).unwrap() / 1e9)
+                    .collect(),
+            );
+            peak.insert((isa, t), g);
+            println!("| {} | {t} | {g:.1} | {} |", isa.name(), load());
+        }
+    }
+    let machine_peak = |t: usize| {
+        peak.iter()
+            .filter(|((_, pt), _)| *pt == t)
+            .map(|(_, &g)| g)
+            .fold(0f64, f64::max)
+    };
+
+    // 2. The dense layers alone.
+    let ir = Arc::new(mulo::compile_step(&Shape::parse("1024x512").unwrap(), &lopt).unwrap());
+    let layers: Vec<String> = bench::elem_dense(&ir)
+        .into_iter()
+        .map(|i| format!("{}x{}", ir.matrices[i].rows, ir.matrices[i].cols))
+        .collect();
+    println!(
+        "\n## Element-domain dense layers alone ({}, rows x cols), chunks of 256 lanes in L1\n",
+        layers.join(", ")
+    );
+    println!("| ISA | threads | G multiply-adds/s | % of machine peak | load |");
+    println!("|---|---|---|---|---|");
+    for isa in Isa::ALL {
+        if !isa.available() {
+            continue;
+        }
+        for t in [1, threads] {
+            let g = median(
+                (0..reps)
+                    .map(|_| bench::dense_layers(&ir, isa, t, 40_000) / 1e9)
+                    .collect(),
+            );
+            println!(
+                "| {} | {t} | {g:.1} | {:.0}% | {} |",
+                isa.name(),
+                100.0 * g / machine_peak(t),
+                load()
+            );
+        }
+    }
+
+    // 3. Whole steps.
+    println!("\n## Whole step, ns per element (median)\n");
+    println!("| shape | ISA | threads | ns/element | load |");
+    println!("|---|---|---|---|---|");
+    let mut big_ns = 0.0;
+    for (shape, steps) in [
+        ("1024x512", if quick { 5 } else { 15 }),
+        ("4096x1024", if quick { 3 } else { 7 }),
+    ] {
+        let ir = Arc::new(mulo::compile_step(&Shape::parse(shape).unwrap(), &lopt).unwrap());
+        let prog = Arc::new(CpuProgram::new(ir));
+        for isa in Isa::ALL {
+            if !isa.available() {
+                continue;
+            }
+            let mut counts = vec![threads];
+            if isa == Isa::detect() && threads > 1 {
+                counts.insert(0, 1);
+            }
+            let mut one = 0.0;
+            for t in counts {
+                let ns = step_ns(&prog, isa, t, steps);
+                let scaling = if t == 1 {
+                    one = ns;
+                    String::new()
+                } else if one > 0.0 {
+                    format!(
+                        " (scaling efficiency {:.0}%)",
+                        100.0 * one / (ns * t as f64)
+                    )
+                } else {
+                    String::new()
+                };
+                if shape == "4096x1024" && isa == Isa::detect() && t == threads {
+                    big_ns = ns;
+                }
+                println!(
+                    "| {shape} | {} | {t} | {ns:.1}{scaling} | {} |",
+                    isa.name(),
+                    load()
+                );
+            }
+        }
+    }
+
+    // 4. A whole model.
+    if quick {
+        return;
+    }
+    let specs: Vec<ParamSpec> = gpt2_small()
+        .into_iter()
+        .map(|(name, shape)| ParamSpec::new(name, &shape).unwrap())
+        .collect();
+    let numel: usize = specs.iter().map(|s| s.shape.numel()).sum();
+    println!(
+        "\n## GPT-2 small through MuloOptimizer ({} tensors, {numel} elements, backend cpu)\n",
+        specs.len()
+    );
+    println!("| guard | ns/element (median of 3 steps) | vs one 4096x1024 tensor | load |");
+    println!("|---|---|---|---|");
+    let shapes: Vec<Vec<usize>> = specs.iter().map(|s| s.shape.dims().to_vec()).collect();
+    let mut params: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), i, 1e-4))
+        .collect();
+    let grads: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), i + 1000, 1e-5))
+        .collect();
+    for guard in [false, true] {
+        let options = OptimizerOptions {
+            guard,
+            backend: Arc::new(PerTensor(CpuFactory)),
+            ..Default::default()
+        };
+        let mut opt = MuloOptimizer::new(&lopt, specs.clone(), options).unwrap();
+        let gs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+        let mut step = |params: &mut Vec<Vec<f32>>| {
+            let mut ps: Vec<&mut [f32]> = params.iter_mut().map(|p| p.as_mut_slice()).collect();
+            let t = Instant::now();
+            opt.step(&mut ps, &gs, 1e-3, 0.0).unwrap();
+            t.elapsed().as_secs_f64() * 1e9 / numel as f64
+        };
+        step(&mut params);
+        let ns = median((0..3).map(|_| step(&mut params)).collect());
+        println!(
+            "| {} | {ns:.1} | {:.2}x | {} |",
+            if guard { "on (default)" } else { "off" },
+            ns / big_ns,
+            load()
+        );
+    }
+}

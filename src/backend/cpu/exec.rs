@@ -1,0 +1,450 @@
+//! The chunk executor: runs one pass's chunk program over one slice of the elements.
+
+use super::program::{small_index, CpuProgram, Instr, Opnd, Pass};
+use super::{kernels, Isa, CHUNK};
+use crate::ir::StepIr;
+
+/// Per-thread working memory, reused across chunks and steps.
+#[derive(Debug, Default)]
+pub(super) struct Scratch {
+    pub(super) vals: Vec<f32>,
+    pub(super) idx: [Vec<u32>; 3],
+    pub(super) kind: [IdxKind; 3],
+    /// Gathered lanes of the two operands of a binary instruction.
+    pub(super) tmp: [Vec<f32>; 2],
+}
+
+/// One lane of a binary operand: a scalar, or `len` values.
+pub(super) enum Src<'a> {
+    S(f32),
+    V(&'a [f32]),
+}
+
+/// Lane `l` of a binary operand for the current chunk.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn lane_src<'a>(
+    ir: &StepIr,
+    o: &Opnd,
+    l: usize,
+    len: usize,
+    p: &'a Parts<'a>,
+    small: &'a [Vec<f32>],
+    small_t: &'a [Vec<f32>],
+    kind: &[IdxKind; 3],
+    idx: &[Vec<u32>; 3],
+    tmp: &'a mut Vec<f32>,
+) -> Src<'a> {
+    match *o {
+        Opnd::Slot(off) => Src::V(p.get(off + l * CHUNK, len)),
+        Opnd::Scalar(node) => Src::S(small[node][0]),
+        Opnd::Small(node) => {
+            let n = &ir.nodes[node];
+            let w = n.width as usize;
+            let src = &small[node];
+            let points = src.len() / w;
+            let src_t = if w == 1 { src } else { &small_t[node] };
+            let lane = &src_t[l * points..(l + 1) * points];
+            match small_index(n.domain).map_or(IdxKind::Const(0), |d| kind[d]) {
+                IdxKind::Const(q) => Src::S(lane[q]),
+                IdxKind::Contig(q) => Src::V(&lane[q..q + len]),
+                IdxKind::General => {
+                    let ix = &idx[small_index(n.domain).expect("indexed")];
+                    tmp.resize(CHUNK, 0.0);
+                    for (t, &i) in tmp.iter_mut().zip(&ix[..len]) {
+                        *t = lane[i as usize];
+                    }
+                    Src::V(&tmp[..len])
+                }
+            }
+        }
+    }
+}
+
+/// How a chunk's elements map to the points of a smaller domain.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) enum IdxKind {
+    /// All to one point.
+    Const(usize),
+    /// To consecutive points from this one.
+    Contig(usize),
+    /// Any other way (see the index vector).
+    #[default]
+    General,
+}
+
+/// One element buffer lane's part of a slice.
+pub(super) enum View<'a> {
+    Ro(&'a [f32]),
+    Rw(&'a mut [f32]),
+}
+
+impl View<'_> {
+    fn get(&self) -> &[f32] {
+        match self {
+            View::Ro(s) => s,
+            View::Rw(s) => s,
+        }
+    }
+}
+
+/// What one slice of a pass works on.
+pub(super) struct Job<'a> {
+    pub(super) chunks: (usize, usize),
+    pub(super) start: usize,
+    pub(super) views: Vec<View<'a>>,
+    pub(super) partial: &'a mut [f64],
+}
+
+/// Splits `out` off the scratch; inputs are read from the parts before and after it.
+pub(super) struct Parts<'a> {
+    pub(super) left: &'a [f32],
+    pub(super) right: &'a [f32],
+    pub(super) out_start: usize,
+    pub(super) out_end: usize,
+}
+
+impl Parts<'_> {
+    #[inline(always)]
+    fn get(&self, off: usize, len: usize) -> &[f32] {
+        if off + len <= self.out_start {
+            &self.left[off..off + len]
+        } else {
+            debug_assert!(off >= self.out_end);
+            &self.right[off - self.out_end..off - self.out_end + len]
+        }
+    }
+}
+
+#[inline(always)]
+pub(super) fn split_out(vals: &mut [f32], out: usize, len: usize) -> (&mut [f32], Parts<'_>) {
+    let (left, rest) = vals.split_at_mut(out);
+    let (o, right) = rest.split_at_mut(len);
+    (
+        o,
+        Parts {
+            left,
+            right,
+            out_start: out,
+            out_end: out + len,
+        },
+    )
+}
+
+/// Runs one pass over one slice (the generic body; see the `run_slice_*` entry points).
+#[inline(always)]
+pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
+    prog: &CpuProgram,
+    pass: &Pass,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+    scr: &mut Scratch,
+    job: &mut Job<'_>,
+) {
+    let numel = prog.ir.layout.numel();
+    let dims = prog.ir.layout.dims();
+    let ir = &prog.ir;
+    if scr.vals.len() < pass.scratch {
+        scr.vals.resize(pass.scratch, 0.0);
+    }
+    for ix in scr.idx.iter_mut() {
+        if ix.len() < CHUNK {
+            ix.resize(CHUNK, 0);
+        }
+    }
+    for c in job.chunks.0..job.chunks.1 {
+        let e0 = c * CHUNK;
+        let len = CHUNK.min(numel - e0);
+        let local = e0 - job.start;
+        // Index vectors into the smaller domains.
+        for d in 0..3 {
+            if !pass.domains[d] {
+                continue;
+            }
+            let strides = &prog.strides[d];
+            let rank = dims.len();
+            let mut coord = [0usize; crate::shape::MAX_RANK];
+            let mut rem = e0;
+            let mut index = 0usize;
+            for k in (0..rank).rev() {
+                coord[k] = rem % dims[k];
+                rem /= dims[k];
+                index += coord[k] * strides[k];
+            }
+            let idx = &mut scr.idx[d];
+            let (mut same, mut contig) = (true, true);
+            let first = index;
+            for (i, slot) in idx[..len].iter_mut().enumerate() {
+                *slot = index as u32;
+                same &= index == first;
+                contig &= index == first + i;
+                for k in (0..rank).rev() {
+                    coord[k] += 1;
+                    index += strides[k];
+                    if coord[k] < dims[k] {
+                        break;
+                    }
+                    index -= strides[k] * dims[k];
+                    coord[k] = 0;
+                }
+            }
+            scr.kind[d] = if same {
+                IdxKind::Const(first)
+            } else if contig {
+                IdxKind::Contig(first)
+            } else {
+                IdxKind::General
+            };
+        }
+        for instr in &pass.instrs {
+            match instr {
+                Instr::Load { buf, out } => {
+                    scr.vals[*out..*out + len]
+                        .copy_from_slice(&job.views[*buf].get()[local..local + len]);
+                }
+                Instr::Gather { node, out } => {
+                    let n = &ir.nodes[*node];
+                    let w = n.width as usize;
+                    let src = &small[*node];
+                    let points = src.len() / w;
+                    // Lane-major (for width 1, the value itself).
+                    let src_t = if w == 1 { src } else { &small_t[*node] };
+                    let o = &mut scr.vals[*out..*out + w * CHUNK];
+                    let kind = match small_index(n.domain) {
+                        Some(d) => scr.kind[d],
+                        None => IdxKind::Const(0),
+                    };
+                    for l in 0..w {
+                        let dst = &mut o[l * CHUNK..l * CHUNK + len];
+                        match kind {
+                            IdxKind::Const(p) => dst.fill(src[p * w + l]),
+                            IdxKind::Contig(p) if w == 1 => {
+                                dst.copy_from_slice(&src[p..p + len]);
+                            }
+                            IdxKind::Contig(p) => {
+                                dst.copy_from_slice(&src_t[l * points + p..l * points + p + len]);
+                            }
+                            IdxKind::General => {
+                                let idx = &scr.idx[small_index(n.domain).expect("indexed")];
+                                let lane = &src_t[l * points..(l + 1) * points];
+                                for (x, &i) in dst.iter_mut().zip(&idx[..len]) {
+                                    *x = lane[i as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+                Instr::Unary { op, a, out, width } => {
+                    let span = (width - 1) * CHUNK + len;
+                    let (o, p) = split_out(&mut scr.vals, *out, span);
+                    kernels::unary(*op, p.get(*a, span), o);
+                }
+                Instr::Binary {
+                    op,
+                    a,
+                    b,
+                    out,
+                    width,
+                } => {
+                    let small_opnd = matches!(a, Opnd::Small(_)) || matches!(b, Opnd::Small(_));
+                    if !small_opnd {
+                        let span = (width - 1) * CHUNK + len;
+                        let (o, p) = split_out(&mut scr.vals, *out, span);
+                        match (a, b) {
+                            (Opnd::Slot(a), Opnd::Slot(b)) => {
+                                kernels::binary_vv(*op, p.get(*a, span), p.get(*b, span), o)
+                            }
+                            (Opnd::Slot(a), Opnd::Scalar(s)) => {
+                                kernels::binary_vs(*op, p.get(*a, span), small[*s][0], o)
+                            }
+                            (Opnd::Scalar(s), Opnd::Slot(b)) => {
+                                kernels::binary_sv(*op, small[*s][0], p.get(*b, span), o)
+                            }
+                            _ => unreachable!("an element node has an element operand"),
+                        }
+                        continue;
+                    }
+                    // Lane by lane, reading the small operands in place.
+                    let Scratch {
+                        vals,
+                        idx,
+                        kind,
+                        tmp,
+                    } = &mut *scr;
+                    let [tmp_a, tmp_b] = tmp;
+                    for l in 0..*width {
+                        let (o, p) = split_out(vals, out + l * CHUNK, len);
+                        let sa = lane_src(ir, a, l, len, &p, small, small_t, kind, idx, tmp_a);
+                        let sb = lane_src(ir, b, l, len, &p, small, small_t, kind, idx, tmp_b);
+                        match (sa, sb) {
+                            (Src::V(a), Src::V(b)) => kernels::binary_vv(*op, a, b, o),
+                            (Src::V(a), Src::S(b)) => kernels::binary_vs(*op, a, b, o),
+                            (Src::S(a), Src::V(b)) => kernels::binary_sv(*op, a, b, o),
+                            (Src::S(a), Src::S(b)) => {
+                                let mut r = [0f32];
+                                kernels::binary_vv(*op, &[a], &[b], &mut r);
+                                o.fill(r[0]);
+                            }
+                        }
+                    }
+                }
+                Instr::Pack { xs, out } => {
+                    for (l, &x) in xs.iter().enumerate() {
+                        // Lanes computed in place need no copy.
+                        if x != out + l * CHUNK {
+                            scr.vals.copy_within(x..x + len, out + l * CHUNK);
+                        }
+                    }
+                }
+                Instr::Dense { matrix, x, out } => {
+                    let m = &prog.weights[*matrix];
+                    let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK);
+                    let xv = p.get(*x, m.cols * CHUNK);
+                    #[cfg(target_arch = "x86_64")]
+                    if WIDE {
+                        // SAFETY: `WIDE` is only set by `run_slice_avx512`, which runs only
+                        // where the CPU reported AVX-512F (see `dispatch`).
+                        unsafe { kernels::wide::dense(&m.wide, xv, o, len) };
+                        continue;
+                    }
+                    kernels::dense::<FMA, TILE>(&m.blocked, xv, o, len);
+                }
+                Instr::Lane { x, lane, out } => {
+                    let (o, p) = split_out(&mut scr.vals, *out, len);
+                    o.copy_from_slice(p.get(x + lane * CHUNK, len));
+                }
+                Instr::Accum { mean, src } => {
+                    let m = &pass.means[*mean];
+                    let part = &mut job.partial[m.offset..m.offset + m.points * m.width];
+                    let w = m.width;
+                    let kind = match small_index(m.domain) {
+                        Some(d) => scr.kind[d],
+                        None => IdxKind::Const(0),
+                    };
+                    for l in 0..w {
+                        let x = &scr.vals[src + l * CHUNK..src + l * CHUNK + len];
+                        match kind {
+                            IdxKind::Const(p) => part[p * w + l] += kernels::sum_f64(x),
+                            IdxKind::Contig(p) if w == 1 => {
+                                for (s, &v) in part[p..p + len].iter_mut().zip(x) {
+                                    *s += v as f64;
+                                }
+                            }
+                            IdxKind::Contig(p) => {
+                                for (i, &v) in x.iter().enumerate() {
+                                    part[(p + i) * w + l] += v as f64;
+                                }
+                            }
+                            IdxKind::General => {
+                                let idx = &scr.idx[small_index(m.domain).expect("indexed")];
+                                for (i, &v) in x.iter().enumerate() {
+                                    part[idx[i] as usize * w + l] += v as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+                Instr::Store { buf, src } => match &mut job.views[*buf] {
+                    View::Rw(dst) => {
+                        dst[local..local + len].copy_from_slice(&scr.vals[*src..*src + len])
+                    }
+                    View::Ro(_) => unreachable!("stored buffers are writable in their pass"),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+/// # Safety
+/// The CPU must support AVX2 and FMA (an `unsafe fn`: safe `#[target_feature]` functions need
+/// Rust 1.86, the crate supports 1.85).
+pub(super) unsafe fn run_slice_avx2(
+    prog: &CpuProgram,
+    pass: &Pass,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+    scr: &mut Scratch,
+    job: &mut Job<'_>,
+) {
+    run_slice::<true, 16, false>(prog, pass, small, small_t, scr, job)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA (checked by [`Isa::detect`]).
+pub(super) unsafe fn run_slice_avx512(
+    prog: &CpuProgram,
+    pass: &Pass,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+    scr: &mut Scratch,
+    job: &mut Job<'_>,
+) {
+    run_slice::<true, 32, true>(prog, pass, small, small_t, scr, job)
+}
+
+pub(super) fn run_slice_portable(
+    prog: &CpuProgram,
+    pass: &Pass,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+    scr: &mut Scratch,
+    job: &mut Job<'_>,
+) {
+    run_slice::<false, 8, false>(prog, pass, small, small_t, scr, job)
+}
+
+pub(super) fn dispatch(
+    isa: Isa,
+    prog: &CpuProgram,
+    pass: &Pass,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+    scr: &mut Scratch,
+    job: &mut Job<'_>,
+) {
+    match isa {
+        // SAFETY: `Isa::Avx2` is only ever chosen by `Isa::detect` or `CpuStepper::with_isa`,
+        // after the CPU reported AVX2 and FMA, the features `run_slice_avx2` is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { run_slice_avx2(prog, pass, small, small_t, scr, job) },
+        // SAFETY: as above, after the CPU reported AVX-512F (and AVX2, FMA).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { run_slice_avx512(prog, pass, small, small_t, scr, job) },
+        _ => run_slice_portable(prog, pass, small, small_t, scr, job),
+    }
+}
+
+/// A buffer lane, writable or not.
+pub(super) fn view(data: &mut [f32], write: bool) -> View<'_> {
+    if write {
+        View::Rw(data)
+    } else {
+        View::Ro(data)
+    }
+}
+
+/// Splits `data` at the element bounds `bounds` (relative to `data`).
+pub(super) fn split_views<'a>(data: View<'a>, bounds: &[usize]) -> Vec<View<'a>> {
+    let mut out = Vec::with_capacity(bounds.len() - 1);
+    match data {
+        View::Ro(mut s) => {
+            for w in bounds.windows(2) {
+                let (a, b) = s.split_at(w[1] - w[0]);
+                out.push(View::Ro(a));
+                s = b;
+            }
+        }
+        View::Rw(mut s) => {
+            for w in bounds.windows(2) {
+                let (a, b) = std::mem::take(&mut s).split_at_mut(w[1] - w[0]);
+                out.push(View::Rw(a));
+                s = b;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,526 @@
+//! Building a [`CpuProgram`]: the IR split into levels, each level's element nodes compiled
+//! into a linear chunk program with scratch slots assigned.
+
+use super::{kernels, CHUNK, SLICES};
+use crate::backend::cuda::schedule::{elem_closure, is_elem_mean, levels};
+use crate::backend::interp::Broadcasts;
+use crate::ir::{Binary, Buffer, Op, StepIr, Unary, ValueId};
+use crate::shape::Domain;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// A value operand of an element instruction.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Opnd {
+    /// A chunk value (a value id while building, then its offset in the scratch).
+    Slot(usize),
+    /// A width-1 step value, read once per chunk (node index).
+    Scalar(usize),
+    /// A row/col/rest (or wider step) value, read in place per lane: a constant, a
+    /// contiguous run of its lane-major copy, or gathered (node index).
+    Small(usize),
+}
+
+/// One instruction of a chunk program. Slot fields hold value ids while the program is
+/// built and scratch offsets (in floats) once slots are assigned.
+#[derive(Clone, Debug)]
+pub(super) enum Instr {
+    Load {
+        buf: usize,
+        out: usize,
+    },
+    Gather {
+        node: usize,
+        out: usize,
+    },
+    Unary {
+        op: Unary,
+        a: usize,
+        out: usize,
+        width: usize,
+    },
+    Binary {
+        op: Binary,
+        a: Opnd,
+        b: Opnd,
+        out: usize,
+        width: usize,
+    },
+    Pack {
+        xs: Vec<usize>,
+        out: usize,
+    },
+    Dense {
+        matrix: usize,
+        x: usize,
+        out: usize,
+    },
+    Lane {
+        x: usize,
+        lane: usize,
+        out: usize,
+    },
+    Accum {
+        mean: usize,
+        src: usize,
+    },
+    Store {
+        buf: usize,
+        src: usize,
+    },
+}
+
+impl Instr {
+    /// Calls `f(slot, is_def)` for every slot field (uses first, then the definition).
+    fn visit(&mut self, f: &mut dyn FnMut(&mut usize, bool)) {
+        let opnd = |o: &mut Opnd, f: &mut dyn FnMut(&mut usize, bool)| {
+            if let Opnd::Slot(s) = o {
+                f(s, false)
+            }
+        };
+        match self {
+            Instr::Load { out, .. } | Instr::Gather { out, .. } => f(out, true),
+            Instr::Unary { a, out, .. } => {
+                f(a, false);
+                f(out, true);
+            }
+            Instr::Binary { a, b, out, .. } => {
+                opnd(a, f);
+                opnd(b, f);
+                f(out, true);
+            }
+            Instr::Pack { xs, out } => {
+                xs.iter_mut().for_each(|x| f(x, false));
+                f(out, true);
+            }
+            Instr::Dense { x, out, .. } | Instr::Lane { x, out, .. } => {
+                f(x, false);
+                f(out, true);
+            }
+            Instr::Accum { src, .. } | Instr::Store { src, .. } => f(src, false),
+        }
+    }
+}
+
+/// An element-domain mean accumulated by a pass.
+#[derive(Clone, Debug)]
+pub(super) struct MeanSpec {
+    pub(super) node: usize,
+    pub(super) domain: Domain,
+    pub(super) width: usize,
+    pub(super) points: usize,
+    pub(super) offset: usize,
+}
+
+/// One pass over the elements.
+#[derive(Clone, Debug)]
+pub(super) struct Pass {
+    pub(super) instrs: Vec<Instr>,
+    pub(super) scratch: usize,
+    pub(super) means: Vec<MeanSpec>,
+    pub(super) partial_len: usize,
+    /// Which of the row/col/rest index vectors the pass needs.
+    pub(super) domains: [bool; 3],
+    /// Element buffers the pass writes.
+    pub(super) writes: Vec<bool>,
+}
+
+/// A dense layer's weights arranged for the chunk kernel (bias filled with zeros when absent).
+#[derive(Clone, Debug)]
+pub(super) struct Weights {
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    /// Arranged for the chunk kernel.
+    pub(super) blocked: kernels::Blocked,
+    /// Arranged for the AVX-512 kernel.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) wide: kernels::wide::Blocked,
+}
+
+pub(super) fn small_index(d: Domain) -> Option<usize> {
+    match d {
+        Domain::Row => Some(0),
+        Domain::Col => Some(1),
+        Domain::Rest => Some(2),
+        _ => None,
+    }
+}
+
+/// A step compiled for the CPU: what [`CpuStepper`] runs. Built once per IR.
+#[derive(Debug)]
+pub struct CpuProgram {
+    pub(super) ir: Arc<StepIr>,
+    /// Small-domain nodes (not stores) of every level, in topological order.
+    pub(super) small_phases: Vec<Vec<usize>>,
+    pub(super) small_stores: Vec<usize>,
+    pub(super) passes: Vec<Pass>,
+    /// For an element mean node: (pass, index in its means).
+    pub(super) mean_of: HashMap<usize, (usize, usize)>,
+    /// Broadcast maps between the small domains (not from the element domain: the passes
+    /// index chunks with [`CpuProgram::strides`] instead).
+    pub(super) bc: Broadcasts,
+    /// (buffer, lane) of every element buffer lane.
+    pub(super) elem_bufs: Vec<(Buffer, u32)>,
+    /// For row/col/rest: the stride in that domain of each tensor axis (0 for removed axes).
+    pub(super) strides: [Vec<usize>; 3],
+    pub(super) weights: Vec<Weights>,
+    pub(super) chunks: usize,
+    pub(super) slices: usize,
+}
+
+impl CpuProgram {
+    /// Compiles `ir` (no data is touched).
+    pub fn new(ir: Arc<StepIr>) -> Self {
+        let layout = ir.layout.clone();
+        let n = ir.nodes.len();
+        let level = levels(&ir);
+        let is_store = |v: usize| matches!(ir.nodes[v].op, Op::Store { .. });
+        let max_level = (0..n)
+            .filter(|&v| is_store(v) || is_elem_mean(&ir, ValueId(v as u32)))
+            .map(|v| level[v] as usize)
+            .max()
+            .unwrap_or(0);
+        let mut small_phases = vec![Vec::new(); max_level + 1];
+        let mut small_stores = Vec::new();
+        for v in 0..n {
+            let node = &ir.nodes[v];
+            if node.domain == Domain::Elem {
+                continue;
+            }
+            if is_store(v) {
+                small_stores.push(v);
+            } else {
+                small_phases[(level[v] as usize).min(max_level)].push(v);
+            }
+        }
+        let mut elem_bufs = Vec::new();
+        for b in Buffer::for_layout(&layout) {
+            if b.domain() == Domain::Elem {
+                for lane in 0..b.lanes() as u32 {
+                    elem_bufs.push((b, lane));
+                }
+            }
+        }
+        let buf_id = |b: Buffer, lane: u32| {
+            elem_bufs
+                .iter()
+                .position(|&x| x == (b, lane))
+                .expect("element buffer of the layout")
+        };
+        let elem_stores: Vec<usize> = (0..n)
+            .filter(|&v| is_store(v) && ir.nodes[v].domain == Domain::Elem)
+            .collect();
+        let mut passes = Vec::new();
+        let mut mean_of = HashMap::new();
+        for k in 0..=max_level {
+            let means: Vec<usize> = (0..n)
+                .filter(|&v| is_elem_mean(&ir, ValueId(v as u32)) && level[v] as usize == k + 1)
+                .collect();
+            let last = k == max_level;
+            let mut roots: Vec<ValueId> = means
+                .iter()
+                .map(|&m| ir.nodes[m].op.operands()[0])
+                .collect();
+            if last {
+                roots.extend(elem_stores.iter().map(|&v| ValueId(v as u32)));
+            }
+            let (nodes, _) = elem_closure(&ir, &roots);
+            let mut specs = Vec::new();
+            let mut partial_len = 0;
+            for (i, &m) in means.iter().enumerate() {
+                let node = &ir.nodes[m];
+                let points = layout.domain_len(node.domain);
+                let width = node.width as usize;
+                specs.push(MeanSpec {
+                    node: m,
+                    domain: node.domain,
+                    width,
+                    points,
+                    offset: partial_len,
+                });
+                partial_len += points * width;
+                mean_of.insert(m, (k, i));
+            }
+            let pass = build_pass(&ir, &nodes, specs, partial_len, &buf_id, elem_bufs.len());
+            passes.push(pass);
+        }
+        let bc = Broadcasts::new(&layout, |d| d != Domain::Elem);
+        let dims = layout.dims().to_vec();
+        let strides = [Domain::Row, Domain::Col, Domain::Rest].map(|d| {
+            if !layout.has_domain(d) {
+                return Vec::new();
+            }
+            let axes = layout.domain_axes(d);
+            let mut s = vec![0usize; dims.len()];
+            let mut stride = 1;
+            for &a in axes.iter().rev() {
+                s[a] = stride;
+                stride *= dims[a];
+            }
+            s
+        });
+        let weights = ir
+            .matrices
+            .iter()
+            .map(|m| {
+                let bias = m.bias.clone().unwrap_or_else(|| vec![0.0; m.rows]);
+                Weights {
+                    blocked: kernels::Blocked::new(m.rows, m.cols, &m.weight, &bias),
+                    #[cfg(target_arch = "x86_64")]
+                    wide: kernels::wide::Blocked::new(m.rows, m.cols, &m.weight, &bias),
+                    rows: m.rows,
+                    cols: m.cols,
+                }
+            })
+            .collect();
+        let chunks = layout.numel().div_ceil(CHUNK);
+        CpuProgram {
+            small_phases,
+            small_stores,
+            passes,
+            mean_of,
+            bc,
+            elem_bufs,
+            strides,
+            weights,
+            chunks,
+            slices: chunks.clamp(1, SLICES),
+            ir,
+        }
+    }
+
+    /// Number of passes over the element data per step.
+    pub fn elem_passes(&self) -> usize {
+        self.passes.len()
+    }
+
+    /// The IR the program was compiled from.
+    pub fn ir(&self) -> &StepIr {
+        &self.ir
+    }
+
+    pub(super) fn slice_chunks(&self, s: usize) -> (usize, usize) {
+        (
+            s * self.chunks / self.slices,
+            (s + 1) * self.chunks / self.slices,
+        )
+    }
+}
+
+/// Builds a pass's chunk program from its element nodes (topological order) and assigns slots.
+pub(super) fn build_pass(
+    ir: &StepIr,
+    nodes: &[ValueId],
+    means: Vec<MeanSpec>,
+    partial_len: usize,
+    buf_id: &dyn Fn(Buffer, u32) -> usize,
+    n_bufs: usize,
+) -> Pass {
+    let mut instrs = Vec::new();
+    let mut gathered: HashSet<usize> = HashSet::new();
+    let mut domains = [false; 3];
+    let mut writes = vec![false; n_bufs];
+    for m in &means {
+        if let Some(i) = small_index(m.domain) {
+            domains[i] = true;
+        }
+    }
+    // The slot of an operand; small-domain operands are gathered into the chunk first.
+    let mut slot = |o: ValueId, instrs: &mut Vec<Instr>, domains: &mut [bool; 3]| -> usize {
+        let node = ir.node(o);
+        if node.domain != Domain::Elem && gathered.insert(o.index()) {
+            if let Some(i) = small_index(node.domain) {
+                domains[i] = true;
+            }
+            instrs.push(Instr::Gather {
+                node: o.index(),
+                out: o.index(),
+            });
+        }
+        o.index()
+    };
+    let scalar_ok = |o: ValueId| {
+        let node = ir.node(o);
+        node.domain == Domain::Step && node.width == 1
+    };
+    let mut stores = Vec::new();
+    for &v in nodes {
+        let node = ir.node(v);
+        let out = v.index();
+        let width = node.width as usize;
+        let instr = match &node.op {
+            Op::Store {
+                buffer,
+                lane,
+                value,
+            } => {
+                stores.push((buf_id(*buffer, *lane), *value));
+                continue;
+            }
+            Op::Load { buffer, lane } => Instr::Load {
+                buf: buf_id(*buffer, *lane),
+                out,
+            },
+            Op::Unary(op, a) => Instr::Unary {
+                op: *op,
+                a: slot(*a, &mut instrs, &mut domains),
+                out,
+                width,
+            },
+            Op::Binary(op, a, b) => {
+                let mut opnd = |o: ValueId, instrs: &mut Vec<Instr>, domains: &mut [bool; 3]| {
+                    let node = ir.node(o);
+                    if node.domain == Domain::Elem {
+                        Opnd::Slot(slot(o, instrs, domains))
+                    } else if scalar_ok(o) {
+                        Opnd::Scalar(o.index())
+                    } else {
+                        if let Some(i) = small_index(node.domain) {
+                            domains[i] = true;
+                        }
+                        Opnd::Small(o.index())
+                    }
+                };
+                let oa = opnd(*a, &mut instrs, &mut domains);
+                let ob = opnd(*b, &mut instrs, &mut domains);
+                Instr::Binary {
+                    op: *op,
+                    a: oa,
+                    b: ob,
+                    out,
+                    width,
+                }
+            }
+            Op::Pack(xs) => Instr::Pack {
+                xs: xs
+                    .iter()
+                    .map(|&x| slot(x, &mut instrs, &mut domains))
+                    .collect(),
+                out,
+            },
+            Op::Dense { matrix, x } => Instr::Dense {
+                matrix: matrix.0 as usize,
+                x: slot(*x, &mut instrs, &mut domains),
+                out,
+            },
+            Op::Lane { x, lane } => Instr::Lane {
+                x: slot(*x, &mut instrs, &mut domains),
+                lane: *lane as usize,
+                out,
+            },
+            Op::Scalar(_) | Op::Const(_) | Op::Mean(_) => {
+                unreachable!("step constants and means never live on the element domain")
+            }
+        };
+        instrs.push(instr);
+        for (i, m) in means.iter().enumerate() {
+            if ir.nodes[m.node].op.operands()[0] == v {
+                instrs.push(Instr::Accum { mean: i, src: out });
+            }
+        }
+    }
+    for (buf, value) in stores {
+        writes[buf] = true;
+        let src = slot(value, &mut instrs, &mut domains);
+        instrs.push(Instr::Store { buf, src });
+    }
+
+    // Slot assignment: linear scan; a value's slot is free after its last use. The output of
+    // an instruction is allocated before its inputs are freed, so it never aliases them.
+    let mut last = HashMap::new();
+    for (i, instr) in instrs.iter_mut().enumerate() {
+        instr.visit(&mut |s, _| {
+            last.insert(*s, i);
+        });
+    }
+    // A width-1 value whose only use is a pack is computed directly into its lane of the
+    // pack (the pack's slot is allocated when the first such lane is defined).
+    let mut use_count: HashMap<usize, usize> = HashMap::new();
+    for instr in instrs.iter_mut() {
+        instr.visit(&mut |s, def| {
+            if !def {
+                *use_count.entry(*s).or_default() += 1;
+            }
+        });
+    }
+    let mut defined_here = HashSet::new();
+    for instr in instrs.iter_mut() {
+        if !matches!(instr, Instr::Gather { .. }) {
+            instr.visit(&mut |s, def| {
+                if def {
+                    defined_here.insert(*s);
+                }
+            });
+        }
+    }
+    let mut alias: HashMap<usize, (usize, usize)> = HashMap::new();
+    for instr in &instrs {
+        if let Instr::Pack { xs, out } = instr {
+            for (l, &x) in xs.iter().enumerate() {
+                if use_count[&x] == 1 && defined_here.contains(&x) && ir.nodes[x].width == 1 {
+                    alias.insert(x, (*out, l));
+                }
+            }
+        }
+    }
+    let mut offset: HashMap<usize, usize> = HashMap::new();
+    let mut free: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut top = 0usize;
+    let mut alloc = |width: usize, free: &mut HashMap<usize, Vec<usize>>| {
+        free.get_mut(&width)
+            .and_then(|f| f.pop())
+            .unwrap_or_else(|| {
+                top += width * CHUNK;
+                top - width * CHUNK
+            })
+    };
+    for (i, instr) in instrs.iter_mut().enumerate() {
+        let mut uses = Vec::new();
+        instr.visit(&mut |s, def| {
+            if def {
+                let off = if let Some(&(pack, l)) = alias.get(s) {
+                    let base = match offset.get(&pack) {
+                        Some(&b) => b,
+                        None => {
+                            let b = alloc(ir.nodes[pack].width as usize, &mut free);
+                            offset.insert(pack, b);
+                            b
+                        }
+                    };
+                    base + l * CHUNK
+                } else if let Some(&b) = offset.get(s) {
+                    // A pack allocated early by one of its lanes.
+                    b
+                } else {
+                    alloc(ir.nodes[*s].width as usize, &mut free)
+                };
+                offset.insert(*s, off);
+                uses.push(*s);
+                *s = off;
+            } else {
+                uses.push(*s);
+                *s = offset[s];
+            }
+        });
+        for v in uses {
+            if last[&v] == i {
+                if let Some(off) = offset.remove(&v) {
+                    // An aliased lane lives in its pack's slot, freed with the pack.
+                    if !alias.contains_key(&v) {
+                        free.entry(ir.nodes[v].width as usize)
+                            .or_default()
+                            .push(off);
+                    }
+                }
+            }
+        }
+    }
+    Pass {
+        instrs,
+        scratch: top,
+        means,
+        partial_len,
+        domains,
+        writes,
+    }
+}
