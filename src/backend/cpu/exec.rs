@@ -61,6 +61,49 @@ pub(super) fn lane_src<'a>(
     }
 }
 
+/// The index in a smaller domain (`strides`: its stride along each tensor axis, see
+/// [`CpuProgram::strides`]) of the elements `e0..e0 + len` into `idx`, and how they map.
+pub(super) fn chunk_index(
+    strides: &[usize],
+    dims: &[usize],
+    e0: usize,
+    len: usize,
+    idx: &mut [u32],
+) -> IdxKind {
+    let rank = dims.len();
+    let mut coord = [0usize; crate::shape::MAX_RANK];
+    let mut rem = e0;
+    let mut index = 0usize;
+    for k in (0..rank).rev() {
+        coord[k] = rem % dims[k];
+        rem /= dims[k];
+        index += coord[k] * strides[k];
+    }
+    let (mut same, mut contig) = (true, true);
+    let first = index;
+    for (i, slot) in idx[..len].iter_mut().enumerate() {
+        *slot = index as u32;
+        same &= index == first;
+        contig &= index == first + i;
+        for k in (0..rank).rev() {
+            coord[k] += 1;
+            index += strides[k];
+            if coord[k] < dims[k] {
+                break;
+            }
+            index -= strides[k] * dims[k];
+            coord[k] = 0;
+        }
+    }
+    if same {
+        IdxKind::Const(first)
+    } else if contig {
+        IdxKind::Contig(first)
+    } else {
+        IdxKind::General
+    }
+}
+
 /// How a chunk's elements map to the points of a smaller domain.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(super) enum IdxKind {
@@ -156,45 +199,16 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
         let e0 = c * CHUNK;
         let len = CHUNK.min(numel - e0);
         let local = e0 - job.start;
-        // Index vectors into the smaller domains.
+        // How the chunk maps into the smaller domains (precomputed); index vectors only for
+        // the chunks that need them.
         for d in 0..3 {
             if !pass.domains[d] {
                 continue;
             }
-            let strides = &prog.strides[d];
-            let rank = dims.len();
-            let mut coord = [0usize; crate::shape::MAX_RANK];
-            let mut rem = e0;
-            let mut index = 0usize;
-            for k in (0..rank).rev() {
-                coord[k] = rem % dims[k];
-                rem /= dims[k];
-                index += coord[k] * strides[k];
+            scr.kind[d] = prog.kinds[d][c];
+            if scr.kind[d] == IdxKind::General {
+                chunk_index(&prog.strides[d], dims, e0, len, &mut scr.idx[d]);
             }
-            let idx = &mut scr.idx[d];
-            let (mut same, mut contig) = (true, true);
-            let first = index;
-            for (i, slot) in idx[..len].iter_mut().enumerate() {
-                *slot = index as u32;
-                same &= index == first;
-                contig &= index == first + i;
-                for k in (0..rank).rev() {
-                    coord[k] += 1;
-                    index += strides[k];
-                    if coord[k] < dims[k] {
-                        break;
-                    }
-                    index -= strides[k] * dims[k];
-                    coord[k] = 0;
-                }
-            }
-            scr.kind[d] = if same {
-                IdxKind::Const(first)
-            } else if contig {
-                IdxKind::Contig(first)
-            } else {
-                IdxKind::General
-            };
         }
         for instr in &pass.instrs {
             match instr {
@@ -296,7 +310,12 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                         }
                     }
                 }
-                Instr::Dense { matrix, x, out } => {
+                Instr::Dense {
+                    matrix,
+                    x,
+                    out,
+                    relu,
+                } => {
                     let m = &prog.weights[*matrix];
                     let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK);
                     let xv = p.get(*x, m.cols * CHUNK);
@@ -304,10 +323,10 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                     if WIDE {
                         // SAFETY: `WIDE` is only set by `run_slice_avx512`, which runs only
                         // where the CPU reported AVX-512F (see `dispatch`).
-                        unsafe { kernels::wide::dense(&m.wide, xv, o, len) };
+                        unsafe { kernels::wide::dense(&m.wide, xv, o, len, *relu) };
                         continue;
                     }
-                    kernels::dense::<FMA, TILE>(&m.blocked, xv, o, len);
+                    kernels::dense::<FMA, TILE>(&m.blocked, xv, o, len, *relu);
                 }
                 Instr::Lane { x, lane, out } => {
                     let (o, p) = split_out(&mut scr.vals, *out, len);

@@ -31,10 +31,17 @@ pub fn unary(op: Unary, a: &[f32], out: &mut [f32]) {
             .for_each(|(o, &x)| *o = 1.0 / x.sqrt()),
         Unary::Exp => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x.exp()),
         Unary::Tanh => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x.tanh()),
-        Unary::Relu => out
-            .iter_mut()
-            .zip(a)
-            .for_each(|(o, &x)| *o = if x < 0.0 { 0.0 } else { x }),
+        Unary::Relu => out.iter_mut().zip(a).for_each(|(o, &x)| *o = relu_of(x)),
+    }
+}
+
+/// The interpreter's relu: 0 for x < 0, else x (NaN and −0 kept).
+#[inline(always)]
+fn relu_of(x: f32) -> f32 {
+    if x < 0.0 {
+        0.0
+    } else {
+        x
     }
 }
 
@@ -149,8 +156,8 @@ impl Blocked {
     }
 }
 
-/// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` for the lanes `0..len` rounded up to `TILE`
-/// (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`). Rows are processed [`RB`] at a time
+/// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` (then [`relu`]d if `relu`) for the lanes `0..len`
+/// rounded up to `TILE` (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`). Rows are processed [`RB`] at a time
 /// and lanes `TILE` at a time, so that the `RB` accumulator vectors stay in registers and
 /// each load of `x` feeds `RB` multiply-adds. (Larger register tiles were measured: LLVM
 /// then keeps the accumulators on the stack.)
@@ -160,6 +167,7 @@ pub fn dense<const FMA: bool, const TILE: usize>(
     x: &[f32],
     out: &mut [f32],
     len: usize,
+    relu: bool,
 ) {
     let (rows, cols) = (w.rows, w.cols);
     let per_lane = CHUNK / TILE;
@@ -183,7 +191,10 @@ pub fn dense<const FMA: bool, const TILE: usize>(
                     }
                 }
             }
-            for (b, row) in acc.iter().enumerate() {
+            for (b, row) in acc.iter_mut().enumerate() {
+                if relu {
+                    row.iter_mut().for_each(|v| *v = relu_of(*v));
+                }
                 let o = (r0 + b) * CHUNK + ti * TILE;
                 out[o..o + TILE].copy_from_slice(row);
             }
@@ -195,6 +206,9 @@ pub fn dense<const FMA: bool, const TILE: usize>(
                 for l in 0..TILE {
                     acc[l] = madd::<FMA>(wv, xv[l], acc[l]);
                 }
+            }
+            if relu {
+                acc.iter_mut().for_each(|v| *v = relu_of(*v));
             }
             let o = r * CHUNK + ti * TILE;
             out[o..o + TILE].copy_from_slice(&acc);
@@ -280,6 +294,7 @@ pub mod wide {
         cols: usize,
         x: *const f32,
         out: *mut f32,
+        relu: bool,
     ) {
         let mut lo = [_mm512_setzero_ps(); R];
         let mut hi = [_mm512_setzero_ps(); R];
@@ -298,13 +313,21 @@ pub mod wide {
             }
             w = w.add(R);
         }
+        if relu {
+            // max(0, x) is x for NaN and −0, as the interpreter's relu.
+            let zero = _mm512_setzero_ps();
+            for r in 0..R {
+                lo[r] = _mm512_max_ps(zero, lo[r]);
+                hi[r] = _mm512_max_ps(zero, hi[r]);
+            }
+        }
         for r in 0..R {
             _mm512_storeu_ps(out.add(r * CHUNK), lo[r]);
             _mm512_storeu_ps(out.add(r * CHUNK + 16), hi[r]);
         }
     }
 
-    /// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` for the lanes `0..len` rounded up to 32
+    /// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` (then relu'd if `relu`) for the lanes `0..len` rounded up to 32
     /// (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`): as [`super::dense`], fused
     /// multiply-adds in input-channel order from the bias.
     ///
@@ -312,7 +335,7 @@ pub mod wide {
     /// The CPU must support AVX-512F.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dense(w: &Blocked, x: &[f32], out: &mut [f32], len: usize) {
+    pub unsafe fn dense(w: &Blocked, x: &[f32], out: &mut [f32], len: usize, relu: bool) {
         let (rows, cols) = (w.rows, w.cols);
         let n_tiles = len.div_ceil(LANES);
         assert!(n_tiles * LANES <= CHUNK && x.len() >= cols * CHUNK && out.len() >= rows * CHUNK);
@@ -326,14 +349,14 @@ pub mod wide {
                 let (xs, os) = (xp.add(lane), op.add(r0 * CHUNK + lane));
                 // SAFETY (all arms): the assertion above bounds every lane and row read.
                 match rb {
-                    8 => block::<8>(wb, bias, cols, xs, os),
-                    7 => block::<7>(wb, bias, cols, xs, os),
-                    6 => block::<6>(wb, bias, cols, xs, os),
-                    5 => block::<5>(wb, bias, cols, xs, os),
-                    4 => block::<4>(wb, bias, cols, xs, os),
-                    3 => block::<3>(wb, bias, cols, xs, os),
-                    2 => block::<2>(wb, bias, cols, xs, os),
-                    _ => block::<1>(wb, bias, cols, xs, os),
+                    8 => block::<8>(wb, bias, cols, xs, os, relu),
+                    7 => block::<7>(wb, bias, cols, xs, os, relu),
+                    6 => block::<6>(wb, bias, cols, xs, os, relu),
+                    5 => block::<5>(wb, bias, cols, xs, os, relu),
+                    4 => block::<4>(wb, bias, cols, xs, os, relu),
+                    3 => block::<3>(wb, bias, cols, xs, os, relu),
+                    2 => block::<2>(wb, bias, cols, xs, os, relu),
+                    _ => block::<1>(wb, bias, cols, xs, os, relu),
                 }
             }
         }

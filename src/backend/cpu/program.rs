@@ -1,6 +1,7 @@
 //! Building a [`CpuProgram`]: the IR split into levels, each level's element nodes compiled
 //! into a linear chunk program with scratch slots assigned.
 
+use super::exec::{chunk_index, IdxKind};
 use super::{kernels, CHUNK, SLICES};
 use crate::backend::cuda::schedule::{elem_closure, is_elem_mean, levels};
 use crate::backend::interp::Broadcasts;
@@ -50,10 +51,12 @@ pub(super) enum Instr {
         xs: Vec<usize>,
         out: usize,
     },
+    /// A dense layer; with `relu`, the relu of it (the dense node's only use in the IR).
     Dense {
         matrix: usize,
         x: usize,
         out: usize,
+        relu: bool,
     },
     Lane {
         x: usize,
@@ -164,6 +167,9 @@ pub struct CpuProgram {
     /// For row/col/rest: the stride in that domain of each tensor axis (0 for removed axes).
     pub(super) strides: [Vec<usize>; 3],
     pub(super) weights: Vec<Weights>,
+    /// For row/col/rest: how each chunk maps into that domain (empty for a domain the layout
+    /// lacks); computed once, so that a pass builds index vectors only for `General` chunks.
+    pub(super) kinds: [Vec<IdxKind>; 3],
     pub(super) chunks: usize,
     pub(super) slices: usize,
 }
@@ -273,7 +279,20 @@ impl CpuProgram {
                 }
             })
             .collect();
-        let chunks = layout.numel().div_ceil(CHUNK);
+        let numel = layout.numel();
+        let chunks = numel.div_ceil(CHUNK);
+        let mut idx = vec![0u32; CHUNK];
+        let kinds = [0, 1, 2].map(|d| {
+            if strides[d].is_empty() {
+                return Vec::new();
+            }
+            (0..chunks)
+                .map(|c| {
+                    let e0 = c * CHUNK;
+                    chunk_index(&strides[d], &dims, e0, CHUNK.min(numel - e0), &mut idx)
+                })
+                .collect()
+        });
         CpuProgram {
             small_phases,
             small_stores,
@@ -283,6 +302,7 @@ impl CpuProgram {
             elem_bufs,
             strides,
             weights,
+            kinds,
             chunks,
             slices: chunks.clamp(1, SLICES),
             ir,
@@ -343,11 +363,34 @@ pub(super) fn build_pass(
         let node = ir.node(o);
         node.domain == Domain::Step && node.width == 1
     };
+    // A dense node whose only use is a relu is computed with the relu applied, into the relu's
+    // value (the relu node then emits nothing).
+    let mut uses = vec![0usize; ir.nodes.len()];
+    for n in &ir.nodes {
+        for o in n.op.operands() {
+            uses[o.index()] += 1;
+        }
+    }
+    let relu_of: HashMap<usize, usize> = nodes
+        .iter()
+        .filter_map(|&v| match ir.node(v).op {
+            Op::Unary(Unary::Relu, a)
+                if uses[a.index()] == 1 && matches!(ir.node(a).op, Op::Dense { .. }) =>
+            {
+                Some((a.index(), v.index()))
+            }
+            _ => None,
+        })
+        .collect();
+    let fused: HashSet<usize> = relu_of.values().copied().collect();
     let mut stores = Vec::new();
     for &v in nodes {
         let node = ir.node(v);
         let out = v.index();
         let width = node.width as usize;
+        if fused.contains(&out) {
+            continue;
+        }
         let instr = match &node.op {
             Op::Store {
                 buffer,
@@ -401,7 +444,8 @@ pub(super) fn build_pass(
             Op::Dense { matrix, x } => Instr::Dense {
                 matrix: matrix.0 as usize,
                 x: slot(*x, &mut instrs, &mut domains),
-                out,
+                out: relu_of.get(&out).copied().unwrap_or(out),
+                relu: relu_of.contains_key(&out),
             },
             Op::Lane { x, lane } => Instr::Lane {
                 x: slot(*x, &mut instrs, &mut domains),
@@ -412,10 +456,15 @@ pub(super) fn build_pass(
                 unreachable!("step constants and means never live on the element domain")
             }
         };
+        // The value the instruction defines (a fused dense defines its relu's).
+        let def = match instr {
+            Instr::Dense { out, .. } => out,
+            _ => out,
+        };
         instrs.push(instr);
         for (i, m) in means.iter().enumerate() {
-            if ir.nodes[m.node].op.operands()[0] == v {
-                instrs.push(Instr::Accum { mean: i, src: out });
+            if ir.nodes[m.node].op.operands()[0].index() == def {
+                instrs.push(Instr::Accum { mean: i, src: def });
             }
         }
     }
