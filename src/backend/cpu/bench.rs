@@ -157,18 +157,18 @@ fn run_layer(isa: Isa, l: &Layer, x: &[f32], out: &mut [f32]) {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { dense_avx2(l, x, out) },
-        _ => kernels::dense::<false, 8>(&l.blocked, x, out, CHUNK, false),
+        _ => kernels::dense::<false, 8>(&l.blocked, x, out, CHUNK, Default::default()),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn dense_avx512(l: &Layer, x: &[f32], out: &mut [f32]) {
-    kernels::wide::dense(&l.wide, x, out, CHUNK, false)
+    kernels::wide::dense(&l.wide, x, out, CHUNK, Default::default())
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dense_avx2(l: &Layer, x: &[f32], out: &mut [f32]) {
-    kernels::dense::<true, 16>(&l.blocked, x, out, CHUNK, false)
+    kernels::dense::<true, 16>(&l.blocked, x, out, CHUNK, Default::default())
 }

@@ -313,20 +313,25 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                 Instr::Dense {
                     matrix,
                     x,
+                    addend,
                     out,
                     relu,
                 } => {
                     let m = &prog.weights[*matrix];
                     let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK);
                     let xv = p.get(*x, m.cols * CHUNK);
+                    let epi = kernels::Epilogue {
+                        addend: addend.map(|a| p.get(a, m.rows * CHUNK)),
+                        relu: *relu,
+                    };
                     #[cfg(target_arch = "x86_64")]
                     if WIDE {
                         // SAFETY: `WIDE` is only set by `run_slice_avx512`, which runs only
                         // where the CPU reported AVX-512F (see `dispatch`).
-                        unsafe { kernels::wide::dense(&m.wide, xv, o, len, *relu) };
+                        unsafe { kernels::wide::dense(&m.wide, xv, o, len, epi) };
                         continue;
                     }
-                    kernels::dense::<FMA, TILE>(&m.blocked, xv, o, len, *relu);
+                    kernels::dense::<FMA, TILE>(&m.blocked, xv, o, len, epi);
                 }
                 Instr::Lane { x, lane, out } => {
                     let (o, p) = split_out(&mut scr.vals, *out, len);

@@ -119,6 +119,17 @@ fn tiles<const TILE: usize>(
         .map(|c| c.try_into().expect("exact chunk"))
 }
 
+/// What a dense kernel does to its accumulators before storing them: `+ addend[r][lane]`
+/// (an element value `[rows][CHUNK]`, added after the whole sum: the same rounding as a
+/// separate add), then the relu.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    /// Added to every output (same layout as the output).
+    pub addend: Option<&'a [f32]>,
+    /// Whether the (summed) output is relu'd.
+    pub relu: bool,
+}
+
 /// Rows per register block of the dense kernel.
 pub const RB: usize = 4;
 
@@ -156,7 +167,7 @@ impl Blocked {
     }
 }
 
-/// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` (then [`relu`]d if `relu`) for the lanes `0..len`
+/// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` (then the [`Epilogue`]) for the lanes `0..len`
 /// rounded up to `TILE` (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`). Rows are processed [`RB`] at a time
 /// and lanes `TILE` at a time, so that the `RB` accumulator vectors stay in registers and
 /// each load of `x` feeds `RB` multiply-adds. (Larger register tiles were measured: LLVM
@@ -167,9 +178,12 @@ pub fn dense<const FMA: bool, const TILE: usize>(
     x: &[f32],
     out: &mut [f32],
     len: usize,
-    relu: bool,
+    epi: Epilogue<'_>,
 ) {
     let (rows, cols) = (w.rows, w.cols);
+    if let Some(a) = epi.addend {
+        assert!(a.len() >= rows * CHUNK);
+    }
     let per_lane = CHUNK / TILE;
     let n_tiles = len.div_ceil(TILE);
     debug_assert!(n_tiles * TILE <= CHUNK && CHUNK.is_multiple_of(TILE));
@@ -192,10 +206,8 @@ pub fn dense<const FMA: bool, const TILE: usize>(
                 }
             }
             for (b, row) in acc.iter_mut().enumerate() {
-                if relu {
-                    row.iter_mut().for_each(|v| *v = relu_of(*v));
-                }
                 let o = (r0 + b) * CHUNK + ti * TILE;
+                epilogue(row, o, epi);
                 out[o..o + TILE].copy_from_slice(row);
             }
         }
@@ -207,12 +219,24 @@ pub fn dense<const FMA: bool, const TILE: usize>(
                     acc[l] = madd::<FMA>(wv, xv[l], acc[l]);
                 }
             }
-            if relu {
-                acc.iter_mut().for_each(|v| *v = relu_of(*v));
-            }
             let o = r * CHUNK + ti * TILE;
+            epilogue(&mut acc, o, epi);
             out[o..o + TILE].copy_from_slice(&acc);
         }
+    }
+}
+
+/// Applies `epi` to one tile of output row values that will be stored at offset `o`.
+#[inline(always)]
+fn epilogue<const TILE: usize>(row: &mut [f32; TILE], o: usize, epi: Epilogue<'_>) {
+    if let Some(a) = epi.addend {
+        let a: &[f32; TILE] = a[o..o + TILE].try_into().expect("tile in range");
+        for l in 0..TILE {
+            row[l] += a[l];
+        }
+    }
+    if epi.relu {
+        row.iter_mut().for_each(|v| *v = relu_of(*v));
     }
 }
 
@@ -240,7 +264,7 @@ pub fn sum_f64(x: &[f32]) -> f64 {
 /// so the results are bitwise those of the AVX2 + FMA build.
 #[cfg(target_arch = "x86_64")]
 pub mod wide {
-    use super::CHUNK;
+    use super::{Epilogue, CHUNK};
     use std::arch::x86_64::*;
 
     /// Rows per register block.
@@ -285,7 +309,8 @@ pub mod wide {
     ///
     /// # Safety
     /// AVX-512F; `x` readable at `c * CHUNK + 0..32` for `c < cols`, `out` writable at
-    /// `r * CHUNK + 0..32` for `r < R`, `wb.len() >= cols * R`, `bias.len() >= R`.
+    /// `r * CHUNK + 0..32` for `r < R` (and `addend` readable there), `wb.len() >= cols * R`,
+    /// `bias.len() >= R`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn block<const R: usize>(
@@ -294,6 +319,7 @@ pub mod wide {
         cols: usize,
         x: *const f32,
         out: *mut f32,
+        addend: Option<*const f32>,
         relu: bool,
     ) {
         let mut lo = [_mm512_setzero_ps(); R];
@@ -313,6 +339,12 @@ pub mod wide {
             }
             w = w.add(R);
         }
+        if let Some(a) = addend {
+            for r in 0..R {
+                lo[r] = _mm512_add_ps(lo[r], _mm512_loadu_ps(a.add(r * CHUNK)));
+                hi[r] = _mm512_add_ps(hi[r], _mm512_loadu_ps(a.add(r * CHUNK + 16)));
+            }
+        }
         if relu {
             // max(0, x) is x for NaN and −0, as the interpreter's relu.
             let zero = _mm512_setzero_ps();
@@ -327,7 +359,8 @@ pub mod wide {
         }
     }
 
-    /// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` (then relu'd if `relu`) for the lanes `0..len` rounded up to 32
+    /// `out[r] = bias[r] + Σ_c W[r][c] · x[c]` (then the [`Epilogue`]) for the lanes `0..len`
+    /// rounded up to 32
     /// (`x` is `[cols][CHUNK]`, `out` is `[rows][CHUNK]`): as [`super::dense`], fused
     /// multiply-adds in input-channel order from the bias.
     ///
@@ -335,10 +368,12 @@ pub mod wide {
     /// The CPU must support AVX-512F.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dense(w: &Blocked, x: &[f32], out: &mut [f32], len: usize, relu: bool) {
+    pub unsafe fn dense(w: &Blocked, x: &[f32], out: &mut [f32], len: usize, epi: Epilogue<'_>) {
         let (rows, cols) = (w.rows, w.cols);
         let n_tiles = len.div_ceil(LANES);
         assert!(n_tiles * LANES <= CHUNK && x.len() >= cols * CHUNK && out.len() >= rows * CHUNK);
+        assert!(epi.addend.is_none_or(|a| a.len() >= rows * CHUNK));
+        let relu = epi.relu;
         let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
         for ti in 0..n_tiles {
             let lane = ti * LANES;
@@ -347,16 +382,17 @@ pub mod wide {
                 let wb = &w.blocks[r0 * cols..(r0 + rb) * cols];
                 let bias = &w.bias[r0..r0 + rb];
                 let (xs, os) = (xp.add(lane), op.add(r0 * CHUNK + lane));
+                let ad = epi.addend.map(|a| a.as_ptr().add(r0 * CHUNK + lane));
                 // SAFETY (all arms): the assertion above bounds every lane and row read.
                 match rb {
-                    8 => block::<8>(wb, bias, cols, xs, os, relu),
-                    7 => block::<7>(wb, bias, cols, xs, os, relu),
-                    6 => block::<6>(wb, bias, cols, xs, os, relu),
-                    5 => block::<5>(wb, bias, cols, xs, os, relu),
-                    4 => block::<4>(wb, bias, cols, xs, os, relu),
-                    3 => block::<3>(wb, bias, cols, xs, os, relu),
-                    2 => block::<2>(wb, bias, cols, xs, os, relu),
-                    _ => block::<1>(wb, bias, cols, xs, os, relu),
+                    8 => block::<8>(wb, bias, cols, xs, os, ad, relu),
+                    7 => block::<7>(wb, bias, cols, xs, os, ad, relu),
+                    6 => block::<6>(wb, bias, cols, xs, os, ad, relu),
+                    5 => block::<5>(wb, bias, cols, xs, os, ad, relu),
+                    4 => block::<4>(wb, bias, cols, xs, os, ad, relu),
+                    3 => block::<3>(wb, bias, cols, xs, os, ad, relu),
+                    2 => block::<2>(wb, bias, cols, xs, os, ad, relu),
+                    _ => block::<1>(wb, bias, cols, xs, os, ad, relu),
                 }
             }
         }

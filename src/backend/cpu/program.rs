@@ -51,10 +51,12 @@ pub(super) enum Instr {
         xs: Vec<usize>,
         out: usize,
     },
-    /// A dense layer; with `relu`, the relu of it (the dense node's only use in the IR).
+    /// A dense layer, then (fused, when the dense node's only use is that add, and the add's
+    /// only use that relu) `+ addend` and the relu.
     Dense {
         matrix: usize,
         x: usize,
+        addend: Option<usize>,
         out: usize,
         relu: bool,
     },
@@ -96,7 +98,14 @@ impl Instr {
                 xs.iter_mut().for_each(|x| f(x, false));
                 f(out, true);
             }
-            Instr::Dense { x, out, .. } | Instr::Lane { x, out, .. } => {
+            Instr::Dense { x, addend, out, .. } => {
+                f(x, false);
+                if let Some(a) = addend {
+                    f(a, false);
+                }
+                f(out, true);
+            }
+            Instr::Lane { x, out, .. } => {
                 f(x, false);
                 f(out, true);
             }
@@ -363,32 +372,79 @@ pub(super) fn build_pass(
         let node = ir.node(o);
         node.domain == Domain::Step && node.width == 1
     };
-    // A dense node whose only use is a relu is computed with the relu applied, into the relu's
-    // value (the relu node then emits nothing).
+    // A dense node whose only use is an add of an element value, and/or whose (sum's) only
+    // use is a relu, is computed with those applied by the kernel before its store. The fused
+    // instruction is emitted at its last node (the addend is computed by then) and defines
+    // that node's value; the nodes it absorbs emit nothing.
     let mut uses = vec![0usize; ir.nodes.len()];
-    for n in &ir.nodes {
+    let mut user = vec![usize::MAX; ir.nodes.len()];
+    for (i, n) in ir.nodes.iter().enumerate() {
         for o in n.op.operands() {
             uses[o.index()] += 1;
+            user[o.index()] = i;
         }
     }
-    let relu_of: HashMap<usize, usize> = nodes
-        .iter()
-        .filter_map(|&v| match ir.node(v).op {
-            Op::Unary(Unary::Relu, a)
-                if uses[a.index()] == 1 && matches!(ir.node(a).op, Op::Dense { .. }) =>
-            {
-                Some((a.index(), v.index()))
+    let in_pass: HashSet<usize> = nodes.iter().map(|v| v.index()).collect();
+    // Last fused node → (dense node, addend, relu); absorbed nodes.
+    let mut fused_at: HashMap<usize, (usize, Option<ValueId>, bool)> = HashMap::new();
+    let mut absorbed: HashSet<usize> = HashSet::new();
+    for &v in nodes {
+        if !matches!(ir.node(v).op, Op::Dense { .. }) {
+            continue;
+        }
+        let d = v.index();
+        let (mut last, mut addend, mut relu) = (d, None, false);
+        if uses[d] == 1 && in_pass.contains(&user[d]) {
+            if let Op::Binary(Binary::Add, a, b) = ir.nodes[user[d]].op {
+                let other = if a.index() == d { b } else { a };
+                let o = ir.node(other);
+                if a != b && o.domain == Domain::Elem && o.width == ir.nodes[d].width {
+                    addend = Some(other);
+                    last = user[d];
+                }
             }
-            _ => None,
-        })
-        .collect();
-    let fused: HashSet<usize> = relu_of.values().copied().collect();
+        }
+        if uses[last] == 1
+            && in_pass.contains(&user[last])
+            && matches!(ir.nodes[user[last]].op, Op::Unary(Unary::Relu, _))
+        {
+            relu = true;
+            last = user[last];
+        }
+        if last != d {
+            absorbed.insert(d);
+            if addend.is_some() && relu {
+                absorbed.insert(user[d]);
+            }
+            fused_at.insert(last, (d, addend, relu));
+        }
+    }
     let mut stores = Vec::new();
     for &v in nodes {
         let node = ir.node(v);
         let out = v.index();
         let width = node.width as usize;
-        if fused.contains(&out) {
+        if absorbed.contains(&out) {
+            continue;
+        }
+        if let Some(&(d, addend, relu)) = fused_at.get(&out) {
+            let Op::Dense { matrix, x } = ir.nodes[d].op else {
+                unreachable!("a fused dense node")
+            };
+            let x = slot(x, &mut instrs, &mut domains);
+            let addend = addend.map(|a| slot(a, &mut instrs, &mut domains));
+            instrs.push(Instr::Dense {
+                matrix: matrix.0 as usize,
+                x,
+                addend,
+                out,
+                relu,
+            });
+            for (i, m) in means.iter().enumerate() {
+                if ir.nodes[m.node].op.operands()[0] == v {
+                    instrs.push(Instr::Accum { mean: i, src: out });
+                }
+            }
             continue;
         }
         let instr = match &node.op {
@@ -444,8 +500,9 @@ pub(super) fn build_pass(
             Op::Dense { matrix, x } => Instr::Dense {
                 matrix: matrix.0 as usize,
                 x: slot(*x, &mut instrs, &mut domains),
-                out: relu_of.get(&out).copied().unwrap_or(out),
-                relu: relu_of.contains_key(&out),
+                addend: None,
+                out,
+                relu: false,
             },
             Op::Lane { x, lane } => Instr::Lane {
                 x: slot(*x, &mut instrs, &mut domains),
@@ -456,15 +513,10 @@ pub(super) fn build_pass(
                 unreachable!("step constants and means never live on the element domain")
             }
         };
-        // The value the instruction defines (a fused dense defines its relu's).
-        let def = match instr {
-            Instr::Dense { out, .. } => out,
-            _ => out,
-        };
         instrs.push(instr);
         for (i, m) in means.iter().enumerate() {
-            if ir.nodes[m.node].op.operands()[0].index() == def {
-                instrs.push(Instr::Accum { mean: i, src: def });
+            if ir.nodes[m.node].op.operands()[0] == v {
+                instrs.push(Instr::Accum { mean: i, src: out });
             }
         }
     }
