@@ -91,7 +91,11 @@ pub fn spread_values(n: usize, seed: u64, step: usize) -> Vec<f32> {
             s ^= s << 17;
             let u = (s >> 11) as f64 / (1u64 << 53) as f64;
             let scale = 10f64.powf(-3.0 + 3.0 * ((i * 7 + step) % 11) as f64 / 10.0);
-            let outlier = if (i + step).is_multiple_of(97) { 30.0 } else { 1.0 };
+            let outlier = if (i + step).is_multiple_of(97) {
+                30.0
+            } else {
+                1.0
+            };
             ((u * 2.0 - 1.0) * scale * outlier) as f32
         })
         .collect()

@@ -32,7 +32,7 @@
 //! **Modules.** [`isa`](Isa) detection; `program`: building a [`CpuProgram`] from the IR;
 //! `exec`: the chunk executor; `stepper`: [`CpuStepper`] (small phases through the
 //! interpreter's per-node evaluator, passes on the threads, stores); `kernels`: the
-//! lane-parallel and dense kernels; [`bench`]: kernel microbenchmarks.
+//! lane-parallel and dense kernels; [`mod@bench`]: kernel microbenchmarks.
 
 pub mod bench;
 mod exec;

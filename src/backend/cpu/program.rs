@@ -158,7 +158,7 @@ pub(super) fn small_index(d: Domain) -> Option<usize> {
     }
 }
 
-/// A step compiled for the CPU: what [`CpuStepper`] runs. Built once per IR.
+/// A step compiled for the CPU: what [`CpuStepper`](super::CpuStepper) runs. Built once per IR.
 #[derive(Debug)]
 pub struct CpuProgram {
     pub(super) ir: Arc<StepIr>,
