@@ -2,7 +2,8 @@
 //! bitwise determinism, and bad launches rejected before launch.
 //!
 //! Every test prints why it is skipped and passes when no CUDA device can be opened (or
-//! libnvrtc is missing).
+//! libnvrtc is missing), unless `MULO_REQUIRE_GPU=1` (set by `scripts/gpu-check`), which makes
+//! a missing GPU a failure.
 
 mod common;
 
@@ -27,9 +28,65 @@ fn runtime(test: &str) -> Option<&'static CudaRuntime> {
     match rt {
         Ok(rt) => Some(rt),
         Err(why) => {
+            assert!(
+                std::env::var("MULO_REQUIRE_GPU").as_deref() != Ok("1"),
+                "{test}: MULO_REQUIRE_GPU=1 but {why}"
+            );
             eprintln!("SKIPPED {test}: {why}");
             None
         }
+    }
+}
+
+/// A failed module load names the program and carries the driver's JIT error log (the loader
+/// uses `cuModuleLoadDataEx` with log buffers); a CUBIN for another architecture is refused
+/// with the driver's error, not at the first launch.
+#[test]
+fn failed_module_loads_name_the_program_and_carry_the_log() {
+    use mulo::backend::cuda::loader::{Image, Module};
+    let Some(rt) = runtime("failed_module_loads_name_the_program_and_carry_the_log") else {
+        return;
+    };
+    // PTX whose kernel uses an undeclared register: ptxas (in the driver) rejects it.
+    let bad = format!(
+        ".version 7.0\n.target {}\n.address_size 64\n.visible .entry broken()\n{{\n\tmov.u32 %r1, 1;\n\tret;\n}}\n",
+        rt.arch()
+    );
+    let err = match Module::load(rt.context(), Image::Ptx(&bad), "broken.ptx (test)") {
+        Ok(_) => panic!("the driver loaded invalid PTX"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("broken.ptx (test)"), "{err}");
+    assert!(err.contains("error log"), "no JIT log in: {err}");
+    // A good program loads, and its kernel is found by name; a missing kernel is an error
+    // naming both.
+    let good = nvrtc::compile_cubin(
+        "extern \"C\" __global__ void ok(float* x) { x[threadIdx.x] = 1.0f; }",
+        rt.arch(),
+        false,
+    )
+    .unwrap();
+    let module = Module::load(rt.context(), Image::Cubin(&good.cubin), "ok.cubin").unwrap();
+    module.kernel("ok").unwrap();
+    let err = module.kernel("absent").err().unwrap().to_string();
+    assert!(err.contains("ok.cubin") && err.contains("absent"), "{err}");
+    // A CUBIN for another architecture than the device's.
+    let other = if rt.arch() == "sm_80" {
+        "sm_90"
+    } else {
+        "sm_80"
+    };
+    let foreign = nvrtc::compile_cubin(
+        "extern \"C\" __global__ void ok(float* x) { x[threadIdx.x] = 1.0f; }",
+        other,
+        false,
+    )
+    .unwrap();
+    if let Err(e) = Module::load(rt.context(), Image::Cubin(&foreign.cubin), "foreign.cubin") {
+        assert!(e.to_string().contains("foreign.cubin"), "{e}");
+    } else {
+        // sm_80 code loads on newer sm_8x devices (binary compatibility within a major).
+        assert!(other == "sm_80" && rt.arch().starts_with("sm_8"));
     }
 }
 
