@@ -5,7 +5,7 @@
 //! corrupt image) returns an error that names the program and carries the driver's log.
 //! cudarc's own `load_module` uses `cuModuleLoadData`, which has no log, so the module and
 //! launch handles here are thin wrappers over the driver API; buffers are still cudarc's
-//! [`CudaSlice`]s, and a launch takes their device pointers through cudarc's
+//! [`CudaSlice`](cudarc::driver::CudaSlice)s, and a launch takes their device pointers through cudarc's
 //! [`DevicePtr`]/[`DevicePtrMut`], which keep its stream-ordering events right.
 
 use super::runtime::driver_err;
@@ -107,12 +107,13 @@ impl Module {
             CUjit_option::CU_JIT_LOG_VERBOSE,
         ];
         // Each value is a pointer-sized word: a buffer's address, or a number.
+        let number = std::ptr::without_provenance_mut::<c_void>;
         let mut values: [*mut c_void; 5] = [
             info.as_mut_ptr().cast(),
-            LOG_BYTES as *mut c_void,
+            number(LOG_BYTES),
             error.as_mut_ptr().cast(),
-            LOG_BYTES as *mut c_void,
-            1usize as *mut c_void,
+            number(LOG_BYTES),
+            number(1),
         ];
         let mut raw: sys::CUmodule = std::ptr::null_mut();
         // SAFETY: `data` points to a NUL-terminated PTX text or a whole ELF image that lives
