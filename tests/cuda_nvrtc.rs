@@ -357,3 +357,58 @@ fn packed_model_compiles_to_a_cubin_with_timed_phases() {
         );
     }
 }
+
+/// `mulo-compile --target cuda --cubin` writes the CUBIN beside the PTX (the same image the
+/// runtime compiles for that shape and arch) and reports NVRTC's phases; `--cubin` is refused
+/// for other targets, and a packed bench (several shapes) for targets other than cuda.
+#[test]
+fn cli_writes_the_cubin_beside_the_ptx() {
+    if !nvrtc_or_skip("cli_writes_the_cubin_beside_the_ptx") {
+        return;
+    }
+    let dir = common::temp_dir("cli-cubin");
+    let weights = common::golden_dir().join("weights");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mulo-compile"))
+            .args(args)
+            .env("MULO_CACHE_DIR", dir.join("cache"))
+            .output()
+            .expect("mulo-compile runs")
+    };
+    let out_dir = dir.join("out");
+    let out = run(&[
+        "--shape",
+        "6x4",
+        "--target",
+        "cuda",
+        "--arch",
+        "sm_80",
+        "--cubin",
+        "--weights",
+        weights.to_str().unwrap(),
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("cubin:")).unwrap();
+    assert!(line.contains("compiled") && line.contains("ptxas"), "{line}");
+    let cubin = std::fs::read(out_dir.join("mulo_step.cubin")).unwrap();
+    assert!(out_dir.join("mulo_step.ptx").is_file());
+    assert_eq!(nvrtc::cubin_sm(&cubin), Some(80));
+    let lopt = LearnedOptimizer::load(weights.to_str().unwrap()).unwrap();
+    let ir = mulo::compile_step(&Shape::parse("6x4").unwrap(), &lopt).unwrap();
+    let source = cuda::generate(&ir).unwrap().source;
+    assert_eq!(
+        nvrtc::compile_cubin(&source, "sm_80", false).unwrap().cubin,
+        cubin,
+        "the CLI's CUBIN is not the runtime's"
+    );
+    let out = run(&["--shape", "6x4", "--target", "ir", "--cubin"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cubin needs --target cuda"));
+    let out = run(&["bench", "--shape", "6x4", "--shape", "3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--target cuda only"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -278,9 +278,6 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             for path in compiled.write_to(&dir)? {
                 eprintln!("wrote {}", path.display());
             }
-            if args.cubin {
-                write_cubin(&compiled.source, &arch, &dir.join("mulo_step.cubin"))?;
-            }
             eprintln!(
                 "{} kernels, {} passes over the elements, {} bytes of PTX for {} (NVRTC {}{}) in {:.1?}",
                 compiled.manifest.kernels.len(),
@@ -291,6 +288,9 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 if compiled.ptx.from_cache { ", from the cache" } else { "" },
                 started.elapsed()
             );
+            if args.cubin {
+                write_cubin(&compiled.source, &arch, &dir.join("mulo_step.cubin"))?;
+            }
         }
         CompileTarget::Onnx => write_onnx(&ir, args.output.clone(), started)?,
     }
@@ -376,9 +376,6 @@ fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
     for path in compiled.write_to(&dir)? {
         eprintln!("wrote {}", path.display());
     }
-    if args.cubin {
-        write_cubin(&compiled.source, &arch, &dir.join("mulo_model.cubin"))?;
-    }
     eprintln!(
         "{} launches per step, {} bytes of PTX (NVRTC {}{}) in {:.1?}",
         compiled.manifest.slots.len(),
@@ -391,6 +388,9 @@ fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
         },
         started.elapsed()
     );
+    if args.cubin {
+        write_cubin(&compiled.source, &arch, &dir.join("mulo_model.cubin"))?;
+    }
     Ok(0)
 }
 
