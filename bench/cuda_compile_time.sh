@@ -58,7 +58,7 @@ echo
 echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load average $(cut -d' ' -f1-3 /proc/loadavg) at start"
 echo "- NVRTC: $nvrtc_version (wheel nvidia-cuda-nvrtc-cu12), arch $arch"
-echo "- command: \`bench/cuda_compile_time.sh $arch\` (\`mulo-compile --target cuda --cubin\`, $(basename "$(dirname "$bin")") build, fixture weights)"
+echo "- command: \`${MULO_COMPILE:+MULO_COMPILE=$bin }bench/cuda_compile_time.sh $arch\` (\`mulo-compile --target cuda --cubin\`, $(basename "$(dirname "$bin")") build, fixture weights)"
 echo "- packed model: ${gpt2[*]} ${others[*]}"
 echo
 echo "Columns: the time to the portable PTX (mulo-compile's own figure: IR, rendering, NVRTC for"
