@@ -392,7 +392,10 @@ fn cli_writes_the_cubin_beside_the_ptx() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let line = stderr.lines().find(|l| l.starts_with("cubin:")).unwrap();
-    assert!(line.contains("compiled") && line.contains("ptxas"), "{line}");
+    assert!(
+        line.contains("compiled") && line.contains("ptxas"),
+        "{line}"
+    );
     let cubin = std::fs::read(out_dir.join("mulo_step.cubin")).unwrap();
     assert!(out_dir.join("mulo_step.ptx").is_file());
     assert_eq!(nvrtc::cubin_sm(&cubin), Some(80));

@@ -557,3 +557,39 @@ pub fn bench(
     let peak = measure_fma_rate(runtime)?;
     Ok(BenchReport::new(ir, "cuda", &times, peak, bandwidth))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_copy_path_moves_twelve_bytes_per_element() {
+        // A 4096x1024 tensor: the parameter and gradient up, the parameter down, f32.
+        assert_eq!(host_copy_bytes_per_step(4096 * 1024), 50_331_648);
+        assert_eq!(host_copy_bytes_per_step(0), 0);
+    }
+
+    #[test]
+    fn fma_probe_compiles_to_a_cubin() {
+        if !nvrtc::nvrtc_available() {
+            eprintln!(
+                "SKIPPED fma_probe_compiles_to_a_cubin: {}",
+                nvrtc::NVRTC_HELP
+            );
+            return;
+        }
+        let c = nvrtc::compile_cubin(FMA_PROBE_SOURCE, "sm_90", false).unwrap();
+        assert_eq!(nvrtc::cubin_sm(&c.cubin), Some(90));
+        assert!(c
+            .cubin
+            .windows(b"\0mulo_fma_probe\0".len())
+            .any(|w| w == b"\0mulo_fma_probe\0"));
+        // NVVM kept every FMA of the unrolled body (16 per chain per iteration): the chains
+        // are not folded, so the probe times what it counts.
+        let ptx = nvrtc::compile(FMA_PROBE_SOURCE, "sm_90", false)
+            .unwrap()
+            .ptx;
+        let fmas = ptx.matches("fma.rn.f32").count() as u64;
+        assert!(fmas >= 16 * FMA_CHAINS, "{fmas} FMAs in the probe's PTX");
+    }
+}
