@@ -31,10 +31,12 @@ pub trait PackedExecutor: Send + Sync {
     /// Copies `out.len()` values of `arena` from element `offset` into `out`.
     fn read(&self, arena: Buffer, offset: usize, out: &mut [f32]) -> Result<()>;
 
-    /// Runs one model step: uploads `table` and `starts` (see [`PackedModel::table`] and
-    /// [`PackedModel::block_starts`]) and launches every slot with a non-empty grid, in order;
-    /// returns when the step is complete.
-    fn run(&mut self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()>;
+    /// Runs one model step on the arenas: writes the table ([`PackedModel::table`] of the
+    /// arenas' [`PackedModel::arena_addrs`] and `steps`: per tensor its hyper-parameters and
+    /// step counter, `None` when it is not stepped), uploads it and `starts`
+    /// ([`PackedModel::block_starts`]) and launches every slot with a non-empty grid, in
+    /// order; returns when the step is complete.
+    fn run(&mut self, steps: &[Option<(Hyper, u64)>], starts: &[i64], grids: &[u32]) -> Result<()>;
 }
 
 /// The host side of a packed model on any [`PackedExecutor`].
@@ -111,10 +113,9 @@ impl<E: PackedExecutor> PackedBackend<E> {
             .zip(&self.steps)
             .map(|(h, &s)| h.map(|h| (h, s)))
             .collect();
-        let table = self.model.table(&entries);
         let starts = self.model.block_starts(&active);
         let grids = self.model.grids(&starts)?;
-        self.exec.run(&table, &starts, &grids)?;
+        self.exec.run(&entries, &starts, &grids)?;
         for (s, on) in self.steps.iter_mut().zip(active) {
             *s += on as u64;
         }
