@@ -1,0 +1,251 @@
+"""mulo.torch on CUDA tensors: the packed CUDA program stepping torch's tensors in place.
+
+What runs everywhere: the program and its manifest built for a group's layouts (no GPU, no
+NVRTC), the state conversion the CUDA path's state_dict uses, and the argument checks. The
+program itself is verified without a GPU by the CPU emulation of the generated source
+(`cargo test --test cuda_packed_emulated pointer_mode`: tensors in separate allocations, the
+table pointing at them, the whole-model golden replay). What needs a GPU is skipped here with
+the reason printed (`pytest -rs`).
+"""
+
+import io
+import json
+
+import pytest
+import torch
+
+from mulo._native import CudaModel, LearnedOptimizer, state_from_pylo, state_to_pylo
+from mulo.torch import AdafacLO, MuLO, pylo_factored_axes
+from test_torch import (
+    TOL,
+    WEIGHTS,
+    assert_same_state,
+    build_mup_model,
+    load_model_case,
+    rel_err,
+    state_of,
+)
+
+NO_GPU = "no CUDA device (torch.cuda.is_available() is false): the packed CUDA program is verified in emulation only (cargo test --test cuda_packed_emulated)"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+
+
+# ------------------------------------------------------------------ without a GPU
+
+
+def test_one_program_per_group_for_the_groups_layouts():
+    lopt = LearnedOptimizer.load("demo")
+    shapes = [[64, 32], [32], [64, 32], [16, 8, 3, 3], [], [32, 64]]
+    axes = [pylo_factored_axes(s) for s in shapes]
+    model = CudaModel(lopt, shapes, axes)
+    assert model.n_tensors == 6
+    # Distinct layouts: 64x32, 32, 16x8x3x3, scalar, 32x64 (the repeated 64x32 shares its plan).
+    assert model.n_plans == 5
+    # A step is a fixed number of launches, whatever the number of tensors.
+    many = CudaModel(lopt, shapes * 20, axes * 20)
+    assert many.slots == model.slots and len(model.slots) == 5
+    # The state torch allocates for each tensor, decay-major.
+    assert model.state_buffers(0) == [("mom", [3, 64, 32]), ("rms", [64, 32]), ("fac_row", [3, 32]), ("fac_col", [3, 64])]
+    assert model.state_buffers(1) == [("mom", [3, 32]), ("rms", [32]), ("fac_v", [3, 32])]
+    # A 0-d tensor is stepped as one element.
+    assert model.state_buffers(4) == [("mom", [3, 1]), ("rms", [1]), ("fac_v", [3, 1])]
+    with pytest.raises(ValueError, match="no tensor 6"):
+        model.state_buffers(6)
+    manifest = json.loads(model.manifest_json("sm_90"))
+    assert manifest["format_version"] == 2
+    assert [t["shape"] for t in manifest["tensors"]] == shapes
+    for t, a in zip(manifest["tensors"], axes):
+        assert (t["factored"] and (t["factored"]["d0"], t["factored"]["d1"])) == (a or None)
+    fields = {f["name"]: f for f in manifest["table_fields"]}
+    for name in ("param", "grad", "mom", "rms", "fac_row", "fac_col", "fac_v"):
+        assert fields[name]["dtype"] == "ptr"
+    src = model.source()
+    for slot in model.slots:
+        assert f"{slot}(const MuloTensor* __restrict__ tensors" in src
+    # Axes as given (a tied kernel's override), refused when invalid.
+    assert CudaModel(lopt, [[8, 8, 3, 3]], [(1, 0)]).state_buffers(0)[2] == ("fac_row", [3, 8, 3, 3])
+    with pytest.raises(ValueError, match="tensor 0"):
+        CudaModel(lopt, [[8, 4]], [(0, 0)])
+
+
+def test_state_conversion_of_the_cuda_path_is_pylos_layout():
+    """The CUDA path keeps state decay-major on the device and converts it for state_dict with
+    state_to_pylo / state_from_pylo: they must give exactly the CPU path's PyLO tensors."""
+    torch.manual_seed(3)
+    a = torch.nn.Parameter(torch.randn(6, 4))
+    b = torch.nn.Parameter(torch.randn(5))
+    c = torch.nn.Parameter(torch.randn(()))
+    opt = AdafacLO([a, b, c], lr=0.1, hf_key="demo")
+    for _ in range(3):
+        for p in (a, b, c):
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    sd = opt.state_dict()["state"]
+    for i, p in enumerate((a, b, c)):
+        st = sd[i]
+        axes = pylo_factored_axes(tuple(p.shape))
+        given = [
+            (k, list(v.shape), v.contiguous().numpy().tobytes())
+            for k, v in st.items()
+            if k != "factored_axes" and v.numel()
+        ]
+        canonical = state_from_pylo(list(p.shape), axes, given)
+        names = [n for n, _ in canonical]
+        assert names == [n for n, _ in CudaModel(opt.lopt, [list(p.shape)], [axes]).state_buffers(0)]
+        mom = torch.frombuffer(bytearray(dict(canonical)["mom"]), dtype=torch.float32)
+        assert torch.equal(mom.reshape((3,) + tuple(p.shape)), st["mom"].movedim(-1, 0))
+        back = state_to_pylo(list(p.shape), axes, canonical)
+        for name, shape, data in back:
+            got = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+            assert torch.equal(got, st[name]), (i, name)
+    with pytest.raises(ValueError, match="`rms`: missing from the PyLO state of a 6x4 tensor"):
+        state_from_pylo([6, 4], (0, 1), [("mom", [6, 4, 3], bytes(4 * 72))])
+    with pytest.raises(ValueError, match="`mom`: shape \\[6, 4\\] does not hold 288 bytes"):
+        state_from_pylo([6, 4], (0, 1), [("mom", [6, 4], bytes(4 * 72))])
+
+
+def test_backend_choice_is_checked():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="backend='gpu'"):
+        AdafacLO([p], hf_key="demo", backend="gpu")
+    # backend="cuda" with CPU tensors: refused at the step, nothing changes.
+    opt = AdafacLO([("p", p)], hf_key="demo", backend="cuda")
+    p.grad = torch.randn(4, 3)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="`p` is on cpu: backend='cuda' steps CUDA tensors"):
+        opt.step()
+    assert torch.equal(p, before) and opt.state_dict()["state"] == {}
+    # A device mulo does not step.
+    q = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+    opt = AdafacLO([("q", q)], hf_key="demo")
+    q.grad = torch.empty(4, 3, device="meta")
+    with pytest.raises(ValueError, match="`q` is on meta: mulo steps CPU and CUDA tensors"):
+        opt.step()
+
+
+# ---------------------------------------------------------------------- on a GPU
+
+
+@gpu
+def test_cuda_whole_model_golden_replay_through_mulo_with_mup():
+    meta, params_meta, t = load_model_case()
+    model = build_mup_model(params_meta, t).cuda()
+    by_name = {p["name"]: model.ps[p["name"].replace(".", "_")] for p in params_meta}
+    opt = MuLO(
+        [(n, by_name[n]) for n in by_name],
+        lr=float(meta["lr"]),
+        weight_decay=float(meta["weight_decay"]),
+        max_grad_norm=float(meta["max_grad_norm"]),
+        hf_key=WEIGHTS,
+        factored_axes={by_name[p["name"]]: tuple(p["factored_axes"]) for p in params_meta if p["factored_axes"]},
+    )
+    steps = int(meta["steps"])
+    for step in range(1, steps + 1):
+        for name, p in by_name.items():
+            p.grad = t[f"{name}.g{step}"].cuda()
+        opt.step()
+        for name, p in by_name.items():
+            disp = float((t[f"{name}.p{steps}"] - t[f"{name}.p0"]).abs().max())
+            err = rel_err(p.detach().cpu(), t[f"{name}.p{step}"], disp)
+            assert err <= TOL, f"{name} at step {step}: {err:.3g} of the displacement"
+    assert all(rt.native.target == "cuda" for rt in opt._rt)
+
+
+@gpu
+def test_cuda_state_dict_round_trip_resumes_bitwise_and_matches_the_cpu_state():
+    torch.manual_seed(5)
+    shapes = [(32, 16), (16,), (), (8, 4, 3, 3)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+    params = [torch.nn.Parameter(x.cuda()) for x in init]
+    kwargs = dict(lr=0.2, weight_decay=1e-3, max_grad_norm=3.0, hf_key="demo")
+    opt = AdafacLO(params, **kwargs)
+    for k in range(3):
+        for p, g in zip(params, grads[k]):
+            p.grad = g.cuda()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = AdafacLO(twin, **kwargs)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=False))
+    assert_same_state(state_of(opt), state_of(opt2))
+    for k in range(3, 6):
+        for ps in (params, twin):
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.cuda()
+        opt.step()
+        opt2.step()
+        for a, b in zip(params, twin):
+            assert torch.equal(a, b), f"step {k}"
+    # The same run on the CPU: within tolerance of the displacement.
+    cpu = [torch.nn.Parameter(x.clone()) for x in init]
+    opt3 = AdafacLO(cpu, **kwargs)
+    for k in range(6):
+        for p, g in zip(cpu, grads[k]):
+            p.grad = g.clone()
+        opt3.step()
+    for a, b, x in zip(params, cpu, init):
+        disp = float((b.detach() - x).abs().max())
+        assert rel_err(a.detach().cpu(), b.detach(), disp) <= TOL
+
+
+@gpu
+def test_cuda_bad_inputs_are_refused_and_nothing_changes():
+    torch.manual_seed(1)
+    good = torch.nn.Parameter(torch.randn(8, 4, device="cuda"))
+    other = torch.nn.Parameter(torch.randn(3, 5, device="cuda"))
+    opt = AdafacLO([("good", good), ("other", other)], lr=0.1, hf_key="demo")
+    good.grad, other.grad = torch.randn(8, 4, device="cuda"), torch.randn(3, 5, device="cuda")
+    opt.step()
+
+    def refused(match):
+        before = [p.detach().clone() for p in (good, other)]
+        state = state_of(opt)
+        with pytest.raises(ValueError, match=match):
+            opt.step()
+        for p, b in zip((good, other), before):
+            assert torch.equal(p.detach(), b)
+        assert_same_state(state, state_of(opt))
+
+    other.grad = torch.randn(5, 3, device="cuda").t()
+    refused("`other`.*not contiguous")
+    other.grad = torch.randn(3, 5, device="cuda")
+    other.grad.data = other.grad.data.double()  # torch refuses assigning one; change it in place
+    refused("`other`.*float64")
+    other.grad = other.detach()  # the step would write what it reads
+    refused("`other`.*overlaps `other.grad`|`other.grad`.*overlaps `other`")
+    other.grad = torch.randn(3, 5, device="cuda")
+    keep = other.data
+    other.data = torch.randn(3, 5)  # moved to the CPU: mixed devices
+    refused("`other` is on cpu, others on cuda:0 \\(mixed devices\\)")
+    other.data = keep
+    opt.step()
+
+
+@gpu
+def test_cuda_nonfinite_policies_and_streams():
+    torch.manual_seed(2)
+    a = torch.nn.Parameter(torch.randn(6, 4, device="cuda"))
+    b = torch.nn.Parameter(torch.randn(7, device="cuda"))
+    opt = AdafacLO([("a", a), ("b", b)], lr=0.1, hf_key="demo")
+    a.grad, b.grad = torch.randn(6, 4, device="cuda"), torch.randn(7, device="cuda")
+    b.grad[3] = float("nan")
+    b0 = b.detach().clone()
+    # On a side stream: the step is queued there, as torch's own optimizers are.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    assert opt.last_report["skipped"] == ["b"]
+    assert torch.equal(b, b0) and torch.isfinite(a).all()
+    opt = AdafacLO([("a", a), ("b", b)], lr=0.1, hf_key="demo", nonfinite="error")
+    a0 = a.detach().clone()
+    with pytest.raises(ValueError, match="non-finite gradient in `b`"):
+        opt.step()
+    assert torch.equal(a, a0)
+    opt = AdafacLO([("a", a), ("b", b)], lr=0.1, hf_key="demo", nonfinite="zero")
+    opt.step()
+    assert opt.last_report["sanitized"] == ["b"] and torch.isfinite(b).all()
