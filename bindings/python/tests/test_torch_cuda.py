@@ -1,21 +1,26 @@
 """mulo.torch on CUDA tensors: the packed CUDA program stepping torch's tensors in place.
 
 What runs everywhere: the program and its manifest built for a group's layouts (no GPU, no
-NVRTC), the state conversion the CUDA path's state_dict uses, and the argument checks. The
+NVRTC), the state conversion the CUDA path's state_dict uses, the argument checks, and the
+Python side of the CUDA path (policies, addresses, state tensors, counters) on CPU tensors with
+the loaded program replaced by a host stepper, against the CPU optimizer. The
 program itself is verified without a GPU by the CPU emulation of the generated source
 (`cargo test --test cuda_packed_emulated pointer_mode`: tensors in separate allocations, the
 table pointing at them, the whole-model golden replay). What needs a GPU is skipped here with
 the reason printed (`pytest -rs`).
 """
 
+import ctypes
 import io
 import json
+import math
+import types
 
 import pytest
 import torch
 
-from mulo._native import CudaModel, LearnedOptimizer, state_from_pylo, state_to_pylo
-from mulo.torch import AdafacLO, MuLO, pylo_factored_axes
+from mulo._native import CudaModel, Group, LearnedOptimizer, state_from_pylo, state_to_pylo
+from mulo.torch import AdafacLO, MuLO, _CudaGroup, pylo_factored_axes
 from test_torch import (
     TOL,
     WEIGHTS,
@@ -121,6 +126,135 @@ def test_backend_choice_is_checked():
     q.grad = torch.empty(4, 3, device="meta")
     with pytest.raises(ValueError, match="`q` is on meta: mulo steps CPU and CUDA tensors"):
         opt.step()
+
+
+class HostPointerStepper:
+    """Stands in for the loaded program (``CudaStepper.step``) on host memory: reads each
+    stepped tensor's parameter, gradient and state at the addresses the CUDA path passes, steps
+    it with mulo's native CPU backend and writes parameter and state back there. Records the
+    addresses, so a test can check they are the torch tensors' own (no copies)."""
+
+    def __init__(self, lopt, shapes, axes, model):
+        self.lopt, self.shapes, self.axes, self.model = lopt, shapes, axes, model
+        self.calls = []
+
+    def step(self, stream, addrs, hypers, steps):
+        self.calls.append((stream, list(addrs), list(hypers), list(steps)))
+        assert len(addrs) == 7 * len(self.shapes)
+        for i, h in enumerate(hypers):
+            if h is None:
+                assert addrs[7 * i:7 * i + 7] == [0] * 7
+                continue
+            a = addrs[7 * i:7 * i + 7]
+            shape, axes = list(self.shapes[i]), self.axes[i]
+            n = math.prod(shape)
+            bufs = self.model.state_buffers(i)
+            assert a[2 + len(bufs):] == [0] * (5 - len(bufs))
+            state = [(name, ctypes.string_at(a[2 + k], 4 * math.prod(shp))) for k, (name, shp) in enumerate(bufs)]
+            g = Group(self.lopt, ["t"], [shape], [axes], None, "error", False, "cpu")
+            g.set_step_count(steps[i])
+            pylo = state_to_pylo(shape, axes, state)
+            keep = [torch.frombuffer(bytearray(d), dtype=torch.float32) for _, _, d in pylo]
+            g.import_state(0, [(nm, shp, (t.data_ptr(), t.numel())) for (nm, shp, _), t in zip(pylo, keep)])
+            g.step([a[0], n], [a[1], n], h[0], h[1])
+            back = [(nm, shp, bytes(d)) for nm, shp, d in g.export_state(0)]
+            for k, (name, data) in enumerate(state_from_pylo(shape, axes, back)):
+                assert name == bufs[k][0]
+                ctypes.memmove(a[2 + k], bytes(data), len(data))
+
+
+def test_cuda_path_on_host_memory_is_the_cpu_optimizer(monkeypatch):
+    """The Python side of the CUDA path (_CudaGroup: policies, addresses, state tensors, step
+    counters, state export), run on CPU tensors with the program replaced by
+    HostPointerStepper: bitwise the CPU optimizer, parameters and state, step after step, with
+    a NaN gradient skipped and a tensor without gradient; the addresses passed are the
+    parameters' and state tensors' own."""
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1234))
+    torch.manual_seed(7)
+    shapes = [(6, 4), (5,), (), (4, 3, 3, 2)]
+    axes = [pylo_factored_axes(s) for s in shapes]
+    names = [f"t{i}" for i in range(len(shapes))]
+    lopt = LearnedOptimizer.load(WEIGHTS)
+    init = [torch.randn(s) for s in shapes]
+    group = _CudaGroup(lopt, names, shapes, axes, None, "skip", True, torch.device("cpu"))
+    group._stepper = HostPointerStepper(lopt, shapes, axes, group.model)
+    params = [x.clone() for x in init]
+    ref = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = AdafacLO(list(zip(names, ref)), lr=0.2, weight_decay=0.01, hf_key=lopt, backend="cpu")
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        if step == 2:
+            grads[1][3] = float("nan")
+        if step == 1:
+            grads[3] = None
+        report = group.step(params, [None if g is None else g.clone() for g in grads], 0.2, 0.01)
+        for p, g in zip(ref, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        for key in ("skipped", "without_grad", "sanitized", "reverted"):
+            assert report[key] == opt.last_report.get(key, []), (step, key)
+        assert group.step_count == opt.param_groups[0]["step"] == step + 1
+        for i, (a, b) in enumerate(zip(params, ref)):
+            assert torch.equal(a, b.detach()), (step, i)
+        stream, addrs, hypers, steps = group._stepper.calls[-1]
+        assert stream == 1234 and steps == [step] * 4
+        for i, p in enumerate(params):
+            if hypers[i] is None:
+                continue
+            assert hypers[i] == (0.2, 0.01)
+            assert addrs[7 * i] == p.data_ptr()
+            assert addrs[7 * i + 2:7 * i + 2 + len(group.state[i])] == [t.data_ptr() for t in group.state[i].values()]
+    assert group._stepper.calls[2][2][1] is None and group._stepper.calls[1][2][3] is None
+    sd = opt.state_dict()["state"]
+    for i in range(len(shapes)):
+        for name, shape, data in group.export_state(i):
+            got = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+            assert torch.equal(got, sd[i][name]), (i, name)
+    # nonfinite="error": refused before the program is called, nothing changes.
+    group.nonfinite = "error"
+    calls, before = len(group._stepper.calls), [p.clone() for p in params]
+    bad = [torch.randn(s) for s in shapes]
+    bad[0][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite gradient in `t0` \\(0 NaN, 1 \\+Inf, 0 -Inf\\)"):
+        group.step(params, bad, 0.2, 0.01)
+    assert len(group._stepper.calls) == calls and group.step_count == 4
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_cuda_path_clipping_and_zero_policy_on_host_memory(monkeypatch):
+    """Clipping (the norm in f64 by torch) and nonfinite="zero" on the CUDA path's Python side
+    agree with the CPU optimizer's (Rust) within rounding of the norm."""
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    torch.manual_seed(8)
+    shapes = [(6, 4), (5,), ()]
+    axes = [pylo_factored_axes(s) for s in shapes]
+    names = [f"t{i}" for i in range(len(shapes))]
+    lopt = LearnedOptimizer.load(WEIGHTS)
+    init = [torch.randn(s) for s in shapes]
+    group = _CudaGroup(lopt, names, shapes, axes, 0.5, "zero", True, torch.device("cpu"))
+    group._stepper = HostPointerStepper(lopt, shapes, axes, group.model)
+    params = [x.clone() for x in init]
+    ref = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = AdafacLO(list(zip(names, ref)), lr=0.2, max_grad_norm=0.5, nonfinite="zero", hf_key=lopt, backend="cpu")
+    for step in range(3):
+        grads = [3 * torch.randn(s) for s in shapes]
+        if step == 1:
+            grads[0][2, 1] = float("nan")
+            grads[1][0] = float("-inf")
+        kept = [g.clone() for g in grads]
+        report = group.step(params, grads, 0.2, 0.0)
+        bits = lambda t: t.reshape(-1).view(torch.int32)  # noqa: E731 (NaN-safe equality)
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(grads, kept)), "the gradients are not modified"
+        for p, g in zip(ref, kept):
+            p.grad = g
+        opt.step()
+        assert report["sanitized"] == opt.last_report.get("sanitized", [])
+        assert [n for n, _ in report["clipped"]] == [n for n, _ in opt.last_report["clipped"]]
+        for (_, a), (_, b) in zip(report["clipped"], opt.last_report["clipped"]):
+            assert a == pytest.approx(b, rel=1e-12)
+    for i, (a, b, x) in enumerate(zip(params, ref, init)):
+        disp = float((b.detach() - x).abs().max())
+        assert rel_err(a, b.detach(), disp) <= 1e-6, i
 
 
 # ---------------------------------------------------------------------- on a GPU
