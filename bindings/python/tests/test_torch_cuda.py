@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mulo._native import CudaModel, Group, LearnedOptimizer, state_from_pylo, state_to_pylo
-from mulo.torch import AdafacLO, MuLO, _CudaGroup, pylo_factored_axes
+from mulo.torch import AdafacLO, MuLO, _CudaGroup, _CudaProgram, pylo_factored_axes
 from test_torch import (
     TOL,
     WEIGHTS,
@@ -164,11 +164,11 @@ class HostPointerStepper:
 
 
 def test_cuda_path_on_host_memory_is_the_cpu_optimizer(monkeypatch):
-    """The Python side of the CUDA path (_CudaGroup: policies, addresses, state tensors, step
-    counters, state export), run on CPU tensors with the program replaced by
-    HostPointerStepper: bitwise the CPU optimizer, parameters and state, step after step, with
-    a NaN gradient skipped and a tensor without gradient; the addresses passed are the
-    parameters' and state tensors' own."""
+    """The Python side of the CUDA path (_CudaProgram shared by two groups, _CudaGroup:
+    policies, addresses, state tensors, step counters, state export), run on CPU tensors with
+    the program replaced by HostPointerStepper: bitwise the CPU optimizer, parameters and
+    state, step after step, with a NaN gradient skipped and a tensor without gradient; the
+    addresses passed are the parameters' and state tensors' own."""
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1234))
     torch.manual_seed(7)
     shapes = [(6, 4), (5,), (), (4, 3, 3, 2)]
@@ -176,48 +176,68 @@ def test_cuda_path_on_host_memory_is_the_cpu_optimizer(monkeypatch):
     names = [f"t{i}" for i in range(len(shapes))]
     lopt = LearnedOptimizer.load(WEIGHTS)
     init = [torch.randn(s) for s in shapes]
-    group = _CudaGroup(lopt, names, shapes, axes, None, "skip", True, torch.device("cpu"))
-    group._stepper = HostPointerStepper(lopt, shapes, axes, group.model)
+    # Two groups, tensors 0-1 and 2-3, one program.
+    cpu = torch.device("cpu")
+    program = _CudaProgram(lopt, {0: (shapes[:2], axes[:2]), 1: (shapes[2:], axes[2:])}, cpu)
+    stepper = program._stepper = HostPointerStepper(lopt, shapes, axes, program.model)
+    hyper = [(0.2, 0.01), (0.5, 0.0)]
+    groups = [
+        _CudaGroup(lopt, names[2 * k:2 * k + 2], shapes[2 * k:2 * k + 2], axes[2 * k:2 * k + 2], None, "skip", True, cpu, program, k)
+        for k in range(2)
+    ]
     params = [x.clone() for x in init]
     ref = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = AdafacLO(list(zip(names, ref)), lr=0.2, weight_decay=0.01, hf_key=lopt, backend="cpu")
+    opt = AdafacLO(
+        [
+            {"params": list(zip(names[:2], ref[:2]))},
+            {"params": list(zip(names[2:], ref[2:])), "lr": 0.5, "weight_decay": 0.0},
+        ],
+        lr=0.2, weight_decay=0.01, hf_key=lopt, backend="cpu",
+    )
     for step in range(4):
         grads = [torch.randn(s) for s in shapes]
         if step == 2:
             grads[1][3] = float("nan")
         if step == 1:
             grads[3] = None
-        report = group.step(params, [None if g is None else g.clone() for g in grads], 0.2, 0.01)
+        reports = []
+        for k, g in enumerate(groups):
+            mine = grads[2 * k:2 * k + 2]
+            reports.append(g.step(params[2 * k:2 * k + 2], [None if x is None else x.clone() for x in mine], *hyper[k]))
+            _, addrs, hypers, steps = stepper.calls[-1]
+            assert len(hypers) == 4 and steps == [step] * 4
+            for i in range(4):
+                if i // 2 != k:
+                    assert hypers[i] is None  # the other group's tensors are not stepped
+                elif hypers[i] is not None:
+                    j = i - 2 * k
+                    assert hypers[i] == hyper[k]
+                    assert addrs[7 * i] == params[i].data_ptr()
+                    own = [t.data_ptr() for t in g.state[j].values()]
+                    assert addrs[7 * i + 2:7 * i + 2 + len(own)] == own
         for p, g in zip(ref, grads):
             p.grad = None if g is None else g.clone()
         opt.step()
         for key in ("skipped", "without_grad", "sanitized", "reverted"):
-            assert report[key] == opt.last_report.get(key, []), (step, key)
-        assert group.step_count == opt.param_groups[0]["step"] == step + 1
+            assert reports[0][key] + reports[1][key] == opt.last_report.get(key, []), (step, key)
+        assert [g.step_count for g in groups] == [g["step"] for g in opt.param_groups] == [step + 1] * 2
         for i, (a, b) in enumerate(zip(params, ref)):
             assert torch.equal(a, b.detach()), (step, i)
-        stream, addrs, hypers, steps = group._stepper.calls[-1]
-        assert stream == 1234 and steps == [step] * 4
-        for i, p in enumerate(params):
-            if hypers[i] is None:
-                continue
-            assert hypers[i] == (0.2, 0.01)
-            assert addrs[7 * i] == p.data_ptr()
-            assert addrs[7 * i + 2:7 * i + 2 + len(group.state[i])] == [t.data_ptr() for t in group.state[i].values()]
-    assert group._stepper.calls[2][2][1] is None and group._stepper.calls[1][2][3] is None
+    assert stepper.calls[4][2][1] is None and stepper.calls[3][2][3] is None
     sd = opt.state_dict()["state"]
     for i in range(len(shapes)):
-        for name, shape, data in group.export_state(i):
+        for name, shape, data in groups[i // 2].export_state(i % 2):
             got = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
             assert torch.equal(got, sd[i][name]), (i, name)
     # nonfinite="error": refused before the program is called, nothing changes.
+    group = groups[0]
     group.nonfinite = "error"
-    calls, before = len(group._stepper.calls), [p.clone() for p in params]
-    bad = [torch.randn(s) for s in shapes]
+    calls, before = len(stepper.calls), [p.clone() for p in params]
+    bad = [torch.randn(s) for s in shapes[:2]]
     bad[0][0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite gradient in `t0` \\(0 NaN, 1 \\+Inf, 0 -Inf\\)"):
-        group.step(params, bad, 0.2, 0.01)
-    assert len(group._stepper.calls) == calls and group.step_count == 4
+        group.step(params[:2], bad, 0.2, 0.01)
+    assert len(stepper.calls) == calls and group.step_count == 4
     assert all(torch.equal(a, b) for a, b in zip(params, before))
 
 
@@ -232,7 +252,7 @@ def test_cuda_path_clipping_and_zero_policy_on_host_memory(monkeypatch):
     lopt = LearnedOptimizer.load(WEIGHTS)
     init = [torch.randn(s) for s in shapes]
     group = _CudaGroup(lopt, names, shapes, axes, 0.5, "zero", True, torch.device("cpu"))
-    group._stepper = HostPointerStepper(lopt, shapes, axes, group.model)
+    group.program._stepper = HostPointerStepper(lopt, shapes, axes, group.program.model)
     params = [x.clone() for x in init]
     ref = [torch.nn.Parameter(x.clone()) for x in init]
     opt = AdafacLO(list(zip(names, ref)), lr=0.2, max_grad_norm=0.5, nonfinite="zero", hf_key=lopt, backend="cpu")
@@ -383,3 +403,18 @@ def test_cuda_nonfinite_policies_and_streams():
     opt = AdafacLO([("a", a), ("b", b)], lr=0.1, hf_key="demo", nonfinite="zero")
     opt.step()
     assert opt.last_report["sanitized"] == ["b"] and torch.isfinite(b).all()
+
+
+def test_one_program_for_all_groups():
+    """MuLO splits a model into groups (one per width multiplier): the CUDA path compiles one
+    program for all of them, built when the first group is; a group whose tensors changed gets
+    a new one. (The program is only built here: compiling it needs a device.)"""
+    a, b, c = (torch.nn.Parameter(torch.randn(s)) for s in [(8, 4), (4,), (3, 3)])
+    opt = AdafacLO([{"params": [a, b]}, {"params": [c], "lr": 0.5}], hf_key="demo")
+    cpu = torch.device("cpu")
+    first = opt._cuda_program(0, [(8, 4), (4,)], [pylo_factored_axes((8, 4)), None], cpu)
+    assert first.first == {0: 0, 1: 2} and first.model.n_tensors == 3 and first.model.n_plans == 3
+    second = opt._cuda_program(1, [(3, 3)], [pylo_factored_axes((3, 3))], cpu)
+    assert second is first
+    other = opt._cuda_program(1, [(3, 3)], [(0, 1) if pylo_factored_axes((3, 3)) == (1, 0) else (1, 0)], cpu)
+    assert other is not first and other.first == {0: 0, 1: 2}

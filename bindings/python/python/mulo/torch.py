@@ -2,8 +2,8 @@
 
 They mirror PyLO's ``MuLO_naive`` and ``AdafacLO_naive`` (names, arguments, parameter groups,
 ``state_dict`` layout) and step CPU tensors in place with mulo's native CPU backend, and CUDA
-tensors in place with mulo's packed CUDA program (one NVRTC-compiled program per parameter
-group, launched on torch's current stream)::
+tensors in place with mulo's packed CUDA program (one NVRTC-compiled program for all parameter
+groups, launched on torch's current stream)::
 
     from mulo.torch import MuLO            # instead of: from pylo.optim import MuLO_naive
     mup.set_base_shapes(model, base_model)
@@ -130,10 +130,37 @@ def _count_nonfinite(g: torch.Tensor) -> str:
     return f"{nan} NaN, {pos} +Inf, {neg} -Inf"
 
 
+class _CudaProgram:
+    """One packed CUDA program for the tensors of several parameter groups (in group order):
+    built for the optimizer's layouts, compiled by NVRTC at the first step (the PTX cached on
+    disk) and shared by the groups' ``_CudaGroup``s, so a model is compiled once, whatever its
+    number of groups (``MuLO`` makes one per width multiplier)."""
+
+    def __init__(self, lopt, layouts: Dict[int, Tuple[list, list]], device: torch.device):
+        self.first: Dict[int, int] = {}
+        self.layouts = layouts
+        shapes: List[list] = []
+        axes: List[Any] = []
+        for gi, (s, a) in layouts.items():
+            self.first[gi] = len(shapes)
+            shapes += s
+            axes += a
+        self.model = _CudaModel(lopt, [list(x) for x in shapes], [tuple(x) if x is not None else None for x in axes])
+        self.n = len(shapes)
+        self.device = device
+        self._stepper = None
+
+    def stepper(self):
+        if self._stepper is None:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._stepper = self.model.stepper(index)
+        return self._stepper
+
+
 class _CudaGroup:
-    """One parameter group on a CUDA device: the packed program (``mulo._native.CudaModel``,
-    compiled once for the group's layouts through NVRTC's disk cache) and every tensor's
-    optimizer state as torch tensors on the device (canonical decay-major layout).
+    """One parameter group on a CUDA device: its tensors in a shared ``_CudaProgram`` (from
+    ``first`` on) and every tensor's optimizer state as torch tensors on the device (canonical
+    decay-major layout).
 
     A step does what ``MuloOptimizer::step_partial`` does on the CPU, with torch operations on
     the device where it needs values: the non-finite policy (``skip``/``zero``/``error``) and
@@ -147,7 +174,7 @@ class _CudaGroup:
     non-finite gradient, no clipping), a step waits for nothing but the finiteness check.
     """
 
-    def __init__(self, lopt, names, shapes, axes, max_grad_norm, nonfinite, guard, device):
+    def __init__(self, lopt, names, shapes, axes, max_grad_norm, nonfinite, guard, device, program=None, gi=0):
         self.names = names
         self.shapes = shapes
         self.axes = axes
@@ -155,15 +182,17 @@ class _CudaGroup:
         self.guard = guard
         self.device = device
         self.max_grad_norm = max_grad_norm
-        self.model = _CudaModel(lopt, [list(s) for s in shapes], [tuple(a) if a is not None else None for a in axes])
+        if program is None:
+            program = _CudaProgram(lopt, {gi: (list(shapes), list(axes))}, device)
+        self.program = program
+        self.first = program.first[gi]  # this group's first tensor in the program
         self.state: List[Dict[str, torch.Tensor]] = []
         for j in range(len(shapes)):
             self.state.append({
                 name: torch.zeros(shape, dtype=torch.float32, device=device)
-                for name, shape in self.model.state_buffers(j)
+                for name, shape in program.model.state_buffers(self.first + j)
             })
         self.step_count = 0
-        self._stepper = None  # compiled and loaded at the first step
 
     # The interface of mulo._native.Group that AdafacLO uses.
 
@@ -173,7 +202,7 @@ class _CudaGroup:
 
     @property
     def compiled_plans(self) -> int:
-        return self.model.n_plans
+        return self.program.model.n_plans
 
     def set_step_count(self, step: int) -> None:
         self.step_count = int(step)
@@ -199,12 +228,6 @@ class _CudaGroup:
             src = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(dst.shape)
             dst.copy_(src)
 
-    def stepper(self):
-        if self._stepper is None:
-            self._stepper = self.model.stepper(self.device.index if self.device.index is not None
-                                               else torch.cuda.current_device())
-        return self._stepper
-
     def step(self, params, grads, lr: float, weight_decay: float) -> Dict[str, list]:
         n = len(params)
         report: Dict[str, list] = {k: [] for k in ("skipped", "sanitized", "nonfinite", "clipped", "reverted", "without_grad")}
@@ -214,7 +237,7 @@ class _CudaGroup:
         for j in range(n):
             if work[j] is None:
                 report["without_grad"].append(self.names[j])
-        stepper = self.stepper()  # compile before anything changes: an error changes nothing
+        stepper = self.program.stepper()  # compile before anything changes: an error changes nothing
         if live:
             # One transfer: every gradient's finiteness (and its norm when clipping).
             flags = torch.stack([torch.isfinite(work[j]).all().to(torch.float64) for j in live])
@@ -253,8 +276,9 @@ class _CudaGroup:
         if self.guard:
             for j in stepped:
                 snapshots[j] = (params[j].detach().clone(), {k: t.clone() for k, t in self.state[j].items()})
-        addrs: List[int] = []
-        hypers = []
+        # The program's other tensors (other groups') are not stepped by this call.
+        addrs: List[int] = [0] * (7 * self.first)
+        hypers: List[Any] = [None] * self.first
         for j in range(n):
             if work[j] is None:
                 addrs += [0] * 7
@@ -263,13 +287,16 @@ class _CudaGroup:
             st = list(self.state[j].values())
             addrs += [params[j].data_ptr(), work[j].data_ptr()] + [t.data_ptr() for t in st] + [0] * (5 - len(st))
             hypers.append((lr, weight_decay))
+        rest = self.program.n - self.first - n
+        addrs += [0] * (7 * rest)
+        hypers += [None] * rest
         stream = torch.cuda.current_stream(self.device).cuda_stream
         try:
-            stepper.step(stream, addrs, hypers, [self.step_count] * n)
+            stepper.step(stream, addrs, hypers, [self.step_count] * self.program.n)
         except ValueError as e:
             # The Rust checks name tensors by index and buffers by kind: name the parameters.
             def named(m):
-                name = self.names[int(m.group(1))]
+                name = self.names[int(m.group(1)) - self.first]
                 return f"`{name}`" if m.group(2) == "param" else f"`{name}.{m.group(2)}`"
 
             raise ValueError(re.sub(r"tensor (\d+) `(\w+)`", named, str(e))) from None
@@ -337,9 +364,9 @@ class AdafacLO(Optimizer):
     Every parameter with a gradient must be a contiguous float32 tensor with a dense
     contiguous float32 gradient, all of them on one device (the CPU, or one CUDA device), of
     the shape it had at its first step; anything else is refused with an error naming the
-    parameter, before anything changes. On CUDA each parameter group is one packed program
-    compiled by NVRTC at its first step (libnvrtc must be loadable; the PTX is cached on disk),
-    and its state lives in device memory.
+    parameter, before anything changes. On CUDA the optimizer's tensors are one packed program
+    compiled by NVRTC at the first step (libnvrtc must be loadable; the PTX is cached on disk),
+    and the state lives in device memory.
     """
 
     def __init__(
@@ -383,6 +410,7 @@ class AdafacLO(Optimizer):
         self._backend = backend
         self._axes_override: Dict[int, Tuple[torch.Tensor, Tuple[int, int]]] = {}
         self._rt: List[Optional[_Runtime]] = []
+        self._cuda_prog: Optional[_CudaProgram] = None
         #: What the last :meth:`step` did: lists of parameter names per event.
         self.last_report: Dict[str, list] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
@@ -462,7 +490,8 @@ class AdafacLO(Optimizer):
         device = device if device is not None else self._device()
         if device.type == "cuda":
             native = _CudaGroup(
-                self.lopt, names, shapes, axes, group["max_grad_norm"], self._nonfinite, self._guard, device
+                self.lopt, names, shapes, axes, group["max_grad_norm"], self._nonfinite, self._guard, device,
+                self._cuda_program(gi, shapes, axes, device), gi,
             )
         else:
             native = _Group(
@@ -478,6 +507,21 @@ class AdafacLO(Optimizer):
         if group.get("step"):
             native.set_step_count(int(group["step"]))
         return _Runtime(native, shapes, axes, names, group["max_grad_norm"])
+
+    def _cuda_program(self, gi: int, shapes, axes, device: torch.device) -> "_CudaProgram":
+        """The program stepping group ``gi``: one for every group of the optimizer, built
+        when the first group is, reused by the others (a group whose tensors changed since,
+        or one added later, gets a new one)."""
+        prog = self._cuda_prog
+        if prog is None or prog.device != device or prog.layouts.get(gi) != (list(shapes), list(axes)):
+            layouts = {}
+            for k, group in enumerate(self.param_groups):
+                if k == gi:
+                    layouts[k] = (list(shapes), list(axes))
+                elif group["params"] and all(p.device == device for p in group["params"]):
+                    layouts[k] = ([tuple(p.shape) for p in group["params"]], [self._axes_for(p) for p in group["params"]])
+            prog = self._cuda_prog = _CudaProgram(self.lopt, layouts, device)
+        return prog
 
     def _device(self) -> torch.device:
         """The device every parameter must be on: that of the groups already built, else of
@@ -665,12 +709,18 @@ class AdafacLO(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a ``state_dict`` of this class or of PyLO's ``AdafacLO_naive``/``MuLO_naive``
         (same parameter groups); the next step continues exactly where it stopped."""
-        old = (self.param_groups, self.state, self._rt, dict(self._axes_override))
+        old = (self.param_groups, self.state, self._rt, dict(self._axes_override), self._cuda_prog)
         try:
             super().load_state_dict(state_dict)
             loaded = self.state
             self.state = defaultdict(dict)
             rts: List[Optional[_Runtime]] = []
+            # Every saved axis first: a CUDA program is built for all groups at once.
+            for group in self.param_groups:
+                for p in group["params"]:
+                    axes = loaded.get(p, {}).get("factored_axes")
+                    if axes is not None:
+                        self._axes_override[id(p)] = (p, tuple(int(a) for a in axes))
             for gi, group in enumerate(self.param_groups):
                 for key, value in self.defaults.items():
                     group.setdefault(key, value)
@@ -680,10 +730,6 @@ class AdafacLO(Optimizer):
                 if not has_state and not group.get("step"):
                     rts.append(None)
                     continue
-                for j, p in enumerate(group["params"]):
-                    axes = loaded.get(p, {}).get("factored_axes")
-                    if axes is not None:
-                        self._axes_override[id(p)] = (p, tuple(int(a) for a in axes))
                 rt = self._build(gi, group)
                 rt.native.set_step_count(int(group.get("step") or 0))
                 for j, p in enumerate(group["params"]):
@@ -706,7 +752,7 @@ class AdafacLO(Optimizer):
                 rts.append(rt)
             self._rt = rts
         except Exception:
-            self.param_groups, self.state, self._rt, self._axes_override = old
+            self.param_groups, self.state, self._rt, self._axes_override, self._cuda_prog = old
             raise
 
 
