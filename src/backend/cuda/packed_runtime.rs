@@ -4,12 +4,16 @@
 //!   on a GPU (cudarc), or, in the tests, the generated source compiled for the CPU. It knows
 //!   nothing of tensors.
 //! - [`PackedBackend`] is the host logic on top of any executor: it validates a batch, packs
-//!   parameters and gradients, writes the table and block starts, keeps the step counters,
+//!   parameters and gradients, computes the block starts, keeps the step counters (the
+//!   executor writes the table: the addresses are its arenas'),
 //!   and implements [`ModelBackend`] for [`MuloOptimizer`](crate::optimizer::MuloOptimizer).
 //!   [`PackedBackend::step_in_place`] steps parameters and gradients already in the device
 //!   arenas (a training loop on the GPU).
 //! - [`PackedCuda`] is the [`BackendFactory`](crate::backend::BackendFactory) to put in
 //!   [`OptimizerOptions::backend`](crate::optimizer::OptimizerOptions::backend).
+//!
+//! Tensors that are not in arenas (a framework's) are stepped through
+//! [`PackedModel::external_launch`] instead (`packed_external::ExternalCuda` on a GPU).
 
 use super::packed::PackedModel;
 use crate::backend::model::out_of_range;
