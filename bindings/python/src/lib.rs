@@ -17,6 +17,8 @@ use pyo3::types::{PyBytes, PyDict};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod sharded;
+
 /// A buffer given from Python: its address and its number of f32 values.
 type Buf = (usize, usize);
 
@@ -511,6 +513,7 @@ unsafe fn slice_mut<'a>(ptr: usize, len: usize) -> &'a mut [f32] {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLearnedOptimizer>()?;
     m.add_class::<PyGroup>()?;
+    m.add_class::<sharded::PyShardedGroup>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
