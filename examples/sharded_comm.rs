@@ -44,7 +44,10 @@ fn main() -> mulo::Result<()> {
         .unwrap_or(8);
     let lopt = LearnedOptimizer::demo(); // the round sizes do not depend on the weights
     let params = gpt2_small();
-    let numel: usize = params.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let numel: usize = params
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
     let mut cache: HashMap<Vec<usize>, Arc<StagedPlan>> = HashMap::new();
     let mut level_values = [0usize; 2];
     let mut per_shape: Vec<(String, usize, usize)> = Vec::new();

@@ -72,7 +72,11 @@ impl RowShard {
             return Err("a 0-d tensor cannot be sharded by rows; replicate it".to_string());
         }
         let total = layout.dims()[0];
-        if self.offset.checked_add(self.rows).is_none_or(|end| end > total) {
+        if self
+            .offset
+            .checked_add(self.rows)
+            .is_none_or(|end| end > total)
+        {
             return Err(format!(
                 "rows {}..{} are outside axis 0 of a {} tensor ({total} rows)",
                 self.offset,
@@ -185,8 +189,10 @@ impl StagedPlan {
                 }
             }
         }
-        let mut frees: Vec<Vec<Vec<ValueId>>> =
-            seq.iter().map(|items| vec![Vec::new(); items.len()]).collect();
+        let mut frees: Vec<Vec<Vec<ValueId>>> = seq
+            .iter()
+            .map(|items| vec![Vec::new(); items.len()])
+            .collect();
         for id in ir.ids() {
             let (stage, pos) = last[id.index()];
             frees[stage][pos].push(id);
@@ -240,7 +246,11 @@ impl StagedPlan {
             .map(|&(id, off)| {
                 let node = self.ir.node(id);
                 let len = node.width as usize * self.ir.layout.domain_len(node.domain);
-                (node.note.clone().unwrap_or_else(|| id.to_string()), off, len)
+                (
+                    node.note.clone().unwrap_or_else(|| id.to_string()),
+                    off,
+                    len,
+                )
             })
             .collect()
     }
@@ -403,7 +413,8 @@ impl StagedStep {
                         };
                         let len = node.width as usize * global.domain_len(node.domain);
                         let count = (global.domain_len(ir.node(a).domain)
-                            / global.domain_len(node.domain)) as f64;
+                            / global.domain_len(node.domain))
+                            as f64;
                         Some(
                             combined[off..off + len]
                                 .iter()
@@ -522,7 +533,9 @@ impl StagedStep {
                 let mut out = Vec::with_capacity(n * w);
                 for p in 0..n {
                     for (x, m) in xs.iter().zip(&maps) {
-                        out.push(self.values[x.index()].as_ref().expect("operand computed")[at(m, p)]);
+                        out.push(
+                            self.values[x.index()].as_ref().expect("operand computed")[at(m, p)],
+                        );
                     }
                 }
                 Some(out)
@@ -531,14 +544,11 @@ impl StagedStep {
                 let m = ir.matrix(*matrix);
                 let vx = self.values[x.index()].as_ref().expect("operand computed");
                 let mut out = Vec::with_capacity(n * m.rows);
-                for p in 0..n {
-                    let xp = &vx[p * m.cols..(p + 1) * m.cols];
-                    for r in 0..m.rows {
-                        let mut acc = m.bias.as_ref().map_or(0.0, |b| b[r]);
-                        for (c, &xv) in xp.iter().enumerate() {
-                            acc += m.weight[r * m.cols + c] * xv;
-                        }
-                        out.push(acc);
+                for xp in vx.chunks_exact(m.cols).take(n) {
+                    for (r, wr) in m.weight.chunks_exact(m.cols).enumerate() {
+                        // The interpreter's order: the bias, then each product in turn.
+                        let bias = m.bias.as_ref().map_or(0.0, |b| b[r]);
+                        out.push(wr.iter().zip(xp).fold(bias, |acc, (&w, &x)| acc + w * x));
                     }
                 }
                 Some(out)
@@ -603,7 +613,8 @@ impl ShardedParam {
         let layout = Layout::with_axes(shape.clone(), axes)
             .map_err(|e| Error::argument(&name, e.to_string()))?;
         if let Some(s) = shard {
-            s.check(&layout).map_err(|why| Error::argument(&name, why))?;
+            s.check(&layout)
+                .map_err(|why| Error::argument(&name, why))?;
         }
         Ok(ShardedParam {
             name,
@@ -713,7 +724,8 @@ impl ShardedModel {
                 }
             };
             let plan = Arc::new(
-                StagedPlan::new(ir, p.shard).map_err(|e| Error::argument(&p.name, e.to_string()))?,
+                StagedPlan::new(ir, p.shard)
+                    .map_err(|e| Error::argument(&p.name, e.to_string()))?,
             );
             states.push(TensorState::zeros(plan.local_layout(), 0));
             plans.push(plan);
@@ -1060,7 +1072,9 @@ impl ShardedModel {
                     continue;
                 }
                 let norm = header[2 * t + i].sqrt();
-                let g = pending.grads[i].as_mut().expect("active tensors have grads");
+                let g = pending.grads[i]
+                    .as_mut()
+                    .expect("active tensors have grads");
                 if let Some(coef) = clip::clip_coef(norm, max_norm) {
                     clip::scale(g, coef);
                     pending

@@ -61,7 +61,10 @@ fn staged_vs_unsharded(layout: &Layout, sizes: &[usize], steps: usize, seed: u64
     let n = layout.numel();
     let row_len = n / layout.dims()[0];
     let parts = shards(sizes);
-    assert_eq!(parts.iter().map(|s| s.rows).sum::<usize>(), layout.dims()[0]);
+    assert_eq!(
+        parts.iter().map(|s| s.rows).sum::<usize>(),
+        layout.dims()[0]
+    );
     let plans: Vec<Arc<StagedPlan>> = parts
         .iter()
         .map(|&s| Arc::new(StagedPlan::new(ir.clone(), Some(s)).unwrap()))
@@ -135,17 +138,17 @@ fn layout(dims: &[usize], axes: Option<(usize, usize)>) -> Layout {
 #[test]
 fn staged_shards_equal_the_unsharded_step() {
     let cases: Vec<(Layout, Vec<usize>, usize)> = vec![
-        (layout(&[9, 5], None), vec![4, 5], 1),             // axis 0 = d0
-        (layout(&[9, 5], None), vec![2, 3, 4], 1),          // 3 shards
-        (layout(&[5, 12], None), vec![3, 2], 1),            // axis 0 = d1
-        (layout(&[5, 12], None), vec![1, 4, 0], 1),         // an empty shard
-        (layout(&[7, 4, 3], None), vec![3, 4], 1),          // d0 = 0, rank 3
-        (layout(&[3, 8, 5], None), vec![1, 1, 1], 0),       // axis 0 neither d0 nor d1
+        (layout(&[9, 5], None), vec![4, 5], 1),       // axis 0 = d0
+        (layout(&[9, 5], None), vec![2, 3, 4], 1),    // 3 shards
+        (layout(&[5, 12], None), vec![3, 2], 1),      // axis 0 = d1
+        (layout(&[5, 12], None), vec![1, 4, 0], 1),   // an empty shard
+        (layout(&[7, 4, 3], None), vec![3, 4], 1),    // d0 = 0, rank 3
+        (layout(&[3, 8, 5], None), vec![1, 1, 1], 0), // axis 0 neither d0 nor d1
         (layout(&[6, 6, 3, 3], Some((0, 1))), vec![2, 4], 1), // tied, d0 = 0
         (layout(&[6, 6, 3, 3], Some((1, 0))), vec![4, 2], 1), // tied, d1 = 0
-        (layout(&[1, 30], None), vec![1, 0], 1),            // one row
-        (layout(&[37], None), vec![13, 13, 11], 1),         // a vector
-        (layout(&[2], None), vec![1, 1, 0], 1),             // a tiny vector, empty shard
+        (layout(&[1, 30], None), vec![1, 0], 1),      // one row
+        (layout(&[37], None), vec![13, 13, 11], 1),   // a vector
+        (layout(&[2], None), vec![1, 1, 0], 1),       // a tiny vector, empty shard
     ];
     for (i, (layout, sizes, min_rounds)) in cases.iter().enumerate() {
         let ir = Arc::new(compile_layout(layout, &fixture_lopt()).unwrap());
@@ -188,21 +191,31 @@ fn rounds_carry_only_the_means_that_cross_the_sharded_axis() {
     assert_eq!(p.rounds(), 2);
     let r0 = notes(&p, 0);
     assert_eq!(r0[0], "mean of q over d0");
-    assert!(!r0.iter().any(|n| n.contains("over d1") || n.starts_with("r̄")), "{r0:?}");
+    assert!(
+        !r0.iter()
+            .any(|n| n.contains("over d1") || n.starts_with("r̄")),
+        "{r0:?}"
+    );
     assert_eq!((features(&p, 0), features(&p, 1)), (16, 6));
     assert_eq!(p.round_len(0), 5 + 16); // one sum per column, one per feature
-    // [5, 12]: d0 = 1, d1 = 0 (sharded): C's g² mean and the three r̄.
+                                        // [5, 12]: d0 = 1, d1 = 0 (sharded): C's g² mean and the three r̄.
     let p = plan(layout(&[5, 12], None));
     assert_eq!(p.rounds(), 2);
     let r0 = notes(&p, 0);
     assert!(r0.contains(&"mean of q over d1".to_string()), "{r0:?}");
-    assert_eq!(r0.iter().filter(|n| n.starts_with("r̄")).count(), 3, "{r0:?}");
+    assert_eq!(
+        r0.iter().filter(|n| n.starts_with("r̄")).count(),
+        3,
+        "{r0:?}"
+    );
     // C lives on the tensor without d1 = axis 0: replicated, its 6 features local.
     assert_eq!(features(&p, 0) + features(&p, 1), 22);
     // [3, 8, 5]: axis 0 is neither: only the normalization statistics cross it.
     let p = plan(layout(&[3, 8, 5], None));
     assert_eq!(p.rounds(), 1);
-    assert!(notes(&p, 0).iter().all(|n| n.starts_with("mean of feature")));
+    assert!(notes(&p, 0)
+        .iter()
+        .all(|n| n.starts_with("mean of feature")));
     // A vector: one round.
     assert_eq!(plan(layout(&[37], None)).rounds(), 1);
     // Not sharded: no round.
@@ -232,7 +245,10 @@ fn bad_shards_and_buffers_are_refused() {
         .begin(&[0.0; 14], &[0.0; 15], &state, hyper)
         .err()
         .unwrap();
-    assert!(err.to_string().contains("param") && err.to_string().contains("15"), "{err}");
+    assert!(
+        err.to_string().contains("param") && err.to_string().contains("15"),
+        "{err}"
+    );
     let other = TensorState::zeros(&layout(&[9, 5], None), 0);
     let err = plan
         .begin(&[0.0; 15], &[0.0; 15], &other, hyper)
@@ -284,7 +300,10 @@ impl Ranks {
                 continue;
             }
             row_lens.push(p.shape[1..].iter().product());
-            for (r, s) in shards(&chunk_sizes(p.shape[0], ranks)).into_iter().enumerate() {
+            for (r, s) in shards(&chunk_sizes(p.shape[0], ranks))
+                .into_iter()
+                .enumerate()
+            {
                 splits[r].push(Some(s));
             }
         }
@@ -351,7 +370,10 @@ impl Ranks {
             let sum = sum_buffers(&bufs);
             let next: Vec<_> = self.models.iter_mut().map(|m| m.advance(&sum)).collect();
             if next.iter().any(|n| n.is_err()) {
-                return Err(next.into_iter().map(|n| n.unwrap_err().to_string()).collect());
+                return Err(next
+                    .into_iter()
+                    .map(|n| n.unwrap_err().to_string())
+                    .collect());
             }
             bufs = next.into_iter().map(|n| n.unwrap()).collect();
         }
@@ -406,7 +428,9 @@ fn digits_cnn_sharded_over_2_and_3_ranks_equals_the_unsharded_run() {
         for (t, grads) in case.grads.iter().enumerate() {
             let mut views: Vec<&mut [f32]> = full.iter_mut().map(|p| p.as_mut_slice()).collect();
             let g: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-            let want = opt.step(&mut views, &g, case.lr, case.weight_decay).unwrap();
+            let want = opt
+                .step(&mut views, &g, case.lr, case.weight_decay)
+                .unwrap();
             let local_grads: Vec<_> = (0..ranks).map(|r| sharded.scatter(r, grads)).collect();
             let reports = sharded.step(&local_grads, &hypers).unwrap();
             for rep in &reports {
@@ -415,7 +439,10 @@ fn digits_cnn_sharded_over_2_and_3_ranks_equals_the_unsharded_run() {
                 let mut want_clipped: Vec<_> = want.clipped.iter().map(|c| c.0.clone()).collect();
                 clipped.sort();
                 want_clipped.sort();
-                assert_eq!(clipped, want_clipped, "step {t}: the same tensors are clipped");
+                assert_eq!(
+                    clipped, want_clipped,
+                    "step {t}: the same tensors are clipped"
+                );
             }
             let got = sharded.gather();
             for i in 0..scale.len() {
@@ -424,10 +451,22 @@ fn digits_cnn_sharded_over_2_and_3_ranks_equals_the_unsharded_run() {
                 bitwise &= got[i] == full[i];
             }
         }
-        eprintln!("{ranks} ranks: vs unsharded {vs_full:?}, vs PyLO {vs_pylo:?}, bitwise {bitwise}");
+        eprintln!(
+            "{ranks} ranks: vs unsharded {vs_full:?}, vs PyLO {vs_pylo:?}, bitwise {bitwise}"
+        );
         for (i, p) in case.params.iter().enumerate() {
-            assert!(vs_full[i] <= 1e-5, "{ranks} ranks, `{}`: {:e}", p.name, vs_full[i]);
-            assert!(vs_pylo[i] <= DEFAULT_TOLERANCE, "{ranks} ranks, `{}`: {:e}", p.name, vs_pylo[i]);
+            assert!(
+                vs_full[i] <= 1e-5,
+                "{ranks} ranks, `{}`: {:e}",
+                p.name,
+                vs_full[i]
+            );
+            assert!(
+                vs_pylo[i] <= DEFAULT_TOLERANCE,
+                "{ranks} ranks, `{}`: {:e}",
+                p.name,
+                vs_pylo[i]
+            );
         }
         assert_eq!(sharded.models[0].step_count(), case.grads.len() as u64);
     }
@@ -448,11 +487,7 @@ fn a_nonfinite_gradient_on_one_rank_is_decided_the_same_on_every_rank() {
             weight_decay: case.weight_decay,
         })
         .collect();
-    let victim = case
-        .params
-        .iter()
-        .position(|p| p.shape.len() == 4)
-        .unwrap();
+    let victim = case.params.iter().position(|p| p.shape.len() == 4).unwrap();
     let name = case.params[victim].name.clone();
     let ranks = 3;
     let grads = &case.grads[0];
@@ -468,14 +503,18 @@ fn a_nonfinite_gradient_on_one_rank_is_decided_the_same_on_every_rank() {
     let clean_grads: Vec<_> = (0..ranks).map(|r| clean.scatter(r, grads)).collect();
     clean.step(&clean_grads, &hypers).unwrap();
     for rep in &reports {
-        assert_eq!(rep.skipped, [name.clone()]);
+        assert_eq!(rep.skipped, std::slice::from_ref(&name));
     }
     let (got, want) = (run.gather(), clean.gather());
     for i in 0..got.len() {
         if i == victim {
             assert_eq!(got[i], case.p0[i], "the skipped tensor is unchanged");
         } else {
-            assert_eq!(got[i], want[i], "`{}` steps as without the NaN", case.params[i].name);
+            assert_eq!(
+                got[i], want[i],
+                "`{}` steps as without the NaN",
+                case.params[i].name
+            );
         }
     }
     for m in &run.models {
@@ -487,7 +526,10 @@ fn a_nonfinite_gradient_on_one_rank_is_decided_the_same_on_every_rank() {
     // Error: every rank returns the same error, nothing changed; a clean step then works.
     let mut run = Ranks::digits(&case, ranks, NonFinitePolicy::Error);
     let errors = run.step(&poisoned, &hypers).unwrap_err();
-    assert!(errors.iter().all(|e| e == &errors[0] && e.contains(&name)), "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e == &errors[0] && e.contains(&name)),
+        "{errors:?}"
+    );
     assert_eq!(run.gather(), case.p0);
     assert!(run.models.iter().all(|m| m.step_count() == 0));
     run.step(&clean_grads, &hypers).unwrap();
@@ -500,8 +542,71 @@ fn a_nonfinite_gradient_on_one_rank_is_decided_the_same_on_every_rank() {
     let mut run = Ranks::digits_clipped(&case, ranks, NonFinitePolicy::Zero, None);
     let reports = run.step(&inf, &hypers).unwrap();
     for rep in &reports {
-        assert_eq!(rep.sanitized, [name.clone()]);
-        assert_eq!(rep.reverted, [name.clone()], "{rep:?}");
+        assert_eq!(rep.sanitized, std::slice::from_ref(&name));
+        assert_eq!(rep.reverted, std::slice::from_ref(&name), "{rep:?}");
     }
     assert_eq!(run.gather()[victim], case.p0[victim]);
+}
+
+/// The model's buffers follow the documented contract: round 0 = header (2T values, +T with
+/// clipping) [+ every tensor's first-level partials without clipping], then the level
+/// rounds, then T guard flags.
+#[test]
+fn model_rounds_follow_the_contract() {
+    let lopt = fixture_lopt();
+    let params = vec![
+        ShardedParam::new(
+            "w",
+            &Shape::new(vec![9, 5]).unwrap(),
+            None,
+            Some(RowShard { offset: 0, rows: 4 }),
+        )
+        .unwrap(),
+        ShardedParam::new(
+            "b",
+            &Shape::new(vec![37]).unwrap(),
+            None,
+            Some(RowShard {
+                offset: 0,
+                rows: 13,
+            }),
+        )
+        .unwrap(),
+        ShardedParam::new("gain", &Shape::new(vec![]).unwrap(), None, None).unwrap(),
+    ];
+    let t = params.len();
+    let mut model = ShardedModel::new(&lopt, params, None, NonFinitePolicy::Skip).unwrap();
+    let (w, b) = (model.plans()[0].clone(), model.plans()[1].clone());
+    assert_eq!(
+        (w.rounds(), b.rounds(), model.plans()[2].rounds()),
+        (2, 1, 0)
+    );
+    assert_eq!(model.rounds(), 3);
+    assert_eq!(model.round_len(0), 2 * t + w.round_len(0) + b.round_len(0));
+    assert_eq!(model.round_len(1), w.round_len(1));
+    assert_eq!(model.round_len(2), t);
+    model.set_max_grad_norm(Some(1.0)).unwrap();
+    assert_eq!(model.rounds(), 4);
+    assert_eq!(model.round_len(0), 3 * t);
+    assert_eq!(model.round_len(1), w.round_len(0) + b.round_len(0));
+    assert_eq!(model.round_len(2), w.round_len(1));
+    assert_eq!(model.round_len(3), t);
+    // A buffer handed back at the wrong time or of the wrong size is refused.
+    let err = model.advance(&[0.0; 3]).unwrap_err();
+    assert!(err.to_string().contains("begin"), "{err}");
+    let (p0, p1, p2) = (vec![0.1f32; 20], vec![0.1f32; 13], vec![0.5f32]);
+    let hyper = Hyper {
+        lr: 0.1,
+        weight_decay: 0.0,
+    };
+    let buf = model
+        .begin(
+            &[&p0, &p1, &p2],
+            &[Some(&p0), Some(&p1), Some(&p2)],
+            &[hyper; 3],
+        )
+        .unwrap();
+    assert_eq!(buf.len(), model.round_len(0));
+    let err = model.advance(&buf[1..]).unwrap_err();
+    assert!(err.to_string().contains("round 0"), "{err}");
 }

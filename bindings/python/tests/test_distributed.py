@@ -1,7 +1,8 @@
 """Sharded steps over torch.distributed (gloo on the CPU, 2 and 3 processes, uneven shards):
 mulo.torch with DTensor parameters (plain ``Shard(0)`` DTensors and FSDP2's ``fully_shard``).
-The ranks run in spawned processes (``_sharded_workers.py``) under a deadline, so that a hang
-fails the test instead of stalling the suite."""
+The ranks run in spawned processes (``_sharded_workers.py``), one spawn per world size shared
+by the tests (process start-up is most of their time), under a deadline, so that a hang fails
+the test instead of stalling the suite."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn, world, tmp_path, deadline=120.0):
+def run_ranks(fn, world, tmp_path, deadline=180.0):
     """Runs ``fn(rank, world, port, out)`` on ``world`` spawned processes; fails on an error in
-    any rank or when they are not all done by the deadline (a hang)."""
+    any rank or when they are not all done by the deadline (a hang, e.g. a collective that
+    never completes: the process group's own timeout is 30 s)."""
     ctx = mp.start_processes(fn, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False, start_method="spawn")
     end = time.monotonic() + deadline
     try:
@@ -37,17 +39,32 @@ def run_ranks(fn, world, tmp_path, deadline=120.0):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return tmp_path
+
+
+def results(out, what, world):
+    return [torch.load(out / f"{what}{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return run_ranks(workers.two_ranks, 2, tmp_path_factory.mktemp("two"))
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    return run_ranks(workers.three_ranks, 3, tmp_path_factory.mktemp("three"))
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_golden_model_equals_single_process_resumes_and_skips_nan(world, tmp_path):
-    res = run_ranks(workers.golden, world, tmp_path)
+def test_sharded_golden_model_equals_single_process_resumes_and_skips_nan(world, request):
+    res = results(request.getfixturevalue({2: "two", 3: "three"}[world]), "golden", world)
     r0 = res[0]
     print(f"{world} ranks: vs single process {max(r0['vs_ref'].values()):.2g}, "
           f"vs PyLO {max(r0['vs_pylo'].values()):.2g} of the displacement, bitwise {r0['bitwise']}, "
           f"{r0['collectives'][0]} all-reduces and {r0['bytes'][0]} bytes per step, "
-          f"median step {sorted(r0['step_times'])[len(r0['step_times']) // 2] * 1e3:.1f} ms")
+          f"median step {sorted(r0['step_times'])[len(r0['step_times']) // 2] * 1e3:.1f} ms, "
+          f"of which all_reduce {sorted(r0['comm_times'])[len(r0['comm_times']) // 2] * 1e3:.2f} ms")
     for r in res:
         # Every tensor, every step: the sharded step equals the single-process one.
         for name, err in r["vs_ref"].items():
@@ -64,16 +81,16 @@ def test_sharded_golden_model_equals_single_process_resumes_and_skips_nan(world,
         assert r["finite"]
 
 
-def test_mismatched_shard_layouts_are_a_clear_error_not_a_hang(tmp_path):
-    res = run_ranks(workers.mismatch, 2, tmp_path, deadline=60.0)
+def test_mismatched_shard_layouts_are_a_clear_error_not_a_hang(two):
+    res = results(two, "mismatch", 2)
     for r in res:
         assert r["error"] is not None and "shard layouts differ between ranks" in r["error"], r["error"]
         assert r["unchanged"]
     assert res[0]["error"] == res[1]["error"]
 
 
-def test_fsdp2_fully_shard_trains_like_a_single_process(tmp_path):
-    res = run_ranks(workers.fsdp2, 3, tmp_path)
+def test_fsdp2_fully_shard_trains_like_a_single_process(three):
+    res = results(three, "fsdp2", 3)
     for r in res:
         assert r["losses"][-1] < 0.8 * r["losses"][0], r["losses"]
         # FSDP2 averages the ranks' gradients (reduce-scatter): equal to the single-process

@@ -19,6 +19,7 @@ reference interpreter's arithmetic on the local rows), not the native CPU backen
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -117,6 +118,8 @@ class ShardedSteps:
         self.last_collectives = 0
         #: Bytes all-reduced by the last step (per rank, before the reduction).
         self.last_bytes = 0
+        #: Seconds the last step spent in all_reduce (wall clock, this rank).
+        self.last_comm_seconds = 0.0
 
     # ------------------------------------------------------------------------ building
 
@@ -292,10 +295,13 @@ class ShardedSteps:
         report: Dict[str, list] = {}
         self.last_collectives = 0
         self.last_bytes = 0
+        self.last_comm_seconds = 0.0
         for r in range(max(rounds)):
             live = [gi for gi in range(len(groups)) if r < rounds[gi]]
             flat = torch.frombuffer(bytearray(b"".join(bufs[gi] for gi in live)), dtype=torch.float64)
+            t0 = time.perf_counter()
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            self.last_comm_seconds += time.perf_counter() - t0
             self.last_collectives += 1
             self.last_bytes += flat.numel() * 8
             raw = flat.numpy().tobytes()
