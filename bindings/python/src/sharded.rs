@@ -68,7 +68,8 @@ impl PyShardedGroup {
             params.push(ShardedParam::new(names[i].clone(), &shape, ax, shard).map_err(to_py)?);
         }
         let numels = params.iter().map(|p| p.local_numel()).collect();
-        let model = ShardedModel::new(&lopt.inner, params, max_grad_norm, nonfinite).map_err(to_py)?;
+        let model =
+            ShardedModel::new(&lopt.inner, params, max_grad_norm, nonfinite).map_err(to_py)?;
         Ok(PyShardedGroup { model, numels })
     }
 
@@ -111,7 +112,10 @@ impl PyShardedGroup {
             .collect();
         // SAFETY: checked by `check` (lengths, alignment, no overlap); the Python side keeps
         // the tensors alive for the call. Nothing is written here.
-        let p: Vec<&[f32]> = params.iter().map(|&(a, n)| unsafe { slice(a, n) }).collect();
+        let p: Vec<&[f32]> = params
+            .iter()
+            .map(|&(a, n)| unsafe { slice(a, n) })
+            .collect();
         let g: Vec<Option<&[f32]>> = grads
             .iter()
             .map(|b| b.map(|(a, n)| unsafe { slice(a, n) }))
@@ -186,7 +190,11 @@ impl PyShardedGroup {
 
     /// Replaces tensor `index`'s local state from PyLO-layout tensors [(name, shape, f32
     /// bytes)] of this rank's rows.
-    fn import_state(&mut self, index: usize, tensors: Vec<(String, Vec<usize>, Vec<u8>)>) -> PyResult<()> {
+    fn import_state(
+        &mut self,
+        index: usize,
+        tensors: Vec<(String, Vec<usize>, Vec<u8>)>,
+    ) -> PyResult<()> {
         let plan = self
             .model
             .plans()
@@ -211,12 +219,7 @@ impl PyShardedGroup {
 impl PyShardedGroup {
     /// Lengths against this rank's shards; addresses aligned; parameters overlapping nothing.
     fn check(&self, params: &[Buf], grads: &[Option<Buf>]) -> PyResult<()> {
-        let names: Vec<String> = self
-            .model
-            .params()
-            .iter()
-            .map(|p| p.name.clone())
-            .collect();
+        let names: Vec<String> = self.model.params().iter().map(|p| p.name.clone()).collect();
         if params.len() != self.numels.len() || grads.len() != self.numels.len() {
             return Err(PyValueError::new_err(format!(
                 "{} parameters and {} gradients given; the group has {} tensors",
