@@ -152,6 +152,15 @@ def golden(mesh, rank, world, out):
             buf = io.BytesIO()
             torch.save({"opt": opt.state_dict(), "params": {n: p.to_local().clone() for n, p in by_name.items()}}, buf)
             saved = buf.getvalue()
+    # The same step's all-reduces alone, the ranks in step (a barrier first): gloo's latency
+    # for these buffer sizes, without the waiting for the slowest rank that the step includes.
+    sizes = [b // 8 for b in opt._sharded.last_round_bytes]
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        for n in sizes:
+            dist.all_reduce(torch.zeros(n, dtype=torch.float64))
+    gloo_step = (time.perf_counter() - t0) / 10
     final = {n: p.to_local().clone() for n, p in by_name.items()}
     final_state = opt.state_dict()
     assert all(g["step"] == steps for g in opt.param_groups)
@@ -199,6 +208,8 @@ def golden(mesh, rank, world, out):
             bytes=bytes_,
             step_times=step_times,
             comm_times=comm_times,
+            gloo_step=gloo_step,
+            round_values=sizes,
             resumed_bitwise=resumed_bitwise,
             skipped=skipped,
             victim=victim,

@@ -64,7 +64,8 @@ def test_sharded_golden_model_equals_single_process_resumes_and_skips_nan(world,
           f"vs PyLO {max(r0['vs_pylo'].values()):.2g} of the displacement, bitwise {r0['bitwise']}, "
           f"{r0['collectives'][0]} all-reduces and {r0['bytes'][0]} bytes per step, "
           f"median step {sorted(r0['step_times'])[len(r0['step_times']) // 2] * 1e3:.1f} ms, "
-          f"of which all_reduce {sorted(r0['comm_times'])[len(r0['comm_times']) // 2] * 1e3:.2f} ms")
+          f"of which all_reduce {sorted(r0['comm_times'])[len(r0['comm_times']) // 2] * 1e3:.2f} ms; "
+          f"the same all-reduces alone {r0['gloo_step'] * 1e3:.2f} ms (values per round {r0['round_values']})")
     for r in res:
         # Every tensor, every step: the sharded step equals the single-process one.
         for name, err in r["vs_ref"].items():

@@ -118,6 +118,8 @@ class ShardedSteps:
         self.last_collectives = 0
         #: Bytes all-reduced by the last step (per rank, before the reduction).
         self.last_bytes = 0
+        #: Bytes of each all-reduce of the last step.
+        self.last_round_bytes: List[int] = []
         #: Seconds the last step spent in all_reduce (wall clock, this rank).
         self.last_comm_seconds = 0.0
 
@@ -296,6 +298,7 @@ class ShardedSteps:
         self.last_collectives = 0
         self.last_bytes = 0
         self.last_comm_seconds = 0.0
+        self.last_round_bytes = []
         for r in range(max(rounds)):
             live = [gi for gi in range(len(groups)) if r < rounds[gi]]
             flat = torch.frombuffer(bytearray(b"".join(bufs[gi] for gi in live)), dtype=torch.float64)
@@ -304,6 +307,7 @@ class ShardedSteps:
             self.last_comm_seconds += time.perf_counter() - t0
             self.last_collectives += 1
             self.last_bytes += flat.numel() * 8
+            self.last_round_bytes.append(flat.numel() * 8)
             raw = flat.numpy().tobytes()
             at = 0
             for gi in live:
