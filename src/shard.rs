@@ -8,7 +8,8 @@
 //! every rank (an all-reduce) and the next stage divides the total by the whole tensor's count.
 //! Means along axes that are not sharded stay local. The factored axes, counts and
 //! normalization statistics are those of the **whole** tensor: a shard knows the global shape
-//! and its row range ([`RowShard`]).
+//! and its row range ([`RowShard`]), so only sums are exchanged (each mean's count is the whole
+//! tensor's, known to every rank); partial sums are f64, as the interpreter accumulates means.
 //!
 //! The stages come from the IR ([`StagedPlan::new`]): a node's stage is the number of
 //! cross-shard means on its path (as the CUDA passes count element means), so each stage is

@@ -15,6 +15,9 @@ on every rank). So 3 all-reduces per step without clipping, 4 with, whatever the
 tensors; the buffers hold about ``rows + cols + 28`` values per factored tensor
 (``bench/results/sharded.md``). The step runs mulo's staged evaluator (``mulo::shard``, the
 reference interpreter's arithmetic on the local rows), not the native CPU backend.
+
+A ``Replicate()`` parameter is stepped whole on every rank: its gradient must be the same on
+every rank (as after DDP's all-reduce), or the ranks' copies drift apart.
 """
 
 from __future__ import annotations
