@@ -256,7 +256,10 @@ def fsdp2(mesh, rank, world, out):
 
     def make():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(16, 23), torch.nn.Tanh(), torch.nn.Linear(23, 5))
+        # 23, 5 and 2 rows over 3 ranks: 8/8/7, 2/2/1 and 1/1/0 (an empty shard).
+        return torch.nn.Sequential(
+            torch.nn.Linear(16, 23), torch.nn.Tanh(), torch.nn.Linear(23, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+        )
 
     ref = make()
     model = make()
@@ -265,23 +268,38 @@ def fsdp2(mesh, rank, world, out):
     ref_opt = AdafacLO(ref.parameters(), lr=1.0, weight_decay=1e-3, hf_key="demo", backend="interp")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 16, generator=gen)
-    y = torch.randint(0, 5, (64,), generator=gen)
+    y = torch.randint(0, 2, (64,), generator=gen)
     p0 = [p.detach().clone() for p in ref.parameters()]
     losses, ref_losses = [], []
+    # A second single-process copy stepped with FSDP2's own gradients (gathered): the optimizer
+    # alone, without the rounding of FSDP2's gradient average.
+    same = make()
+    same_opt = AdafacLO(same.parameters(), lr=1.0, weight_decay=1e-3, hf_key="demo", backend="interp")
+    same_errs = [0.0] * len(p0)
+    same_bitwise = True
     for _ in range(10):
         for m, o, log in ((model, opt, losses), (ref, ref_opt, ref_losses)):
             o.zero_grad()
             loss = torch.nn.functional.cross_entropy(m(x), y)
             loss.backward()
+            if m is model:
+                for q, p in zip(same.parameters(), model.parameters()):
+                    q.grad = p.grad.full_tensor().detach().clone()
             o.step()
             log.append(float(loss.detach()))
+        same_opt.step()
+        for i, (p, q, a) in enumerate(zip(model.parameters(), same.parameters(), p0)):
+            full = p.full_tensor().detach()
+            disp = max(float((q.detach() - a).abs().max()), 1e-30)
+            same_errs[i] = max(same_errs[i], float((full - q.detach()).abs().max()) / disp)
+            same_bitwise &= bool(torch.equal(full, q.detach()))
     errs = []
     for p, q, a in zip(model.parameters(), ref.parameters(), p0):
         full = p.full_tensor().detach()
         disp = float((q.detach() - a).abs().max())
         errs.append(float((full - q.detach()).abs().max()) / disp)
     torch.save(
-        dict(losses=losses, ref_losses=ref_losses, errs=errs, local_shapes=[tuple(p.to_local().shape) for p in model.parameters()]),
+        dict(losses=losses, ref_losses=ref_losses, errs=errs, same_errs=same_errs, same_bitwise=same_bitwise, local_shapes=[tuple(p.to_local().shape) for p in model.parameters()]),
         os.path.join(out, f"fsdp2{rank}.pt"),
     )
 

@@ -93,13 +93,17 @@ def test_mismatched_shard_layouts_are_a_clear_error_not_a_hang(two):
 def test_fsdp2_fully_shard_trains_like_a_single_process(three):
     res = results(three, "fsdp2", 3)
     for r in res:
-        assert r["losses"][-1] < 0.8 * r["losses"][0], r["losses"]
+        assert r["losses"][-1] < 0.8 * r["losses"][0], r["losses"]  # 0.70 -> 0.52
         # FSDP2 averages the ranks' gradients (reduce-scatter): equal to the single-process
         # gradient up to rounding, which the learned optimizer carries on.
         for a, b in zip(r["losses"], r["ref_losses"]):
             assert abs(a - b) <= 1e-4 * abs(b)
         assert max(r["errs"]) <= 1e-3, r["errs"]
-    print("FSDP2: losses", [f"{x:.4f}" for x in res[0]["losses"]], "worst param error", max(res[0]["errs"]))
-    # Uneven shards: 23 rows over 3 ranks are 8, 8, 7; 5 rows are 2, 2, 1.
+        # Given FSDP2's own (gathered) gradients, the single-process step is the sharded one.
+        assert max(r["same_errs"]) <= 1e-5, r["same_errs"]
+    print("FSDP2: losses", [f"{x:.4f}" for x in res[0]["losses"]], "worst param error vs a single process",
+          f"{max(res[0]['errs']):.2g}; with FSDP2's gradients {max(res[0]['same_errs']):.2g}, bitwise {res[0]['same_bitwise']}")
+    # Uneven shards: 23 rows over 3 ranks are 8, 8, 7; 5 rows are 2, 2, 1; 2 rows are 1, 1, 0.
     assert [r["local_shapes"][0][0] for r in res] == [8, 8, 7]
     assert [r["local_shapes"][2][0] for r in res] == [2, 2, 1]
+    assert [r["local_shapes"][4][0] for r in res] == [1, 1, 0]
