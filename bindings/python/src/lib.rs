@@ -22,6 +22,8 @@ use pyo3::types::{PyBytes, PyDict};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod sharded;
+
 /// A buffer given from Python: its address and its number of f32 values.
 type Buf = (usize, usize);
 
@@ -785,6 +787,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCudaStepper>()?;
     m.add_function(wrap_pyfunction!(state_to_pylo, m)?)?;
     m.add_function(wrap_pyfunction!(state_from_pylo, m)?)?;
+    m.add_class::<sharded::PyShardedGroup>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

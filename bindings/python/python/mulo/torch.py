@@ -29,6 +29,7 @@ import torch
 from torch.optim import Optimizer
 
 from mulo._native import CudaModel as _CudaModel
+from mulo import distributed as _distributed
 from mulo._native import Group as _Group
 from mulo._native import LearnedOptimizer
 from mulo._native import state_from_pylo as _state_from_pylo
@@ -411,6 +412,8 @@ class AdafacLO(Optimizer):
         self._axes_override: Dict[int, Tuple[torch.Tensor, Tuple[int, int]]] = {}
         self._rt: List[Optional[_Runtime]] = []
         self._cuda_prog: Optional[_CudaProgram] = None
+        # DTensor parameters (FSDP2): the sharded path of mulo.distributed, set at the first step.
+        self._sharded: Optional[_distributed.ShardedSteps] = None
         #: What the last :meth:`step` did: lists of parameter names per event.
         self.last_report: Dict[str, list] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
@@ -648,6 +651,13 @@ class AdafacLO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = self.param_groups
+        if self._sharded is not None or _distributed.has_dtensors(groups):
+            for gi, group in enumerate(groups):
+                _check_hyper(f"param_groups[{gi}]", group["lr"], group["weight_decay"], group["max_grad_norm"])
+            if self._sharded is None:
+                self._sharded = _distributed.ShardedSteps()
+            self.last_report = self._sharded.step(self)
+            return loss
         device = self._device()
         work = []
         for gi, group in enumerate(groups):
@@ -687,7 +697,10 @@ class AdafacLO(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """torch's ``state_dict`` with PyLO's per-tensor state (``mom``, ``rms``,
         ``fac_vec_row``/``fac_vec_col`` or ``fac_vec_v``, decay-last) plus ``factored_axes``,
-        and ``step`` in each parameter group."""
+        and ``step`` in each parameter group. With DTensor parameters: this rank's rows of the
+        state, and ``shard`` (see :mod:`mulo.distributed`)."""
+        if self._sharded is not None:
+            return self._sharded.state_dict(self, super().state_dict)
         kept = self.state
         exported: Dict[Any, Dict[str, Any]] = defaultdict(dict)
         for gi, group in enumerate(self.param_groups):
@@ -708,7 +721,12 @@ class AdafacLO(Optimizer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a ``state_dict`` of this class or of PyLO's ``AdafacLO_naive``/``MuLO_naive``
-        (same parameter groups); the next step continues exactly where it stopped."""
+        (same parameter groups); the next step continues exactly where it stopped. With DTensor
+        parameters, each rank loads the ``state_dict`` it saved."""
+        if self._sharded is not None or _distributed.has_dtensors(self.param_groups):
+            if self._sharded is None:
+                self._sharded = _distributed.ShardedSteps()
+            return self._sharded.load_state_dict(self, state_dict, super().load_state_dict)
         old = (self.param_groups, self.state, self._rt, dict(self._axes_override), self._cuda_prog)
         try:
             super().load_state_dict(state_dict)
