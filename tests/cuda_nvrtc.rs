@@ -207,13 +207,8 @@ fn packed_model_program_compiles_for_every_shape_class() {
     assert_eq!(names.len(), slots.len(), "{names:?}");
     for (name, types) in &entries {
         assert!(slots.contains(&name.as_str()), "{name} is not a slot");
-        // table, starts, tensor count, 7 arenas, scratch, partials.
-        assert_eq!(types.len(), 12, "{name}: {types:?}");
-        assert_eq!(
-            types.iter().filter(|t| t.contains("u64")).count(),
-            11,
-            "{name}: {types:?}"
-        );
+        // table, starts, tensor count: the table holds every buffer's address.
+        assert_eq!(types, &[".u64", ".u64", ".u32"], "{name}");
     }
 }
 

@@ -15,6 +15,8 @@ pub mod nvrtc;
 pub mod packed;
 #[cfg(feature = "cuda")]
 pub mod packed_cuda;
+#[cfg(feature = "cuda")]
+pub mod packed_external;
 pub mod packed_runtime;
 pub mod render;
 #[cfg(feature = "cuda")]

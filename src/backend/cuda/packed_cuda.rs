@@ -4,15 +4,15 @@
 
 use super::loader::{Image, Kernel, Launch, Module};
 use super::nvrtc;
-use super::packed::{PackedModel, ARENAS};
+use super::packed::{ArenaBases, PackedModel, ARENAS};
 use super::packed_runtime::{PackedBackend, PackedExecutor};
 use super::runtime::{driver_err, CudaRuntime};
-use crate::backend::{BackendFactory, ModelBackend};
+use crate::backend::{BackendFactory, Hyper, ModelBackend};
 use crate::error::{Error, Result};
 use crate::ir::Buffer;
 use crate::lopt::LearnedOptimizer;
 use crate::shape::Layout;
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut, LaunchConfig};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -21,9 +21,10 @@ use std::sync::Arc;
 /// The arenas are private allocations of the model's lengths for the executor's lifetime:
 /// callers get views ([`arena`](Self::arena), [`arena_mut`](Self::arena_mut),
 /// [`param_and_grad_mut`](Self::param_and_grad_mut)), which can be written through but not
-/// swapped for other allocations, and [`run`](PackedExecutor::run) launches only tables and
-/// block starts that [`PackedModel::check_launch`] accepts, after checking every arena's
-/// length. No safe call can make a kernel read or write outside an arena.
+/// swapped for other allocations, and [`run`](PackedExecutor::run) writes the table itself
+/// from the arenas' addresses and launches only block starts that
+/// [`PackedModel::check_launch`] accepts, after checking every arena's length. No safe call
+/// can make a kernel read or write outside an arena.
 pub struct CudaExecutor {
     model: PackedModel,
     stream: Arc<CudaStream>,
@@ -200,19 +201,49 @@ impl PackedExecutor for CudaExecutor {
             .map_err(driver_err("synchronizing"))
     }
 
-    fn run(&mut self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()> {
+    fn run(&mut self, steps: &[Option<(Hyper, u64)>], starts: &[i64], grids: &[u32]) -> Result<()> {
         // Nothing reaches the device unless it stays inside the arenas.
-        self.model.check_launch(table, starts, grids)?;
+        self.model.check_launch(starts, grids)?;
         self.check_arenas()?;
+        let n = self.model.tensors.len();
+        if steps.len() != n {
+            return Err(Error::argument(
+                "steps",
+                format!("{} entries; the model has {n} tensors", steps.len()),
+            ));
+        }
+        let stream = self.stream.clone();
+        // The arenas the table points into, taken for writing on the stream (it waits for
+        // earlier work on them; the guards record this step's use when they drop, after the
+        // launches).
+        let mut bases = ArenaBases {
+            arenas: [0; 7],
+            scratch: 0,
+            partials: 0,
+        };
+        let mut guards = Vec::with_capacity(ARENAS.len() + 2);
+        for (b, slice) in self.arenas.iter_mut() {
+            let k = ARENAS.iter().position(|x| x == b).expect("an arena buffer");
+            let (ptr, guard) = slice.device_ptr_mut(&stream);
+            bases.arenas[k] = ptr;
+            guards.push(guard);
+        }
+        let (ptr, guard) = self.scratch.device_ptr_mut(&stream);
+        bases.scratch = ptr;
+        guards.push(guard);
+        let (ptr, guard) = self.partials.device_ptr_mut(&stream);
+        bases.partials = ptr;
+        guards.push(guard);
+        let table = self.model.table(&self.model.arena_addrs(&bases), steps);
         if !table.is_empty() {
             let mut view = self.table.slice_mut(0..table.len());
-            self.stream
-                .memcpy_htod(table, &mut view)
+            stream
+                .memcpy_htod(&table, &mut view)
                 .map_err(driver_err("uploading the tensor table"))?;
         }
         if !starts.is_empty() {
             let mut view = self.starts.slice_mut(0..starts.len());
-            self.stream
+            stream
                 .memcpy_htod(starts, &mut view)
                 .map_err(driver_err("uploading the block starts"))?;
         }
@@ -225,24 +256,18 @@ impl PackedExecutor for CudaExecutor {
                 block_dim: (super::schedule::BLOCK_DIM_X, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = Launch::new(&self.stream);
+            let mut b = Launch::new(&stream);
             b.read(&self.table);
             b.read(&self.starts);
             b.i32(self.n_tensors);
-            for buffer in ARENAS {
-                b.read(&self.arenas[&buffer]);
-            }
-            b.read(&self.scratch);
-            b.read(&self.partials);
             // SAFETY: the arguments are those of templates/model_kernel.cu.j2 in order (table,
-            // starts, tensor count, the seven arenas of `ARENAS`, scratch, partials); every
-            // arena has the length the table's offsets were computed for (`check_arenas`), and
-            // the table, the starts and the grid are the model's (`check_launch`). One stream
-            // runs every launch and copy, so the read-intent pointers of the arenas the kernels
-            // write need no other ordering (as with cudarc's builder before).
+            // starts, tensor count); the table holds addresses inside the arenas this executor
+            // owns, each of the length the offsets were computed for (`check_arenas`), and the
+            // starts and the grid are the model's (`check_launch`).
             unsafe { b.launch(f, cfg) }?;
         }
-        self.stream
+        drop(guards);
+        stream
             .synchronize()
             .map_err(driver_err("synchronizing after a packed step"))
     }
