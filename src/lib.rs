@@ -33,6 +33,7 @@ pub mod lopt;
 pub mod optimizer;
 pub(crate) mod passes;
 pub mod shape;
+pub mod shard;
 pub mod state;
 pub mod trajectory;
 
