@@ -31,7 +31,7 @@ type Buf = (usize, usize);
 /// from Python much faster than lists of tuples); an address 0 is "no buffer" (a parameter
 /// without gradient).
 fn pairs(what: &str, flat: &[usize]) -> PyResult<Vec<Option<Buf>>> {
-    if flat.len() % 2 != 0 {
+    if !flat.len().is_multiple_of(2) {
         return Err(PyValueError::new_err(format!(
             "{what}: expected [address, length, ...] pairs, got {} numbers",
             flat.len()

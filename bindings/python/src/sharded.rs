@@ -24,7 +24,7 @@ fn to_bytes<'py>(py: Python<'py>, values: &[f64]) -> Bound<'py, PyBytes> {
 }
 
 fn from_bytes(what: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(PyValueError::new_err(format!(
             "{what}: {} bytes is not a whole number of f64 values",
             bytes.len()
