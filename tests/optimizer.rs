@@ -763,3 +763,50 @@ fn tensors_without_gradient_are_left_unchanged_and_follow_the_counter() {
     opt.set_max_grad_norm(Some(1.0)).unwrap();
     assert_eq!(opt.max_grad_norm(), Some(1.0));
 }
+
+/// The guard keeps its snapshot buffers between steps (they are reused, not reallocated): an
+/// overflow at the fourth step restores exactly the parameter and state after the third, and
+/// a later revert of the other tensor restores its own latest state, not an older snapshot.
+#[test]
+fn guard_restores_the_state_just_before_the_faulty_step_after_several_steps() {
+    for backend in backends() {
+        let lopt = LearnedOptimizer::demo();
+        let shapes: &[(&str, &[usize])] = &[("a", &[3, 4]), ("b", &[6])];
+        let clean = vec![vec![0.1f32; 12], vec![0.1f32; 6]];
+        let mut opt = MuloOptimizer::new(&lopt, specs(shapes), on(&backend)).unwrap();
+        let mut params = vec![vec![0.5f32; 12], vec![0.5f32; 6]];
+        for _ in 0..3 {
+            let report = opt
+                .step(&mut refs(&mut params), &crefs(&clean), 0.1, 0.0)
+                .unwrap();
+            assert!(report.reverted.is_empty());
+        }
+        let check_revert = |opt: &mut MuloOptimizer, params: &mut Vec<Vec<f32>>, bad: usize| {
+            let before_p = params[bad].clone();
+            let name = shapes[bad].0;
+            let before_s = opt.state(name).unwrap();
+            let mut grads = clean.clone();
+            grads[bad][0] = 1e30;
+            let report = opt
+                .step(&mut refs(params), &crefs(&grads), 0.1, 0.0)
+                .unwrap();
+            assert_eq!(report.reverted, [name], "{}", opt.target());
+            assert_eq!(
+                bits(&params[bad]),
+                bits(&before_p),
+                "{name} on {}",
+                opt.target()
+            );
+            let after_s = opt.state(name).unwrap();
+            assert_eq!(after_s.step, before_s.step + 1);
+            for ((b, got), (_, want)) in after_s.iter().zip(before_s.iter()) {
+                assert_eq!(bits(got), bits(want), "{name} {b:?} on {}", opt.target());
+            }
+        };
+        check_revert(&mut opt, &mut params, 1);
+        opt.step(&mut refs(&mut params), &crefs(&clean), 0.1, 0.0)
+            .unwrap();
+        check_revert(&mut opt, &mut params, 0);
+        check_revert(&mut opt, &mut params, 1);
+    }
+}

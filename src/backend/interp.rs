@@ -403,6 +403,26 @@ impl TensorStepper for InterpStepper {
         Ok(self.state.clone())
     }
 
+    fn state_into(&self, into: &mut Option<TensorState>) -> Result<()> {
+        match into {
+            Some(snapshot) if snapshot.layout() == self.state.layout() => {
+                for (b, data) in self.state.iter() {
+                    snapshot.get_mut(b).copy_from_slice(data);
+                }
+                snapshot.step = self.state.step;
+            }
+            _ => *into = Some(self.state.clone()),
+        }
+        Ok(())
+    }
+
+    fn state_is_finite(&self) -> Result<bool> {
+        Ok(self
+            .state
+            .iter()
+            .all(|(_, v)| v.iter().all(|x| x.is_finite())))
+    }
+
     fn set_state(&mut self, state: TensorState) -> Result<()> {
         super::check_state_layout(&self.ir.layout, &state)?;
         self.state = state;

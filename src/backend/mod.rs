@@ -119,4 +119,21 @@ pub trait TensorStepper: Send + Sync {
 
     /// Replaces the state (e.g. to start from a PyLO state or a checkpoint).
     fn set_state(&mut self, state: TensorState) -> Result<()>;
+
+    /// Copies the current state into `into`: the optimizer's guard takes this snapshot before
+    /// every step, so a stepper that can should reuse `into`'s buffers when it already holds a
+    /// state of this layout (no allocation, no page faults) instead of allocating new ones.
+    fn state_into(&self, into: &mut Option<TensorState>) -> Result<()> {
+        *into = Some(self.state()?);
+        Ok(())
+    }
+
+    /// Whether every accumulator of the current state is finite (the guard's check after
+    /// every step; a stepper that can should read its buffers in place instead of copying).
+    fn state_is_finite(&self) -> Result<bool> {
+        Ok(self
+            .state()?
+            .iter()
+            .all(|(_, v)| v.iter().all(|x| x.is_finite())))
+    }
 }

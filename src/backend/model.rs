@@ -75,6 +75,22 @@ pub trait ModelBackend: Send + Sync {
 
     /// Replaces the state of tensor `index`.
     fn set_state(&mut self, index: usize, state: TensorState) -> Result<()>;
+
+    /// Copies the state of tensor `index` into `into`, reusing its buffers where the backend
+    /// can ([`TensorStepper::state_into`]): the guard's snapshot before every step.
+    fn state_into(&self, index: usize, into: &mut Option<TensorState>) -> Result<()> {
+        *into = Some(self.state(index)?);
+        Ok(())
+    }
+
+    /// Whether every accumulator of tensor `index` is finite (the guard's check after every
+    /// step; [`TensorStepper::state_is_finite`]).
+    fn state_is_finite(&self, index: usize) -> Result<bool> {
+        Ok(self
+            .state(index)?
+            .iter()
+            .all(|(_, v)| v.iter().all(|x| x.is_finite())))
+    }
 }
 
 /// Builds a [`ModelBackend`] for a model: what
@@ -240,6 +256,14 @@ impl ModelBackend for PerTensorBackend {
 
     fn state(&self, index: usize) -> Result<TensorState> {
         self.stepper(index)?.state()
+    }
+
+    fn state_into(&self, index: usize, into: &mut Option<TensorState>) -> Result<()> {
+        self.stepper(index)?.state_into(into)
+    }
+
+    fn state_is_finite(&self, index: usize) -> Result<bool> {
+        self.stepper(index)?.state_is_finite()
     }
 
     fn set_state(&mut self, index: usize, state: TensorState) -> Result<()> {

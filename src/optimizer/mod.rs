@@ -144,7 +144,8 @@ pub struct OptimizerOptions {
     /// f32 step (`g²` is infinite for |g| > 1.8e19, as for the `f32::MAX` that
     /// [`NonFinitePolicy::Zero`] puts for +Inf), so this is what guarantees that no parameter
     /// or state is ever silently corrupted. It costs one copy of each stepped tensor's
-    /// parameter and state per step; turned off, the new parameters are still scanned and a
+    /// parameter and state per step, into buffers kept between steps (memory for one more copy
+    /// of the parameters and states, allocated once) and a scan of the new values; turned off, the new parameters are still scanned and a
     /// non-finite one makes the step fail (and the optimizer refuse to continue) instead.
     pub guard: bool,
     /// Where the step programs run (default: the reference interpreter on the CPU).
@@ -220,9 +221,20 @@ pub struct MuloOptimizer {
     global_max_grad_norm: Option<f32>,
     nonfinite: NonFinitePolicy,
     guard: bool,
+    /// The guard's snapshot of every tensor (parameter, state), kept between steps so that
+    /// taking it reuses the same buffers: allocating a model-sized copy every step cost more
+    /// than the copy itself (page faults).
+    guard_copies: Vec<GuardCopy>,
     backend: Box<dyn ModelBackend>,
     step: u64,
     poisoned: Option<String>,
+}
+
+/// One tensor's snapshot for the guard.
+#[derive(Default)]
+struct GuardCopy {
+    param: Vec<f32>,
+    state: Option<TensorState>,
 }
 
 impl fmt::Debug for MuloOptimizer {
@@ -278,6 +290,7 @@ impl MuloOptimizer {
             global_max_grad_norm: options.global_max_grad_norm,
             nonfinite: options.nonfinite,
             guard: options.guard,
+            guard_copies: Vec::new(),
             backend,
             step: 0,
             poisoned: None,
@@ -504,14 +517,18 @@ impl MuloOptimizer {
         }
 
         // The guard's copies, taken before anything changes.
-        let snapshots: Vec<Option<(Vec<f32>, TensorState)>> = work
-            .iter()
-            .enumerate()
-            .map(|(i, g)| match g {
-                Some(_) if self.guard => Ok(Some((params[i].to_vec(), self.backend.state(i)?))),
-                _ => Ok(None),
-            })
-            .collect::<Result<_>>()?;
+        if self.guard {
+            self.guard_copies
+                .resize_with(params.len(), GuardCopy::default);
+            for (i, g) in work.iter().enumerate() {
+                if g.is_some() {
+                    let copy = &mut self.guard_copies[i];
+                    copy.param.clear();
+                    copy.param.extend_from_slice(params[i]);
+                    self.backend.state_into(i, &mut copy.state)?;
+                }
+            }
+        }
         let mut batch: Vec<TensorStep> = params
             .iter_mut()
             .zip(&work)
@@ -531,30 +548,34 @@ impl MuloOptimizer {
         }
         drop(batch);
         let mut corrupted = Vec::new();
-        for (i, snapshot) in snapshots.into_iter().enumerate() {
+        for i in 0..params.len() {
             if work[i].is_none() {
                 continue;
             }
             let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
-            let Some((old_param, old_state)) = snapshot else {
+            if !self.guard {
                 if !finite(params[i]) {
                     corrupted.push(format!("`{}`", self.specs[i].name));
                 }
                 continue;
-            };
-            let state = match self.backend.state(i) {
-                Ok(s) => s,
+            }
+            let state_finite = match self.backend.state_is_finite(i) {
+                Ok(f) => f,
                 Err(e) => {
                     self.poisoned = Some(e.to_string());
                     return Err(e);
                 }
             };
-            if finite(params[i]) && state.iter().all(|(_, v)| finite(v)) {
+            if finite(params[i]) && state_finite {
                 continue;
             }
             // Undo: the old parameter and accumulators; the counter moves on like a skip.
-            params[i].copy_from_slice(&old_param);
-            let mut restored = old_state;
+            let copy = &mut self.guard_copies[i];
+            params[i].copy_from_slice(&copy.param);
+            let mut restored = copy
+                .state
+                .take()
+                .expect("the guard took a snapshot of every stepped tensor");
             restored.step = self.step + 1;
             if let Err(e) = self.backend.set_state(i, restored) {
                 self.poisoned = Some(e.to_string());

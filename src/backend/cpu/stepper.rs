@@ -313,6 +313,26 @@ impl TensorStepper for CpuStepper {
         Ok(state)
     }
 
+    fn state_into(&self, into: &mut Option<TensorState>) -> Result<()> {
+        match into {
+            Some(snapshot) if snapshot.layout() == &self.prog.ir.layout => {
+                for (b, data) in &self.state {
+                    snapshot.get_mut(*b).copy_from_slice(data);
+                }
+                snapshot.step = self.step;
+            }
+            _ => *into = Some(self.state()?),
+        }
+        Ok(())
+    }
+
+    fn state_is_finite(&self) -> Result<bool> {
+        Ok(self
+            .state
+            .values()
+            .all(|data| data.iter().all(|x| x.is_finite())))
+    }
+
     fn set_state(&mut self, state: TensorState) -> Result<()> {
         if state.layout() != &self.prog.ir.layout {
             return Err(Error::argument(
