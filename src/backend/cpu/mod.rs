@@ -28,10 +28,10 @@
 
 mod kernels;
 
-use super::cuda::schedule::{elem_closure, is_elem_mean, levels};
 use super::{check_step_args, Hyper, TensorStepper};
 use crate::error::{Error, Result};
 use crate::ir::{Binary, Buffer, Op, RuntimeScalar, StepIr, Unary, ValueId};
+use crate::plan::{elem_closure, is_elem_mean, levels};
 use crate::shape::{Domain, Layout};
 use crate::state::TensorState;
 use std::collections::{BTreeMap, HashMap, HashSet};
