@@ -692,6 +692,7 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
     let mut val_decls = String::new();
     let mut per_row = String::new();
     let mut epilogue = String::new();
+    let mut block_sums: Vec<BlockSum> = Vec::new();
     for (i, m) in means.iter().enumerate() {
         let w = ir.node(m.node).width;
         let target = ir.node(m.node).domain;
@@ -713,24 +714,29 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
                 PartialKind::KeepX => {
                     let _ = writeln!(acc_decls, "    double a{i}_{l} = 0.0;");
                     let _ = writeln!(per_row, "        a{i}_{l} += (double)m{i}_{l};");
-                    let _ = writeln!(
-                        epilogue,
-                        "    {{ const double s = mulo_sum_y(a{i}_{l}, mulo_smem, {bx}); if (ty == 0 && ix < {nx}) partials[{off} + (tyt * {n} + {idx}) * {w} + {l}] = s; }}",
-                        bx = t.bx,
-                        nx = t.nx,
-                    );
+                    // Threads tid < bx are those of row ty = 0: their ix is the point's.
+                    block_sums.push(BlockSum {
+                        acc: format!("a{i}_{l}"),
+                        span: t.bx,
+                        store: format!(
+                            "if (ix < {nx}) partials[{off} + (tyt * {n} + {idx}) * {w} + {l}] = s;",
+                            nx = t.nx
+                        ),
+                    });
                 }
                 PartialKind::Blocks => {
                     let _ = writeln!(acc_decls, "    double a{i}_{l} = 0.0;");
                     let _ = writeln!(per_row, "        a{i}_{l} += (double)m{i}_{l};");
-                    let _ = writeln!(
-                        epilogue,
-                        "    {{ const double s = mulo_block_sum(a{i}_{l}, mulo_smem); if (tid == 0) partials[{off} + blk * {w} + {l}] = s; }}"
-                    );
+                    block_sums.push(BlockSum {
+                        acc: format!("a{i}_{l}"),
+                        span: 1,
+                        store: format!("partials[{off} + blk * {w} + {l}] = s;"),
+                    });
                 }
             }
         }
     }
+    block_sum_epilogue(&block_sums, &mut epilogue);
     Ok(ElemHoles {
         rest_coords,
         acc_decls,
@@ -952,6 +958,59 @@ fn fused_dense(
     }
     let _ = writeln!(out, "{ind}}}");
     Ok(())
+}
+
+/// A per-thread f64 accumulator of an elem kernel summed over the block: over the threads that
+/// share `tid % span` (`span` = bx: the threads of one column of the tile; 1: all of them).
+struct BlockSum {
+    /// The accumulator variable.
+    acc: String,
+    /// A power of two ≤ 32.
+    span: usize,
+    /// The statement storing the sum `s` (run by thread `tid` < span, holding its column).
+    store: String,
+}
+
+/// The end of a reduce pass: every accumulator is summed within each warp by a butterfly of
+/// shuffles (no barrier), the warps' sums meet in shared memory (one barrier), and threads
+/// `tid < span` add up the warps' values in warp order and store them. Deterministic: fixed
+/// trees, no atomics. When the accumulators need more than the block's shared memory
+/// (`BLOCK_THREADS` doubles), they go in groups with one more barrier between groups.
+fn block_sum_epilogue(sums: &[BlockSum], out: &mut String) {
+    let warps = BLOCK_THREADS / 32;
+    let mut groups: Vec<Vec<(&BlockSum, usize)>> = vec![Vec::new()];
+    let mut used = 0;
+    for b in sums {
+        let size = warps * b.span;
+        if used + size > BLOCK_THREADS {
+            groups.push(Vec::new());
+            used = 0;
+        }
+        groups.last_mut().expect("a group").push((b, used));
+        used += size;
+    }
+    for (g, group) in groups.iter().filter(|g| !g.is_empty()).enumerate() {
+        if g > 0 {
+            let _ = writeln!(out, "    __syncthreads();");
+        }
+        for &(b, base) in group {
+            let _ = writeln!(
+                out,
+                "    {{ const double s = mulo_warp_sum({acc}, {span}); if ((tid & 31) < {span}) mulo_smem[{base} + (tid >> 5) * {span} + (tid & 31)] = s; }}",
+                acc = b.acc,
+                span = b.span
+            );
+        }
+        let _ = writeln!(out, "    __syncthreads();");
+        for &(b, base) in group {
+            let _ = writeln!(
+                out,
+                "    if (tid < {span}) {{ const double s = mulo_warps_total(mulo_smem + {base}, {span}, tid); {store} }}",
+                span = b.span,
+                store = b.store
+            );
+        }
+    }
 }
 
 /// Opens the region in which the threads of a small kernel's block visit the `n` points of a
@@ -1233,6 +1292,43 @@ mod tests {
             );
             // The first-layer chain and the hidden layer are fused into one loop per element.
             assert!(src.contains("lane by lane over its 32 inputs"), "{shape}");
+        }
+    }
+
+    #[test]
+    fn reduce_passes_have_at_most_two_barriers() {
+        use crate::lopt::LearnedOptimizer;
+        for shape in ["64x32", "37", "16x8x3x3", "1x300", "scalar", "5x7x3"] {
+            let ir = crate::compile_step(
+                &crate::shape::Shape::parse(shape).unwrap(),
+                &LearnedOptimizer::demo(),
+            )
+            .unwrap();
+            let s = super::super::schedule::schedule(&ir);
+            let src = render_kernels(&ir, &s, Form::Global).unwrap();
+            let mut reduces = 0;
+            for kernel in src.split("extern \"C\"").skip(1) {
+                if !kernel.contains("_reduce(") {
+                    continue;
+                }
+                reduces += 1;
+                let barriers = kernel.matches("__syncthreads").count();
+                assert!(barriers <= 2, "{shape}: {barriers} barriers in\n{kernel}");
+                // No helper with barriers of its own: the only helpers called shuffle.
+                for call in kernel.split("mulo_").skip(1) {
+                    let name: String = call
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if call[name.len()..].starts_with('(') && !name.ends_with("_reduce") {
+                        assert!(
+                            ["warp_sum", "warps_total", "sum_x"].contains(&name.as_str()),
+                            "{shape}: calls mulo_{name}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(reduces, s.elem_passes - 1, "{shape}");
         }
     }
 
