@@ -367,20 +367,38 @@ pub fn matrix_constants<'a>(
     Ok(out)
 }
 
-/// Declares register `vN` read from the scratch arena at index expression `idx`.
+/// Where lane `lane` (a number or an expression) of point `point` of a small node lies in the
+/// scratch arena: lane-major, `off + lane · n + point` for a domain of `n` points, so that
+/// threads reading one lane at consecutive points read consecutive floats (coalesced).
+fn scratch_index(layout: &Layout, domain: Domain, off: usize, lane: &str, point: &str) -> String {
+    let n = layout.domain_len(domain);
+    if lane == "0" {
+        format!("{off} + {point}")
+    } else {
+        format!("{off} + {lane} * {n} + {point}")
+    }
+}
+
+/// Declares register `vN` read from the scratch arena at point index expression `idx`.
 fn read_scratch(ir: &StepIr, s: &Schedule, v: ValueId, idx: &str, indent: &str, out: &mut String) {
     let node = ir.node(v);
     let off = s.scratch_offset[v.index()].unwrap_or(0);
     let w = node.width;
+    let at = |l: u32| {
+        scratch_index(
+            &ir.layout,
+            node.domain,
+            off,
+            &l.to_string(),
+            &format!("({idx})"),
+        )
+    };
     if w == 1 {
-        let _ = writeln!(out, "{indent}const float {v} = scratch[{off} + ({idx})];");
+        let _ = writeln!(out, "{indent}const float {v} = scratch[{}];", at(0));
     } else {
         let _ = writeln!(out, "{indent}float {v}[{w}];");
         for l in 0..w {
-            let _ = writeln!(
-                out,
-                "{indent}{v}[{l}] = scratch[{off} + ({idx}) * {w} + {l}];"
-            );
+            let _ = writeln!(out, "{indent}{v}[{l}] = scratch[{}];", at(l));
         }
     }
 }
@@ -645,9 +663,34 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
     for &v in nodes.iter().filter(|v| !in_chain.contains(v)) {
         read_outside.extend(ir.node(v).op.operands());
     }
+    // Values that do not change along Y (columns, rest points, the step) are read once per
+    // thread, before its loop over the rows of the tile, at a clamped column (in bounds for
+    // the threads past the tensor's edge, which store nothing).
+    let mut hoisted = String::new();
+    let mut hoisted_coords = coords.clone();
+    if let Some(x) = t.x_axis {
+        let _ = writeln!(
+            hoisted,
+            "    const idx_t ixs = ix < {nx} ? ix : {last};",
+            nx = t.nx,
+            last = t.nx - 1
+        );
+        hoisted_coords.insert(x, "ixs".to_string());
+    }
+    let mut any_hoisted = false;
     for &v in reads.iter().filter(|v| read_outside.contains(v)) {
-        let idx = compose(layout, ir.node(v).domain, &coords);
-        read_scratch(ir, s, v, &idx, ind, &mut body);
+        let domain = ir.node(v).domain;
+        if layout.domain_axes(domain).contains(&t.y_axis) {
+            let idx = compose(layout, domain, &coords);
+            read_scratch(ir, s, v, &idx, ind, &mut body);
+        } else {
+            let idx = compose(layout, domain, &hoisted_coords);
+            read_scratch(ir, s, v, &idx, "    ", &mut hoisted);
+            any_hoisted = true;
+        }
+    }
+    if !any_hoisted {
+        hoisted.clear();
     }
     for &v in &nodes {
         if in_chain.contains(&v) {
@@ -688,7 +731,7 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
             _ => compute_node(ir, v, ind, &mut body)?,
         }
     }
-    let mut acc_decls = String::new();
+    let mut acc_decls = hoisted;
     let mut val_decls = String::new();
     let mut per_row = String::new();
     let mut epilogue = String::new();
@@ -895,7 +938,7 @@ fn fused_dense(
         } else if on.width == 1 || is_inlined_operand(&on.op) {
             operand(ir, *o, 0)
         } else {
-            format!("{o}_s[mulo_r]")
+            format!("{o}_s[mulo_r * {}]", layout.domain_len(on.domain))
         }
     };
     // Small-domain vectors the chain reads lane by lane: one address each, before the loop.
@@ -914,11 +957,7 @@ fn fused_dense(
         let off = s.scratch_offset[o.index()]
             .ok_or_else(|| Error::Verify(format!("{o}: fused operand not in scratch")))?;
         let idx = compose(layout, on.domain, coords);
-        let _ = writeln!(
-            out,
-            "{ind}const float* {o}_s = scratch + {off} + ({idx}) * {};",
-            on.width
-        );
+        let _ = writeln!(out, "{ind}const float* {o}_s = scratch + {off} + ({idx});");
     }
     let _ = writeln!(out, "{ind}#pragma unroll 1");
     let _ = writeln!(out, "{ind}for (int mulo_r = 0; mulo_r < {h}; ++mulo_r) {{");
@@ -1082,7 +1121,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                     PartialKind::KeepX | PartialKind::KeepY => {
                         out.push_str(&open_points(n));
                         for l in 0..w {
-                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {count}); }}");
+                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; scratch[{off} + {l} * {n} + p] = (float)(s / {count}); }}");
                         }
                         let _ = writeln!(out, "    }}");
                     }
@@ -1094,7 +1133,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                     PartialKind::Blocks => {
                         out.push_str(&open_points(n));
                         for l in 0..w {
-                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (p * {k} + k) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {count}); }}");
+                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (p * {k} + k) * {w} + {l}]; scratch[{off} + {l} * {n} + p] = (float)(s / {count}); }}");
                         }
                         let _ = writeln!(out, "    }}");
                     }
@@ -1116,16 +1155,17 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                 let aoff = s.scratch_offset[a.index()]
                     .ok_or_else(|| Error::Verify(format!("{a}: mean operand not in scratch")))?;
                 let cnt = f64_literal(count as f64);
+                let nfrom = layout.domain_len(from);
                 if n >= 64 {
                     out.push_str(&open_points(n));
                     for l in 0..w {
-                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {count}; ++k) s += (double)scratch[{aoff} + ({aidx}) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {cnt}); }}");
+                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {count}; ++k) s += (double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]; scratch[{off} + {l} * {n} + p] = (float)(s / {cnt}); }}");
                     }
                     let _ = writeln!(out, "    }}");
                 } else {
                     let _ = writeln!(out, "    for (idx_t p = 0; p < {n}; ++p) {{");
                     for l in 0..w {
-                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {count}; k += {t}) s += (double)scratch[{aoff} + ({aidx}) * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + p * {w} + {l}] = (float)(s / {cnt}); }}");
+                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {count}; k += {t}) s += (double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + {l} * {n} + p] = (float)(s / {cnt}); }}");
                     }
                     let _ = writeln!(out, "    }}");
                 }
@@ -1215,7 +1255,7 @@ fn small_group(ir: &StepIr, s: &Schedule, group: &[ValueId], out: &mut String) -
             let _ = writeln!(out, "        #pragma unroll 1");
             let _ = writeln!(
                 out,
-                "        for (int mulo_r = 0; mulo_r < {w}; ++mulo_r) {{ {decl}scratch[{off} + p * {w} + mulo_r] = {row}; }}"
+                "        for (int mulo_r = 0; mulo_r < {w}; ++mulo_r) {{ {decl}scratch[{off} + mulo_r * {n} + p] = {row}; }}"
             );
             continue;
         }
@@ -1224,7 +1264,7 @@ fn small_group(ir: &StepIr, s: &Schedule, group: &[ValueId], out: &mut String) -
         for l in 0..w {
             let _ = writeln!(
                 out,
-                "        scratch[{off} + p * {w} + {l}] = {};",
+                "        scratch[{off} + {l} * {n} + p] = {};",
                 operand(ir, v, l as u32)
             );
         }
@@ -1330,6 +1370,38 @@ mod tests {
             }
             assert_eq!(reduces, s.elem_passes - 1, "{shape}");
         }
+    }
+
+    #[test]
+    fn column_values_are_read_once_per_thread_lane_major() {
+        use crate::lopt::LearnedOptimizer;
+        let ir = crate::compile_step(
+            &crate::shape::Shape::parse("64x32").unwrap(),
+            &LearnedOptimizer::demo(),
+        )
+        .unwrap();
+        let s = super::super::schedule::schedule(&ir);
+        let src = render_kernels(&ir, &s, Form::Global).unwrap();
+        let update = src.split("extern \"C\"").last().unwrap();
+        assert!(update.contains("_update("));
+        let (before, in_loop) = update.split_once("for (int j = 0;").unwrap();
+        // Column (x = axis 1) and step values are loaded before the loop over the rows...
+        assert!(
+            before.contains("scratch[") && before.contains("(ixs)]"),
+            "{before}"
+        );
+        // ...and inside it, every load from scratch depends on the row.
+        for line in in_loop.lines().filter(|l| l.contains("= scratch[")) {
+            assert!(
+                line.contains("iy"),
+                "loop-invariant load in the loop: {line}"
+            );
+        }
+        // A vector read lane by lane in the fused loop: lanes one domain length apart.
+        assert!(
+            in_loop.contains("_s[mulo_r * 32]") && in_loop.contains("_s[mulo_r * 64]"),
+            "{in_loop}"
+        );
     }
 
     #[test]
