@@ -15,10 +15,12 @@ loss per epoch is printed and must fall. Without --weights, mulo-compile uses bt
 if present, else its bundled demo network.
 
 The host protocol (mulo_model.json's `protocol`): per step, write gradients into the grad
-arena, write a table (one 80-byte entry per tensor: arena offsets, lr, weight decay, step
-counter, plan) and the block starts of every launch, then launch each slot in order.
-`build_table` and `block_starts` below are that protocol in numpy; `--dump-table` writes their
-output so that mulo's tests can compare it with the Rust host's, byte for byte.
+arena, write a table (one 88-byte entry per tensor: the device addresses of its buffers, here
+arena base + offset, lr, weight decay, step counter, plan) and the block starts of every
+launch, then launch each slot in order. `build_table` and `block_starts` below are that
+protocol in numpy; `--dump-table` writes their output (with stand-in arena addresses, see
+`dry_run_bases`) so that mulo's tests can compare it with the Rust host's, byte for byte.
+(mulo.torch steps torch's own tensors with the same program: the table can point anywhere.)
 """
 
 import argparse
@@ -33,7 +35,8 @@ import numpy as np
 
 # The example model: (out, in) of each Linear layer; parameters are weight then bias.
 LAYERS = [(32, 2), (3, 32)]
-DTYPES = {"i64": "<i8", "f32": "<f4", "i32": "<i4", "f64": "<f8"}
+DTYPES = {"ptr": "<u8", "i64": "<i8", "f32": "<f4", "i32": "<i4", "f64": "<f8"}
+VALUE_BYTES = {"f32": 4, "f64": 8}
 
 
 def param_shapes():
@@ -60,8 +63,8 @@ def compile_model(mulo, out_dir, shapes, weights=None, arch=None):
 def load_manifest(model_dir):
     path = Path(model_dir) / "mulo_model.json"
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != "mulo-cuda-model" or manifest.get("format_version") != 1:
-        sys.exit(f"{path}: not a mulo-cuda-model manifest of format version 1")
+    if manifest.get("format") != "mulo-cuda-model" or manifest.get("format_version") != 2:
+        sys.exit(f"{path}: not a mulo-cuda-model manifest of format version 2 (recompile it)")
     return manifest
 
 
@@ -76,14 +79,24 @@ def table_dtype(manifest):
     })
 
 
-def build_table(manifest, lrs, weight_decays, steps):
-    """The table of one step: per tensor its offsets, lr, weight decay, step counter, plan."""
+def dry_run_bases(manifest):
+    """Stand-in arena addresses for --dry-run (no device): arena k (manifest order) at
+    (k + 1) << 40."""
+    return {a["name"]: (k + 1) << 40 for k, a in enumerate(manifest["arenas"])}
+
+
+def build_table(manifest, bases, lrs, weight_decays, steps):
+    """The table of one step: per tensor the addresses of its buffers in the arenas (`bases`:
+    arena name → device address), lr, weight decay, step counter, plan."""
     tensors = manifest["tensors"]
     table = np.zeros(len(tensors), dtype=table_dtype(manifest))
-    offset_fields = [f["name"] for f in manifest["table_fields"] if f["dtype"] == "i64"]
+    size = {a["name"]: VALUE_BYTES[a["dtype"]] for a in manifest["arenas"]}
+    addr_fields = [f["name"] for f in manifest["table_fields"] if f["dtype"] == "ptr"]
     for i, t in enumerate(tensors):
-        for name in offset_fields:
-            table[name][i] = t["offsets"].get(name, 0)
+        for name in addr_fields:
+            offset = t["offsets"].get("param" if name == "grad" else name)
+            if offset is not None:
+                table[name][i] = bases[name] + size[name] * offset
         table["lr"][i] = lrs[i]
         table["weight_decay"][i] = weight_decays[i]
         table["step"][i] = float(steps[i])
@@ -155,17 +168,17 @@ class MuloModelStep:
         # NaN/Inf policy `skip`: such a tensor keeps its parameter and state (one sync).
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).cpu().numpy()
         n = len(self.params)
-        table = build_table(self.manifest, [lr] * n, [weight_decay] * n, self.steps)
+        bases = {name: arena.data_ptr() for name, arena in self.arenas.items()}
+        table = build_table(self.manifest, bases, [lr] * n, [weight_decay] * n, self.steps)
         starts = block_starts(self.manifest, finite)
         table_dev = torch.from_numpy(table.view(np.uint8)).to(self.device)
         starts_dev = torch.from_numpy(starts.reshape(-1)).to(self.device)
-        args = [cupy.asarray(table_dev), cupy.asarray(starts_dev), np.int32(n)]
-        args += [cupy.asarray(self.arenas[a["name"]]) for a in self.manifest["arenas"]]
+        args = (cupy.asarray(table_dev), cupy.asarray(starts_dev), np.int32(n))
         threads = self.manifest["block_threads"]
         for s, kernel in enumerate(self.kernels):
             grid = int(starts[s, -1])
             if grid:
-                kernel((grid,), (threads,), tuple(args))
+                kernel((grid,), (threads,), args)
         self.steps += finite.astype(np.int64)
         return [i for i, ok in enumerate(finite) if not ok]
 
@@ -263,7 +276,8 @@ def main():
         train(args, model_dir)
         return
     n = len(manifest["tensors"])
-    table = build_table(manifest, [args.lr] * n, [args.weight_decay] * n, [args.step] * n)
+    table = build_table(manifest, dry_run_bases(manifest), [args.lr] * n, [args.weight_decay] * n,
+                        [args.step] * n)
     starts = block_starts(manifest, [True] * n)
     if args.dump_table:
         Path(args.dump_table).write_bytes(table.tobytes() + starts.tobytes())

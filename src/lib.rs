@@ -34,6 +34,7 @@ pub mod optimizer;
 pub(crate) mod passes;
 pub mod plan;
 pub mod shape;
+pub mod shard;
 pub mod state;
 pub mod trajectory;
 

@@ -338,6 +338,17 @@ impl Layout {
         }
     }
 
+    /// The layout of a shard holding `rows` consecutive rows of axis 0 of this tensor (0 allowed):
+    /// the same shape and factored axes, with `dims()[0] = rows`, so that its domain lengths,
+    /// buffer lengths and broadcast maps are the shard's local ones. The factored axes stay
+    /// those of the whole tensor. Only [`crate::shard`] builds these: they index a shard's local
+    /// buffers and are never compiled.
+    pub(crate) fn with_local_rows(&self, rows: usize) -> Layout {
+        let mut local = self.clone();
+        local.dims[0] = rows;
+        local
+    }
+
     /// Whether the tensor is 0-d: stepped as one element, its 28 features normalized together
     /// (SPEC.md §3.4).
     pub fn is_scalar(&self) -> bool {

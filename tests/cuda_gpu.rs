@@ -2,7 +2,8 @@
 //! bitwise determinism, and bad launches rejected before launch.
 //!
 //! Every test prints why it is skipped and passes when no CUDA device can be opened (or
-//! libnvrtc is missing).
+//! libnvrtc is missing), unless `MULO_REQUIRE_GPU=1` (set by `scripts/gpu-check`), which makes
+//! a missing GPU a failure.
 
 mod common;
 
@@ -27,9 +28,65 @@ fn runtime(test: &str) -> Option<&'static CudaRuntime> {
     match rt {
         Ok(rt) => Some(rt),
         Err(why) => {
+            assert!(
+                std::env::var("MULO_REQUIRE_GPU").as_deref() != Ok("1"),
+                "{test}: MULO_REQUIRE_GPU=1 but {why}"
+            );
             eprintln!("SKIPPED {test}: {why}");
             None
         }
+    }
+}
+
+/// A failed module load names the program and carries the driver's JIT error log (the loader
+/// uses `cuModuleLoadDataEx` with log buffers); a CUBIN for another architecture is refused
+/// with the driver's error, not at the first launch.
+#[test]
+fn failed_module_loads_name_the_program_and_carry_the_log() {
+    use mulo::backend::cuda::loader::{Image, Module};
+    let Some(rt) = runtime("failed_module_loads_name_the_program_and_carry_the_log") else {
+        return;
+    };
+    // PTX whose kernel uses an undeclared register: ptxas (in the driver) rejects it.
+    let bad = format!(
+        ".version 7.0\n.target {}\n.address_size 64\n.visible .entry broken()\n{{\n\tmov.u32 %r1, 1;\n\tret;\n}}\n",
+        rt.arch()
+    );
+    let err = match Module::load(rt.context(), Image::Ptx(&bad), "broken.ptx (test)") {
+        Ok(_) => panic!("the driver loaded invalid PTX"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("broken.ptx (test)"), "{err}");
+    assert!(err.contains("error log"), "no JIT log in: {err}");
+    // A good program loads, and its kernel is found by name; a missing kernel is an error
+    // naming both.
+    let good = nvrtc::compile_cubin(
+        "extern \"C\" __global__ void ok(float* x) { x[threadIdx.x] = 1.0f; }",
+        rt.arch(),
+        false,
+    )
+    .unwrap();
+    let module = Module::load(rt.context(), Image::Cubin(&good.cubin), "ok.cubin").unwrap();
+    module.kernel("ok").unwrap();
+    let err = module.kernel("absent").err().unwrap().to_string();
+    assert!(err.contains("ok.cubin") && err.contains("absent"), "{err}");
+    // A CUBIN for another architecture than the device's.
+    let other = if rt.arch() == "sm_80" {
+        "sm_90"
+    } else {
+        "sm_80"
+    };
+    let foreign = nvrtc::compile_cubin(
+        "extern \"C\" __global__ void ok(float* x) { x[threadIdx.x] = 1.0f; }",
+        other,
+        false,
+    )
+    .unwrap();
+    if let Err(e) = Module::load(rt.context(), Image::Cubin(&foreign.cubin), "foreign.cubin") {
+        assert!(e.to_string().contains("foreign.cubin"), "{e}");
+    } else {
+        // sm_80 code loads on newer sm_8x devices (binary compatibility within a major).
+        assert!(other == "sm_80" && rt.arch().starts_with("sm_8"));
     }
 }
 
@@ -389,5 +446,114 @@ fn packed_in_place_steps_match_the_host_path_bitwise() {
             host.state(i).unwrap(),
             "tensor {i}"
         );
+    }
+}
+
+/// Pointer mode on the device (`ExternalCuda`, what `mulo.torch` uses): every tensor's
+/// parameter, gradient and state in its own device allocation, the step queued on another
+/// stream than the runtime's, is bitwise the arena mode (`PackedBackend`), parameters and
+/// state, with a tensor left out of a step; a bad address is refused before anything runs.
+#[test]
+fn external_pointer_mode_is_bitwise_the_arena_mode() {
+    use mulo::backend::cuda::packed::TensorAddrs;
+    use mulo::backend::cuda::packed_external::ExternalCuda;
+    use mulo::backend::{ModelBackend, TensorStep};
+    use mulo::ir::Buffer;
+    let Some(factory) = packed("external_pointer_mode_is_bitwise_the_arena_mode") else {
+        return;
+    };
+    let lopt = common::fixture_lopt();
+    let shapes: Vec<Layout> = ["96x40", "40", "scalar", "8x4x3x3"]
+        .iter()
+        .map(|s| Layout::new(Shape::parse(s).unwrap()))
+        .collect();
+    let mut arena = factory.backend(&lopt, &shapes, 0).unwrap();
+    let model = arena.model().clone();
+    let mut ext = ExternalCuda::new(0, model.clone()).unwrap();
+    let stream = factory.runtime().context().new_stream().unwrap();
+    let mut params: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.numel(), i as u64, 1.0))
+        .collect();
+    // Device copies of the parameters and zero state, one allocation each.
+    let dev_params: Vec<_> = params
+        .iter()
+        .map(|p| stream.clone_htod(p).unwrap())
+        .collect();
+    let dev_state: Vec<Vec<(Buffer, cudarc::driver::CudaSlice<f32>)>> = shapes
+        .iter()
+        .map(|l| {
+            Buffer::state_for_layout(l)
+                .into_iter()
+                .map(|b| (b, stream.alloc_zeros::<f32>(b.len(l)).unwrap()))
+                .collect()
+        })
+        .collect();
+    let hyper = Hyper {
+        lr: 0.3,
+        weight_decay: 0.01,
+    };
+    for step in 0..3u64 {
+        let grads: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| data(s.numel(), 10 * step + i as u64, 0.1))
+            .collect();
+        let on = |i: usize| !(step == 1 && i == 1);
+        let mut batch: Vec<TensorStep<'_>> = params
+            .iter_mut()
+            .zip(&grads)
+            .enumerate()
+            .filter(|(i, _)| on(*i))
+            .map(|(i, (p, g))| TensorStep {
+                index: i,
+                param: p.as_mut_slice(),
+                grad: g,
+                hyper,
+            })
+            .collect();
+        arena.step(&mut batch).unwrap();
+        let dev_grads: Vec<_> = grads
+            .iter()
+            .map(|g| stream.clone_htod(g).unwrap())
+            .collect();
+        let addr = |s: &cudarc::driver::CudaSlice<f32>| {
+            use cudarc::driver::DevicePtr;
+            s.device_ptr(&stream).0
+        };
+        let mut tensors = vec![TensorAddrs::default(); shapes.len()];
+        for (i, t) in tensors.iter_mut().enumerate() {
+            t.param = addr(&dev_params[i]);
+            t.grad = addr(&dev_grads[i]);
+            for (b, s) in &dev_state[i] {
+                t.set(*b, addr(s));
+            }
+        }
+        let steps: Vec<Option<(Hyper, u64)>> = (0..shapes.len())
+            .map(|i| on(i).then_some((hyper, step - (step > 1 && i == 1) as u64)))
+            .collect();
+        if step == 0 {
+            // A missing state buffer is refused before anything is queued.
+            let mut bad = tensors.clone();
+            bad[0].set(Buffer::Rms, 0);
+            // SAFETY: valid device allocations of the model's lengths on this context.
+            let err = unsafe { ext.step(stream.cu_stream(), &bad, &steps) }.unwrap_err();
+            assert!(err.to_string().contains("tensor 0 `rms`"), "{err}");
+        }
+        // SAFETY: every address is a live allocation of this context of the buffer's length,
+        // used only on `stream`, kept alive until the synchronize below.
+        unsafe { ext.step(stream.cu_stream(), &tensors, &steps) }.unwrap();
+        stream.synchronize().unwrap();
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for i in 0..shapes.len() {
+        let got = stream.clone_dtoh(&dev_params[i]).unwrap();
+        assert_eq!(bits(&got), bits(&params[i]), "tensor {i}: parameters");
+        let want = arena.state(i).unwrap();
+        for (b, s) in &dev_state[i] {
+            let got = stream.clone_dtoh(s).unwrap();
+            assert_eq!(bits(&got), bits(want.get(*b)), "tensor {i}: {}", b.name());
+        }
     }
 }

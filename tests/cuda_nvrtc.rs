@@ -18,6 +18,9 @@ const SHAPES: [&str; 8] = [
 ];
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
+/// Held by the tests that set `MULO_CACHE_DIR` (process-wide) while they use it.
+static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn lopt() -> LearnedOptimizer {
     LearnedOptimizer::load(
         Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -134,7 +137,7 @@ fn disk_cache_skips_nvrtc_the_second_time() {
     }
     let dir = std::env::temp_dir().join(format!("mulo-cache-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    // Only this test reads the cache directory from the environment.
+    let _env = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     std::env::set_var("MULO_CACHE_DIR", &dir);
     let ir = mulo::compile_step(&Shape::parse("5x3").unwrap(), &lopt()).unwrap();
     let first = cuda::compile(&ir, "sm_80", true).unwrap();
@@ -152,6 +155,7 @@ fn disk_cache_skips_nvrtc_the_second_time() {
         !other_arch.ptx.from_cache,
         "the key must include the architecture"
     );
+    std::env::remove_var("MULO_CACHE_DIR");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -211,12 +215,206 @@ fn packed_model_program_compiles_for_every_shape_class() {
     assert_eq!(names.len(), slots.len(), "{names:?}");
     for (name, types) in &entries {
         assert!(slots.contains(&name.as_str()), "{name} is not a slot");
-        // table, starts, tensor count, 7 arenas, scratch, partials.
-        assert_eq!(types.len(), 12, "{name}: {types:?}");
-        assert_eq!(
-            types.iter().filter(|t| t.contains("u64")).count(),
-            11,
-            "{name}: {types:?}"
+        // table, starts, tensor count: the table holds every buffer's address.
+        assert_eq!(types, &[".u64", ".u64", ".u32"], "{name}");
+    }
+}
+
+/// The kernel names of a CUBIN that `names` lists and it lacks (its string table holds each
+/// kernel's name, NUL-terminated).
+fn missing_kernels<'a>(cubin: &[u8], names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    names
+        .into_iter()
+        .filter(|n| {
+            let want: Vec<u8> = [b"\0", n.as_bytes(), b"\0"].concat();
+            !cubin.windows(want.len()).any(|w| w == want)
+        })
+        .collect()
+}
+
+/// The runtime's path: NVRTC straight to a CUBIN for sm_80 and sm_90, for every shape class.
+/// Each is a CUDA ELF image for its architecture holding every kernel the manifest launches.
+#[test]
+fn every_shape_class_compiles_to_a_cubin_for_sm80_and_sm90() {
+    if !nvrtc_or_skip("every_shape_class_compiles_to_a_cubin_for_sm80_and_sm90") {
+        return;
+    }
+    let lopt = lopt();
+    for shape in SHAPES {
+        let ir = mulo::compile_step(&Shape::parse(shape).unwrap(), &lopt).unwrap();
+        let generated = cuda::generate(&ir).unwrap();
+        for arch in ARCHS {
+            let compiled = match nvrtc::compile_cubin(&generated.source, arch, false) {
+                Ok(c) => c,
+                Err(e) => panic!("{shape} for {arch}: {e}"),
+            };
+            let cubin = &compiled.cubin;
+            assert!(!compiled.from_cache);
+            assert_eq!(&cubin[..4], &nvrtc::ELF_MAGIC, "{shape}/{arch}: not ELF");
+            assert!(nvrtc::is_cubin(cubin), "{shape}/{arch}: not a CUDA ELF");
+            let sm: u32 = arch[3..].parse().unwrap();
+            assert_eq!(nvrtc::cubin_sm(cubin), Some(sm), "{shape}/{arch}");
+            let names = generated.schedule.kernels.iter().map(|k| k.name.as_str());
+            let missing = missing_kernels(cubin, names);
+            assert!(
+                missing.is_empty(),
+                "{shape}/{arch}: CUBIN lacks {missing:?}"
+            );
+            eprintln!("{shape:>9} {arch}: {} B of CUBIN", cubin.len());
+        }
+    }
+}
+
+/// The CUBIN disk cache: a second compilation is a hit (same bytes, no NVRTC), keyed by the
+/// architecture and apart from the PTX entries; a damaged entry is compiled again and
+/// rewritten.
+#[test]
+fn cubin_cache_hits_and_damaged_entries_are_recompiled() {
+    if !nvrtc_or_skip("cubin_cache_hits_and_damaged_entries_are_recompiled") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("mulo-cubin-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // MULO_CACHE_DIR is process-wide; this test and `disk_cache_skips_nvrtc_the_second_time`
+    // each use their own directory, so they serialize on this lock.
+    let _env = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("MULO_CACHE_DIR", &dir);
+    let ir = mulo::compile_step(&Shape::parse("5x3").unwrap(), &lopt()).unwrap();
+    let source = cuda::generate(&ir).unwrap().source;
+    let first = nvrtc::compile_cubin(&source, "sm_80", true).unwrap();
+    let entry = dir.join(format!("{}.cubin", first.key));
+    assert!(!first.from_cache);
+    assert!(entry.is_file(), "{} not written", entry.display());
+    let t = std::time::Instant::now();
+    let second = nvrtc::compile_cubin(&source, "sm_80", true).unwrap();
+    eprintln!("cached CUBIN in {:.1?}", t.elapsed());
+    assert!(
+        second.from_cache,
+        "second compilation missed {}",
+        entry.display()
+    );
+    assert_eq!(first.cubin, second.cubin);
+    // Another architecture, or PTX of the same source, is another entry.
+    let sm90 = nvrtc::compile_cubin(&source, "sm_90", true).unwrap();
+    assert!(!sm90.from_cache, "the key must include the architecture");
+    assert_eq!(nvrtc::cubin_sm(&sm90.cubin), Some(90));
+    let ptx = nvrtc::compile(&source, "sm_80", true).unwrap();
+    assert!(!ptx.from_cache && ptx.key != first.key);
+    // A damaged entry (one flipped byte inside the image) is not used: NVRTC runs again and
+    // the entry is rewritten whole.
+    let mut bytes = std::fs::read(&entry).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&entry, &bytes).unwrap();
+    let third = nvrtc::compile_cubin(&source, "sm_80", true).unwrap();
+    assert!(!third.from_cache, "a corrupt entry was used");
+    assert_eq!(third.cubin, first.cubin);
+    assert_eq!(nvrtc::cubin_cache_load(&entry), Some(first.cubin.clone()));
+    // A truncated one too.
+    std::fs::write(&entry, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(
+        !nvrtc::compile_cubin(&source, "sm_80", true)
+            .unwrap()
+            .from_cache
+    );
+    assert!(
+        nvrtc::compile_cubin(&source, "sm_80", true)
+            .unwrap()
+            .from_cache
+    );
+    std::env::remove_var("MULO_CACHE_DIR");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The packed model of every shape class compiles to a CUBIN for sm_80 and sm_90 holding
+/// every slot kernel; NVRTC's timing report splits its time into its front end, NVVM and
+/// ptxas.
+#[test]
+fn packed_model_compiles_to_a_cubin_with_timed_phases() {
+    if !nvrtc_or_skip("packed_model_compiles_to_a_cubin_with_timed_phases") {
+        return;
+    }
+    use mulo::backend::cuda::packed::PackedModel;
+    let shapes: Vec<mulo::shape::Layout> = ["64x32", "37", "16x8x3x3", "scalar", "1x300"]
+        .iter()
+        .map(|s| mulo::shape::Layout::new(Shape::parse(s).unwrap()))
+        .collect();
+    let model = PackedModel::new(&lopt(), &shapes).unwrap();
+    let source = model.source().unwrap();
+    for arch in ARCHS {
+        let compiled = nvrtc::compile_cubin_timed(&source, arch, false).unwrap();
+        let sm: u32 = arch[3..].parse().unwrap();
+        assert_eq!(nvrtc::cubin_sm(&compiled.cubin), Some(sm), "{arch}");
+        let missing = missing_kernels(&compiled.cubin, model.slots.iter().map(|s| s.name.as_str()));
+        assert!(missing.is_empty(), "packed/{arch}: CUBIN lacks {missing:?}");
+        let ptxas = compiled.phase_ms(nvrtc::PTXAS_PHASE);
+        let front = compiled.phase_ms("CUDA C++ Frontend");
+        eprintln!(
+            "packed {arch}: {} B of CUBIN; phases {:?}",
+            compiled.cubin.len(),
+            compiled.phases
+        );
+        assert!(
+            ptxas.is_some_and(|ms| ms > 0.0) && front.is_some_and(|ms| ms > 0.0),
+            "{arch}: NVRTC's report lacks a phase: {:?}",
+            compiled.phases
         );
     }
+}
+
+/// `mulo-compile --target cuda --cubin` writes the CUBIN beside the PTX (the same image the
+/// runtime compiles for that shape and arch) and reports NVRTC's phases; `--cubin` is refused
+/// for other targets, and a packed bench (several shapes) for targets other than cuda.
+#[test]
+fn cli_writes_the_cubin_beside_the_ptx() {
+    if !nvrtc_or_skip("cli_writes_the_cubin_beside_the_ptx") {
+        return;
+    }
+    let dir = common::temp_dir("cli-cubin");
+    let weights = common::golden_dir().join("weights");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mulo-compile"))
+            .args(args)
+            .env("MULO_CACHE_DIR", dir.join("cache"))
+            .output()
+            .expect("mulo-compile runs")
+    };
+    let out_dir = dir.join("out");
+    let out = run(&[
+        "--shape",
+        "6x4",
+        "--target",
+        "cuda",
+        "--arch",
+        "sm_80",
+        "--cubin",
+        "--weights",
+        weights.to_str().unwrap(),
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("cubin:")).unwrap();
+    assert!(
+        line.contains("compiled") && line.contains("ptxas"),
+        "{line}"
+    );
+    let cubin = std::fs::read(out_dir.join("mulo_step.cubin")).unwrap();
+    assert!(out_dir.join("mulo_step.ptx").is_file());
+    assert_eq!(nvrtc::cubin_sm(&cubin), Some(80));
+    let lopt = LearnedOptimizer::load(weights.to_str().unwrap()).unwrap();
+    let ir = mulo::compile_step(&Shape::parse("6x4").unwrap(), &lopt).unwrap();
+    let source = cuda::generate(&ir).unwrap().source;
+    assert_eq!(
+        nvrtc::compile_cubin(&source, "sm_80", false).unwrap().cubin,
+        cubin,
+        "the CLI's CUBIN is not the runtime's"
+    );
+    let out = run(&["--shape", "6x4", "--target", "ir", "--cubin"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cubin needs --target cuda"));
+    let out = run(&["bench", "--shape", "6x4", "--shape", "3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--target cuda only"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

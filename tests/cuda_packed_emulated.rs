@@ -12,7 +12,9 @@
 mod common;
 
 use common::emulation::{compile, gxx_or_skip, run, EMULATION, LAUNCH};
-use mulo::backend::cuda::packed::{PackedModel, ARENAS};
+use mulo::backend::cuda::packed::{
+    ArenaBases, PackedModel, TensorAddrs, ARENAS, TABLE_ENTRY_BYTES,
+};
 use mulo::backend::cuda::packed_runtime::{PackedBackend, PackedExecutor};
 use mulo::backend::Hyper;
 use mulo::backend::{BackendFactory, ModelBackend, TensorStep};
@@ -28,20 +30,26 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The arenas in host memory; a step runs the compiled model program in a subprocess.
-struct EmulatedExecutor {
-    model: PackedModel,
-    arenas: BTreeMap<Buffer, Vec<f32>>,
+/// The generated model program compiled for the CPU. A step runs it in a subprocess on
+/// *regions* (each its own `malloc`): the table's addresses are relocatable, `(r + 1) << 40 |
+/// byte offset` for region `r` ([`reloc`]), and the program turns them into pointers into its
+/// regions before the launches, so the kernels see nothing but the table's pointers.
+struct EmulatedProgram {
     dir: PathBuf,
     exe: PathBuf,
-    /// Launches run so far (slots with a non-empty grid).
-    launches: Arc<AtomicUsize>,
+    n_tensors: usize,
+    n_slots: usize,
 }
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
-impl EmulatedExecutor {
-    fn new(model: &PackedModel, launches: Arc<AtomicUsize>) -> Self {
+/// The relocatable address of byte `offset` of region `region`.
+fn reloc(region: usize, offset: u64) -> u64 {
+    ((region as u64 + 1) << 40) | offset
+}
+
+impl EmulatedProgram {
+    fn new(model: &PackedModel) -> Self {
         let dir = common::temp_dir(&format!(
             "packed-emu-{}",
             NEXT_DIR.fetch_add(1, Ordering::SeqCst)
@@ -51,27 +59,39 @@ impl EmulatedExecutor {
         let mut main = String::from(EMULATION);
         main.push_str("#include \"mulo_model.cu\"\n");
         main.push_str(LAUNCH);
-        main.push_str("struct Args { const MuloTensor* table; const idx_t* starts; int n; float* a[7]; float* scratch; double* partials; };\n");
+        main.push_str("struct Args { const MuloTensor* table; const idx_t* starts; int n; };\n");
         for (s, slot) in model.slots.iter().enumerate() {
             main.push_str(&format!(
-                "static void call_{s}(void* p) {{ Args* x = (Args*)p; {}(x->table, x->starts, x->n, x->a[0], x->a[1], x->a[2], x->a[3], x->a[4], x->a[5], x->a[6], x->scratch, x->partials); }}\n",
+                "static void call_{s}(void* p) {{ Args* x = (Args*)p; {}(x->table, x->starts, x->n); }}\n",
                 slot.name
-            ));
-        }
-        main.push_str("int main(int argc, char** argv) {\n    FILE* f = fopen(argv[1], \"rb\"); Args a; a.n = ");
-        main.push_str(&format!("{n};\n"));
-        for (i, b) in ARENAS.iter().enumerate() {
-            let len = model.arena_len[b];
-            main.push_str(&format!(
-                "    a.a[{i}] = (float*)malloc({} * 4); if (fread(a.a[{i}], 4, {len}, f) != {len}) return 3;\n",
-                len.max(1)
             ));
         }
         let slots = model.slots.len();
         main.push_str(&format!(
-            "    MuloTensor* table = (MuloTensor*)malloc({tb}); if (fread(table, 1, {tb}, f) != {tb}) return 3; a.table = table;\n    idx_t* starts = (idx_t*)malloc({sb} * 8); if (fread(starts, 8, {sb}, f) != {sb}) return 3; a.starts = starts;\n    fclose(f);\n    a.scratch = (float*)calloc({}, 4); a.partials = (double*)calloc({}, 8);\n",
-            model.scratch_len.max(1),
-            model.partials_len.max(1),
+            r#"static unsigned long long rd(FILE* f) {{ unsigned long long v; if (fread(&v, 8, 1, f) != 1) exit(3); return v; }}
+int main(int argc, char** argv) {{
+    FILE* f = fopen(argv[1], "rb");
+    const unsigned long long nr = rd(f);
+    std::vector<char*> region(nr); std::vector<unsigned long long> size(nr);
+    for (unsigned long long r = 0; r < nr; ++r) {{
+        size[r] = rd(f); region[r] = (char*)malloc(size[r] ? size[r] : 1);
+        if (fread(region[r], 1, size[r], f) != size[r]) return 3;
+    }}
+    const int n = {n};
+    MuloTensor* table = (MuloTensor*)malloc({tb}); if (fread(table, 1, {tb}, f) != {tb}) return 3;
+    idx_t* starts = (idx_t*)malloc({sb} * 8); if (fread(starts, 8, {sb}, f) != {sb}) return 3;
+    fclose(f);
+    for (int t = 0; t < n; ++t) {{
+        unsigned long long* addr = (unsigned long long*)&table[t];
+        for (int k = 0; k < 9; ++k) {{
+            if (addr[k] == 0) continue;
+            const unsigned long long r = (addr[k] >> 40) - 1, off = addr[k] & ((1ull << 40) - 1);
+            if (r >= nr || off > size[r]) return 4;
+            addr[k] = (unsigned long long)(region[r] + off);
+        }}
+    }}
+    Args a; a.table = table; a.starts = starts; a.n = n;
+"#,
             tb = (n * mulo::backend::cuda::packed::TABLE_ENTRY_BYTES).max(1),
             sb = slots * (n + 1),
         ));
@@ -80,32 +100,71 @@ impl EmulatedExecutor {
                 "    {{ const idx_t grid = starts[{s} * ({n} + 1) + {n}]; if (grid > 0) mulo_launch((unsigned)grid, call_{s}, &a); }}\n"
             ));
         }
-        main.push_str("    FILE* o = fopen(argv[2], \"wb\");\n");
-        for (i, b) in ARENAS.iter().enumerate() {
-            main.push_str(&format!(
-                "    fwrite(a.a[{i}], 4, {}, o);\n",
-                model.arena_len[b]
-            ));
-        }
-        main.push_str("    fclose(o);\n    return 0;\n}\n");
+        main.push_str(
+            "    FILE* o = fopen(argv[2], \"wb\");\n    for (unsigned long long r = 0; r < nr; ++r) fwrite(region[r], 1, size[r], o);\n    fclose(o);\n    return 0;\n}\n",
+        );
         std::fs::write(dir.join("main.cpp"), main).unwrap();
         let exe = compile(&dir);
-        EmulatedExecutor {
-            model: model.clone(),
-            arenas: ARENAS
-                .iter()
-                .map(|&b| (b, vec![0.0; model.arena_len[&b]]))
-                .collect(),
+        EmulatedProgram {
             dir,
             exe,
-            launches,
+            n_tensors: n,
+            n_slots: slots,
+        }
+    }
+
+    /// Runs one step on `regions` (f32 values), updating them in place; after them come
+    /// zeroed regions of the byte sizes in `extra` (scratch, partials), not returned.
+    fn run(&self, regions: &mut [Vec<f32>], extra: &[usize], table: &[u8], starts: &[i64]) {
+        assert_eq!(table.len(), self.n_tensors * TABLE_ENTRY_BYTES);
+        assert_eq!(starts.len(), self.n_slots * (self.n_tensors + 1));
+        let mut bytes = Vec::new();
+        bytes.extend(((regions.len() + extra.len()) as u64).to_le_bytes());
+        for r in regions.iter() {
+            bytes.extend((4 * r.len() as u64).to_le_bytes());
+            r.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+        }
+        for &len in extra {
+            bytes.extend((len as u64).to_le_bytes());
+            bytes.extend(std::iter::repeat_n(0u8, len));
+        }
+        bytes.extend_from_slice(table);
+        starts.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+        let mut vals = run(&self.exe, &self.dir, &bytes).into_iter();
+        for r in regions.iter_mut() {
+            let len = r.len();
+            *r = vals.by_ref().take(len).collect();
+            assert_eq!(r.len(), len, "the program wrote back every region");
         }
     }
 }
 
-impl Drop for EmulatedExecutor {
+impl Drop for EmulatedProgram {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The arenas in host memory (arena mode: every tensor at its offsets in shared arenas).
+struct EmulatedExecutor {
+    model: PackedModel,
+    program: EmulatedProgram,
+    arenas: BTreeMap<Buffer, Vec<f32>>,
+    /// Launches run so far (slots with a non-empty grid).
+    launches: Arc<AtomicUsize>,
+}
+
+impl EmulatedExecutor {
+    fn new(model: &PackedModel, launches: Arc<AtomicUsize>) -> Self {
+        EmulatedExecutor {
+            model: model.clone(),
+            program: EmulatedProgram::new(model),
+            arenas: ARENAS
+                .iter()
+                .map(|&b| (b, vec![0.0; model.arena_len[&b]]))
+                .collect(),
+            launches,
+        }
     }
 }
 
@@ -121,28 +180,158 @@ impl PackedExecutor for EmulatedExecutor {
         Ok(())
     }
 
-    fn run(&mut self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()> {
+    fn run(&mut self, steps: &[Option<(Hyper, u64)>], starts: &[i64], grids: &[u32]) -> Result<()> {
         // What the host logic launches always passes the check the CUDA executor makes.
         self.model
-            .check_launch(table, starts, grids)
+            .check_launch(starts, grids)
             .expect("the host's launches pass PackedModel::check_launch");
-        let mut bytes = Vec::new();
-        for b in ARENAS {
-            self.arenas[&b]
-                .iter()
-                .for_each(|x| bytes.extend(x.to_le_bytes()));
-        }
-        bytes.extend_from_slice(table);
-        starts.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
-        let mut vals = run(&self.exe, &self.dir, &bytes).into_iter();
-        for b in ARENAS {
-            let len = self.arenas[&b].len();
-            let v: Vec<f32> = vals.by_ref().take(len).collect();
-            self.arenas.insert(b, v);
+        // Regions 0..7: the arenas; 7 and 8: scratch and partials.
+        let bases = ArenaBases {
+            arenas: std::array::from_fn(|k| reloc(k, 0)),
+            scratch: reloc(7, 0),
+            partials: reloc(8, 0),
+        };
+        let table = self.model.table(&self.model.arena_addrs(&bases), steps);
+        let mut regions: Vec<Vec<f32>> = ARENAS
+            .iter()
+            .map(|b| std::mem::take(self.arenas.get_mut(b).unwrap()))
+            .collect();
+        let extra = [
+            4 * self.model.scratch_len.max(1),
+            8 * self.model.partials_len.max(1),
+        ];
+        self.program.run(&mut regions, &extra, &table, starts);
+        for (b, r) in ARENAS.iter().zip(regions) {
+            self.arenas.insert(*b, r);
         }
         self.launches
             .fetch_add(grids.iter().filter(|&&g| g > 0).count(), Ordering::SeqCst);
         Ok(())
+    }
+}
+
+/// Pointer mode: every tensor's parameter, gradient and state buffers in separate host
+/// allocations (the caller's, as PyTorch's tensors), stepped through
+/// [`PackedModel::external_launch`]: the table points at them, no arena is involved.
+struct ExternalEmulated {
+    model: Arc<PackedModel>,
+    program: EmulatedProgram,
+    states: Vec<TensorState>,
+    launches: Arc<AtomicUsize>,
+}
+
+impl ExternalEmulated {
+    fn new(model: Arc<PackedModel>, start_step: u64, launches: Arc<AtomicUsize>) -> Self {
+        let states = model
+            .tensors
+            .iter()
+            .map(|t| TensorState::zeros(&model.plans[t.plan].ir.layout, start_step))
+            .collect();
+        ExternalEmulated {
+            program: EmulatedProgram::new(&model),
+            model,
+            states,
+            launches,
+        }
+    }
+}
+
+impl ModelBackend for ExternalEmulated {
+    fn target(&self) -> &'static str {
+        "cuda-external-emulated"
+    }
+
+    fn len(&self) -> usize {
+        self.model.tensors.len()
+    }
+
+    fn compiled_plans(&self) -> usize {
+        self.model.plans.len()
+    }
+
+    fn step(&mut self, batch: &mut [TensorStep<'_>]) -> Result<()> {
+        let n = self.model.tensors.len();
+        let mut steps: Vec<Option<(Hyper, u64)>> = vec![None; n];
+        let mut tensors = vec![TensorAddrs::default(); n];
+        // Regions: per stepped tensor its parameter, gradient and state buffers, each its
+        // own allocation; then the program's scratch and partials.
+        let mut regions: Vec<Vec<f32>> = Vec::new();
+        let mut owner: Vec<(usize, Buffer)> = Vec::new();
+        for t in batch.iter() {
+            assert!(steps[t.index].is_none(), "tensor {} twice", t.index);
+            steps[t.index] = Some((t.hyper, self.states[t.index].step));
+            let mut add = |addrs: &mut TensorAddrs, b: Buffer, values: Vec<f32>| {
+                addrs.set(b, reloc(regions.len(), 0));
+                regions.push(values);
+                owner.push((t.index, b));
+            };
+            let a = &mut tensors[t.index];
+            add(a, Buffer::Param, t.param.to_vec());
+            add(a, Buffer::Grad, t.grad.to_vec());
+            for (b, values) in self.states[t.index].iter() {
+                add(a, b, values.to_vec());
+            }
+        }
+        let (scratch, partials) = (reloc(regions.len(), 0), reloc(regions.len() + 1, 0));
+        let launch = self
+            .model
+            .external_launch(&tensors, &steps, scratch, partials)?;
+        let extra = [
+            4 * self.model.scratch_len.max(1),
+            8 * self.model.partials_len.max(1),
+        ];
+        self.program
+            .run(&mut regions, &extra, &launch.table, &launch.starts);
+        self.launches.fetch_add(
+            launch.grids.iter().filter(|&&g| g > 0).count(),
+            Ordering::SeqCst,
+        );
+        for ((i, b), values) in owner.into_iter().zip(regions) {
+            match b {
+                Buffer::Param => {
+                    let t = batch.iter_mut().find(|t| t.index == i).unwrap();
+                    t.param.copy_from_slice(&values);
+                }
+                Buffer::Grad => {}
+                b => self.states[i].set(b, values)?,
+            }
+        }
+        for (s, step) in self.states.iter_mut().zip(&steps) {
+            s.step += step.is_some() as u64;
+        }
+        Ok(())
+    }
+
+    fn state(&self, index: usize) -> Result<TensorState> {
+        Ok(self.states[index].clone())
+    }
+
+    fn set_state(&mut self, index: usize, state: TensorState) -> Result<()> {
+        self.states[index] = state;
+        Ok(())
+    }
+}
+
+/// The pointer-mode program as an optimizer backend.
+struct ExternalFactory;
+
+impl BackendFactory for ExternalFactory {
+    fn target(&self) -> &'static str {
+        "cuda-external-emulated"
+    }
+
+    fn build(
+        &self,
+        lopt: &LearnedOptimizer,
+        layouts: &[Layout],
+        start_step: u64,
+    ) -> Result<Box<dyn ModelBackend>> {
+        let model = Arc::new(PackedModel::new(lopt, layouts)?);
+        Ok(Box::new(ExternalEmulated::new(
+            model,
+            start_step,
+            Arc::new(AtomicUsize::new(0)),
+        )))
     }
 }
 
@@ -497,4 +686,154 @@ fn packed_program_replays_the_whole_model_golden_run() {
         },
     );
     assert_model_within_tolerance(&errors, "packed CUDA program in emulation");
+}
+
+/// Pointer mode (every tensor in its own allocations, the table pointing at them) on the
+/// whole-model golden replay: within tolerance, as the arena mode.
+#[test]
+fn pointer_mode_replays_the_whole_model_golden_run() {
+    if !gxx_or_skip("pointer_mode_replays_the_whole_model_golden_run") {
+        return;
+    }
+    use common::model::{assert_model_within_tolerance, ModelCase, Mup};
+    let errors = ModelCase::digits().replay(
+        Mup::BaseShapes,
+        OptimizerOptions {
+            backend: Arc::new(ExternalFactory),
+            ..Default::default()
+        },
+    );
+    assert_model_within_tolerance(
+        &errors,
+        "packed CUDA program on separate buffers in emulation",
+    );
+}
+
+/// Pointer mode and arena mode run the same kernels on the same values: parameters and state
+/// are bitwise equal, step after step, with a tensor left out of one step.
+#[test]
+fn pointer_mode_is_bitwise_the_arena_mode() {
+    if !gxx_or_skip("pointer_mode_is_bitwise_the_arena_mode") {
+        return;
+    }
+    let lopt = common::fixture_lopt();
+    let layouts: Vec<Layout> = ["10x7", "13", "scalar", "3x4x5"]
+        .iter()
+        .map(|s| Layout::new(Shape::parse(s).unwrap()))
+        .collect();
+    let model = Arc::new(PackedModel::new(&lopt, &layouts).unwrap());
+    let launches = Arc::new(AtomicUsize::new(0));
+    let mut arena = PackedBackend::new(
+        model.clone(),
+        EmulatedExecutor::new(&model, Arc::new(AtomicUsize::new(0))),
+        2,
+        "emu",
+    );
+    let mut external = ExternalEmulated::new(model.clone(), 2, launches.clone());
+    let p0: Vec<Vec<f32>> = layouts
+        .iter()
+        .enumerate()
+        .map(|(i, l)| common::spread_values(l.numel(), 30 + i as u64, 0))
+        .collect();
+    let (mut pa, mut pb) = (p0.clone(), p0.clone());
+    for step in 0..3usize {
+        let grads: Vec<Vec<f32>> = layouts
+            .iter()
+            .enumerate()
+            .map(|(i, l)| common::spread_values(l.numel(), i as u64, step + 1))
+            .collect();
+        for (backend, params) in [
+            (&mut arena as &mut dyn ModelBackend, &mut pa),
+            (&mut external as &mut dyn ModelBackend, &mut pb),
+        ] {
+            let mut steps: Vec<TensorStep<'_>> = params
+                .iter_mut()
+                .zip(&grads)
+                .enumerate()
+                // Tensor 1 is left out of step 1.
+                .filter(|(i, _)| !(step == 1 && *i == 1))
+                .map(|(i, (p, g))| TensorStep {
+                    index: i,
+                    param: p.as_mut_slice(),
+                    grad: g,
+                    hyper: Hyper {
+                        lr: 0.2 + 0.1 * i as f32,
+                        weight_decay: 0.01,
+                    },
+                })
+                .collect();
+            backend.step(&mut steps).unwrap();
+        }
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for i in 0..layouts.len() {
+        assert_ne!(bits(&pb[i]), bits(&p0[i]), "tensor {i} was stepped");
+        assert_eq!(bits(&pa[i]), bits(&pb[i]), "tensor {i}: parameters");
+        let (sa, sb) = (arena.state(i).unwrap(), external.state(i).unwrap());
+        assert_eq!(sa.step, sb.step, "tensor {i}: step counter");
+        for ((ba, va), (bb, vb)) in sa.iter().zip(sb.iter()) {
+            assert_eq!(ba, bb);
+            assert_eq!(bits(va), bits(vb), "tensor {i}: state {}", ba.name());
+        }
+    }
+    assert_eq!(external.state(1).unwrap().step, 4, "tensor 1 skipped once");
+    // 4 shapes, one of them factored: 5 launches per step.
+    assert_eq!(launches.load(Ordering::SeqCst), 15);
+}
+
+/// A pointer-mode step with bad addresses is refused before anything runs.
+#[test]
+fn pointer_mode_refuses_bad_buffers_before_anything_runs() {
+    let lopt = common::fixture_lopt();
+    let layouts = [
+        Layout::new(Shape::parse("4x3").unwrap()),
+        Layout::new(Shape::parse("5").unwrap()),
+    ];
+    let model = PackedModel::new(&lopt, &layouts).unwrap();
+    let hyper = Hyper {
+        lr: 0.1,
+        weight_decay: 0.0,
+    };
+    let mut t = [TensorAddrs::default(); 2];
+    let mut next = 0x1000;
+    for (i, a) in t.iter_mut().enumerate() {
+        for b in ARENAS {
+            let len = model.buffer_len(i, b) as u64;
+            if len > 0 {
+                a.set(b, next);
+                next += 4 * len;
+            }
+        }
+    }
+    let steps = [Some((hyper, 0)), Some((hyper, 0))];
+    model.external_launch(&t, &steps, 0x10, 0x20).unwrap();
+    let err = |t: &[TensorAddrs], steps: &[Option<(Hyper, u64)>]| {
+        model
+            .external_launch(t, steps, 0x10, 0x20)
+            .unwrap_err()
+            .to_string()
+    };
+    let mut bad = t;
+    bad[1].set(Buffer::FacV, 0);
+    assert!(
+        err(&bad, &steps).contains("tensor 1 `fac_v`"),
+        "{}",
+        err(&bad, &steps)
+    );
+    // Left out, its buffers are not needed.
+    model
+        .external_launch(&bad, &[Some((hyper, 0)), None], 0x10, 0x20)
+        .unwrap();
+    let nan = [
+        Some((
+            Hyper {
+                lr: f32::NAN,
+                weight_decay: 0.0,
+            },
+            0,
+        )),
+        None,
+    ];
+    assert!(err(&t, &nan).contains("tensor 0"), "{}", err(&t, &nan));
+    assert!(err(&t, &steps[..1]).contains("steps"));
 }

@@ -115,7 +115,16 @@ fn pytorch_ptx_host_protocol_matches_the_rust_host() {
         lr: 0.25,
         weight_decay: 0.01,
     };
-    let mut want = model.table(&vec![Some((hyper, 3)); shapes.len()]);
+    // The example's stand-in arena addresses for a dry run: arena k at (k + 1) << 40.
+    let bases = mulo::backend::cuda::packed::ArenaBases {
+        arenas: std::array::from_fn(|k| (k as u64 + 1) << 40),
+        scratch: 8 << 40,
+        partials: 9 << 40,
+    };
+    let mut want = model.table(
+        &model.arena_addrs(&bases),
+        &vec![Some((hyper, 3)); shapes.len()],
+    );
     for s in model.block_starts(&vec![true; shapes.len()]) {
         want.extend(s.to_le_bytes());
     }

@@ -66,7 +66,8 @@ macro_rules! impl_real {
 impl_real!(f32);
 impl_real!(f64);
 
-fn unary<T: Real>(op: Unary, x: T) -> T {
+/// One lane-wise unary op, as the interpreter computes it.
+pub(crate) fn unary<T: Real>(op: Unary, x: T) -> T {
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
     match op {
@@ -86,7 +87,8 @@ fn unary<T: Real>(op: Unary, x: T) -> T {
     }
 }
 
-fn binary<T: Real>(op: Binary, a: T, b: T) -> T {
+/// One lane-wise binary op, as the interpreter computes it.
+pub(crate) fn binary<T: Real>(op: Binary, a: T, b: T) -> T {
     match op {
         Binary::Add => a + b,
         Binary::Sub => a - b,

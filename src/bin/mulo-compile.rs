@@ -111,6 +111,11 @@ struct CompileArgs {
     /// GPU architecture for --target cuda (default: the present GPU's, else sm_80).
     #[arg(long, value_name = "sm_XY")]
     arch: Option<String>,
+    /// With --target cuda: also compile the program to a CUBIN for --arch (what the runtime
+    /// loads: NVRTC runs ptxas, the driver does not JIT) and write it beside the PTX
+    /// (mulo_step.cubin or mulo_model.cubin); reports NVRTC's and ptxas's times apart.
+    #[arg(long)]
+    cubin: bool,
 }
 
 /// Backends that can execute steps.
@@ -146,9 +151,16 @@ struct ReplayArgs {
 
 #[derive(Args, Debug)]
 struct BenchArgs {
-    /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`.
-    #[arg(long, value_name = "SHAPE", allow_hyphen_values = true)]
-    shape: String,
+    /// Tensor shape: 1024x512, 768, 16x8x3x3, or `scalar`. With --target cuda, repeat it to
+    /// time a packed whole-model step of all the shapes given (device-resident parameters and
+    /// gradients).
+    #[arg(
+        long,
+        value_name = "SHAPE",
+        allow_hyphen_values = true,
+        required = true
+    )]
+    shape: Vec<String>,
     /// The factored axes `D0,D1` (SPEC.md §2); default: the stable order.
     #[arg(long, value_name = "D0,D1")]
     factored_axes: Option<String>,
@@ -215,6 +227,9 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             args.shape.len()
         );
     }
+    if args.cubin && args.target != CompileTarget::Cuda {
+        bail!("--cubin needs --target cuda");
+    }
     let layouts = args
         .shape
         .iter()
@@ -273,6 +288,9 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 if compiled.ptx.from_cache { ", from the cache" } else { "" },
                 started.elapsed()
             );
+            if args.cubin {
+                write_cubin(&compiled.source, &arch, &dir.join("mulo_step.cubin"))?;
+            }
         }
         CompileTarget::Onnx => write_onnx(&ir, args.output.clone(), started)?,
     }
@@ -370,7 +388,41 @@ fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
         },
         started.elapsed()
     );
+    if args.cubin {
+        write_cubin(&compiled.source, &arch, &dir.join("mulo_model.cubin"))?;
+    }
     Ok(0)
+}
+
+/// `--cubin`: compiles `source` to a CUBIN for `arch` (through the disk cache), writes it to
+/// `path`, and prints where the time went: NVRTC's own phases (its `--time` report) when it
+/// ran, the whole call's time either way (`bench/cuda_compile_time.sh` reads this line).
+fn write_cubin(source: &str, arch: &str, path: &Path) -> Result<()> {
+    use mulo::backend::cuda::nvrtc;
+    let started = Instant::now();
+    let cubin = nvrtc::compile_cubin_timed(source, arch, true)?;
+    let elapsed = started.elapsed();
+    mulo::fsio::write_atomic(path, &cubin.cubin)?;
+    eprintln!("wrote {}", path.display());
+    let ms = |phase: &str| {
+        cubin
+            .phase_ms(phase)
+            .map_or("-".to_string(), |v| format!("{v:.0}"))
+    };
+    eprintln!(
+        "cubin: {} bytes for {arch}; {} in {:.1} ms; NVRTC front end {} ms, NVVM {} ms, ptxas {} ms",
+        cubin.cubin.len(),
+        if cubin.from_cache {
+            "from the cache"
+        } else {
+            "compiled"
+        },
+        elapsed.as_secs_f64() * 1e3,
+        ms("CUDA C++ Frontend"),
+        ms("NVVM Optimizer"),
+        ms(nvrtc::PTXAS_PHASE),
+    );
+    Ok(())
 }
 
 fn make_stepper(
@@ -426,11 +478,20 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<i32> {
-    let layout = layout_arg(&args.shape, args.factored_axes.as_deref())?;
-    let shape = layout.shape().clone();
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if args.shape.len() > 1 {
+        if args.target != RunTarget::Cuda {
+            bail!("several --shape values (a packed model step) are timed with --target cuda only");
+        }
+        if args.factored_axes.is_some() {
+            bail!("--factored-axes applies to a single --shape");
+        }
+        return bench_packed_cuda(args);
+    }
+    let layout = layout_arg(&args.shape[0], args.factored_axes.as_deref())?;
+    let shape = layout.shape().clone();
     let lopt = args.weights.load()?;
     let ir = mulo::compile_layout(&layout, &lopt)?;
     if args.target == RunTarget::Cuda {
@@ -482,6 +543,12 @@ fn bench_cuda(ir: &mulo::ir::StepIr, args: &BenchArgs) -> Result<i32> {
     let runtime = mulo::backend::cuda::runtime::CudaRuntime::new(0)?;
     let report = mulo::backend::cuda::runtime::bench(&runtime, ir, args.warmup, args.steps)?;
     eprintln!(
+        "device {}: copy bandwidth {:.0} GB/s, FP32 {:.1} T multiply-adds/s (both measured)",
+        runtime.arch(),
+        report.bandwidth_bytes_per_sec / 1e9,
+        report.peak_madds_per_sec / 1e12
+    );
+    eprintln!(
             "median {:.3} ms per step, {:.3} ns per element; {:.1}% of the {} B/element memory floor, {:.1}% of the FP32 floor",
             report.median_ns as f64 / 1e6,
             report.ns_per_element,
@@ -495,6 +562,42 @@ fn bench_cuda(ir: &mulo::ir::StepIr, args: &BenchArgs) -> Result<i32> {
 
 #[cfg(not(feature = "cuda"))]
 fn bench_cuda(_: &mulo::ir::StepIr, _: &BenchArgs) -> Result<i32> {
+    bail!(mulo::backend::cuda::nvrtc::NO_CUDA)
+}
+
+/// `bench --target cuda --shape A --shape B …`: packed whole-model steps on GPU 0.
+#[cfg(feature = "cuda")]
+fn bench_packed_cuda(args: &BenchArgs) -> Result<i32> {
+    use mulo::backend::cuda::packed_cuda::{bench_packed, PackedCuda};
+    let layouts = args
+        .shape
+        .iter()
+        .map(|s| layout_arg(s, None))
+        .collect::<Result<Vec<_>>>()?;
+    let lopt = args.weights.load()?;
+    let packed = PackedCuda::new(0)?;
+    let report = bench_packed(&packed, &lopt, &layouts, args.warmup, args.steps)?;
+    eprintln!(
+        "packed step of {} tensors ({} shapes, {} elements, {} launches): median {:.3} ms; {:.1}% of the memory floor ({:.3} ms), {:.1}% of the FP32 floor ({:.3} ms)",
+        report.tensors,
+        report.shapes,
+        report.elements,
+        report.launches,
+        report.median_ns as f64 / 1e6,
+        report.memory_floor_fraction * 100.0,
+        report.memory_floor_ns / 1e6,
+        report.compute_floor_fraction * 100.0,
+        report.compute_floor_ns / 1e6,
+    );
+    println!(
+        "{}",
+        serde_json::to_string(&report).expect("the report serializes")
+    );
+    Ok(0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_packed_cuda(_: &BenchArgs) -> Result<i32> {
     bail!(mulo::backend::cuda::nvrtc::NO_CUDA)
 }
 

@@ -6,6 +6,11 @@
 //! slice. Everything else (μP, clipping, the non-finite policy and guard, the step counter,
 //! PyLO's state layout) is `mulo::optimizer::MuloOptimizer`'s.
 
+use mulo::backend::cuda::packed::{PackedModel, TensorAddrs};
+use mulo::backend::cuda::packed_external::ExternalCuda;
+use mulo::backend::Hyper;
+use mulo::ir::Buffer;
+use mulo::shape::Layout;
 use mulo::state::TensorState;
 use mulo::{
     BackendFactory, CpuFactory, InterpFactory, LearnedOptimizer, MuloOptimizer, NonFinitePolicy,
@@ -16,6 +21,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::sync::Arc;
 use std::time::Instant;
+
+mod sharded;
 
 /// A buffer given from Python: its address and its number of f32 values.
 type Buf = (usize, usize);
@@ -486,6 +493,271 @@ impl PyGroup {
     }
 }
 
+/// The layouts of a group's tensors from Python's shapes and axes.
+fn layouts(shapes: &[Vec<usize>], axes: &[Option<(usize, usize)>]) -> PyResult<Vec<Layout>> {
+    if shapes.len() != axes.len() {
+        return Err(PyValueError::new_err(
+            "shapes and axes must have one entry per tensor",
+        ));
+    }
+    shapes
+        .iter()
+        .zip(axes)
+        .enumerate()
+        .map(|(i, (dims, ax))| {
+            let shape = Shape::new(dims.clone())
+                .map_err(|e| PyValueError::new_err(format!("tensor {i}: {e}")))?;
+            let axes = ax.map(|(d0, d1)| mulo::FactoredAxes { d0, d1 });
+            Layout::with_axes(shape, axes)
+                .map_err(|e| PyValueError::new_err(format!("tensor {i}: {e}")))
+        })
+        .collect()
+}
+
+/// A group's tensors as one packed CUDA program (`mulo_model.cu`): one program for the whole
+/// group, whatever its number of tensors. Building it needs neither a GPU nor NVRTC; only
+/// [`stepper`](Self::stepper) does.
+#[pyclass(name = "CudaModel", module = "mulo._native", frozen)]
+struct PyCudaModel {
+    model: Arc<PackedModel>,
+}
+
+#[pymethods]
+impl PyCudaModel {
+    /// The packed model of tensors of `shapes` with factored `axes` ((d0, d1) or None each).
+    #[new]
+    fn new(
+        lopt: &PyLearnedOptimizer,
+        shapes: Vec<Vec<usize>>,
+        axes: Vec<Option<(usize, usize)>>,
+    ) -> PyResult<Self> {
+        let layouts = layouts(&shapes, &axes)?;
+        let model = PackedModel::new(&lopt.inner, &layouts).map_err(to_py)?;
+        Ok(PyCudaModel {
+            model: Arc::new(model),
+        })
+    }
+
+    /// Number of tensors.
+    #[getter]
+    fn n_tensors(&self) -> usize {
+        self.model.tensors.len()
+    }
+
+    /// Number of distinct layouts (compiled plans).
+    #[getter]
+    fn n_plans(&self) -> usize {
+        self.model.plans.len()
+    }
+
+    /// Entry points launched per step (whatever the number of tensors).
+    #[getter]
+    fn slots(&self) -> Vec<String> {
+        self.model.slots.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Tensor `index`'s optimizer state buffers, in the order [`CudaStepper.step`] takes
+    /// them: (name, decay-major shape) of `mom`, `rms`, then `fac_row`, `fac_col` or `fac_v`.
+    fn state_buffers(&self, index: usize) -> PyResult<Vec<(String, Vec<usize>)>> {
+        let t = self
+            .model
+            .tensors
+            .get(index)
+            .ok_or_else(|| PyValueError::new_err(format!("no tensor {index} in this model")))?;
+        let layout = &self.model.plans[t.plan].ir.layout;
+        Ok(Buffer::state_for_layout(layout)
+            .into_iter()
+            .map(|b| (b.name().to_string(), b.shape(layout)))
+            .collect())
+    }
+
+    /// The `.cu` source of the program.
+    fn source(&self) -> PyResult<String> {
+        self.model.source().map_err(to_py)
+    }
+
+    /// `mulo_model.json` for architecture `arch` (NVRTC version 0.0 when not compiled).
+    fn manifest_json(&self, arch: &str) -> String {
+        let manifest = self.model.manifest(arch, (0, 0));
+        serde_json::to_string_pretty(&manifest).unwrap_or_default()
+    }
+
+    /// Compiles the program for CUDA device `device` (NVRTC, through the disk cache) and
+    /// loads it. Needs the CUDA driver and libnvrtc.
+    fn stepper(&self, device: usize) -> PyResult<PyCudaStepper> {
+        let inner = ExternalCuda::new(device, self.model.clone()).map_err(to_py)?;
+        Ok(PyCudaStepper { inner })
+    }
+}
+
+/// A [`CudaModel`] loaded on a device: steps PyTorch's CUDA tensors in place on PyTorch's
+/// stream.
+#[pyclass(name = "CudaStepper", module = "mulo._native", unsendable)]
+struct PyCudaStepper {
+    inner: ExternalCuda,
+}
+
+#[pymethods]
+impl PyCudaStepper {
+    /// The architecture the program was compiled for.
+    #[getter]
+    fn arch(&self) -> String {
+        self.inner.arch().to_string()
+    }
+
+    /// Queues one step on CUDA stream `stream` (`torch.cuda.current_stream().cuda_stream`)
+    /// and returns without waiting. `addrs` holds, per tensor, 7 device addresses: parameter,
+    /// gradient, then its state buffers in [`CudaModel.state_buffers`] order, 0 for the rest;
+    /// `hypers[i]` is (lr, weight_decay) of a stepped tensor or None; `steps[i]` its step
+    /// counter (steps taken before this one).
+    ///
+    /// The Python caller (`mulo.torch`) guarantees what the Rust side cannot check: every
+    /// address is that of a live, contiguous float32 tensor on this device with the
+    /// declared number of values (it keeps the tensors alive and uses them on `stream`).
+    fn step(
+        &mut self,
+        stream: usize,
+        addrs: Vec<u64>,
+        hypers: Vec<Option<(f32, f32)>>,
+        steps: Vec<u64>,
+    ) -> PyResult<()> {
+        let model = self.inner.model().clone();
+        let n = model.tensors.len();
+        if addrs.len() != 7 * n || hypers.len() != n || steps.len() != n {
+            return Err(PyValueError::new_err(format!(
+                "{} addresses, {} hyper-parameters and {} step counters for {n} tensors \
+                 (7 addresses each)",
+                addrs.len(),
+                hypers.len(),
+                steps.len()
+            )));
+        }
+        let mut tensors = Vec::with_capacity(n);
+        for (i, a) in addrs.chunks_exact(7).enumerate() {
+            let mut t = TensorAddrs {
+                param: a[0],
+                grad: a[1],
+                ..Default::default()
+            };
+            let layout = &model.plans[model.tensors[i].plan].ir.layout;
+            let state = Buffer::state_for_layout(layout);
+            for (k, &addr) in a[2..].iter().enumerate() {
+                match state.get(k) {
+                    Some(&b) => t.set(b, addr),
+                    None if addr != 0 => {
+                        return Err(PyValueError::new_err(format!(
+                            "tensor {i}: {} state buffers, address {k} is extra",
+                            state.len()
+                        )))
+                    }
+                    None => {}
+                }
+            }
+            tensors.push(t);
+        }
+        let entries: Vec<Option<(Hyper, u64)>> = hypers
+            .iter()
+            .zip(&steps)
+            .map(|(h, &s)| h.map(|(lr, weight_decay)| (Hyper { lr, weight_decay }, s)))
+            .collect();
+        // SAFETY: `stream` is PyTorch's current stream of this device (primary context);
+        // the addresses are those of live tensors of the declared sizes on this device, kept
+        // alive by the caller and used on that stream (this method's contract with
+        // mulo.torch, which checks device, dtype, contiguity and shape first); overlaps,
+        // alignment and nulls are checked by `ExternalCuda::step`.
+        unsafe {
+            self.inner.step(
+                stream as mulo::backend::cuda::packed_external::CuStream,
+                &tensors,
+                &entries,
+            )
+        }
+        .map_err(to_py)
+    }
+}
+
+/// Tensor state in the canonical layout (`[(name, little-endian f32 bytes)]`, decay-major)
+/// to PyLO's (`[(name, shape, bytes)]`, decay-last), for a tensor of `shape` and `axes`.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn state_to_pylo<'py>(
+    py: Python<'py>,
+    shape: Vec<usize>,
+    axes: Option<(usize, usize)>,
+    buffers: Vec<(String, Vec<u8>)>,
+) -> PyResult<Vec<(String, Vec<usize>, Bound<'py, PyBytes>)>> {
+    let layout = layouts(&[shape], &[axes])?.remove(0);
+    let mut state = TensorState::zeros(&layout, 0);
+    for (name, bytes) in buffers {
+        let b = Buffer::state_for_layout(&layout)
+            .into_iter()
+            .find(|b| b.name() == name)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "state `{name}`: not a state buffer of a {} tensor",
+                    layout.shape()
+                ))
+            })?;
+        if bytes.len() % 4 != 0 {
+            return Err(PyValueError::new_err(format!(
+                "state `{name}`: {} bytes",
+                bytes.len()
+            )));
+        }
+        let values = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        state.set(b, values).map_err(to_py)?;
+    }
+    Ok(state
+        .to_pylo()
+        .into_iter()
+        .map(|(n, shape, values)| {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (n, shape, PyBytes::new(py, &bytes))
+        })
+        .collect())
+}
+
+/// PyLO-layout state (`[(name, shape, little-endian f32 bytes)]`) to the canonical layout
+/// (`[(name, bytes)]` in `CudaModel.state_buffers` order), checked as the CPU path checks it.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn state_from_pylo<'py>(
+    py: Python<'py>,
+    shape: Vec<usize>,
+    axes: Option<(usize, usize)>,
+    tensors: Vec<(String, Vec<usize>, Vec<u8>)>,
+) -> PyResult<Vec<(String, Bound<'py, PyBytes>)>> {
+    let layout = layouts(&[shape], &[axes])?.remove(0);
+    for (n, shape, bytes) in &tensors {
+        if shape.iter().product::<usize>() * 4 != bytes.len() {
+            return Err(PyValueError::new_err(format!(
+                "state `{n}`: shape {shape:?} does not hold {} bytes",
+                bytes.len()
+            )));
+        }
+    }
+    let state = TensorState::from_pylo(&layout, 0, |n| {
+        tensors.iter().find(|t| t.0 == n).map(|(_, shape, bytes)| {
+            let values = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (shape.clone(), values)
+        })
+    })
+    .map_err(to_py)?;
+    Ok(state
+        .iter()
+        .map(|(b, values)| {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (b.name().to_string(), PyBytes::new(py, &bytes))
+        })
+        .collect())
+}
+
 /// # Safety
 /// `ptr` is null-free, aligned and valid for `len` f32 reads while the slice lives.
 unsafe fn slice<'a>(ptr: usize, len: usize) -> &'a [f32] {
@@ -511,6 +783,11 @@ unsafe fn slice_mut<'a>(ptr: usize, len: usize) -> &'a mut [f32] {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLearnedOptimizer>()?;
     m.add_class::<PyGroup>()?;
+    m.add_class::<PyCudaModel>()?;
+    m.add_class::<PyCudaStepper>()?;
+    m.add_function(wrap_pyfunction!(state_to_pylo, m)?)?;
+    m.add_function(wrap_pyfunction!(state_from_pylo, m)?)?;
+    m.add_class::<sharded::PyShardedGroup>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

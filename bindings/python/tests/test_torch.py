@@ -469,16 +469,7 @@ def test_mixed_devices_are_refused():
     assert opt.state_dict()["state"] == {}
 
 
-def test_cuda_tensors():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: mulo.torch refuses CUDA tensors (not wired to the packed CUDA program yet)")
-    p = torch.nn.Parameter(torch.randn(8, 4, device="cuda"))
-    opt = AdafacLO([("p", p)], hf_key="demo")
-    p.grad = torch.randn(8, 4, device="cuda")
-    before = p.detach().clone()
-    with pytest.raises(ValueError, match="`p` is on cuda"):
-        opt.step()
-    assert torch.equal(p, before)
+# CUDA tensors: test_torch_cuda.py.
 
 
 # ---------------------------------------------------------------- non-finite gradients

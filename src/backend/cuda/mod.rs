@@ -1,16 +1,22 @@
 //! The CUDA backend: the IR is scheduled into kernels ([`schedule`]), rendered to CUDA C through
-//! templates ([`render`]), JIT-compiled to PTX by NVRTC with a disk cache ([`nvrtc`]), described
-//! by a JSON manifest ([`manifest`]) and launched with cudarc ([`runtime`]).
+//! templates ([`render`]), compiled by NVRTC with a disk cache ([`nvrtc`]): to portable PTX for
+//! `mulo-compile --target cuda`, to a CUBIN for the device's architecture at run time; described
+//! by a JSON manifest ([`manifest`]), loaded with the driver's JIT logs and launched on cudarc's
+//! buffers (`loader`, `runtime`).
 //!
 //! Compiling needs libnvrtc but no GPU; running needs a GPU. See `docs/cuda.md`.
 
 #[cfg(feature = "cuda")]
 pub mod factory;
+#[cfg(feature = "cuda")]
+pub mod loader;
 pub mod manifest;
 pub mod nvrtc;
 pub mod packed;
 #[cfg(feature = "cuda")]
 pub mod packed_cuda;
+#[cfg(feature = "cuda")]
+pub mod packed_external;
 pub mod packed_runtime;
 pub mod render;
 #[cfg(feature = "cuda")]

@@ -1,7 +1,11 @@
-//! NVRTC: CUDA C → PTX, with a disk cache, and the probing of libnvrtc and the GPU.
+//! NVRTC: CUDA C → PTX (the portable output of `mulo-compile --target cuda`) or → a CUBIN for
+//! one GPU architecture (what the runtime loads: no driver JIT), with a checksummed disk cache,
+//! and the probing of libnvrtc and the GPU.
 //!
 //! libnvrtc is loaded at run time (cudarc's `dynamic-loading`); when it is absent the error
-//! says how to get it instead of panicking. No GPU is needed to compile.
+//! says how to get it instead of panicking. No GPU is needed to compile either output: NVRTC
+//! runs ptxas itself for a real architecture (`sm_XY`) and hands out the CUBIN
+//! (`nvrtcGetCUBIN`).
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -231,9 +235,10 @@ pub fn cache_dir() -> Option<PathBuf> {
         .or_else(|| env("HOME").map(|h| h.join(".cache").join("mulo")))
 }
 
-/// The cache key of a compilation: sha256 of the source, the architecture and the NVRTC
-/// version (the source already holds the shape and every weight).
-pub fn cache_key(source: &str, arch: &str, version: (i32, i32)) -> String {
+/// The cache key of a compilation: sha256 of the source, the architecture, the NVRTC
+/// version, the output kind and the options (the source already holds the shape and every
+/// weight).
+pub fn cache_key(source: &str, arch: &str, version: (i32, i32), output: Output) -> String {
     let mut h = Sha256::new();
     h.update(source.as_bytes());
     h.update([0]);
@@ -241,7 +246,9 @@ pub fn cache_key(source: &str, arch: &str, version: (i32, i32)) -> String {
     h.update([0]);
     h.update(format!("nvrtc {}.{}", version.0, version.1).as_bytes());
     h.update([0]);
-    h.update(nvrtc_options(arch, version).join(" ").as_bytes());
+    h.update(output.extension().as_bytes());
+    h.update([0]);
+    h.update(nvrtc_options(arch, version, output).join(" ").as_bytes());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -292,16 +299,42 @@ pub struct CompiledPtx {
     pub from_cache: bool,
 }
 
-/// The NVRTC options of every compilation by NVRTC `version`: the architecture, C++17, and
-/// from NVRTC 12.9 on `--Ofast-compile=min`, the lowest fast-compile level (the one meant to
-/// keep runtime performance; NVRTC 12.8 knows only `0` and `max`). It cut NVRTC's time about
-/// threefold on mulo's programs (`bench/results/cuda-compile-time.md`); its effect on kernel
-/// speed is not measured yet (no GPU). Floating-point
-/// semantics stay NVRTC's defaults (`--fmad=true`, IEEE division and square root, no
-/// flush-to-zero).
-pub fn nvrtc_options(arch: &str, version: (i32, i32)) -> Vec<String> {
+/// What an NVRTC compilation produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Output {
+    /// PTX for the virtual architecture `compute_XY` of `sm_XY`: portable (the driver compiles
+    /// it for any GPU of that architecture or newer when it is loaded), and NVRTC skips ptxas.
+    Ptx,
+    /// A CUBIN (ELF) for the real architecture `sm_XY`: NVRTC runs ptxas, the driver loads it
+    /// without compiling. It runs on GPUs of that architecture (and, within a major version,
+    /// newer minor ones: sm_80 code on sm_86).
+    Cubin,
+}
+
+impl Output {
+    /// The cache file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Output::Ptx => "ptx",
+            Output::Cubin => "cubin",
+        }
+    }
+}
+
+/// The NVRTC options of every compilation by NVRTC `version` for `output`: the architecture
+/// (`compute_XY` for PTX, `sm_XY` for a CUBIN), C++17, and from NVRTC 12.9 on
+/// `--Ofast-compile=min`, the lowest fast-compile level (the one meant to keep runtime
+/// performance; NVRTC 12.8 knows only `0` and `max`). It cut NVRTC's time about threefold on
+/// mulo's programs (`bench/results/cuda-compile-time.md`); its effect on kernel speed is not
+/// measured yet (no GPU). Floating-point semantics stay NVRTC's defaults (`--fmad=true`, IEEE
+/// division and square root, no flush-to-zero).
+pub fn nvrtc_options(arch: &str, version: (i32, i32), output: Output) -> Vec<String> {
+    let target = match output {
+        Output::Ptx => arch.replacen("sm_", "compute_", 1),
+        Output::Cubin => arch.to_string(),
+    };
     let mut options = vec![
-        format!("--gpu-architecture={arch}"),
+        format!("--gpu-architecture={target}"),
         "--std=c++17".to_string(),
     ];
     if version >= (12, 9) {
@@ -310,12 +343,13 @@ pub fn nvrtc_options(arch: &str, version: (i32, i32)) -> Vec<String> {
     options
 }
 
-/// Compiles `source` for `arch` with NVRTC, using the disk cache when `use_cache`.
-/// NVRTC's log is part of the error when compilation fails.
+/// Compiles `source` to PTX for `arch` with NVRTC (for the virtual architecture, no ptxas:
+/// see [`Output::Ptx`]), using the disk cache when `use_cache`. NVRTC's log is part of the
+/// error when compilation fails.
 pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx> {
     check_arch(arch)?;
     let version = nvrtc_version()?;
-    let key = cache_key(source, arch, version);
+    let key = cache_key(source, arch, version, Output::Ptx);
     let cached = use_cache
         .then(cache_dir)
         .flatten()
@@ -329,7 +363,10 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
             from_cache: true,
         });
     }
-    let ptx = run_nvrtc(source, arch, version)?;
+    let bytes = run_nvrtc(source, arch, version, Output::Ptx, None)?;
+    let ptx = String::from_utf8_lossy(&bytes)
+        .trim_end_matches('\0')
+        .to_string();
     if let Some(path) = &cached {
         // The cache is an optimization: failing to write it is not an error.
         let _ = cache_store(path, &ptx);
@@ -343,34 +380,307 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
     })
 }
 
-/// One NVRTC compilation of `source` for `arch` (no cache).
-#[cfg(feature = "cuda")]
-fn run_nvrtc(source: &str, arch: &str, version: (i32, i32)) -> Result<String> {
-    let opts = cudarc::nvrtc::CompileOptions {
-        options: nvrtc_options(arch, version),
-        name: Some("mulo_step.cu".to_string()),
-        ..Default::default()
+/// A CUBIN produced by NVRTC for one architecture, and how it was obtained.
+#[derive(Clone, Debug)]
+pub struct CompiledCubin {
+    /// The ELF image.
+    pub cubin: Vec<u8>,
+    /// The architecture it was compiled for (`sm_XY`).
+    pub arch: String,
+    /// The NVRTC version that compiled it.
+    pub nvrtc_version: (i32, i32),
+    /// The cache key.
+    pub key: String,
+    /// Whether it was read from the disk cache instead of compiled.
+    pub from_cache: bool,
+    /// NVRTC's own report of where its time went, in milliseconds per phase (`CUDA C++
+    /// Frontend`, `NVVM Optimizer`, `PTX Translation` (ptxas), …), when it was compiled by
+    /// [`compile_cubin_timed`]; empty otherwise.
+    pub phases: Vec<(String, f64)>,
+}
+
+impl CompiledCubin {
+    /// Milliseconds NVRTC spent in `phase` (summed over its rows), when timed.
+    pub fn phase_ms(&self, phase: &str) -> Option<f64> {
+        let rows: Vec<f64> = self
+            .phases
+            .iter()
+            .filter(|(p, _)| p == phase)
+            .map(|(_, ms)| *ms)
+            .collect();
+        (!rows.is_empty()).then(|| rows.iter().sum())
+    }
+}
+
+/// The phase of NVRTC's `--time` report that is ptxas (PTX → SASS).
+pub const PTXAS_PHASE: &str = "PTX Translation";
+
+/// Compiles `source` to a CUBIN for `arch` (NVRTC, then ptxas inside NVRTC; see
+/// [`Output::Cubin`]), using the disk cache when `use_cache`. NVRTC's log is part of the
+/// error when compilation fails. The runtime loads this image without driver JIT.
+pub fn compile_cubin(source: &str, arch: &str, use_cache: bool) -> Result<CompiledCubin> {
+    cubin_through_cache(source, arch, use_cache, false)
+}
+
+/// [`compile_cubin`], and when NVRTC runs, its `--time` report in
+/// [`CompiledCubin::phases`] (for the compile-time benchmark).
+pub fn compile_cubin_timed(source: &str, arch: &str, use_cache: bool) -> Result<CompiledCubin> {
+    cubin_through_cache(source, arch, use_cache, true)
+}
+
+fn cubin_through_cache(
+    source: &str,
+    arch: &str,
+    use_cache: bool,
+    timed: bool,
+) -> Result<CompiledCubin> {
+    check_arch(arch)?;
+    let version = nvrtc_version()?;
+    let key = cache_key(source, arch, version, Output::Cubin);
+    let cached = use_cache
+        .then(cache_dir)
+        .flatten()
+        .map(|d| d.join(format!("{key}.cubin")));
+    let done = |cubin, from_cache, phases| CompiledCubin {
+        cubin,
+        arch: arch.to_string(),
+        nvrtc_version: version,
+        key: key.clone(),
+        from_cache,
+        phases,
     };
-    let src = source.to_string();
-    let result = std::panic::catch_unwind(move || cudarc::nvrtc::compile_ptx_with_opts(src, opts))
-        .map_err(|_| backend(format!("NVRTC panicked while compiling. {NVRTC_HELP}")))?;
-    match result {
-        Ok(ptx) => match ptx.as_bytes() {
-            Some(bytes) => Ok(String::from_utf8_lossy(bytes)
-                .trim_end_matches('\0')
-                .to_string()),
-            None => Err(backend("NVRTC returned no PTX image")),
-        },
-        Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => Err(backend(format!(
-            "NVRTC failed ({nvrtc:?}) compiling for {arch}:\n{}",
-            log.to_string_lossy()
+    if let Some(cubin) = cached.as_deref().and_then(cubin_cache_load) {
+        return Ok(done(cubin, true, Vec::new()));
+    }
+    let (cubin, phases) = if timed {
+        let report = tempfile::NamedTempFile::new()
+            .map_err(|e| Error::backend_from("cuda", "creating NVRTC's timing file", e))?;
+        let cubin = run_nvrtc(source, arch, version, Output::Cubin, Some(report.path()))?;
+        let text = std::fs::read_to_string(report.path()).unwrap_or_default();
+        (cubin, parse_time_report(&text))
+    } else {
+        (
+            run_nvrtc(source, arch, version, Output::Cubin, None)?,
+            Vec::new(),
+        )
+    };
+    if !is_cubin(&cubin) {
+        return Err(backend(format!(
+            "NVRTC returned {} bytes for {arch} that are not an ELF image",
+            cubin.len()
+        )));
+    }
+    if let Some(path) = &cached {
+        // The cache is an optimization: failing to write it is not an error.
+        let _ = cubin_cache_store(path, &cubin);
+    }
+    Ok(done(cubin, false, phases))
+}
+
+/// The rows of NVRTC's `--time` CSV report (`file, phase, value, unit`) as (phase,
+/// milliseconds); rows in other units are skipped.
+pub fn parse_time_report(csv: &str) -> Vec<(String, f64)> {
+    csv.lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [_, phase, value, unit] = cols.as_slice() else {
+                return None;
+            };
+            let ms: f64 = value.parse().ok()?;
+            let scale = match *unit {
+                "ms" => 1.0,
+                "s" => 1e3,
+                "us" | "µs" => 1e-3,
+                _ => return None,
+            };
+            Some((phase.to_string(), ms * scale))
+        })
+        .collect()
+}
+
+/// The first bytes of every ELF image (a CUBIN is one).
+pub const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
+
+/// `e_machine` of a CUDA ELF image (`EM_CUDA`).
+pub const EM_CUDA: u16 = 190;
+
+/// Whether `bytes` look like a CUBIN: a 64-bit little-endian ELF image for `EM_CUDA`.
+pub fn is_cubin(bytes: &[u8]) -> bool {
+    bytes.len() > 20
+        && bytes[..4] == ELF_MAGIC
+        && bytes[4] == 2 // ELFCLASS64
+        && bytes[5] == 1 // little-endian
+        && u16::from_le_bytes([bytes[18], bytes[19]]) == EM_CUDA
+}
+
+/// The SM version a CUBIN was compiled for (90 for `sm_90`), from its ELF header's `e_flags`:
+/// its low byte in the CUDA ELF ABI version 7 (`e_ident[8]`, what NVRTC 12 writes up to
+/// sm_90a), its second byte in ABI version 8 (sm_100 and newer). `None` for another ABI or
+/// an image that is not a CUBIN.
+pub fn cubin_sm(bytes: &[u8]) -> Option<u32> {
+    if !is_cubin(bytes) || bytes.len() < 52 {
+        return None;
+    }
+    let flags = u32::from_le_bytes([bytes[48], bytes[49], bytes[50], bytes[51]]);
+    match bytes[8] {
+        7 => Some(flags & 0xff),
+        8 => Some((flags >> 8) & 0xff),
+        _ => None,
+    }
+}
+
+/// The marker before the checksum that ends every CUBIN cache entry.
+const CUBIN_TRAILER: &[u8] = b"\nmulo-cubin-sha256 ";
+
+/// Writes a CUBIN cache entry atomically: the image, then a trailer holding its SHA-256 (as
+/// [`cache_store`] for PTX), so that [`cubin_cache_load`] can tell a complete entry from a
+/// damaged one.
+pub fn cubin_cache_store(path: &Path, cubin: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        crate::fsio::create_dir_all(dir)?;
+    }
+    let mut bytes = cubin.to_vec();
+    bytes.extend_from_slice(CUBIN_TRAILER);
+    bytes.extend_from_slice(sha256_hex(cubin).as_bytes());
+    bytes.push(b'\n');
+    crate::fsio::write_atomic(path, &bytes)
+}
+
+/// Reads a CUBIN cache entry written by [`cubin_cache_store`]: `None` when it is missing,
+/// lacks the trailer, its checksum does not match, or it is not a CUBIN ([`is_cubin`]); then
+/// the program is compiled again and the entry rewritten.
+pub fn cubin_cache_load(path: &Path) -> Option<Vec<u8>> {
+    let mut bytes = std::fs::read(path).ok()?;
+    let tail = CUBIN_TRAILER.len() + 64 + 1;
+    let body = bytes.len().checked_sub(tail)?;
+    let (image, trailer) = bytes.split_at(body);
+    let sum = trailer.strip_prefix(CUBIN_TRAILER)?.strip_suffix(b"\n")?;
+    if sum != sha256_hex(image).as_bytes() || !is_cubin(image) {
+        return None;
+    }
+    bytes.truncate(body);
+    Some(bytes)
+}
+
+/// The oldest driver that loads a CUBIN compiled by NVRTC `nvrtc` (`(major, minor)`), as
+/// `cuDriverGetVersion` encodes it: the first driver of NVRTC's major version. A CUBIN needs
+/// no JIT, and CUDA's minor version compatibility lets any driver of the same major release
+/// (CUDA 12.x: R525 and newer; 13.x: R580 and newer) load code built by a newer minor toolkit
+/// of that release, which PTX does not get: its ISA must be known to the driver
+/// ([`ptx_isa_min_cuda`]).
+pub fn cubin_min_cuda(nvrtc: (i32, i32)) -> i32 {
+    1000 * nvrtc.0
+}
+
+/// Refuses to load `program` (named in the error), a CUBIN compiled by NVRTC `nvrtc`, on a
+/// driver of CUDA version `driver` of an older major release ([`cubin_min_cuda`]): checked
+/// before the module is loaded, so that an old driver gives this error instead of the
+/// driver's own at the first step.
+pub fn check_driver_cubin(driver: i32, nvrtc: (i32, i32), program: &str) -> Result<()> {
+    let need = cubin_min_cuda(nvrtc);
+    if driver < need {
+        return Err(backend(format!(
+            "{program}: the CUBIN was compiled by NVRTC {}.{}, which needs a CUDA {} driver ({} or newer); this driver supports CUDA {}. Update the NVIDIA driver, or install an NVRTC of the driver's major version (pip install \"nvidia-cuda-nvrtc-cu{}\") and recompile",
+            nvrtc.0,
+            nvrtc.1,
+            cuda_text(need),
+            min_linux_driver(need),
+            cuda_text(driver),
+            driver / 1000,
+        )));
+    }
+    Ok(())
+}
+
+/// [`check_driver_cubin`] against the installed driver ([`driver_version`]); passes when
+/// the driver cannot be asked (loading then reports the driver's own error).
+pub fn check_installed_driver_cubin(nvrtc: (i32, i32), program: &str) -> Result<()> {
+    match driver_version() {
+        Some(driver) => check_driver_cubin(driver, nvrtc, program),
+        None => Ok(()),
+    }
+}
+
+/// One NVRTC compilation of `source` for `arch` (no cache): the PTX text or the CUBIN image.
+/// With `time_report`, NVRTC appends its per-phase timing CSV (`--time`) to that file.
+#[cfg(feature = "cuda")]
+fn run_nvrtc(
+    source: &str,
+    arch: &str,
+    version: (i32, i32),
+    output: Output,
+    time_report: Option<&Path>,
+) -> Result<Vec<u8>> {
+    let mut options = nvrtc_options(arch, version, output);
+    if let Some(path) = time_report {
+        options.push(format!("--time={}", path.display()));
+    }
+    let src =
+        std::ffi::CString::new(source).map_err(|_| backend("the CUDA source holds a NUL byte"))?;
+    std::panic::catch_unwind(move || nvrtc_program(&src, arch, &options, output))
+        .map_err(|_| backend(format!("NVRTC panicked while compiling. {NVRTC_HELP}")))?
+}
+
+/// Creates, compiles and destroys one NVRTC program named `mulo_step.cu`.
+#[cfg(feature = "cuda")]
+fn nvrtc_program(
+    src: &std::ffi::CStr,
+    arch: &str,
+    options: &[String],
+    output: Output,
+) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
+    let fail = |what: &str, e: result::NvrtcError| backend(format!("NVRTC {what} failed: {e:?}"));
+    let prog = result::create_program(src, Some(c"mulo_step.cu"))
+        .map_err(|e| fail("nvrtcCreateProgram", e))?;
+    // SAFETY: `prog` was created above and is destroyed once, at the end; every buffer passed
+    // to NVRTC is sized by NVRTC's own size query.
+    let out = unsafe {
+        let compiled = result::compile_program(prog, options);
+        let out = match compiled {
+            Err(e) => {
+                let log = result::get_program_log(prog).unwrap_or_default();
+                let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+                Err(backend(format!(
+                    "NVRTC failed ({:?}) compiling for {arch} with {}:\n{}",
+                    e.0,
+                    options.join(" "),
+                    String::from_utf8_lossy(&log).trim_end_matches('\0')
+                )))
+            }
+            Ok(()) => match output {
+                Output::Ptx => result::get_ptx(prog)
+                    .map(|v| v.iter().map(|&c| c as u8).collect())
+                    .map_err(|e| fail("nvrtcGetPTX", e)),
+                Output::Cubin => {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(prog, &mut size)
+                        .result()
+                        .map_err(|e| fail("nvrtcGetCUBINSize", e))
+                        .and_then(|()| {
+                            let mut image = vec![0u8; size];
+                            sys::nvrtcGetCUBIN(prog, image.as_mut_ptr().cast())
+                                .result()
+                                .map_err(|e| fail("nvrtcGetCUBIN", e))
+                                .map(|()| image)
+                        })
+                }
+            },
+        };
+        let _ = result::destroy_program(prog);
+        out
+    };
+    match out {
+        Ok(bytes) if bytes.is_empty() => Err(backend(format!(
+            "NVRTC returned no {} image for {arch}",
+            output.extension()
         ))),
-        Err(e) => Err(backend(format!("NVRTC failed: {e:?}"))),
+        other => other,
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_nvrtc(_: &str, _: &str, _: (i32, i32)) -> Result<String> {
+fn run_nvrtc(_: &str, _: &str, _: (i32, i32), _: Output, _: Option<&Path>) -> Result<Vec<u8>> {
     Err(backend(NO_CUDA))
 }
 
@@ -426,11 +736,12 @@ mod tests {
 
     #[test]
     fn cache_key_covers_source_arch_and_version() {
-        let k = cache_key("src", "sm_80", (12, 9));
+        let k = cache_key("src", "sm_80", (12, 9), Output::Ptx);
         assert_eq!(k.len(), 64);
-        assert_ne!(k, cache_key("src2", "sm_80", (12, 9)));
-        assert_ne!(k, cache_key("src", "sm_90", (12, 9)));
-        assert_ne!(k, cache_key("src", "sm_80", (12, 8)));
+        assert_ne!(k, cache_key("src2", "sm_80", (12, 9), Output::Ptx));
+        assert_ne!(k, cache_key("src", "sm_90", (12, 9), Output::Ptx));
+        assert_ne!(k, cache_key("src", "sm_80", (12, 8), Output::Ptx));
+        assert_ne!(k, cache_key("src", "sm_80", (12, 9), Output::Cubin));
     }
 
     #[test]
@@ -464,7 +775,7 @@ mod tests {
     #[test]
     fn fast_compile_only_where_nvrtc_has_it() {
         let has = |v| {
-            nvrtc_options("sm_80", v)
+            nvrtc_options("sm_80", v, Output::Cubin)
                 .iter()
                 .any(|o| o == "--Ofast-compile=min")
         };
@@ -473,8 +784,13 @@ mod tests {
         assert!(has((12, 9)));
         assert!(has((13, 0)));
         assert_eq!(
-            nvrtc_options("sm_90", (12, 4))[0],
+            nvrtc_options("sm_90", (12, 4), Output::Cubin)[0],
             "--gpu-architecture=sm_90"
+        );
+        // PTX is compiled for the virtual architecture: NVRTC then skips ptxas.
+        assert_eq!(
+            nvrtc_options("sm_90a", (12, 9), Output::Ptx)[0],
+            "--gpu-architecture=compute_90a"
         );
     }
 
@@ -516,5 +832,92 @@ mod tests {
         // A complete entry without a kernel is not used either.
         cache_store(&path, ".version 8.0\n").unwrap();
         assert_eq!(cache_load(&path), None);
+    }
+
+    /// A minimal image [`is_cubin`] accepts: the ELF header fields it reads, then filler.
+    fn fake_cubin() -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(&ELF_MAGIC);
+        b[4] = 2;
+        b[5] = 1;
+        b[18..20].copy_from_slice(&EM_CUDA.to_le_bytes());
+        b.extend((0..200u32).map(|i| (i * 7) as u8));
+        b
+    }
+
+    #[test]
+    fn cubin_entries_round_trip_and_damaged_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("k.cubin");
+        let cubin = fake_cubin();
+        assert!(is_cubin(&cubin));
+        assert_eq!(cubin_cache_load(&path), None);
+        cubin_cache_store(&path, &cubin).unwrap();
+        assert_eq!(cubin_cache_load(&path).as_deref(), Some(&cubin[..]));
+        let full = std::fs::read(&path).unwrap();
+        for len in 0..full.len() {
+            std::fs::write(&path, &full[..len]).unwrap();
+            assert_eq!(cubin_cache_load(&path), None, "prefix of {len} bytes");
+        }
+        for i in 0..full.len() {
+            let mut bad = full.clone();
+            bad[i] ^= 0x20;
+            std::fs::write(&path, &bad).unwrap();
+            assert_eq!(cubin_cache_load(&path), None, "byte {i} flipped");
+        }
+        // A complete, checksummed entry that is not a CUDA ELF image is not used either.
+        let mut not_cuda = cubin.clone();
+        not_cuda[18] = 62; // EM_X86_64
+        cubin_cache_store(&path, &not_cuda).unwrap();
+        assert_eq!(cubin_cache_load(&path), None);
+        cubin_cache_store(&path, b"PTX text").unwrap();
+        assert_eq!(cubin_cache_load(&path), None);
+    }
+
+    #[test]
+    fn cubins_need_a_driver_of_nvrtcs_major_version_only() {
+        // NVRTC 12.9's CUBIN loads on a CUDA 12.0 driver (R525), where its PTX (ISA 8.8)
+        // would not; not on CUDA 11.8.
+        check_driver_cubin(12000, (12, 9), "p").unwrap();
+        check_driver_cubin(13000, (12, 9), "p").unwrap();
+        assert!(check_driver(12000, (8, 8), "p").is_err());
+        let err = check_driver_cubin(11080, (12, 9), "mulo_step.cubin (64x32)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mulo_step.cubin (64x32)")
+                && err.contains("NVRTC 12.9")
+                && err.contains("CUDA 12.0 driver (R525")
+                && err.contains("supports CUDA 11.8"),
+            "{err}"
+        );
+        let err = check_driver_cubin(12090, (13, 0), "p")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CUDA 13.0 driver (R580"), "{err}");
+    }
+
+    #[test]
+    fn parses_nvrtcs_time_report() {
+        let csv = "File name, phase name, metric, unit\nmulo_step.cu, CUDA C++ Frontend, 7, ms\nmulo_step.cu, NVVM Optimizer, 11.5, ms\nmulo_step.cu, PTX Translation, 2, s\nmulo_step.cu, Odd, 3, parsecs\n";
+        let rows = parse_time_report(csv);
+        assert_eq!(
+            rows,
+            vec![
+                ("CUDA C++ Frontend".to_string(), 7.0),
+                ("NVVM Optimizer".to_string(), 11.5),
+                (PTXAS_PHASE.to_string(), 2000.0),
+            ]
+        );
+        let c = CompiledCubin {
+            cubin: Vec::new(),
+            arch: "sm_90".into(),
+            nvrtc_version: (12, 9),
+            key: String::new(),
+            from_cache: false,
+            phases: rows,
+        };
+        assert_eq!(c.phase_ms(PTXAS_PHASE), Some(2000.0));
+        assert_eq!(c.phase_ms("Linker"), None);
     }
 }

@@ -16,6 +16,9 @@
 //! - **The table** ([`TABLE_ENTRY_BYTES`] per tensor: the `MuloTensor` of
 //!   `templates/model_prelude.cu.j2`) and the **block starts** (per slot, the first block of
 //!   every tensor): the only things the host writes per step besides parameters and gradients.
+//!   A table entry holds the *addresses* of the tensor's buffers ([`TensorAddrs`]), so the
+//!   program steps tensors wherever they live: in the arenas ([`PackedModel::arena_addrs`])
+//!   or in the caller's own allocations (PyTorch's tensors: [`PackedModel::external_addrs`]).
 //!
 //! The table and starts are computed here, without a GPU, so that the CUDA runtime and the
 //! CPU emulation of the generated source in the tests share them.
@@ -32,12 +35,84 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// Bytes of one `MuloTensor` entry of the table: 8 × i64 offsets, 3 × f32, 1 × i32.
-pub const TABLE_ENTRY_BYTES: usize = 80;
+/// Bytes of one `MuloTensor` entry of the table: 9 × 64-bit addresses, 3 × f32, 1 × i32.
+pub const TABLE_ENTRY_BYTES: usize = 88;
 
-/// The arenas of a packed model, in kernel argument order (after the table, the starts and
-/// the tensor count). `grad` shares `param`'s offsets.
+/// Byte offset of the step's scalars (`lr`, `weight_decay`, `step`) in a table entry.
+const SCALARS_AT: usize = 72;
+
+/// The arenas of a packed model (one per buffer kind). `grad` shares `param`'s offsets.
 pub const ARENAS: [Buffer; 7] = Buffer::ALL;
+
+/// Where one tensor's buffers are, as its table entry holds them: the address of the first
+/// value of each (a device address on a GPU), 0 for a buffer its plan does not have.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TensorAddrs {
+    /// The parameter (f32, `numel` values), read and written.
+    pub param: u64,
+    /// The gradient (f32, `numel` values), read only.
+    pub grad: u64,
+    /// The optimizer state, by [`Buffer`]: `mom`, `rms`, `fac_row`, `fac_col`, `fac_v` (f32,
+    /// decay-major, [`Buffer::len`] values each), read and written.
+    pub state: [u64; 5],
+    /// The tensor's f32 scratch ([`Schedule::scratch_len`] values of its plan).
+    pub scratch: u64,
+    /// The tensor's f64 partial sums ([`Schedule::partials_len`] values of its plan).
+    pub partials: u64,
+}
+
+impl TensorAddrs {
+    /// The index of a state buffer in [`state`](Self::state); `None` for `param` and `grad`.
+    pub fn state_index(buffer: Buffer) -> Option<usize> {
+        ARENAS[2..].iter().position(|&b| b == buffer)
+    }
+
+    /// The address of `buffer`.
+    pub fn get(&self, buffer: Buffer) -> u64 {
+        match buffer {
+            Buffer::Param => self.param,
+            Buffer::Grad => self.grad,
+            b => self.state[Self::state_index(b).expect("a state buffer")],
+        }
+    }
+
+    /// Sets the address of `buffer`.
+    pub fn set(&mut self, buffer: Buffer, addr: u64) {
+        match buffer {
+            Buffer::Param => self.param = addr,
+            Buffer::Grad => self.grad = addr,
+            b => self.state[Self::state_index(b).expect("a state buffer")] = addr,
+        }
+    }
+
+    /// The table's address fields in entry order.
+    fn fields(&self) -> [u64; 9] {
+        let [mom, rms, fac_row, fac_col, fac_v] = self.state;
+        [
+            self.param,
+            self.grad,
+            mom,
+            rms,
+            fac_row,
+            fac_col,
+            fac_v,
+            self.scratch,
+            self.partials,
+        ]
+    }
+}
+
+/// The base addresses of a packed model's arenas: one per [`ARENAS`] buffer, in that order,
+/// then the f32 scratch and the f64 partials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArenaBases {
+    /// Base of each arena of [`ARENAS`], in order.
+    pub arenas: [u64; 7],
+    /// Base of the scratch arena (f32).
+    pub scratch: u64,
+    /// Base of the partials arena (f64).
+    pub partials: u64,
+}
 
 /// One compiled shape of the model.
 #[derive(Clone, Debug)]
@@ -73,6 +148,18 @@ pub struct PackedTensor {
     pub scratch: usize,
     /// Offset of its f64 partial sums.
     pub partials: usize,
+}
+
+/// What one model step uploads and launches: the table, the block starts and every slot's
+/// grid (0: the slot is skipped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// The table ([`TABLE_ENTRY_BYTES`] per tensor).
+    pub table: Vec<u8>,
+    /// The block starts ([`PackedModel::block_starts`]).
+    pub starts: Vec<i64>,
+    /// The grid of every slot.
+    pub grids: Vec<u32>,
 }
 
 /// One launch of a model step.
@@ -261,39 +348,16 @@ impl PackedModel {
             .collect()
     }
 
-    /// Checks that a step's `table`, `starts` and `grids` are ones this model produces
-    /// ([`table`](Self::table), [`block_starts`](Self::block_starts), [`grids`](Self::grids))
-    /// up to the hyper-parameters and which tensors are stepped: every tensor's offsets and
-    /// plan as packed, every tensor given 0 or all of its blocks in a slot, every grid the
-    /// slot's total. Whatever a caller passes, a launch that passes this check stays inside
-    /// each tensor's slices of arenas of [`arena_len`](Self::arena_len) values.
-    pub fn check_launch(&self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()> {
+    /// Checks that a step's `starts` and `grids` are ones this model produces
+    /// ([`block_starts`](Self::block_starts), [`grids`](Self::grids)) up to which tensors are
+    /// stepped: every tensor given 0 or all of its blocks in a slot, every grid the slot's
+    /// total. Whatever a caller passes, a launch that passes this check runs every stepped
+    /// tensor's kernels on exactly the blocks they were scheduled for, so with a table of
+    /// [`arena_addrs`](Self::arena_addrs) or [`external_addrs`](Self::external_addrs) it stays
+    /// inside each tensor's buffers.
+    pub fn check_launch(&self, starts: &[i64], grids: &[u32]) -> Result<()> {
         let n = self.tensors.len();
         let bad = |what: &str, why: String| Err(Error::argument(what, why));
-        if table.len() != n * TABLE_ENTRY_BYTES {
-            return bad(
-                "table",
-                format!(
-                    "{} bytes for {n} tensors of {TABLE_ENTRY_BYTES} bytes",
-                    table.len()
-                ),
-            );
-        }
-        let want = self.table(&vec![None; n]);
-        for (t, (got, exp)) in table
-            .chunks_exact(TABLE_ENTRY_BYTES)
-            .zip(want.chunks_exact(TABLE_ENTRY_BYTES))
-            .enumerate()
-        {
-            // Offsets (bytes 0..64) and plan (76..80) must be the packed ones; lr,
-            // weight_decay and step (64..76) are free.
-            if got[..64] != exp[..64] || got[76..] != exp[76..] {
-                return bad(
-                    "table",
-                    format!("entry {t} has offsets or a plan this model did not pack"),
-                );
-            }
-        }
         if starts.len() != self.slots.len() * (n + 1) {
             return bad(
                 "starts",
@@ -338,22 +402,179 @@ impl PackedModel {
         Ok(())
     }
 
-    /// The table of a step: for every tensor its offsets, and the hyper-parameters and step
-    /// counter of `steps[t]` (`None`: not stepped; its entry is written but never read).
-    pub fn table(&self, steps: &[Option<(Hyper, u64)>]) -> Vec<u8> {
+    /// The addresses of every tensor's slices in arenas at `bases` (each arena of
+    /// [`arena_len`](Self::arena_len) values, scratch of [`scratch_len`](Self::scratch_len),
+    /// partials of [`partials_len`](Self::partials_len)): base + offset × value size.
+    pub fn arena_addrs(&self, bases: &ArenaBases) -> Vec<TensorAddrs> {
+        self.tensors
+            .iter()
+            .map(|t| {
+                let mut a = TensorAddrs {
+                    scratch: bases.scratch + 4 * t.scratch as u64,
+                    partials: bases.partials + 8 * t.partials as u64,
+                    ..Default::default()
+                };
+                for (k, &b) in ARENAS.iter().enumerate() {
+                    let offset = match b {
+                        Buffer::Grad => t.offsets.get(&Buffer::Param),
+                        b => t.offsets.get(&b),
+                    };
+                    if let Some(&o) = offset {
+                        a.set(b, bases.arenas[k] + 4 * o as u64);
+                    }
+                }
+                a
+            })
+            .collect()
+    }
+
+    /// The values of `buffer` tensor `index` has (0 for a buffer its plan does not use).
+    pub fn buffer_len(&self, index: usize, buffer: Buffer) -> usize {
+        let t = &self.tensors[index];
+        let layout = &self.plans[t.plan].ir.layout;
+        if Buffer::for_layout(layout).contains(&buffer) {
+            buffer.len(layout)
+        } else {
+            0
+        }
+    }
+
+    /// The table addresses of a step on buffers the caller owns: `tensors[i]` gives tensor
+    /// `i`'s `param`, `grad` and state addresses (its `scratch` and `partials` are ignored: they
+    /// come from the program's own arenas at `scratch` and `partials`). Only the tensors with
+    /// `active[i]` are looked at (the others' entries are zero and never read); each of them
+    /// must give every buffer its plan uses, non-null and aligned for f32, and no buffer it
+    /// does not use; no buffer that is written (parameters, state) may overlap another buffer.
+    /// The error names the tensor and the buffer. What it cannot check, that each address is
+    /// valid for [`buffer_len`](Self::buffer_len) values, is the caller's to guarantee.
+    pub fn external_addrs(
+        &self,
+        tensors: &[TensorAddrs],
+        active: &[bool],
+        scratch: u64,
+        partials: u64,
+    ) -> Result<Vec<TensorAddrs>> {
+        let n = self.tensors.len();
+        for (what, len) in [("tensors", tensors.len()), ("active", active.len())] {
+            if len != n {
+                return Err(Error::argument(
+                    what,
+                    format!("{len} entries; the model has {n} tensors"),
+                ));
+            }
+        }
+        let own = self.arena_addrs(&ArenaBases {
+            arenas: [0; 7],
+            scratch,
+            partials,
+        });
+        let mut out = vec![TensorAddrs::default(); n];
+        // (start, end, tensor, buffer, written) of every buffer, for the overlap check.
+        let mut spans: Vec<(u64, u64, usize, Buffer, bool)> = Vec::new();
+        for (i, (given, &on)) in tensors.iter().zip(active).enumerate() {
+            if !on {
+                continue;
+            }
+            let t = &self.tensors[i];
+            let layout = &self.plans[t.plan].ir.layout;
+            let used = Buffer::for_layout(layout);
+            for b in ARENAS {
+                let addr = given.get(b);
+                let what = || format!("tensor {i} `{}`", b.name());
+                if !used.contains(&b) {
+                    if addr != 0 {
+                        return Err(Error::argument(
+                            what(),
+                            format!("a {} tensor has no such buffer; pass 0", layout.shape()),
+                        ));
+                    }
+                    continue;
+                }
+                if addr == 0 || addr % 4 != 0 {
+                    return Err(Error::argument(
+                        what(),
+                        format!("address {addr:#x} is not that of f32 data"),
+                    ));
+                }
+                let bytes = 4 * b.len(layout) as u64;
+                let end = addr.checked_add(bytes).ok_or_else(|| {
+                    Error::argument(what(), format!("{bytes} bytes at {addr:#x} wrap around"))
+                })?;
+                spans.push((addr, end, i, b, b != Buffer::Grad));
+                out[i].set(b, addr);
+            }
+            out[i].scratch = own[i].scratch;
+            out[i].partials = own[i].partials;
+        }
+        spans.sort_unstable();
+        // Sorted by start: a span overlaps a later one iff that one starts before the
+        // furthest end seen so far.
+        let mut reach: Option<(u64, usize, Buffer, bool)> = None;
+        for &(start, end, i, b, written) in &spans {
+            if let Some((far, j, c, far_written)) = reach {
+                if start < far && (written || far_written) {
+                    return Err(Error::argument(
+                        format!("tensor {i} `{}`", b.name()),
+                        format!(
+                            "overlaps tensor {j} `{}`; a written buffer must not share memory \
+                             with another",
+                            c.name()
+                        ),
+                    ));
+                }
+            }
+            if reach.is_none_or(|(far, ..)| end > far) {
+                reach = Some((end, i, b, written));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Everything a step on buffers the caller owns launches, checked: `tensors` as for
+    /// [`external_addrs`](Self::external_addrs), `steps[i]` tensor `i`'s hyper-parameters and
+    /// step counter (`None`: not stepped), `scratch` and `partials` the addresses of the
+    /// program's own arenas ([`scratch_len`](Self::scratch_len) f32 and
+    /// [`partials_len`](Self::partials_len) f64 values). Hyper-parameters are validated, the
+    /// addresses checked, and the starts and grids are the model's; an error changes nothing.
+    pub fn external_launch(
+        &self,
+        tensors: &[TensorAddrs],
+        steps: &[Option<(Hyper, u64)>],
+        scratch: u64,
+        partials: u64,
+    ) -> Result<Launch> {
+        let n = self.tensors.len();
+        if steps.len() != n {
+            return Err(Error::argument(
+                "steps",
+                format!("{} entries; the model has {n} tensors", steps.len()),
+            ));
+        }
+        for (i, s) in steps.iter().enumerate() {
+            if let Some((h, _)) = s {
+                h.validate()
+                    .map_err(|e| Error::argument("hypers", format!("tensor {i}: {e}")))?;
+            }
+        }
+        let active: Vec<bool> = steps.iter().map(Option::is_some).collect();
+        let addrs = self.external_addrs(tensors, &active, scratch, partials)?;
+        let starts = self.block_starts(&active);
+        let grids = self.grids(&starts)?;
+        self.check_launch(&starts, &grids)?;
+        Ok(Launch {
+            table: self.table(&addrs, steps),
+            starts,
+            grids,
+        })
+    }
+
+    /// The table of a step: for every tensor the addresses of its buffers (`addrs[t]`), and
+    /// the hyper-parameters and step counter of `steps[t]` (`None`: not stepped; its entry is
+    /// written but never read).
+    pub fn table(&self, addrs: &[TensorAddrs], steps: &[Option<(Hyper, u64)>]) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.tensors.len() * TABLE_ENTRY_BYTES);
-        for (t, step) in self.tensors.iter().zip(steps) {
-            let off = |b: Buffer| t.offsets.get(&b).copied().unwrap_or(0) as i64;
-            for v in [
-                off(Buffer::Param),
-                off(Buffer::Mom),
-                off(Buffer::Rms),
-                off(Buffer::FacRow),
-                off(Buffer::FacCol),
-                off(Buffer::FacV),
-                t.scratch as i64,
-                t.partials as i64,
-            ] {
+        for ((t, a), step) in self.tensors.iter().zip(addrs).zip(steps) {
+            for v in a.fields() {
                 out.extend(v.to_le_bytes());
             }
             let (hyper, count) = step.unwrap_or((
@@ -368,6 +589,10 @@ impl PackedModel {
             }
             out.extend((t.plan as i32).to_le_bytes());
         }
+        debug_assert_eq!(
+            out.len(),
+            self.tensors.len().min(addrs.len()) * TABLE_ENTRY_BYTES
+        );
         out
     }
 
@@ -430,18 +655,12 @@ impl PackedModel {
         Ok(src)
     }
 
-    /// The call of plan `p`'s kernel `k` on tensor entry `t`, with its arena slices.
+    /// The call of plan `p`'s kernel `k` on tensor entry `t`: its buffers and scalars.
     fn call(&self, p: usize, k: usize) -> String {
         let plan = &self.plans[p];
         let mut args = vec!["blk".to_string(), "mulo_smem".to_string()];
         for param in super::render::params(&plan.ir.layout) {
-            args.push(match param.name.as_str() {
-                "grad" => "grad + t.param".to_string(),
-                "lr" => "t.lr".to_string(),
-                "weight_decay" => "t.weight_decay".to_string(),
-                "step" => "t.step".to_string(),
-                name => format!("{name} + t.{name}"),
-            });
+            args.push(format!("t.{}", param.name));
         }
         format!(
             "p{p}_{}({})",
@@ -493,7 +712,7 @@ pub const MODEL_FORMAT: &str = "mulo-cuda-model";
 pub struct FieldJson {
     /// Field name (`param`, `mom`, …, `lr`, `weight_decay`, `step`, `plan`).
     pub name: String,
-    /// `i64`, `f32` or `i32`, little-endian.
+    /// `ptr` (a 64-bit device address), `f32` or `i32`, little-endian.
     pub dtype: String,
     /// Byte offset in the entry.
     pub offset: usize,
@@ -510,8 +729,9 @@ pub struct TensorJson {
     pub plan: usize,
     /// Number of elements.
     pub numel: usize,
-    /// Its offsets, by table field (`param` … `partials`): what the host writes into the
-    /// table's offset fields.
+    /// Its offsets in the arenas, by arena name (`param` … `partials`; `grad` as `param`):
+    /// a host that allocates the arenas writes `base + offset × value size` into the table's
+    /// address fields.
     pub offsets: BTreeMap<String, usize>,
     /// Its optimizer state buffers: name, shape (decay-major) and length.
     pub state: Vec<crate::backend::cuda::manifest::BufferJson>,
@@ -546,7 +766,7 @@ pub struct SlotJson {
 pub struct ModelManifest {
     /// Always [`MODEL_FORMAT`].
     pub format: String,
-    /// Version of the format (1).
+    /// Version of the format (2: the table holds addresses; 1 held arena offsets).
     pub format_version: u32,
     /// mulo's version.
     pub generator: String,
@@ -574,7 +794,8 @@ pub struct ModelManifest {
     pub table_fields: Vec<FieldJson>,
     /// The tensors, in order.
     pub tensors: Vec<TensorJson>,
-    /// The arenas, in kernel argument order (after `tensors`, `starts`, `n_tensors`).
+    /// The arenas: where a host that keeps every tensor in shared buffers puts them (`scratch`
+    /// and `partials` are needed in any case).
     pub arenas: Vec<ArenaJson>,
     /// The launches of a step, in order.
     pub slots: Vec<SlotJson>,
@@ -582,16 +803,17 @@ pub struct ModelManifest {
     pub protocol: String,
 }
 
-/// The table fields in entry order: the offsets, then the step's scalars, then the plan.
+/// The table fields in entry order: the buffers' addresses, then the step's scalars, then
+/// the plan.
 pub fn table_fields() -> Vec<FieldJson> {
     let mut fields = Vec::new();
-    let offsets = [
-        "param", "mom", "rms", "fac_row", "fac_col", "fac_v", "scratch", "partials",
+    let addrs = [
+        "param", "grad", "mom", "rms", "fac_row", "fac_col", "fac_v", "scratch", "partials",
     ];
-    for (i, name) in offsets.iter().enumerate() {
+    for (i, name) in addrs.iter().enumerate() {
         fields.push(FieldJson {
             name: name.to_string(),
-            dtype: "i64".into(),
+            dtype: "ptr".into(),
             offset: 8 * i,
         });
     }
@@ -599,13 +821,13 @@ pub fn table_fields() -> Vec<FieldJson> {
         fields.push(FieldJson {
             name: name.to_string(),
             dtype: "f32".into(),
-            offset: 64 + 4 * i,
+            offset: SCALARS_AT + 4 * i,
         });
     }
     fields.push(FieldJson {
         name: "plan".into(),
         dtype: "i32".into(),
-        offset: 76,
+        offset: SCALARS_AT + 12,
     });
     fields
 }
@@ -706,7 +928,7 @@ impl PackedModel {
         });
         ModelManifest {
             format: MODEL_FORMAT.into(),
-            format_version: 1,
+            format_version: 2,
             generator: format!("mulo {}", env!("CARGO_PKG_VERSION")),
             arch: arch.to_string(),
             nvrtc_version: format!("{}.{}", nvrtc_version.0, nvrtc_version.1),
@@ -729,21 +951,24 @@ impl PackedModel {
                     summary: self.slot_summary(s),
                 })
                 .collect(),
-            protocol: "Load mulo_model.ptx as a module. Allocate every arena of `arenas` once (zero: \
-                       the state arenas must be zero before the first step). Tensor i's parameter and \
-                       gradient are `numel` values at offsets.param in the param and grad arenas; its \
-                       state buffers are at offsets.<name> in the arena of that name. For each step: \
-                       write the gradients into the grad arena; build the table (one entry of \
-                       table_entry_bytes per tensor, fields at the given byte offsets, little-endian: the \
-                       tensor's offsets, its lr (μP-scaled), weight_decay, step counter t (steps taken \
-                       before this one) and plan); build `starts`, an int64 array of n_slots × \
-                       (n_tensors + 1): for slot s, starts[s][i] is the sum of blocks[s] of the stepped \
-                       tensors before i (a tensor left out of this step counts 0) and starts[s][n] the \
-                       total; copy both to the device. Then launch every slot in order on one stream, \
-                       grid (starts[s][n], 1, 1), block (block_threads, 1, 1), no dynamic shared \
-                       memory, arguments: table pointer, starts pointer, n_tensors as int32, then the \
-                       pointers of `arenas` in order; skip a slot whose grid is 0. Increment the step \
-                       counter of every stepped tensor. Parameters and state are updated in place."
+            protocol: "Load mulo_model.ptx as a module. Allocate the scratch and partials arenas of \
+                       `arenas` once. Tensor i's buffers are wherever the host keeps them: the \
+                       parameter and gradient (numel f32 values each) and its `state` buffers (zero \
+                       before the first step), e.g. at offsets.<name> in arenas of `arenas` (grad at \
+                       offsets.param of the grad arena), or in separate allocations; its scratch and \
+                       partials are at offsets.scratch and offsets.partials of those arenas. For each \
+                       step: build the table (one entry of table_entry_bytes per tensor, fields at the \
+                       given byte offsets, little-endian: the device addresses of the tensor's buffers \
+                       (0 for those it has not), its lr (μP-scaled), weight_decay, step counter t \
+                       (steps taken before this one) and plan); build `starts`, an int64 array of \
+                       n_slots × (n_tensors + 1): for slot s, starts[s][i] is the sum of blocks[s] of \
+                       the stepped tensors before i (a tensor left out of this step counts 0) and \
+                       starts[s][n] the total; copy both to the device. Then launch every slot in \
+                       order on one stream, grid (starts[s][n], 1, 1), block (block_threads, 1, 1), no \
+                       dynamic shared memory, arguments: table pointer, starts pointer, n_tensors as \
+                       int32; skip a slot whose grid is 0. Increment the step counter of every stepped \
+                       tensor. Parameters and state are updated in place; no two written buffers may \
+                       overlap."
                 .into(),
         }
     }
@@ -859,64 +1084,150 @@ mod tests {
         // The update pass: tensor 1 is skipped (no blocks), the others one block each.
         assert_eq!(&starts[last * 5..], &[0, 1, 1, 2, 3]);
         assert_eq!(m.grids(&starts).unwrap()[last], 3);
-        let table = m.table(&[
-            Some((
-                Hyper {
-                    lr: 0.5,
-                    weight_decay: 0.1,
-                },
-                7,
-            )),
-            None,
-            None,
-            None,
-        ]);
+        let bases = ArenaBases {
+            arenas: [
+                1 << 40,
+                2 << 40,
+                3 << 40,
+                4 << 40,
+                5 << 40,
+                6 << 40,
+                7 << 40,
+            ],
+            scratch: 8 << 40,
+            partials: 9 << 40,
+        };
+        let addrs = m.arena_addrs(&bases);
+        // Tensor 2 (the second 8x4): param and grad at offset 37, mom at 3 × 37, factored;
+        // tensor 3 (0-d): fac_v at 15.
+        assert_eq!(addrs[2].param, (1 << 40) + 4 * 37);
+        assert_eq!(addrs[2].grad, (2 << 40) + 4 * 37);
+        assert_eq!(addrs[2].get(Buffer::Mom), (3 << 40) + 4 * 3 * 37);
+        assert_eq!(addrs[2].get(Buffer::FacV), 0);
+        assert_ne!(addrs[2].get(Buffer::FacRow), 0);
+        assert_eq!(addrs[3].get(Buffer::FacV), (7 << 40) + 4 * 15);
+        assert_eq!(addrs[3].get(Buffer::FacRow), 0);
+        assert_eq!(
+            addrs[1].scratch,
+            (8 << 40) + 4 * m.tensors[1].scratch as u64
+        );
+        assert_eq!(
+            addrs[1].partials,
+            (9 << 40) + 8 * m.tensors[1].partials as u64
+        );
+        let table = m.table(
+            &addrs,
+            &[
+                Some((
+                    Hyper {
+                        lr: 0.5,
+                        weight_decay: 0.1,
+                    },
+                    7,
+                )),
+                None,
+                None,
+                None,
+            ],
+        );
         assert_eq!(table.len(), 4 * TABLE_ENTRY_BYTES);
         let f32_at = |o: usize| f32::from_le_bytes(table[o..o + 4].try_into().unwrap());
-        assert_eq!((f32_at(64), f32_at(68), f32_at(72)), (0.5, 0.1, 7.0));
-        // Tensor 2's param offset and plan.
+        assert_eq!((f32_at(72), f32_at(76), f32_at(80)), (0.5, 0.1, 7.0));
+        // Tensor 2's param and grad addresses and plan, at the manifest's field offsets.
+        let fields = table_fields();
+        let at = |name: &str| fields.iter().find(|f| f.name == name).unwrap().offset;
         let e2 = 2 * TABLE_ENTRY_BYTES;
+        let u64_at = |o: usize| u64::from_le_bytes(table[o..o + 8].try_into().unwrap());
+        assert_eq!(u64_at(e2 + at("param")), addrs[2].param);
+        assert_eq!(u64_at(e2 + at("grad")), addrs[2].grad);
+        assert_eq!(u64_at(e2 + at("fac_v")), 0);
         assert_eq!(
-            i64::from_le_bytes(table[e2..e2 + 8].try_into().unwrap()),
-            37
-        );
-        assert_eq!(
-            i32::from_le_bytes(table[e2 + 76..e2 + 80].try_into().unwrap()),
+            i32::from_le_bytes(
+                table[e2 + at("plan")..e2 + at("plan") + 4]
+                    .try_into()
+                    .unwrap()
+            ),
             0
         );
+        assert_eq!(at("plan") + 4, TABLE_ENTRY_BYTES);
     }
 
     #[test]
-    fn launches_that_would_leave_the_arenas_are_rejected() {
+    fn external_buffers_are_checked_before_they_reach_a_table() {
+        let m = model(&["8x4", "5"]);
+        // Tensor 0 (factored): param, grad, mom, rms, fac_row, fac_col; tensor 1: fac_v.
+        let mut next = 0x1000u64;
+        let mut give = |i: usize| {
+            let mut a = TensorAddrs::default();
+            for b in ARENAS {
+                let len = m.buffer_len(i, b) as u64;
+                if len > 0 {
+                    a.set(b, next);
+                    next += 4 * len;
+                }
+            }
+            a
+        };
+        let good = [give(0), give(1)];
+        let addrs = m
+            .external_addrs(&good, &[true, true], 0x100, 0x200)
+            .unwrap();
+        assert_eq!(addrs[0].param, good[0].param);
+        assert_eq!(addrs[1].get(Buffer::FacV), good[1].get(Buffer::FacV));
+        assert_eq!(addrs[1].scratch, 0x100 + 4 * m.tensors[1].scratch as u64);
+        // A tensor left out is not looked at, and its entry is zero.
+        let mut off = good;
+        off[1] = TensorAddrs::default();
+        let addrs = m
+            .external_addrs(&off, &[true, false], 0x100, 0x200)
+            .unwrap();
+        assert_eq!(addrs[1], TensorAddrs::default());
+        let err = |tensors: &[TensorAddrs]| {
+            m.external_addrs(tensors, &[true, true], 0x100, 0x200)
+                .unwrap_err()
+                .to_string()
+        };
+        // A missing state buffer, one the plan has not, a misaligned one.
+        let mut t = good;
+        t[0].set(Buffer::Rms, 0);
+        assert!(err(&t).contains("tensor 0 `rms`"), "{}", err(&t));
+        let mut t = good;
+        t[0].set(Buffer::FacV, 0x8000);
+        assert!(err(&t).contains("tensor 0 `fac_v`"), "{}", err(&t));
+        let mut t = good;
+        t[1].grad += 2;
+        assert!(err(&t).contains("tensor 1 `grad`"), "{}", err(&t));
+        // A parameter overlapping another tensor's state; two gradients may share memory.
+        let mut t = good;
+        t[1].param = good[0].get(Buffer::Mom) + 8;
+        assert!(err(&t).contains("overlaps"), "{}", err(&t));
+        let mut t = good;
+        t[1].grad = good[0].grad;
+        m.external_addrs(&t, &[true, true], 0x100, 0x200).unwrap();
+        let mut t = good;
+        t[1].grad = good[0].param;
+        assert!(err(&t).contains("overlaps"), "{}", err(&t));
+        assert!(m.external_addrs(&good[..1], &[true, true], 0, 0).is_err());
+    }
+
+    #[test]
+    fn launches_off_the_schedule_are_rejected() {
         let m = model(&["8x4", "5", "8x4"]);
         let n = m.tensors.len();
-        let hyper = Hyper {
-            lr: 0.1,
-            weight_decay: 0.0,
-        };
         let active = [true, false, true];
-        let table = m.table(&[Some((hyper, 3)), None, Some((hyper, 0))]);
         let starts = m.block_starts(&active);
         let grids = m.grids(&starts).unwrap();
-        m.check_launch(&table, &starts, &grids).unwrap();
-        // A moved offset, a foreign plan, a short table.
-        let mut t2 = table.clone();
-        t2[TABLE_ENTRY_BYTES] = 99;
-        assert!(m.check_launch(&t2, &starts, &grids).is_err());
-        let mut t3 = table.clone();
-        t3[2 * TABLE_ENTRY_BYTES + 76] = 1;
-        assert!(m.check_launch(&t3, &starts, &grids).is_err());
-        assert!(m.check_launch(&table[1..], &starts, &grids).is_err());
+        m.check_launch(&starts, &grids).unwrap();
         // More blocks for a tensor than it has, a grid larger than the starts' total.
         let last = m.slots.len() - 1;
         let mut s2 = starts.clone();
         s2[last * (n + 1) + n] += 1;
         let g2 = m.grids(&s2).unwrap();
-        assert!(m.check_launch(&table, &s2, &g2).is_err());
+        assert!(m.check_launch(&s2, &g2).is_err());
         let mut g3 = grids.clone();
         g3[last] += 1;
-        assert!(m.check_launch(&table, &starts, &g3).is_err());
-        assert!(m.check_launch(&table, &starts[1..], &grids).is_err());
+        assert!(m.check_launch(&starts, &g3).is_err());
+        assert!(m.check_launch(&starts[1..], &grids).is_err());
         // A negative total is an error, not a huge u32.
         let mut s4 = starts.clone();
         s4[n] = -1;
@@ -951,6 +1262,6 @@ mod tests {
         assert_eq!(src.matches("extern \"C\"").count(), m.slots.len());
         assert!(src.contains("static __device__ __noinline__ void p0_mulo_elem_2_update("));
         assert!(src.contains("static __device__ __noinline__ void p1_mulo_elem_1_update("));
-        assert!(src.contains("case 1: p1_mulo_elem_1_update(blk, mulo_smem, param + t.param, grad + t.param, mom + t.mom, rms + t.rms, fac_v + t.fac_v, scratch + t.scratch, partials + t.partials, t.lr, t.weight_decay, t.step)"));
+        assert!(src.contains("case 1: p1_mulo_elem_1_update(blk, mulo_smem, t.param, t.grad, t.mom, t.rms, t.fac_v, t.scratch, t.partials, t.lr, t.weight_decay, t.step)"));
     }
 }

@@ -2,19 +2,17 @@
 //! [`PackedCuda`] factory. The host logic they plug into is
 //! [`PackedBackend`].
 
+use super::loader::{Image, Kernel, Launch, Module};
 use super::nvrtc;
-use super::packed::{PackedModel, ARENAS};
+use super::packed::{ArenaBases, PackedModel, ARENAS};
 use super::packed_runtime::{PackedBackend, PackedExecutor};
 use super::runtime::{driver_err, CudaRuntime};
-use crate::backend::{BackendFactory, ModelBackend};
+use crate::backend::{BackendFactory, Hyper, ModelBackend};
 use crate::error::{Error, Result};
 use crate::ir::Buffer;
 use crate::lopt::LearnedOptimizer;
 use crate::shape::Layout;
-use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig,
-    PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut, LaunchConfig};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -23,14 +21,14 @@ use std::sync::Arc;
 /// The arenas are private allocations of the model's lengths for the executor's lifetime:
 /// callers get views ([`arena`](Self::arena), [`arena_mut`](Self::arena_mut),
 /// [`param_and_grad_mut`](Self::param_and_grad_mut)), which can be written through but not
-/// swapped for other allocations, and [`run`](PackedExecutor::run) launches only tables and
-/// block starts that [`PackedModel::check_launch`] accepts, after checking every arena's
-/// length. No safe call can make a kernel read or write outside an arena.
+/// swapped for other allocations, and [`run`](PackedExecutor::run) writes the table itself
+/// from the arenas' addresses and launches only block starts that
+/// [`PackedModel::check_launch`] accepts, after checking every arena's length. No safe call
+/// can make a kernel read or write outside an arena.
 pub struct CudaExecutor {
     model: PackedModel,
     stream: Arc<CudaStream>,
-    _module: Arc<CudaModule>,
-    slots: Vec<CudaFunction>,
+    slots: Vec<Kernel>,
     n_tensors: i32,
     arenas: BTreeMap<Buffer, CudaSlice<f32>>,
     scratch: CudaSlice<f32>,
@@ -40,30 +38,24 @@ pub struct CudaExecutor {
 }
 
 impl CudaExecutor {
-    /// Compiles `model` for the runtime's architecture (through the NVRTC disk cache), loads
-    /// it and allocates its arenas (zero).
+    /// Compiles `model` to a CUBIN for the runtime's architecture (through the NVRTC disk
+    /// cache), loads it (no driver JIT) and allocates its arenas (zero).
     pub fn new(runtime: &CudaRuntime, model: &PackedModel) -> Result<Self> {
         let source = model.source()?;
-        let ptx = nvrtc::compile(&source, runtime.arch(), true)?;
+        let cubin = nvrtc::compile_cubin(&source, runtime.arch(), true)?;
         let stream = runtime.stream().clone();
         let program = format!(
-            "mulo_model.ptx ({} tensors, {} shapes)",
+            "mulo_model.cubin ({} tensors, {} shapes, {})",
             model.tensors.len(),
-            model.plans.len()
+            model.plans.len(),
+            runtime.arch()
         );
-        nvrtc::check_installed_driver(&ptx.ptx, &program)?;
-        let module = stream
-            .context()
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.ptx))
-            .map_err(driver_err(&format!("loading {program}")))?;
+        nvrtc::check_installed_driver_cubin(cubin.nvrtc_version, &program)?;
+        let module = Module::load(stream.context(), Image::Cubin(&cubin.cubin), &program)?;
         let slots = model
             .slots
             .iter()
-            .map(|s| {
-                module
-                    .load_function(&s.name)
-                    .map_err(driver_err(&format!("loading kernel {}", s.name)))
-            })
+            .map(|s| module.kernel(&s.name))
             .collect::<Result<Vec<_>>>()?;
         let alloc = |n: usize| {
             stream
@@ -89,7 +81,6 @@ impl CudaExecutor {
             n_tensors: i32::try_from(n)
                 .map_err(|_| Error::argument("shapes", "more than 2^31 tensors"))?,
             stream,
-            _module: module,
             slots,
             arenas,
             model: model.clone(),
@@ -210,19 +201,49 @@ impl PackedExecutor for CudaExecutor {
             .map_err(driver_err("synchronizing"))
     }
 
-    fn run(&mut self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()> {
+    fn run(&mut self, steps: &[Option<(Hyper, u64)>], starts: &[i64], grids: &[u32]) -> Result<()> {
         // Nothing reaches the device unless it stays inside the arenas.
-        self.model.check_launch(table, starts, grids)?;
+        self.model.check_launch(starts, grids)?;
         self.check_arenas()?;
+        let n = self.model.tensors.len();
+        if steps.len() != n {
+            return Err(Error::argument(
+                "steps",
+                format!("{} entries; the model has {n} tensors", steps.len()),
+            ));
+        }
+        let stream = self.stream.clone();
+        // The arenas the table points into, taken for writing on the stream (it waits for
+        // earlier work on them; the guards record this step's use when they drop, after the
+        // launches).
+        let mut bases = ArenaBases {
+            arenas: [0; 7],
+            scratch: 0,
+            partials: 0,
+        };
+        let mut guards = Vec::with_capacity(ARENAS.len() + 2);
+        for (b, slice) in self.arenas.iter_mut() {
+            let k = ARENAS.iter().position(|x| x == b).expect("an arena buffer");
+            let (ptr, guard) = slice.device_ptr_mut(&stream);
+            bases.arenas[k] = ptr;
+            guards.push(guard);
+        }
+        let (ptr, guard) = self.scratch.device_ptr_mut(&stream);
+        bases.scratch = ptr;
+        guards.push(guard);
+        let (ptr, guard) = self.partials.device_ptr_mut(&stream);
+        bases.partials = ptr;
+        guards.push(guard);
+        let table = self.model.table(&self.model.arena_addrs(&bases), steps);
         if !table.is_empty() {
             let mut view = self.table.slice_mut(0..table.len());
-            self.stream
-                .memcpy_htod(table, &mut view)
+            stream
+                .memcpy_htod(&table, &mut view)
                 .map_err(driver_err("uploading the tensor table"))?;
         }
         if !starts.is_empty() {
             let mut view = self.starts.slice_mut(0..starts.len());
-            self.stream
+            stream
                 .memcpy_htod(starts, &mut view)
                 .map_err(driver_err("uploading the block starts"))?;
         }
@@ -235,22 +256,18 @@ impl PackedExecutor for CudaExecutor {
                 block_dim: (super::schedule::BLOCK_DIM_X, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = self.stream.launch_builder(f);
-            b.arg(&self.table);
-            b.arg(&self.starts);
-            b.arg(&self.n_tensors);
-            for buffer in ARENAS {
-                b.arg(&self.arenas[&buffer]);
-            }
-            b.arg(&self.scratch);
-            b.arg(&self.partials);
+            let mut b = Launch::new(&stream);
+            b.read(&self.table);
+            b.read(&self.starts);
+            b.i32(self.n_tensors);
             // SAFETY: the arguments are those of templates/model_kernel.cu.j2 in order (table,
-            // starts, tensor count, the seven arenas of `ARENAS`, scratch, partials); every
-            // arena has the length the table's offsets were computed for (`check_arenas`), and
-            // the table, the starts and the grid are the model's (`check_launch`).
-            unsafe { b.launch(cfg) }.map_err(driver_err("launching a packed kernel"))?;
+            // starts, tensor count); the table holds addresses inside the arenas this executor
+            // owns, each of the length the offsets were computed for (`check_arenas`), and the
+            // starts and the grid are the model's (`check_launch`).
+            unsafe { b.launch(f, cfg) }?;
         }
-        self.stream
+        drop(guards);
+        stream
             .synchronize()
             .map_err(driver_err("synchronizing after a packed step"))
     }
@@ -301,4 +318,103 @@ impl BackendFactory for PackedCuda {
     ) -> Result<Box<dyn ModelBackend>> {
         Ok(Box::new(self.backend(lopt, layouts, start_step)?))
     }
+}
+
+/// Timed packed whole-model steps on a GPU, against the measured roofs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PackedBenchReport {
+    /// Tensors in the model.
+    pub tensors: usize,
+    /// Distinct shapes (plans).
+    pub shapes: usize,
+    /// Elements over all tensors.
+    pub elements: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Median time of one whole-model step (every tensor stepped, synchronized).
+    pub median_ns: u64,
+    /// Fastest step.
+    pub min_ns: u64,
+    /// Median time per element.
+    pub ns_per_element: f64,
+    /// Minimum device-memory traffic of one step (bytes; [`StepCost`](crate::bench::StepCost)
+    /// of each tensor × its elements).
+    pub bytes_per_step: f64,
+    /// Folded multiply-adds of one step.
+    pub madds_per_step: f64,
+    /// Memory floor of one step at the measured copy bandwidth (ns).
+    pub memory_floor_ns: f64,
+    /// Compute floor of one step at the measured FP32 multiply-add rate (ns).
+    pub compute_floor_ns: f64,
+    /// Memory floor / measured.
+    pub memory_floor_fraction: f64,
+    /// Compute floor / measured.
+    pub compute_floor_fraction: f64,
+    /// Measured device-to-device copy bandwidth (bytes per second, read + write).
+    pub bandwidth_bytes_per_sec: f64,
+    /// Measured FP32 multiply-add rate (per second).
+    pub peak_madds_per_sec: f64,
+    /// Launches per step.
+    pub launches: usize,
+}
+
+/// Times `steps` packed steps (after `warmup`) of a model of tensors of `layouts`, with
+/// parameters and gradients already in the device arenas
+/// ([`PackedBackend::step_in_place`]: what a training loop on the GPU runs), against the
+/// measured copy bandwidth and FP32 multiply-add rate.
+pub fn bench_packed(
+    packed: &PackedCuda,
+    lopt: &LearnedOptimizer,
+    layouts: &[Layout],
+    warmup: usize,
+    steps: usize,
+) -> Result<PackedBenchReport> {
+    let mut backend = packed.backend(lopt, layouts, 0)?;
+    let model = backend.model().clone();
+    let n = model.arena_len[&Buffer::Param];
+    let param: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+        .collect();
+    let grad: Vec<f32> = (0..n)
+        .map(|i| ((i * 104729 % 997) as f32 - 498.0) * 1e-4)
+        .collect();
+    backend.executor_mut().write(Buffer::Param, 0, &param)?;
+    backend.executor_mut().write(Buffer::Grad, 0, &grad)?;
+    let hyper = crate::backend::Hyper {
+        lr: 1e-3,
+        weight_decay: 0.0,
+    };
+    let hypers = vec![Some(hyper); model.tensors.len()];
+    // `run` synchronizes after the step's launches.
+    let times = crate::bench::time_steps(warmup, steps, || backend.step_in_place(&hypers))?;
+    let (mut bytes, mut madds, mut elements) = (0.0, 0.0, 0usize);
+    for t in &model.tensors {
+        let cost = crate::bench::StepCost::of(&model.plans[t.plan].ir);
+        bytes += cost.bytes_per_element * t.numel as f64;
+        madds += cost.madds_per_element * t.numel as f64;
+        elements += t.numel;
+    }
+    let bandwidth = super::runtime::measure_copy_bandwidth(packed.runtime().stream())?;
+    let peak = super::runtime::measure_fma_rate(packed.runtime())?;
+    let median_ns = crate::bench::median(&times);
+    let memory_floor_ns = bytes / bandwidth * 1e9;
+    let compute_floor_ns = madds / peak * 1e9;
+    Ok(PackedBenchReport {
+        tensors: model.tensors.len(),
+        shapes: model.plans.len(),
+        elements,
+        steps: times.len(),
+        median_ns,
+        min_ns: times.iter().copied().min().unwrap_or(0),
+        ns_per_element: median_ns as f64 / elements.max(1) as f64,
+        bytes_per_step: bytes,
+        madds_per_step: madds,
+        memory_floor_ns,
+        compute_floor_ns,
+        memory_floor_fraction: memory_floor_ns / median_ns as f64,
+        compute_floor_fraction: compute_floor_ns / median_ns as f64,
+        bandwidth_bytes_per_sec: bandwidth,
+        peak_madds_per_sec: peak,
+        launches: model.slots.len(),
+    })
 }

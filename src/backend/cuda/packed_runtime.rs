@@ -4,12 +4,16 @@
 //!   on a GPU (cudarc), or, in the tests, the generated source compiled for the CPU. It knows
 //!   nothing of tensors.
 //! - [`PackedBackend`] is the host logic on top of any executor: it validates a batch, packs
-//!   parameters and gradients, writes the table and block starts, keeps the step counters,
+//!   parameters and gradients, computes the block starts, keeps the step counters (the
+//!   executor writes the table: the addresses are its arenas'),
 //!   and implements [`ModelBackend`] for [`MuloOptimizer`](crate::optimizer::MuloOptimizer).
 //!   [`PackedBackend::step_in_place`] steps parameters and gradients already in the device
 //!   arenas (a training loop on the GPU).
 //! - [`PackedCuda`] is the [`BackendFactory`](crate::backend::BackendFactory) to put in
 //!   [`OptimizerOptions::backend`](crate::optimizer::OptimizerOptions::backend).
+//!
+//! Tensors that are not in arenas (a framework's) are stepped through
+//! [`PackedModel::external_launch`] instead (`packed_external::ExternalCuda` on a GPU).
 
 use super::packed::PackedModel;
 use crate::backend::model::out_of_range;
@@ -31,10 +35,12 @@ pub trait PackedExecutor: Send + Sync {
     /// Copies `out.len()` values of `arena` from element `offset` into `out`.
     fn read(&self, arena: Buffer, offset: usize, out: &mut [f32]) -> Result<()>;
 
-    /// Runs one model step: uploads `table` and `starts` (see [`PackedModel::table`] and
-    /// [`PackedModel::block_starts`]) and launches every slot with a non-empty grid, in order;
-    /// returns when the step is complete.
-    fn run(&mut self, table: &[u8], starts: &[i64], grids: &[u32]) -> Result<()>;
+    /// Runs one model step on the arenas: writes the table ([`PackedModel::table`] of the
+    /// arenas' [`PackedModel::arena_addrs`] and `steps`: per tensor its hyper-parameters and
+    /// step counter, `None` when it is not stepped), uploads it and `starts`
+    /// ([`PackedModel::block_starts`]) and launches every slot with a non-empty grid, in
+    /// order; returns when the step is complete.
+    fn run(&mut self, steps: &[Option<(Hyper, u64)>], starts: &[i64], grids: &[u32]) -> Result<()>;
 }
 
 /// The host side of a packed model on any [`PackedExecutor`].
@@ -111,10 +117,9 @@ impl<E: PackedExecutor> PackedBackend<E> {
             .zip(&self.steps)
             .map(|(h, &s)| h.map(|h| (h, s)))
             .collect();
-        let table = self.model.table(&entries);
         let starts = self.model.block_starts(&active);
         let grids = self.model.grids(&starts)?;
-        self.exec.run(&table, &starts, &grids)?;
+        self.exec.run(&entries, &starts, &grids)?;
         for (s, on) in self.steps.iter_mut().zip(active) {
             *s += on as u64;
         }

@@ -1,14 +1,18 @@
-//! Host runtime: loads the PTX of a step into a CUDA context and launches its kernels on
+//! Host runtime: loads the CUBIN of a step into a CUDA context and launches its kernels on
 //! device buffers.
 //!
 //! - [`CudaRuntime`] owns a context and a stream, and caches compiled programs in memory
-//!   (keyed by shape, optimizer fingerprint, architecture and NVRTC version); the disk cache
-//!   of [`super::nvrtc`] makes a second process start skip NVRTC.
-//! - [`CudaStepProgram`] is one loaded module with its kernels and manifest.
+//!   (keyed by shape, optimizer fingerprint, architecture and NVRTC version). Programs are
+//!   compiled by NVRTC straight to a CUBIN for the device's architecture, which the driver
+//!   loads without JIT; the disk cache of [`super::nvrtc`] makes a second process start skip
+//!   NVRTC (and ptxas) entirely.
+//! - [`CudaStepProgram`] is one loaded module ([`super::loader`]: `cuModuleLoadDataEx` with the
+//!   driver's logs) with its kernels and manifest.
 //! - [`CudaStepper`] owns the optimizer state and scratch on the device and runs steps on
 //!   device buffers ([`CudaStepper::step_device`]); it implements
 //!   [`TensorStepper`] by upload, step, download.
 
+use super::loader::{Image, Kernel, Launch, Module};
 use super::manifest::{KernelJson, Manifest};
 use super::nvrtc;
 use crate::backend::{check_step_args, Hyper, TensorStepper};
@@ -17,10 +21,7 @@ use crate::error::{Error, Result};
 use crate::ir::{Buffer, StepIr};
 use crate::shape::Layout;
 use crate::state::TensorState;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig,
-    PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError, LaunchConfig};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -101,14 +102,17 @@ impl CudaRuntime {
         if let Some(p) = self.programs.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(p);
         }
-        let compiled = super::compile(ir, &self.arch, true)?;
-        // SAFETY: the PTX and the manifest were produced together from `ir`'s schedule.
+        let generated = super::generate(ir)?;
+        let cubin = nvrtc::compile_cubin(&generated.source, &self.arch, true)?;
+        let manifest = Manifest::new(ir, &generated.schedule, &self.arch, cubin.nvrtc_version)?;
+        // SAFETY: the CUBIN and the manifest were produced together from `ir`'s schedule.
         let program = Arc::new(unsafe {
-            CudaStepProgram::load(
+            CudaStepProgram::load_cubin(
                 self.stream.clone(),
                 ir.layout.clone(),
-                &compiled.ptx.ptx,
-                compiled.manifest,
+                &cubin.cubin,
+                cubin.nvrtc_version,
+                manifest,
             )
         }?);
         // Two threads asking for the same new program both compile it (the disk cache is safe
@@ -125,8 +129,7 @@ pub struct CudaStepProgram {
     stream: Arc<CudaStream>,
     layout: Layout,
     manifest: Manifest,
-    _module: Arc<CudaModule>,
-    kernels: Vec<(CudaFunction, LaunchConfig)>,
+    kernels: Vec<(Kernel, LaunchConfig)>,
 }
 
 fn launch_config(k: &KernelJson) -> LaunchConfig {
@@ -153,6 +156,42 @@ impl CudaStepProgram {
         ptx: &str,
         manifest: Manifest,
     ) -> Result<Self> {
+        let program = format!("mulo_step.ptx ({})", layout.shape());
+        nvrtc::check_installed_driver(ptx, &program)?;
+        // SAFETY: the caller's guarantee.
+        unsafe { Self::load_image(stream, layout, Image::Ptx(ptx), &program, manifest) }
+    }
+
+    /// Loads `cubin`, compiled by NVRTC `nvrtc_version` for the stream's device from the
+    /// source of the program `manifest` describes, to run on `stream`: no driver JIT. Refuses
+    /// a driver older than the CUBIN needs ([`nvrtc::check_installed_driver_cubin`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`load`](Self::load): `cubin` must be the program `manifest` describes.
+    pub unsafe fn load_cubin(
+        stream: Arc<CudaStream>,
+        layout: Layout,
+        cubin: &[u8],
+        nvrtc_version: (i32, i32),
+        manifest: Manifest,
+    ) -> Result<Self> {
+        let program = format!("mulo_step.cubin ({}, {})", layout.shape(), manifest.arch);
+        nvrtc::check_installed_driver_cubin(nvrtc_version, &program)?;
+        // SAFETY: the caller's guarantee.
+        unsafe { Self::load_image(stream, layout, Image::Cubin(cubin), &program, manifest) }
+    }
+
+    /// # Safety
+    ///
+    /// As [`load`](Self::load).
+    unsafe fn load_image(
+        stream: Arc<CudaStream>,
+        layout: Layout,
+        image: Image<'_>,
+        program: &str,
+        manifest: Manifest,
+    ) -> Result<Self> {
         if manifest.dims != layout.dims() {
             return Err(Error::argument(
                 "manifest",
@@ -163,27 +202,16 @@ impl CudaStepProgram {
                 ),
             ));
         }
-        let program = format!("mulo_step.ptx ({})", layout.shape());
-        nvrtc::check_installed_driver(ptx, &program)?;
-        let module = stream
-            .context()
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(driver_err(&format!("loading {program}")))?;
+        let module = Module::load(stream.context(), image, program)?;
         let kernels = manifest
             .kernels
             .iter()
-            .map(|k| {
-                let f = module
-                    .load_function(&k.name)
-                    .map_err(driver_err(&format!("loading kernel {}", k.name)))?;
-                Ok((f, launch_config(k)))
-            })
+            .map(|k| Ok((module.kernel(&k.name)?, launch_config(k))))
             .collect::<Result<Vec<_>>>()?;
         Ok(CudaStepProgram {
             stream,
             layout,
             manifest,
-            _module: module,
             kernels,
         })
     }
@@ -275,21 +303,21 @@ impl CudaStepper {
         let stream = self.program.stream.clone();
         let step_f = self.step as f32;
         for (f, cfg) in &self.program.kernels {
-            let mut b = stream.launch_builder(f);
-            b.arg(&mut *param);
-            b.arg(grad);
+            let mut b = Launch::new(&stream);
+            b.write(&mut *param);
+            b.read(grad);
             for slice in self.state.values_mut() {
-                b.arg(slice);
+                b.write(slice);
             }
-            b.arg(&mut self.scratch);
-            b.arg(&mut self.partials);
-            b.arg(&hyper.lr);
-            b.arg(&hyper.weight_decay);
-            b.arg(&step_f);
+            b.write(&mut self.scratch);
+            b.write(&mut self.partials);
+            b.f32(hyper.lr);
+            b.f32(hyper.weight_decay);
+            b.f32(step_f);
             // SAFETY: the argument list matches the kernels' signature (every kernel takes
             // the buffers of `render::params` in order, checked against the PTX by the tests),
             // and every buffer has the length the kernels were compiled for.
-            unsafe { b.launch(*cfg) }.map_err(driver_err("launching a kernel"))?;
+            unsafe { b.launch(f, *cfg) }?;
         }
         self.step += 1;
         Ok(())
@@ -304,6 +332,12 @@ impl CudaStepper {
     }
 }
 
+/// The host-copy path: each [`step`](TensorStepper::step) uploads the parameter and the
+/// gradient and downloads the parameter, 12 bytes per element through pageable host memory
+/// ([`host_copy_bytes_per_step`]): ~50 MB per step for a 4096x1024 tensor, which costs more
+/// than the step itself on a GPU. Use it for checks and small tensors; a training loop keeps
+/// its tensors on the device ([`CudaStepper::step_device`], or
+/// [`PackedBackend::step_in_place`](super::packed_runtime::PackedBackend::step_in_place)).
 impl TensorStepper for CudaStepper {
     fn target(&self) -> &'static str {
         "cuda"
@@ -361,6 +395,13 @@ impl TensorStepper for CudaStepper {
     }
 }
 
+/// Bytes the host-copy [`TensorStepper::step`] of [`CudaStepper`] moves between host and
+/// device per step of a tensor of `numel` elements: the parameter up and down and the
+/// gradient up (f32).
+pub fn host_copy_bytes_per_step(numel: usize) -> usize {
+    3 * 4 * numel
+}
+
 /// Device-to-device copy bandwidth in bytes per second (read + write), measured with a
 /// memcpy of a 256 MiB buffer: the memory roof the 72 B/element floor is computed against.
 pub fn measure_copy_bandwidth(stream: &Arc<CudaStream>) -> Result<f64> {
@@ -385,7 +426,8 @@ pub fn measure_copy_bandwidth(stream: &Arc<CudaStream>) -> Result<f64> {
 }
 
 /// Peak FP32 multiply-adds per second of the device: SMs × clock × FP32 lanes per SM (64 on
-/// sm_80 and older data-centre parts, 128 on sm_86 and newer). An estimate from attributes.
+/// sm_80 and older data-centre parts, 128 on sm_86 and newer). An estimate from attributes;
+/// [`measure_fma_rate`] measures it.
 pub fn peak_madds(ctx: &Arc<CudaContext>) -> Result<f64> {
     use cudarc::driver::sys::CUdevice_attribute as A;
     let sms = ctx
@@ -405,9 +447,82 @@ pub fn peak_madds(ctx: &Arc<CudaContext>) -> Result<f64> {
     Ok(sms as f64 * khz as f64 * 1e3 * lanes)
 }
 
+/// The kernel of [`measure_fma_rate`]: every thread runs [`FMA_CHAINS`] independent chains
+/// of dependent FP32 FMAs, 16 per chain per iteration, and stores their sum (so that none is
+/// dead code). The factors are arguments, so NVVM cannot fold the chains.
+pub const FMA_PROBE_SOURCE: &str = r#"
+extern "C" __global__ void mulo_fma_probe(float* out, int iters, float m, float c) {
+    float a[8];
+    #pragma unroll
+    for (int k = 0; k < 8; ++k) a[k] = threadIdx.x * 1e-3f + k;
+    for (int i = 0; i < iters; ++i) {
+        #pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            #pragma unroll
+            for (int k = 0; k < 8; ++k) a[k] = fmaf(a[k], m, c);
+        }
+    }
+    float s = 0.0f;
+    #pragma unroll
+    for (int k = 0; k < 8; ++k) s += a[k];
+    out[(size_t)blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+"#;
+
+/// Independent FMA chains per thread in [`FMA_PROBE_SOURCE`].
+pub const FMA_CHAINS: u64 = 8;
+
+/// The FP32 multiply-add rate of the runtime's device, measured: [`FMA_PROBE_SOURCE`]
+/// (compiled to a CUBIN through the NVRTC cache) on 8 blocks of 256 threads per SM, the best
+/// of 5 timed launches after a warm-up. The compute roof the step's multiply-adds are
+/// compared with.
+pub fn measure_fma_rate(runtime: &CudaRuntime) -> Result<f64> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let ctx = runtime.context();
+    let sms = ctx
+        .attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(driver_err("reading attributes"))?;
+    let blocks = u32::try_from(sms)
+        .ok()
+        .and_then(|s| s.checked_mul(8))
+        .ok_or_else(|| Error::backend("cuda", format!("{sms} multiprocessors")))?;
+    let threads = 256u32;
+    let iters = 4096i32;
+    let cubin = nvrtc::compile_cubin(FMA_PROBE_SOURCE, runtime.arch(), true)?;
+    let program = format!("mulo_fma_probe.cubin ({})", runtime.arch());
+    nvrtc::check_installed_driver_cubin(cubin.nvrtc_version, &program)?;
+    let module = Module::load(ctx, Image::Cubin(&cubin.cubin), &program)?;
+    let kernel = module.kernel("mulo_fma_probe")?;
+    let stream = runtime.stream();
+    let mut out = stream
+        .alloc_zeros::<f32>(blocks as usize * threads as usize)
+        .map_err(driver_err("allocating"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut best = f64::INFINITY;
+    for run in 0..6 {
+        stream.synchronize().map_err(driver_err("synchronizing"))?;
+        let t = Instant::now();
+        let mut b = Launch::new(stream);
+        b.write(&mut out).i32(iters).f32(0.999_999).f32(1e-7);
+        // SAFETY: the arguments are the probe's (out, iters, m, c); `out` holds one value per
+        // launched thread.
+        unsafe { b.launch(&kernel, cfg) }?;
+        stream.synchronize().map_err(driver_err("synchronizing"))?;
+        if run > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    let fmas = blocks as f64 * threads as f64 * iters as f64 * 16.0 * FMA_CHAINS as f64;
+    Ok(fmas / best)
+}
+
 /// Times `steps` device-resident steps of `ir` (after `warmup`), each followed by a stream
-/// synchronization, and reports them against the measured copy bandwidth and the estimated
-/// FP32 peak.
+/// synchronization, and reports them against the measured copy bandwidth
+/// ([`measure_copy_bandwidth`]) and FP32 multiply-add rate ([`measure_fma_rate`]).
 pub fn bench(
     runtime: &CudaRuntime,
     ir: &StepIr,
@@ -439,6 +554,42 @@ pub fn bench(
         stepper.synchronize()
     })?;
     let bandwidth = measure_copy_bandwidth(stream)?;
-    let peak = peak_madds(runtime.context())?;
+    let peak = measure_fma_rate(runtime)?;
     Ok(BenchReport::new(ir, "cuda", &times, peak, bandwidth))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_copy_path_moves_twelve_bytes_per_element() {
+        // A 4096x1024 tensor: the parameter and gradient up, the parameter down, f32.
+        assert_eq!(host_copy_bytes_per_step(4096 * 1024), 50_331_648);
+        assert_eq!(host_copy_bytes_per_step(0), 0);
+    }
+
+    #[test]
+    fn fma_probe_compiles_to_a_cubin() {
+        if !nvrtc::nvrtc_available() {
+            eprintln!(
+                "SKIPPED fma_probe_compiles_to_a_cubin: {}",
+                nvrtc::NVRTC_HELP
+            );
+            return;
+        }
+        let c = nvrtc::compile_cubin(FMA_PROBE_SOURCE, "sm_90", false).unwrap();
+        assert_eq!(nvrtc::cubin_sm(&c.cubin), Some(90));
+        assert!(c
+            .cubin
+            .windows(b"\0mulo_fma_probe\0".len())
+            .any(|w| w == b"\0mulo_fma_probe\0"));
+        // NVVM kept every FMA of the unrolled body (16 per chain per iteration): the chains
+        // are not folded, so the probe times what it counts.
+        let ptx = nvrtc::compile(FMA_PROBE_SOURCE, "sm_90", false)
+            .unwrap()
+            .ptx;
+        let fmas = ptx.matches("fma.rn.f32").count() as u64;
+        assert!(fmas >= 16 * FMA_CHAINS, "{fmas} FMAs in the probe's PTX");
+    }
 }

@@ -1,7 +1,8 @@
 """mulo: the μLO_M learned optimizer compiled into fast step programs.
 
-``mulo.torch`` holds the PyTorch optimizers (``MuLO``, ``AdafacLO``); ``mulo._native`` is the
-thin compiled layer under them.
+``mulo.torch`` holds the PyTorch optimizers (``MuLO``, ``AdafacLO``); ``mulo.distributed`` is
+their sharded path for DTensor parameters (FSDP2); ``mulo._native`` is the thin compiled layer
+under them.
 """
 
 from mulo._native import LearnedOptimizer, __version__

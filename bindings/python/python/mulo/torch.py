@@ -1,21 +1,26 @@
 """PyTorch optimizers running mulo's compiled μLO_M step: ``MuLO`` and ``AdafacLO``.
 
 They mirror PyLO's ``MuLO_naive`` and ``AdafacLO_naive`` (names, arguments, parameter groups,
-``state_dict`` layout) and step CPU tensors in place with mulo's native CPU backend::
+``state_dict`` layout) and step CPU tensors in place with mulo's native CPU backend, and CUDA
+tensors in place with mulo's packed CUDA program (one NVRTC-compiled program for all parameter
+groups, launched on torch's current stream)::
 
     from mulo.torch import MuLO            # instead of: from pylo.optim import MuLO_naive
     mup.set_base_shapes(model, base_model)
     opt = MuLO(model.parameters(), lr=1.0, weight_decay=1e-3, max_grad_norm=1.0)
 
-Each parameter group is stepped by one ``mulo.optimizer.MuloOptimizer`` (one step counter per
-group, as PyLO's ``group["step"]``), which applies clipping, the non-finite-gradient policy and
-the guard. Tensors reach it as (address, length) pairs after the checks below: nothing is
-copied, and a refused step changes nothing.
+On the CPU, each parameter group is stepped by one ``mulo.optimizer.MuloOptimizer`` (one step
+counter per group, as PyLO's ``group["step"]``), which applies clipping, the
+non-finite-gradient policy and the guard. Tensors reach it as (address, length) pairs after
+the checks below: nothing is copied, and a refused step changes nothing. On CUDA,
+``_CudaGroup`` applies the same policies with torch operations on the device and queues the
+packed program's launches on torch's current stream (see its docstring).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -23,8 +28,12 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
+from mulo._native import CudaModel as _CudaModel
+from mulo import distributed as _distributed
 from mulo._native import Group as _Group
 from mulo._native import LearnedOptimizer
+from mulo._native import state_from_pylo as _state_from_pylo
+from mulo._native import state_to_pylo as _state_to_pylo
 
 __all__ = ["AdafacLO", "MuLO", "pylo_factored_axes", "LearnedOptimizer"]
 
@@ -111,6 +120,215 @@ def _check_hyper(where: str, lr: Any, weight_decay: Any, max_grad_norm: Any) -> 
         raise ValueError(f"{where}: max_grad_norm={max_grad_norm!r} must be None or a finite number > 0")
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _count_nonfinite(g: torch.Tensor) -> str:
+    """The count string of the Rust optimizer's report (``NonFiniteCount``)."""
+    nan = int(torch.isnan(g).sum())
+    pos = int((g == float("inf")).sum())
+    neg = int((g == float("-inf")).sum())
+    return f"{nan} NaN, {pos} +Inf, {neg} -Inf"
+
+
+class _CudaProgram:
+    """One packed CUDA program for the tensors of several parameter groups (in group order):
+    built for the optimizer's layouts, compiled by NVRTC at the first step (the PTX cached on
+    disk) and shared by the groups' ``_CudaGroup``s, so a model is compiled once, whatever its
+    number of groups (``MuLO`` makes one per width multiplier)."""
+
+    def __init__(self, lopt, layouts: Dict[int, Tuple[list, list]], device: torch.device):
+        self.first: Dict[int, int] = {}
+        self.layouts = layouts
+        shapes: List[list] = []
+        axes: List[Any] = []
+        for gi, (s, a) in layouts.items():
+            self.first[gi] = len(shapes)
+            shapes += s
+            axes += a
+        self.model = _CudaModel(lopt, [list(x) for x in shapes], [tuple(x) if x is not None else None for x in axes])
+        self.n = len(shapes)
+        self.device = device
+        self._stepper = None
+
+    def stepper(self):
+        if self._stepper is None:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._stepper = self.model.stepper(index)
+        return self._stepper
+
+
+class _CudaGroup:
+    """One parameter group on a CUDA device: its tensors in a shared ``_CudaProgram`` (from
+    ``first`` on) and every tensor's optimizer state as torch tensors on the device (canonical
+    decay-major layout).
+
+    A step does what ``MuloOptimizer::step_partial`` does on the CPU, with torch operations on
+    the device where it needs values: the non-finite policy (``skip``/``zero``/``error``) and
+    per-tensor clipping (``torch.nn.utils.clip_grad_norm_``'s rule, the norm in f64) need one
+    device-to-host transfer of one value per tensor; ``zero`` and clipping step a temporary
+    sanitized or scaled gradient (the caller's gradient is never modified); the guard keeps a
+    device copy of every stepped parameter and state and checks them after the step (one more
+    transfer), restoring any tensor whose step came out non-finite. Then the program's
+    launches are queued on ``torch.cuda.current_stream()``: parameters and state are updated in
+    place, with no host copy. Without the guard and without those policies' needs (no
+    non-finite gradient, no clipping), a step waits for nothing but the finiteness check.
+    """
+
+    def __init__(self, lopt, names, shapes, axes, max_grad_norm, nonfinite, guard, device, program=None, gi=0):
+        self.names = names
+        self.shapes = shapes
+        self.axes = axes
+        self.nonfinite = nonfinite
+        self.guard = guard
+        self.device = device
+        self.max_grad_norm = max_grad_norm
+        if program is None:
+            program = _CudaProgram(lopt, {gi: (list(shapes), list(axes))}, device)
+        self.program = program
+        self.first = program.first[gi]  # this group's first tensor in the program
+        self.state: List[Dict[str, torch.Tensor]] = []
+        for j in range(len(shapes)):
+            self.state.append({
+                name: torch.zeros(shape, dtype=torch.float32, device=device)
+                for name, shape in program.model.state_buffers(self.first + j)
+            })
+        self.step_count = 0
+
+    # The interface of mulo._native.Group that AdafacLO uses.
+
+    @property
+    def target(self) -> str:
+        return "cuda"
+
+    @property
+    def compiled_plans(self) -> int:
+        return self.program.model.n_plans
+
+    def set_step_count(self, step: int) -> None:
+        self.step_count = int(step)
+
+    def set_max_grad_norm(self, max_grad_norm) -> None:
+        self.max_grad_norm = max_grad_norm
+
+    def export_state(self, j: int):
+        buffers = [(name, t.detach().cpu().numpy().tobytes()) for name, t in self.state[j].items()]
+        return _state_to_pylo(list(self.shapes[j]), self.axes[j], buffers)
+
+    def import_state(self, j: int, tensors) -> None:
+        given = []
+        for name, shape, (ptr, numel) in tensors:
+            # The CPU tensors the caller keeps alive: their values, by address.
+            import ctypes
+
+            data = ctypes.string_at(ptr, 4 * numel) if numel else b""
+            given.append((name, list(shape), data))
+        canonical = _state_from_pylo(list(self.shapes[j]), self.axes[j], given)
+        for name, data in canonical:
+            dst = self.state[j][name]
+            src = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(dst.shape)
+            dst.copy_(src)
+
+    def step(self, params, grads, lr: float, weight_decay: float) -> Dict[str, list]:
+        n = len(params)
+        report: Dict[str, list] = {k: [] for k in ("skipped", "sanitized", "nonfinite", "clipped", "reverted", "without_grad")}
+        report["step"] = self.step_count
+        work: List[Optional[torch.Tensor]] = list(grads)
+        live = [j for j in range(n) if work[j] is not None]
+        for j in range(n):
+            if work[j] is None:
+                report["without_grad"].append(self.names[j])
+        stepper = self.program.stepper()  # compile before anything changes: an error changes nothing
+        if live:
+            # One transfer: every gradient's finiteness (and its norm when clipping).
+            flags = torch.stack([torch.isfinite(work[j]).all().to(torch.float64) for j in live])
+            if self.max_grad_norm is not None:
+                norms = torch.stack([torch.linalg.vector_norm(work[j], dtype=torch.float64) for j in live])
+                flags = torch.cat([flags, norms])
+            values = flags.tolist()
+            finite = [v == 1.0 for v in values[:len(live)]]
+            bad = [j for j, ok in zip(live, finite) if not ok]
+            for j in bad:
+                report["nonfinite"].append((self.names[j], _count_nonfinite(work[j])))
+            if bad and self.nonfinite == "error":
+                listed = ", ".join(f"`{name}` ({c})" for name, c in report["nonfinite"])
+                raise ValueError(f"non-finite gradient in {listed}; nothing was changed (nonfinite='error')")
+            for j in bad:
+                if self.nonfinite == "skip":
+                    report["skipped"].append(self.names[j])
+                    work[j] = None
+                else:
+                    work[j] = torch.nan_to_num(work[j], nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
+                    report["sanitized"].append(self.names[j])
+            if self.max_grad_norm is not None:
+                max_norm = float(np.float32(self.max_grad_norm))
+                for k, j in enumerate(live):
+                    if work[j] is None:
+                        continue
+                    norm = values[len(live) + k]
+                    if j in bad:  # sanitized: its norm is that of the new values
+                        norm = float(torch.linalg.vector_norm(work[j], dtype=torch.float64))
+                    coef = max_norm / (norm + 1e-6)
+                    if coef < 1.0:
+                        work[j] = work[j] * float(np.float32(coef))
+                        report["clipped"].append((self.names[j], norm))
+        stepped = [j for j in range(n) if work[j] is not None]
+        snapshots = {}
+        if self.guard:
+            for j in stepped:
+                snapshots[j] = (params[j].detach().clone(), {k: t.clone() for k, t in self.state[j].items()})
+        # The program's other tensors (other groups') are not stepped by this call.
+        addrs: List[int] = [0] * (7 * self.first)
+        hypers: List[Any] = [None] * self.first
+        for j in range(n):
+            if work[j] is None:
+                addrs += [0] * 7
+                hypers.append(None)
+                continue
+            st = list(self.state[j].values())
+            addrs += [params[j].data_ptr(), work[j].data_ptr()] + [t.data_ptr() for t in st] + [0] * (5 - len(st))
+            hypers.append((lr, weight_decay))
+        rest = self.program.n - self.first - n
+        addrs += [0] * (7 * rest)
+        hypers += [None] * rest
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        try:
+            stepper.step(stream, addrs, hypers, [self.step_count] * self.program.n)
+        except ValueError as e:
+            # The Rust checks name tensors by index and buffers by kind: name the parameters.
+            def named(m):
+                name = self.names[int(m.group(1)) - self.first]
+                return f"`{name}`" if m.group(2) == "param" else f"`{name}.{m.group(2)}`"
+
+            raise ValueError(re.sub(r"tensor (\d+) `(\w+)`", named, str(e))) from None
+        if stepped:
+            # As MuloOptimizer: with the guard, parameter and state must be finite; without,
+            # a non-finite parameter is an error.
+            def finite(j):
+                ok = torch.isfinite(params[j]).all()
+                if self.guard:
+                    for t in self.state[j].values():
+                        ok = ok & torch.isfinite(t).all()
+                return ok
+
+            ok = torch.stack([finite(j) for j in stepped]).tolist()
+            broken = [j for j, good in zip(stepped, ok) if not good]
+            if broken and not self.guard:
+                names = ", ".join(f"`{self.names[j]}`" for j in broken)
+                raise RuntimeError(
+                    f"the step made the parameters {names} non-finite (the guard is off, so they were not restored)"
+                )
+            for j in broken:
+                old_p, old_state = snapshots[j]
+                params[j].detach().copy_(old_p)
+                for k, t in self.state[j].items():
+                    t.copy_(old_state[k])
+                report["reverted"].append(self.names[j])
+                report["skipped"].append(self.names[j])
+        self.step_count += 1
+        return report
+
+
 class _Runtime:
     """A built parameter group: its native group, and the shapes and axes fixed at build."""
 
@@ -138,14 +356,18 @@ class AdafacLO(Optimizer):
     ``nonfinite`` (``"skip"``: a tensor whose gradient has NaN/Inf is left unchanged;
     ``"zero"``: they are replaced as JAX μLO's ``nan_to_num``; ``"error"``: the step is refused
     and nothing changes), ``guard`` (undo any tensor whose step came out non-finite),
-    ``backend`` (``"cpu"``: the native CPU backend; ``"interp"``: the reference interpreter)
+    ``backend`` (``"auto"``, the default: the native CPU backend for CPU tensors, the packed
+    CUDA program for CUDA tensors; ``"cpu"``; ``"cuda"``; ``"interp"``: the reference
+    interpreter, CPU tensors)
     and ``factored_axes`` (``{param: (d0, d1)}`` overriding PyLO's numpy argsort for those
     tensors; see :meth:`set_factored_axes`).
 
-    Every parameter with a gradient must be a contiguous float32 CPU tensor with a dense
-    contiguous float32 gradient on the same device, of the shape it had at its first step;
-    anything else is refused with an error naming the parameter, before anything changes.
-    CUDA tensors are refused for now (mulo's packed CUDA program is not wired to PyTorch yet).
+    Every parameter with a gradient must be a contiguous float32 tensor with a dense
+    contiguous float32 gradient, all of them on one device (the CPU, or one CUDA device), of
+    the shape it had at its first step; anything else is refused with an error naming the
+    parameter, before anything changes. On CUDA the optimizer's tensors are one packed program
+    compiled by NVRTC at the first step (libnvrtc must be loadable; the PTX is cached on disk),
+    and the state lives in device memory.
     """
 
     def __init__(
@@ -165,19 +387,14 @@ class AdafacLO(Optimizer):
         initial_adafactor_decays: Sequence[float] = _INITIAL_ADAFACTOR,
         nonfinite: str = "skip",
         guard: bool = True,
-        backend: str = "cpu",
+        backend: str = "auto",
         factored_axes: Optional[Dict[torch.Tensor, Tuple[int, int]]] = None,
     ):
         _check_hyper(type(self).__name__, lr, weight_decay, max_grad_norm)
         if nonfinite not in ("skip", "zero", "error"):
             raise ValueError(f"nonfinite={nonfinite!r}: expected 'skip', 'zero' or 'error'")
-        if backend == "cuda":
-            raise ValueError(
-                "backend='cuda': CUDA tensors are not supported by mulo.torch yet; "
-                "use backend='cpu' with CPU tensors"
-            )
-        if backend not in ("cpu", "interp"):
-            raise ValueError(f"backend={backend!r}: expected 'cpu' or 'interp'")
+        if backend not in ("auto", "cpu", "cuda", "interp"):
+            raise ValueError(f"backend={backend!r}: expected 'auto', 'cpu', 'cuda' or 'interp'")
         meta = dict(
             exp_mult=exp_mult,
             step_mult=step_mult,
@@ -194,6 +411,9 @@ class AdafacLO(Optimizer):
         self._backend = backend
         self._axes_override: Dict[int, Tuple[torch.Tensor, Tuple[int, int]]] = {}
         self._rt: List[Optional[_Runtime]] = []
+        self._cuda_prog: Optional[_CudaProgram] = None
+        # DTensor parameters (FSDP2): the sharded path of mulo.distributed, set at the first step.
+        self._sharded: Optional[_distributed.ShardedSteps] = None
         #: What the last :meth:`step` did: lists of parameter names per event.
         self.last_report: Dict[str, list] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
@@ -265,33 +485,108 @@ class AdafacLO(Optimizer):
             return hit[1]
         return pylo_factored_axes(tuple(p.shape))
 
-    def _build(self, gi: int, group: Dict[str, Any]) -> _Runtime:
+    def _build(self, gi: int, group: Dict[str, Any], device: Optional[torch.device] = None) -> _Runtime:
         params = group["params"]
         names = self._names(gi, group)
         shapes = [tuple(p.shape) for p in params]
         axes = [self._axes_for(p) for p in params]
-        native = _Group(
-            self.lopt,
-            names,
-            [list(s) for s in shapes],
-            [tuple(a) if a is not None else None for a in axes],
-            group["max_grad_norm"],
-            self._nonfinite,
-            self._guard,
-            self._backend,
-        )
+        device = device if device is not None else self._device()
+        if device.type == "cuda":
+            native = _CudaGroup(
+                self.lopt, names, shapes, axes, group["max_grad_norm"], self._nonfinite, self._guard, device,
+                self._cuda_program(gi, shapes, axes, device), gi,
+            )
+        else:
+            native = _Group(
+                self.lopt,
+                names,
+                [list(s) for s in shapes],
+                [tuple(a) if a is not None else None for a in axes],
+                group["max_grad_norm"],
+                self._nonfinite,
+                self._guard,
+                "cpu" if self._backend == "auto" else self._backend,
+            )
         if group.get("step"):
             native.set_step_count(int(group["step"]))
         return _Runtime(native, shapes, axes, names, group["max_grad_norm"])
 
+    def _cuda_program(self, gi: int, shapes, axes, device: torch.device) -> "_CudaProgram":
+        """The program stepping group ``gi``: one for every group of the optimizer, built
+        when the first group is, reused by the others (a group whose tensors changed since,
+        or one added later, gets a new one)."""
+        prog = self._cuda_prog
+        if prog is None or prog.device != device or prog.layouts.get(gi) != (list(shapes), list(axes)):
+            layouts = {}
+            for k, group in enumerate(self.param_groups):
+                if k == gi:
+                    layouts[k] = (list(shapes), list(axes))
+                elif group["params"] and all(p.device == device for p in group["params"]):
+                    layouts[k] = ([tuple(p.shape) for p in group["params"]], [self._axes_for(p) for p in group["params"]])
+            prog = self._cuda_prog = _CudaProgram(self.lopt, layouts, device)
+        return prog
+
+    def _device(self) -> torch.device:
+        """The device every parameter must be on: that of the groups already built, else of
+        the first parameter. Refuses a device the chosen backend does not step."""
+        device = None
+        for rt in self._rt:
+            if rt is not None:
+                device = rt.native.device if isinstance(rt.native, _CudaGroup) else torch.device("cpu")
+                break
+        first = None
+        if device is None:
+            for gi, group in enumerate(self.param_groups):
+                if group["params"]:
+                    first = self._names(gi, group)[0]
+                    device = group["params"][0].device
+                    break
+        if device is None:
+            return torch.device("cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        where = f"parameter `{first}` is on {device}" if first else f"the optimizer's state is on {device}"
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{where}: mulo steps CPU and CUDA tensors")
+        if device.type == "cuda" and self._backend in ("cpu", "interp"):
+            raise ValueError(
+                f"{where}: backend={self._backend!r} steps CPU tensors (use backend='auto' or 'cuda')"
+            )
+        if device.type == "cpu" and self._backend == "cuda":
+            raise ValueError(f"{where}: backend='cuda' steps CUDA tensors (use backend='auto' or 'cpu')")
+        return device
+
     # ----------------------------------------------------------------------------- step
 
-    def _check(self, gi: int, group: Dict[str, Any], names: List[str]):
-        """Checks one group's tensors; returns the flat lists [address, length, ...] of the
-        parameters and of the gradients (0, 0 where a parameter has no gradient)."""
+    def _check(self, gi: int, group: Dict[str, Any], names: List[str], device: torch.device):
+        """Checks one group's tensors. On the CPU, returns the flat lists [address, length, ...]
+        of the parameters and of the gradients (0, 0 where a parameter has no gradient); on
+        CUDA, the lists of parameters and of gradients (None where there is none)."""
         rt = self._rt[gi]
         shapes = rt.shapes if rt is not None else None
         f32, strided = torch.float32, torch.strided
+        if device.type == "cuda":
+            params, grads = [], []
+            for j, p in enumerate(group["params"]):
+                if not (
+                    p.device == device
+                    and p.dtype is f32
+                    and p.is_contiguous()
+                    and (shapes is None or p.shape == shapes[j])
+                ):
+                    self._refuse(names[j], p, None, shapes[j] if shapes else None, device)
+                params.append(p)
+                g = p.grad
+                if g is not None and not (
+                    g.layout is strided
+                    and g.device == device
+                    and g.dtype is f32
+                    and g.is_contiguous()
+                    and g.shape == p.shape
+                ):
+                    self._refuse(names[j], p, g, None, device)
+                grads.append(g)
+            return params, grads
         ptrs: List[int] = []
         grads: List[int] = []
         for j, p in enumerate(group["params"]):
@@ -302,7 +597,7 @@ class AdafacLO(Optimizer):
                 and p.is_contiguous()
                 and (shapes is None or p.shape == shapes[j])
             ):
-                self._refuse(names[j], p, None, shapes[j] if shapes else None)
+                self._refuse(names[j], p, None, shapes[j] if shapes else None, device)
             ptrs += (p.data_ptr(), p.numel())
             g = p.grad
             if g is None:
@@ -315,21 +610,16 @@ class AdafacLO(Optimizer):
                 and g.is_contiguous()
                 and g.shape == p.shape
             ):
-                self._refuse(names[j], p, g, None)
+                self._refuse(names[j], p, g, None, device)
             grads += (g.data_ptr(), g.numel())
         return ptrs, grads
 
-    def _refuse(self, name: str, p: torch.Tensor, g: Optional[torch.Tensor], shape):
+    def _refuse(self, name: str, p: torch.Tensor, g: Optional[torch.Tensor], shape, device: torch.device):
         if g is None:
-            if p.device.type != "cpu":
-                if any(q.is_cpu for group in self.param_groups for q in group["params"]):
-                    raise ValueError(
-                        f"parameter `{name}` is on {p.device}, others on the CPU (mixed devices); "
-                        "put the model on one device"
-                    )
+            if p.device != device:
                 raise ValueError(
-                    f"parameter `{name}` is on {p.device}: mulo.torch steps CPU tensors only for now "
-                    "(CUDA tensors are not supported yet)"
+                    f"parameter `{name}` is on {p.device}, others on {device} (mixed devices); "
+                    "put the model on one device"
                 )
             if p.dtype != torch.float32:
                 raise ValueError(f"parameter `{name}` has dtype {p.dtype}; mulo steps float32 only")
@@ -361,12 +651,20 @@ class AdafacLO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = self.param_groups
+        if self._sharded is not None or _distributed.has_dtensors(groups):
+            for gi, group in enumerate(groups):
+                _check_hyper(f"param_groups[{gi}]", group["lr"], group["weight_decay"], group["max_grad_norm"])
+            if self._sharded is None:
+                self._sharded = _distributed.ShardedSteps()
+            self.last_report = self._sharded.step(self)
+            return loss
+        device = self._device()
         work = []
         for gi, group in enumerate(groups):
             _check_hyper(f"param_groups[{gi}]", group["lr"], group["weight_decay"], group["max_grad_norm"])
             rt = self._rt[gi]
             names = rt.names if rt is not None else self._names(gi, group)
-            work.append(self._check(gi, group, names))
+            work.append(self._check(gi, group, names, device))
         if self._nonfinite == "error" and len(groups) > 1:
             # One group must not be stepped when another is refused: check them all first.
             for gi, group in enumerate(groups):
@@ -378,7 +676,7 @@ class AdafacLO(Optimizer):
                         )
         for gi, group in enumerate(groups):
             if self._rt[gi] is None:
-                self._rt[gi] = self._build(gi, group)
+                self._rt[gi] = self._build(gi, group, device)
         report: Dict[str, list] = {}
         for gi, group in enumerate(groups):
             rt = self._rt[gi]
@@ -399,7 +697,10 @@ class AdafacLO(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """torch's ``state_dict`` with PyLO's per-tensor state (``mom``, ``rms``,
         ``fac_vec_row``/``fac_vec_col`` or ``fac_vec_v``, decay-last) plus ``factored_axes``,
-        and ``step`` in each parameter group."""
+        and ``step`` in each parameter group. With DTensor parameters: this rank's rows of the
+        state, and ``shard`` (see :mod:`mulo.distributed`)."""
+        if self._sharded is not None:
+            return self._sharded.state_dict(self, super().state_dict)
         kept = self.state
         exported: Dict[Any, Dict[str, Any]] = defaultdict(dict)
         for gi, group in enumerate(self.param_groups):
@@ -420,13 +721,24 @@ class AdafacLO(Optimizer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a ``state_dict`` of this class or of PyLO's ``AdafacLO_naive``/``MuLO_naive``
-        (same parameter groups); the next step continues exactly where it stopped."""
-        old = (self.param_groups, self.state, self._rt, dict(self._axes_override))
+        (same parameter groups); the next step continues exactly where it stopped. With DTensor
+        parameters, each rank loads the ``state_dict`` it saved."""
+        if self._sharded is not None or _distributed.has_dtensors(self.param_groups):
+            if self._sharded is None:
+                self._sharded = _distributed.ShardedSteps()
+            return self._sharded.load_state_dict(self, state_dict, super().load_state_dict)
+        old = (self.param_groups, self.state, self._rt, dict(self._axes_override), self._cuda_prog)
         try:
             super().load_state_dict(state_dict)
             loaded = self.state
             self.state = defaultdict(dict)
             rts: List[Optional[_Runtime]] = []
+            # Every saved axis first: a CUDA program is built for all groups at once.
+            for group in self.param_groups:
+                for p in group["params"]:
+                    axes = loaded.get(p, {}).get("factored_axes")
+                    if axes is not None:
+                        self._axes_override[id(p)] = (p, tuple(int(a) for a in axes))
             for gi, group in enumerate(self.param_groups):
                 for key, value in self.defaults.items():
                     group.setdefault(key, value)
@@ -436,10 +748,6 @@ class AdafacLO(Optimizer):
                 if not has_state and not group.get("step"):
                     rts.append(None)
                     continue
-                for j, p in enumerate(group["params"]):
-                    axes = loaded.get(p, {}).get("factored_axes")
-                    if axes is not None:
-                        self._axes_override[id(p)] = (p, tuple(int(a) for a in axes))
                 rt = self._build(gi, group)
                 rt.native.set_step_count(int(group.get("step") or 0))
                 for j, p in enumerate(group["params"]):
@@ -462,7 +770,7 @@ class AdafacLO(Optimizer):
                 rts.append(rt)
             self._rt = rts
         except Exception:
-            self.param_groups, self.state, self._rt, self._axes_override = old
+            self.param_groups, self.state, self._rt, self._axes_override, self._cuda_prog = old
             raise
 
 
