@@ -5,7 +5,6 @@
 
 use crate::error::Result;
 use crate::ir::{Op, StepIr};
-use crate::shape::Domain;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -17,30 +16,24 @@ pub struct StepCost {
     pub madds_per_element: f64,
     /// Multiply-adds of the MLP per element without any folding (I·H + L·H·H + 2·H).
     pub unfolded_madds_per_element: f64,
-    /// Minimum device-memory traffic per element with f32 state (72 B, +24 B unfactored).
+    /// Device-memory traffic per element of the step's pass plan, with f32 buffers
+    /// ([`crate::plan::PassPlan::bytes_per_element`]: 72 B for μLO factored, 104 B unfactored).
     pub bytes_per_element: f64,
 }
 
 impl StepCost {
     /// The cost of `ir`'s step.
     pub fn of(ir: &StepIr) -> Self {
-        let numel = ir.layout.numel() as f64;
-        let mut folded = 0f64;
         let mut unfolded = 0f64;
         for node in &ir.nodes {
             if let Op::Dense { matrix, .. } = &node.op {
                 let m = ir.matrix(*matrix);
-                let madds = (m.rows * m.cols) as f64;
-                let points = ir.layout.domain_len(node.domain) as f64;
-                folded += madds * points / numel;
-                unfolded += madds;
+                unfolded += (m.rows * m.cols) as f64;
             }
         }
-        let bytes = if ir.layout.has_domain(Domain::Row) {
-            72.0
-        } else {
-            96.0
-        };
+        let plan = crate::plan::PassPlan::of(ir);
+        let folded = plan.madds_per_element(ir);
+        let bytes = plan.bytes_per_element(ir);
         StepCost {
             madds_per_element: folded,
             unfolded_madds_per_element: unfolded,

@@ -32,6 +32,7 @@ pub mod ir;
 pub mod lopt;
 pub mod optimizer;
 pub(crate) mod passes;
+pub mod plan;
 pub mod shape;
 pub mod shard;
 pub mod state;

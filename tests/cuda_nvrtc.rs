@@ -108,12 +108,20 @@ fn every_shape_class_compiles_for_sm80_and_sm90() {
                 assert_eq!(j.shape, b.shape(&layout));
                 assert_eq!(j.len, b.len(&layout));
             }
-            // The weights are literals in the source; the hot loop loads no weights.
+            // The weights are exact literals in the source's `__constant__` arrays, which the
+            // dense loops read.
             let w = &ir.matrices[0];
             let lit = mulo::backend::cuda::render::f32_literal(w.w(0, 0));
             assert!(
                 compiled.source.contains(&lit),
                 "{shape}: weight literal {lit} missing"
+            );
+            let (array, _) = mulo::backend::cuda::render::matrix_names(w);
+            assert!(
+                compiled
+                    .source
+                    .contains(&format!("__constant__ float {array}[")),
+                "{shape}: no __constant__ array {array}"
             );
             // The manifest round-trips through JSON.
             let back: Manifest = serde_json::from_str(&m.to_json()).unwrap();

@@ -24,6 +24,7 @@ static double mulo_shfl[256];
 #define __launch_bounds__(n)
 #define __restrict__ __restrict
 #define __shared__ static
+#define __constant__ static
 static inline void __syncthreads() { mulo_bar->arrive_and_wait(); }
 static inline double __shfl_xor_sync(unsigned, double v, int o, int) {
     mulo_bar->arrive_and_wait();

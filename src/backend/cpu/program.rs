@@ -3,7 +3,7 @@
 
 use super::exec::{chunk_index, IdxKind};
 use super::{kernels, CHUNK, SLICES};
-use crate::backend::cuda::schedule::{elem_closure, is_elem_mean, levels};
+use crate::plan::{elem_closure, is_elem_mean, levels};
 use crate::backend::interp::Broadcasts;
 use crate::ir::{Binary, Buffer, Op, StepIr, Unary, ValueId};
 use crate::shape::Domain;

@@ -23,7 +23,7 @@
 //! The table and starts are computed here, without a GPU, so that the CUDA runtime and the
 //! CPU emulation of the generated source in the tests share them.
 
-use super::render::{render_kernels, render_template, summary, Form};
+use super::render::{matrix_constants, render_kernels, render_template, summary, Form};
 use super::schedule::{grid_dim, KernelKind, Schedule, BLOCK_THREADS};
 use crate::backend::Hyper;
 use crate::error::{Error, Result};
@@ -611,12 +611,13 @@ impl PackedModel {
                 table_bytes => TABLE_ENTRY_BYTES,
             },
         )?;
+        let mut kernels = String::new();
         for (i, p) in self.plans.iter().enumerate() {
-            src.push_str(&format!(
+            kernels.push_str(&format!(
                 "\n// ---- plan p{i}: shape {} ----\n",
                 p.ir.layout.shape()
             ));
-            src.push_str(&render_kernels(
+            kernels.push_str(&render_kernels(
                 &p.ir,
                 &p.schedule,
                 Form::Device {
@@ -624,6 +625,11 @@ impl PackedModel {
                 },
             )?);
         }
+        src.push_str(&matrix_constants(
+            self.plans.iter().map(|p| &*p.ir),
+            &kernels,
+        )?);
+        src.push_str(&kernels);
         for (s, slot) in self.slots.iter().enumerate() {
             let cases: Vec<minijinja::Value> = slot
                 .kernels
@@ -1005,6 +1011,38 @@ mod tests {
                 "mulo_model_4_elem_2"
             ]
         );
+    }
+
+    #[test]
+    fn plans_share_one_copy_of_each_matrix() {
+        // Two factored shapes, a vector and a 4-d tensor: the factored plans split the first
+        // layer the same way, so their arrays are shared; every array is declared once.
+        let m = model(&["64x32", "48x48", "37", "16x8x3x3"]);
+        let src = m.source().unwrap();
+        let decls: Vec<&str> = src
+            .lines()
+            .filter_map(|l| l.strip_prefix("__constant__ float "))
+            .map(|l| l.split('[').next().unwrap())
+            .collect();
+        let distinct: std::collections::BTreeSet<&str> = decls.iter().copied().collect();
+        assert_eq!(decls.len(), distinct.len(), "{decls:?}");
+        let single = |shape: &str| {
+            let ir = crate::compile_step(
+                &crate::shape::Shape::parse(shape).unwrap(),
+                &LearnedOptimizer::demo(),
+            )
+            .unwrap();
+            let s =
+                super::super::render::render(&ir, &super::super::schedule::schedule(&ir)).unwrap();
+            s.lines()
+                .filter(|l| l.starts_with("__constant__ float "))
+                .count()
+        };
+        // No more arrays than the factored and the unfactored programs declare together.
+        assert!(decls.len() <= single("64x32") + single("37"), "{decls:?}");
+        for name in &decls {
+            assert!(src.matches(name).count() > 1, "{name} declared but unused");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::schedule::{
     elem_closure, ElemMean, Kernel, KernelKind, PartialKind, Schedule, Tiling, BLOCK_THREADS,
 };
 use crate::error::{Error, Result};
-use crate::ir::{Binary, Buffer, Op, RuntimeScalar, StepIr, Unary, ValueId};
+use crate::ir::{Binary, Buffer, Matrix, Op, RuntimeScalar, StepIr, Unary, ValueId};
 use crate::shape::{Domain, Layout};
 use minijinja::{context, Environment};
 use std::collections::{BTreeMap, BTreeSet};
@@ -162,7 +162,15 @@ fn operand(ir: &StepIr, v: ValueId, lane: u32) -> String {
 
 /// The C expression of one lane of a lane-wise node (the op table).
 fn lane_expr(ir: &StepIr, op: &Op, lane: u32) -> Option<String> {
-    let o = |v: &ValueId| operand(ir, *v, lane);
+    match op {
+        Op::Pack(xs) => Some(operand(ir, xs[lane as usize], 0)),
+        Op::Lane { x, lane: l } => Some(operand(ir, *x, *l)),
+        _ => lanewise_expr(op, |v| operand(ir, *v, lane)),
+    }
+}
+
+/// The C expression of a unary or binary node, its operands given by `o` (the op table).
+fn lanewise_expr(op: &Op, o: impl Fn(&ValueId) -> String) -> Option<String> {
     Some(match op {
         Op::Unary(u, a) => {
             let a = o(a);
@@ -187,8 +195,6 @@ fn lane_expr(ir: &StepIr, op: &Op, lane: u32) -> Option<String> {
                 Binary::Max => format!("(({x} != {x} || {x} >= {y}) ? {x} : {y})"),
             }
         }
-        Op::Pack(xs) => operand(ir, xs[lane as usize], 0),
-        Op::Lane { x, lane: l } => operand(ir, *x, *l),
         _ => return None,
     })
 }
@@ -206,18 +212,7 @@ fn compute_node(ir: &StepIr, v: ValueId, indent: &str, out: &mut String) -> Resu
         let m = ir.matrix(*matrix);
         let _ = writeln!(out, "{indent}float {v}[{}];{note}", m.rows);
         for r in 0..m.rows {
-            let mut line = m
-                .bias
-                .as_ref()
-                .map_or("0.0f".to_string(), |b| f32_literal(b[r]));
-            for c in 0..m.cols {
-                let _ = write!(
-                    line,
-                    " + {} * {}",
-                    f32_literal(m.w(r, c)),
-                    operand(ir, *x, c as u32)
-                );
-            }
+            let line = dense_row_at(m, r, |c| operand(ir, *x, c as u32));
             let _ = writeln!(out, "{indent}{v}[{r}] = {line};");
         }
         return Ok(());
@@ -237,20 +232,173 @@ fn compute_node(ir: &StepIr, v: ValueId, indent: &str, out: &mut String) -> Resu
     Ok(())
 }
 
-/// Declares register `vN` read from the scratch arena at index expression `idx`.
+/// The `__constant__` arrays of a matrix: its weights and its bias, named by a digest of their
+/// contents (so that the plans of a packed program share one copy of equal matrices).
+pub fn matrix_names(m: &Matrix) -> (String, String) {
+    let dims = [m.rows as u64, m.cols as u64];
+    let dims: Vec<u8> = dims.iter().flat_map(|d| d.to_le_bytes()).collect();
+    let weight = crate::digest::f32_bytes(&m.weight);
+    let bias = crate::digest::f32_bytes(m.bias.as_deref().unwrap_or(&[]));
+    let key = crate::digest::sha256_hex([dims.as_slice(), &weight, &bias]);
+    (
+        format!("mulo_w_{}", &key[..12]),
+        format!("mulo_b_{}", &key[..12]),
+    )
+}
+
+/// The `__constant__` array of a matrix's weights transposed (`[cols, rows]`, column-major):
+/// what a loop over the columns reads, each column contiguous.
+pub fn transposed_name(m: &Matrix) -> String {
+    matrix_names(m).0.replace("mulo_w_", "mulo_wt_")
+}
+
+/// One output of a dense layer as a C expression: `bias + w0 * x0 + w1 * x1 + …` (the
+/// interpreter's order: the bias, then the columns in order), `bias` being `None` for a
+/// matrix without one and `w(c)` the weight of column `c`.
+fn dense_row(
+    bias: Option<String>,
+    cols: usize,
+    w: impl Fn(usize) -> String,
+    x: impl Fn(usize) -> String,
+) -> String {
+    let mut line = bias.unwrap_or_else(|| "0.0f".to_string());
+    for c in 0..cols {
+        let _ = write!(line, " + {} * {}", w(c), x(c));
+    }
+    line
+}
+
+/// [`dense_row`] for row `r` of `m` known at compile time: constant-bank operands.
+fn dense_row_at(m: &Matrix, r: usize, x: impl Fn(usize) -> String) -> String {
+    let (w, b) = matrix_names(m);
+    dense_row(
+        m.bias.as_ref().map(|_| format!("{b}[{r}]")),
+        m.cols,
+        |c| format!("{w}[{}]", r * m.cols + c),
+        x,
+    )
+}
+
+/// Declares `{name}` pointing at row `row` (a loop variable) of `m`'s weights, and returns
+/// [`dense_row`] of that row (weights at constant offsets from one address).
+fn dense_row_ptr(
+    m: &Matrix,
+    name: &str,
+    row: &str,
+    decl: &mut String,
+    x: impl Fn(usize) -> String,
+) -> String {
+    let (w, b) = matrix_names(m);
+    let _ = write!(decl, "const float* {name} = {w} + {row} * {}; ", m.cols);
+    dense_row(
+        m.bias.as_ref().map(|_| format!("{b}[{row}]")),
+        m.cols,
+        |c| format!("{name}[{c}]"),
+        x,
+    )
+}
+
+/// The bytes of `__constant__` memory a module may hold (64 KiB on every architecture).
+pub const CONSTANT_BYTES: usize = 64 * 1024;
+
+/// Declarations of the `__constant__` arrays of the matrices the `Dense` nodes of `irs` use
+/// that `kernels` (their rendered source) refers to: weights, biases and transposed weights,
+/// each distinct matrix once; or an error when they exceed [`CONSTANT_BYTES`].
+pub fn matrix_constants<'a>(
+    irs: impl IntoIterator<Item = &'a StepIr>,
+    kernels: &str,
+) -> Result<String> {
+    let mut seen: BTreeMap<String, &Matrix> = BTreeMap::new();
+    for ir in irs {
+        for node in &ir.nodes {
+            if let Op::Dense { matrix, .. } = &node.op {
+                let m = ir.matrix(*matrix);
+                seen.entry(matrix_names(m).0).or_insert(m);
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut bytes = 0usize;
+    let mut array = |name: &str, values: &[f32], label: String, out: &mut String| {
+        if !kernels.contains(name) {
+            return;
+        }
+        bytes += 4 * values.len();
+        let _ = writeln!(
+            out,
+            "// {label}\n__constant__ float {name}[{}] = {{",
+            values.len()
+        );
+        for chunk in values.chunks(8) {
+            let line: Vec<String> = chunk.iter().map(|&x| f32_literal(x)).collect();
+            let _ = writeln!(out, "    {},", line.join(", "));
+        }
+        let _ = writeln!(out, "}};");
+    };
+    for m in seen.values() {
+        let (w, b) = matrix_names(m);
+        let (rows, cols) = (m.rows, m.cols);
+        array(
+            &w,
+            &m.weight,
+            format!("{}: [{rows}, {cols}] weights", m.label),
+            &mut out,
+        );
+        let transposed: Vec<f32> = (0..cols)
+            .flat_map(|c| (0..rows).map(move |r| (r, c)))
+            .map(|(r, c)| m.w(r, c))
+            .collect();
+        array(
+            &transposed_name(m),
+            &transposed,
+            format!("{}: [{cols}, {rows}] weights, transposed", m.label),
+            &mut out,
+        );
+        if let Some(bias) = &m.bias {
+            array(&b, bias, format!("{}: bias", m.label), &mut out);
+        }
+    }
+    if bytes > CONSTANT_BYTES {
+        return Err(Error::backend(
+            "cuda",
+            format!("the program's matrices need {bytes} bytes of __constant__ memory, more than the {CONSTANT_BYTES} a module may hold"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Where lane `lane` (a number or an expression) of point `point` of a small node lies in the
+/// scratch arena: lane-major, `off + lane · n + point` for a domain of `n` points, so that
+/// threads reading one lane at consecutive points read consecutive floats (coalesced).
+fn scratch_index(layout: &Layout, domain: Domain, off: usize, lane: &str, point: &str) -> String {
+    let n = layout.domain_len(domain);
+    if lane == "0" {
+        format!("{off} + {point}")
+    } else {
+        format!("{off} + {lane} * {n} + {point}")
+    }
+}
+
+/// Declares register `vN` read from the scratch arena at point index expression `idx`.
 fn read_scratch(ir: &StepIr, s: &Schedule, v: ValueId, idx: &str, indent: &str, out: &mut String) {
     let node = ir.node(v);
     let off = s.scratch_offset[v.index()].unwrap_or(0);
     let w = node.width;
+    let at = |l: u32| {
+        scratch_index(
+            &ir.layout,
+            node.domain,
+            off,
+            &l.to_string(),
+            &format!("({idx})"),
+        )
+    };
     if w == 1 {
-        let _ = writeln!(out, "{indent}const float {v} = scratch[{off} + ({idx})];");
+        let _ = writeln!(out, "{indent}const float {v} = scratch[{}];", at(0));
     } else {
         let _ = writeln!(out, "{indent}float {v}[{w}];");
         for l in 0..w {
-            let _ = writeln!(
-                out,
-                "{indent}{v}[{l}] = scratch[{off} + ({idx}) * {w} + {l}];"
-            );
+            let _ = writeln!(out, "{indent}{v}[{l}] = scratch[{}];", at(l));
         }
     }
 }
@@ -328,7 +476,9 @@ pub fn render(ir: &StepIr, s: &Schedule) -> Result<String> {
             threads => BLOCK_THREADS,
         },
     )?;
-    src.push_str(&render_kernels(ir, s, Form::Global)?);
+    let kernels = render_kernels(ir, s, Form::Global)?;
+    src.push_str(&matrix_constants([ir], &kernels)?);
+    src.push_str(&kernels);
     src.push('\n');
     Ok(src)
 }
@@ -504,13 +654,52 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
         means.iter().map(|m| m.operand).collect()
     };
     let (nodes, reads) = elem_closure(ir, &roots);
+    let fusions = dense_fusions(ir, s, &nodes, &reads, &roots);
+    let in_chain: BTreeSet<ValueId> = fusions.values().flatten().copied().collect();
     let ind = "            ";
     let mut body = String::new();
-    for &v in &reads {
-        let idx = compose(layout, ir.node(v).domain, &coords);
-        read_scratch(ir, s, v, &idx, ind, &mut body);
+    // Small-domain values used only inside fused loops are read there, lane by lane.
+    let mut read_outside: BTreeSet<ValueId> = BTreeSet::new();
+    for &v in nodes.iter().filter(|v| !in_chain.contains(v)) {
+        read_outside.extend(ir.node(v).op.operands());
+    }
+    // Values that do not change along Y (columns, rest points, the step) are read once per
+    // thread, before its loop over the rows of the tile, at a clamped column (in bounds for
+    // the threads past the tensor's edge, which store nothing).
+    let mut hoisted = String::new();
+    let mut hoisted_coords = coords.clone();
+    if let Some(x) = t.x_axis {
+        let _ = writeln!(
+            hoisted,
+            "    const idx_t ixs = ix < {nx} ? ix : {last};",
+            nx = t.nx,
+            last = t.nx - 1
+        );
+        hoisted_coords.insert(x, "ixs".to_string());
+    }
+    let mut any_hoisted = false;
+    for &v in reads.iter().filter(|v| read_outside.contains(v)) {
+        let domain = ir.node(v).domain;
+        if layout.domain_axes(domain).contains(&t.y_axis) {
+            let idx = compose(layout, domain, &coords);
+            read_scratch(ir, s, v, &idx, ind, &mut body);
+        } else {
+            let idx = compose(layout, domain, &hoisted_coords);
+            read_scratch(ir, s, v, &idx, "    ", &mut hoisted);
+            any_hoisted = true;
+        }
+    }
+    if !any_hoisted {
+        hoisted.clear();
     }
     for &v in &nodes {
+        if in_chain.contains(&v) {
+            continue;
+        }
+        if let Some(chain) = fusions.get(&v) {
+            fused_dense(ir, s, v, chain, &coords, ind, &mut body)?;
+            continue;
+        }
         let node = ir.node(v);
         match &node.op {
             Op::Load { buffer, lane } => {
@@ -542,10 +731,11 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
             _ => compute_node(ir, v, ind, &mut body)?,
         }
     }
-    let mut acc_decls = String::new();
+    let mut acc_decls = hoisted;
     let mut val_decls = String::new();
     let mut per_row = String::new();
     let mut epilogue = String::new();
+    let mut block_sums: Vec<BlockSum> = Vec::new();
     for (i, m) in means.iter().enumerate() {
         let w = ir.node(m.node).width;
         let target = ir.node(m.node).domain;
@@ -567,24 +757,29 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
                 PartialKind::KeepX => {
                     let _ = writeln!(acc_decls, "    double a{i}_{l} = 0.0;");
                     let _ = writeln!(per_row, "        a{i}_{l} += (double)m{i}_{l};");
-                    let _ = writeln!(
-                        epilogue,
-                        "    {{ const double s = mulo_sum_y(a{i}_{l}, mulo_smem, {bx}); if (ty == 0 && ix < {nx}) partials[{off} + (tyt * {n} + {idx}) * {w} + {l}] = s; }}",
-                        bx = t.bx,
-                        nx = t.nx,
-                    );
+                    // Threads tid < bx are those of row ty = 0: their ix is the point's.
+                    block_sums.push(BlockSum {
+                        acc: format!("a{i}_{l}"),
+                        span: t.bx,
+                        store: format!(
+                            "if (ix < {nx}) partials[{off} + (tyt * {n} + {idx}) * {w} + {l}] = s;",
+                            nx = t.nx
+                        ),
+                    });
                 }
                 PartialKind::Blocks => {
                     let _ = writeln!(acc_decls, "    double a{i}_{l} = 0.0;");
                     let _ = writeln!(per_row, "        a{i}_{l} += (double)m{i}_{l};");
-                    let _ = writeln!(
-                        epilogue,
-                        "    {{ const double s = mulo_block_sum(a{i}_{l}, mulo_smem); if (tid == 0) partials[{off} + blk * {w} + {l}] = s; }}"
-                    );
+                    block_sums.push(BlockSum {
+                        acc: format!("a{i}_{l}"),
+                        span: 1,
+                        store: format!("partials[{off} + blk * {w} + {l}] = s;"),
+                    });
                 }
             }
         }
     }
+    block_sum_epilogue(&block_sums, &mut epilogue);
     Ok(ElemHoles {
         rest_coords,
         acc_decls,
@@ -594,6 +789,267 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
         per_row,
         epilogue,
     })
+}
+
+/// The dense layers of an elem kernel computed in a loop over their input lanes: for a
+/// `Dense` node `D` (a key), the chain of element nodes (in topological order) that computes
+/// its input and is used by nothing else: lane-wise unary and binary nodes of `D`'s input
+/// width `H`, and dense layers with `H` rows, whose other operands are width-1 values or
+/// width-`H` small-domain values in scratch. Lane `r` of the chain needs only lane `r` of its
+/// operands and of the chain's dense layers (row `r` of their matrices), so the chain is
+/// computed one lane at a time, each lane accumulated into every output of `D` at once: a
+/// rolled loop whose weights come from `__constant__` memory, instead of `H × rows` unrolled
+/// multiply-adds, with the interpreter's order of operations (bias, then the columns in order).
+fn dense_fusions(
+    ir: &StepIr,
+    s: &Schedule,
+    nodes: &[ValueId],
+    reads: &BTreeSet<ValueId>,
+    roots: &[ValueId],
+) -> BTreeMap<ValueId, Vec<ValueId>> {
+    let mut users: BTreeMap<ValueId, Vec<ValueId>> = BTreeMap::new();
+    for &v in nodes {
+        for o in ir.node(v).op.operands() {
+            users.entry(o).or_default().push(v);
+        }
+    }
+    let roots: BTreeSet<ValueId> = roots.iter().copied().collect();
+    let mut fusions: BTreeMap<ValueId, Vec<ValueId>> = BTreeMap::new();
+    let mut taken: BTreeSet<ValueId> = BTreeSet::new();
+    for &d in nodes {
+        let Op::Dense { matrix, x } = &ir.node(d).op else {
+            continue;
+        };
+        let h = ir.matrix(*matrix).cols as u32;
+        let mut chain: BTreeSet<ValueId> = BTreeSet::new();
+        let mut stack = vec![*x];
+        let mut ok = true;
+        while let Some(c) = stack.pop() {
+            if chain.contains(&c) {
+                continue;
+            }
+            let node = ir.node(c);
+            if node.domain != Domain::Elem
+                || node.width != h
+                || taken.contains(&c)
+                || fusions.contains_key(&c)
+                || roots.contains(&c)
+            {
+                ok = false;
+                break;
+            }
+            let operands = match &node.op {
+                Op::Unary(_, a) => vec![*a],
+                Op::Binary(_, a, b) => vec![*a, *b],
+                Op::Dense { .. } => {
+                    // Its input stays in registers, computed before the loop.
+                    chain.insert(c);
+                    continue;
+                }
+                _ => {
+                    ok = false;
+                    break;
+                }
+            };
+            chain.insert(c);
+            for a in operands {
+                let an = ir.node(a);
+                if an.domain == Domain::Elem && an.width == h && !is_inlined_operand(&an.op) {
+                    stack.push(a);
+                } else if an.width == 1
+                    || (an.domain != Domain::Elem
+                        && an.width == h
+                        && reads.contains(&a)
+                        && s.scratch_offset[a.index()].is_some())
+                {
+                    // Broadcast, or read lane by lane from scratch inside the loop.
+                } else {
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
+                break;
+            }
+        }
+        // Dense layers of the chain read inputs computed before the loop, not in it.
+        ok =
+            ok && chain.iter().all(|&c| match &ir.node(c).op {
+                Op::Dense { x, .. } => !chain.contains(x),
+                _ => true,
+            }) && chain.iter().all(|c| {
+                users
+                    .get(c)
+                    .is_some_and(|us| us.iter().all(|u| *u == d || chain.contains(u)))
+            });
+        if ok {
+            taken.extend(chain.iter().copied());
+            fusions.insert(d, chain.into_iter().collect());
+        }
+    }
+    fusions
+}
+
+fn is_inlined_operand(op: &Op) -> bool {
+    matches!(op, Op::Const(_) | Op::Scalar(_))
+}
+
+/// Renders the fused dense layer `d` and its input chain (see [`dense_fusions`]).
+fn fused_dense(
+    ir: &StepIr,
+    s: &Schedule,
+    d: ValueId,
+    chain: &[ValueId],
+    coords: &BTreeMap<usize, String>,
+    ind: &str,
+    out: &mut String,
+) -> Result<()> {
+    let layout = &ir.layout;
+    let node = ir.node(d);
+    let Op::Dense { matrix, x } = &node.op else {
+        return Err(Error::Verify(format!("{d}: not a dense layer")));
+    };
+    let m = ir.matrix(*matrix);
+    let b = matrix_names(m).1;
+    let h = m.cols;
+    let note = node.note.as_deref().unwrap_or(&m.label);
+    let _ = writeln!(
+        out,
+        "{ind}// {d} = {note}, lane by lane over its {h} inputs ({} computed in the loop)",
+        chain
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let _ = writeln!(out, "{ind}float {d}[{}];", m.rows);
+    for k in 0..m.rows {
+        let init = if m.bias.is_some() {
+            format!("{b}[{k}]")
+        } else {
+            "0.0f".to_string()
+        };
+        let _ = writeln!(out, "{ind}{d}[{k}] = {init};");
+    }
+    let lane = |o: &ValueId| -> String {
+        let on = ir.node(*o);
+        if chain.contains(o) {
+            format!("{o}_r")
+        } else if on.width == 1 || is_inlined_operand(&on.op) {
+            operand(ir, *o, 0)
+        } else {
+            format!("{o}_s[mulo_r * {}]", layout.domain_len(on.domain))
+        }
+    };
+    // Small-domain vectors the chain reads lane by lane: one address each, before the loop.
+    let mut vectors: BTreeSet<ValueId> = BTreeSet::new();
+    for &c in chain {
+        for o in ir.node(c).op.operands() {
+            let on = ir.node(o);
+            let lanewise = matches!(ir.node(c).op, Op::Unary(..) | Op::Binary(..));
+            if lanewise && !chain.contains(&o) && on.domain != Domain::Elem && on.width > 1 {
+                vectors.insert(o);
+            }
+        }
+    }
+    for o in vectors {
+        let on = ir.node(o);
+        let off = s.scratch_offset[o.index()]
+            .ok_or_else(|| Error::Verify(format!("{o}: fused operand not in scratch")))?;
+        let idx = compose(layout, on.domain, coords);
+        let _ = writeln!(out, "{ind}const float* {o}_s = scratch + {off} + ({idx});");
+    }
+    let _ = writeln!(out, "{ind}#pragma unroll 1");
+    let _ = writeln!(out, "{ind}for (int mulo_r = 0; mulo_r < {h}; ++mulo_r) {{");
+    for &c in chain {
+        let cn = ir.node(c);
+        let mut decl = String::new();
+        let e = match &cn.op {
+            Op::Dense { matrix, x } => dense_row_ptr(
+                ir.matrix(*matrix),
+                &format!("{c}_w"),
+                "mulo_r",
+                &mut decl,
+                |col| operand(ir, *x, col as u32),
+            ),
+            op => lanewise_expr(op, lane)
+                .ok_or_else(|| Error::Verify(format!("{c}: {op:?} is not lane-wise")))?,
+        };
+        let _ = writeln!(
+            out,
+            "{ind}    {decl}const float {c}_r = {e};  // {}",
+            cn.note.as_deref().unwrap_or("")
+        );
+    }
+    // Column `mulo_r` of the weights, contiguous in the transposed copy.
+    let _ = writeln!(
+        out,
+        "{ind}    const float* {d}_w = {} + mulo_r * {};",
+        transposed_name(m),
+        m.rows
+    );
+    for k in 0..m.rows {
+        let _ = writeln!(
+            out,
+            "{ind}    {d}[{k}] = {d}[{k}] + {d}_w[{k}] * {};",
+            lane(x)
+        );
+    }
+    let _ = writeln!(out, "{ind}}}");
+    Ok(())
+}
+
+/// A per-thread f64 accumulator of an elem kernel summed over the block: over the threads that
+/// share `tid % span` (`span` = bx: the threads of one column of the tile; 1: all of them).
+struct BlockSum {
+    /// The accumulator variable.
+    acc: String,
+    /// A power of two ≤ 32.
+    span: usize,
+    /// The statement storing the sum `s` (run by thread `tid` < span, holding its column).
+    store: String,
+}
+
+/// The end of a reduce pass: every accumulator is summed within each warp by a butterfly of
+/// shuffles (no barrier), the warps' sums meet in shared memory (one barrier), and threads
+/// `tid < span` add up the warps' values in warp order and store them. Deterministic: fixed
+/// trees, no atomics. When the accumulators need more than the block's shared memory
+/// (`BLOCK_THREADS` doubles), they go in groups with one more barrier between groups.
+fn block_sum_epilogue(sums: &[BlockSum], out: &mut String) {
+    let warps = BLOCK_THREADS / 32;
+    let mut groups: Vec<Vec<(&BlockSum, usize)>> = vec![Vec::new()];
+    let mut used = 0;
+    for b in sums {
+        let size = warps * b.span;
+        if used + size > BLOCK_THREADS {
+            groups.push(Vec::new());
+            used = 0;
+        }
+        groups.last_mut().expect("a group").push((b, used));
+        used += size;
+    }
+    for (g, group) in groups.iter().filter(|g| !g.is_empty()).enumerate() {
+        if g > 0 {
+            let _ = writeln!(out, "    __syncthreads();");
+        }
+        for &(b, base) in group {
+            let _ = writeln!(
+                out,
+                "    {{ const double s = mulo_warp_sum({acc}, {span}); if ((tid & 31) < {span}) mulo_smem[{base} + (tid >> 5) * {span} + (tid & 31)] = s; }}",
+                acc = b.acc,
+                span = b.span
+            );
+        }
+        let _ = writeln!(out, "    __syncthreads();");
+        for &(b, base) in group {
+            let _ = writeln!(
+                out,
+                "    if (tid < {span}) {{ const double s = mulo_warps_total(mulo_smem + {base}, {span}, tid); {store} }}",
+                span = b.span,
+                store = b.store
+            );
+        }
+    }
 }
 
 /// Opens the region in which the threads of a small kernel's block visit the `n` points of a
@@ -665,7 +1121,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                     PartialKind::KeepX | PartialKind::KeepY => {
                         out.push_str(&open_points(n));
                         for l in 0..w {
-                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {count}); }}");
+                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; scratch[{off} + {l} * {n} + p] = (float)(s / {count}); }}");
                         }
                         let _ = writeln!(out, "    }}");
                     }
@@ -677,7 +1133,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                     PartialKind::Blocks => {
                         out.push_str(&open_points(n));
                         for l in 0..w {
-                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (p * {k} + k) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {count}); }}");
+                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (p * {k} + k) * {w} + {l}]; scratch[{off} + {l} * {n} + p] = (float)(s / {count}); }}");
                         }
                         let _ = writeln!(out, "    }}");
                     }
@@ -699,16 +1155,17 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                 let aoff = s.scratch_offset[a.index()]
                     .ok_or_else(|| Error::Verify(format!("{a}: mean operand not in scratch")))?;
                 let cnt = f64_literal(count as f64);
+                let nfrom = layout.domain_len(from);
                 if n >= 64 {
                     out.push_str(&open_points(n));
                     for l in 0..w {
-                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {count}; ++k) s += (double)scratch[{aoff} + ({aidx}) * {w} + {l}]; scratch[{off} + p * {w} + {l}] = (float)(s / {cnt}); }}");
+                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {count}; ++k) s += (double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]; scratch[{off} + {l} * {n} + p] = (float)(s / {cnt}); }}");
                     }
                     let _ = writeln!(out, "    }}");
                 } else {
                     let _ = writeln!(out, "    for (idx_t p = 0; p < {n}; ++p) {{");
                     for l in 0..w {
-                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {count}; k += {t}) s += (double)scratch[{aoff} + ({aidx}) * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + p * {w} + {l}] = (float)(s / {cnt}); }}");
+                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {count}; k += {t}) s += (double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + {l} * {n} + p] = (float)(s / {cnt}); }}");
                     }
                     let _ = writeln!(out, "    }}");
                 }
@@ -787,12 +1244,27 @@ fn small_group(ir: &StepIr, s: &Schedule, group: &[ValueId], out: &mut String) -
                 read_scratch(ir, s, o, &idx, "        ", out);
             }
         }
+        if let Op::Dense { matrix, x } = &node.op {
+            // A rolled loop over the rows, straight into scratch; its users in this region
+            // read it back (this thread wrote it).
+            let m = ir.matrix(*matrix);
+            let mut decl = String::new();
+            let row = dense_row_ptr(m, "mulo_wr", "mulo_r", &mut decl, |c| {
+                operand(ir, *x, c as u32)
+            });
+            let _ = writeln!(out, "        #pragma unroll 1");
+            let _ = writeln!(
+                out,
+                "        for (int mulo_r = 0; mulo_r < {w}; ++mulo_r) {{ {decl}scratch[{off} + mulo_r * {n} + p] = {row}; }}"
+            );
+            continue;
+        }
         compute_node(ir, v, "        ", out)?;
         in_registers.insert(v);
         for l in 0..w {
             let _ = writeln!(
                 out,
-                "        scratch[{off} + p * {w} + {l}] = {};",
+                "        scratch[{off} + {l} * {n} + p] = {};",
                 operand(ir, v, l as u32)
             );
         }
@@ -827,6 +1299,109 @@ mod tests {
             );
         }
         assert_eq!(f32_literal(f32::INFINITY), "__int_as_float(0x7f800000)");
+    }
+
+    #[test]
+    fn dense_layers_are_loops_over_constant_weights() {
+        use crate::lopt::LearnedOptimizer;
+        for shape in ["64x32", "37", "16x8x3x3"] {
+            let ir = crate::compile_step(
+                &crate::shape::Shape::parse(shape).unwrap(),
+                &LearnedOptimizer::demo(),
+            )
+            .unwrap();
+            let src = render(&ir, &super::super::schedule::schedule(&ir)).unwrap();
+            let weights: usize = ir.matrices.iter().map(|m| m.weight.len()).sum();
+            // Every weight is data, declared once; the code reads rows or columns of it in
+            // loops instead of spelling out one product per weight.
+            let kernels = &src[src.find("extern \"C\"").unwrap()..];
+            let products = kernels.matches("mulo_w").count();
+            assert!(
+                products * 8 < weights,
+                "{shape}: {products} weight reads for {weights} weights"
+            );
+            let spelled = ir
+                .matrices
+                .iter()
+                .flat_map(|m| &m.weight)
+                .filter(|&&w| kernels.contains(&f32_literal(w)))
+                .count();
+            assert!(
+                spelled * 8 < weights,
+                "{shape}: {spelled} of {weights} weights spelled out in the kernels"
+            );
+            // The first-layer chain and the hidden layer are fused into one loop per element.
+            assert!(src.contains("lane by lane over its 32 inputs"), "{shape}");
+        }
+    }
+
+    #[test]
+    fn reduce_passes_have_at_most_two_barriers() {
+        use crate::lopt::LearnedOptimizer;
+        for shape in ["64x32", "37", "16x8x3x3", "1x300", "scalar", "5x7x3"] {
+            let ir = crate::compile_step(
+                &crate::shape::Shape::parse(shape).unwrap(),
+                &LearnedOptimizer::demo(),
+            )
+            .unwrap();
+            let s = super::super::schedule::schedule(&ir);
+            let src = render_kernels(&ir, &s, Form::Global).unwrap();
+            let mut reduces = 0;
+            for kernel in src.split("extern \"C\"").skip(1) {
+                if !kernel.contains("_reduce(") {
+                    continue;
+                }
+                reduces += 1;
+                let barriers = kernel.matches("__syncthreads").count();
+                assert!(barriers <= 2, "{shape}: {barriers} barriers in\n{kernel}");
+                // No helper with barriers of its own: the only helpers called shuffle.
+                for call in kernel.split("mulo_").skip(1) {
+                    let name: String = call
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if call[name.len()..].starts_with('(') && !name.ends_with("_reduce") {
+                        assert!(
+                            ["warp_sum", "warps_total", "sum_x"].contains(&name.as_str()),
+                            "{shape}: calls mulo_{name}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(reduces, s.elem_passes - 1, "{shape}");
+        }
+    }
+
+    #[test]
+    fn column_values_are_read_once_per_thread_lane_major() {
+        use crate::lopt::LearnedOptimizer;
+        let ir = crate::compile_step(
+            &crate::shape::Shape::parse("64x32").unwrap(),
+            &LearnedOptimizer::demo(),
+        )
+        .unwrap();
+        let s = super::super::schedule::schedule(&ir);
+        let src = render_kernels(&ir, &s, Form::Global).unwrap();
+        let update = src.split("extern \"C\"").last().unwrap();
+        assert!(update.contains("_update("));
+        let (before, in_loop) = update.split_once("for (int j = 0;").unwrap();
+        // Column (x = axis 1) and step values are loaded before the loop over the rows...
+        assert!(
+            before.contains("scratch[") && before.contains("(ixs)]"),
+            "{before}"
+        );
+        // ...and inside it, every load from scratch depends on the row.
+        for line in in_loop.lines().filter(|l| l.contains("= scratch[")) {
+            assert!(
+                line.contains("iy"),
+                "loop-invariant load in the loop: {line}"
+            );
+        }
+        // A vector read lane by lane in the fused loop: lanes one domain length apart.
+        assert!(
+            in_loop.contains("_s[mulo_r * 32]") && in_loop.contains("_s[mulo_r * 64]"),
+            "{in_loop}"
+        );
     }
 
     #[test]

@@ -1,24 +1,20 @@
 //! Partitions a [`StepIr`] into CUDA kernels, generically over the IR (nothing here knows
-//! what a feature is).
+//! what a feature is), rendering the target-independent [`PassPlan`] (levels, passes and
+//! stages: see [`crate::plan`]).
 //!
-//! - The **level** of a node is the number of means over the element domain on its dependency
-//!   path: such a mean needs every element before any of its users can run, so it is a barrier.
-//! - **Elem kernels** (`E_k`) make one pass over the element data each. A reduce pass computes,
+//! - **Elem kernels** (`E_k`) are the passes over the element data. A reduce pass computes,
 //!   in registers, the operands of the element means it is given and writes their per-block
-//!   partial sums (deterministic: fixed thread-to-element map, fixed-order trees); a mean is
-//!   given to the last pass before its first user (at least its operand's level). The last
-//!   pass computes what the element-domain stores need and stores it. Element values are
-//!   recomputed in every elem kernel that needs them and never stored except by `Store`.
-//! - **Small kernels** (`S_k`, one thread block) run before `E_k`: they finish the element
-//!   means reduced by the previous pass (fixed order), and compute every node on the
-//!   row/column/rest/step domains as late as its users allow, into a scratch arena. The last
-//!   small kernel also performs the stores of those domains (the state buffers `fac_row`,
-//!   `fac_col`), after every load of them.
+//!   partial sums (deterministic: fixed thread-to-element map, fixed-order trees). The last
+//!   pass computes what the element-domain stores need and stores it.
+//! - **Small kernels** (`S_k`, one thread block) are the stages before `E_k`: they finish the
+//!   element means reduced by the previous pass (fixed order), and compute the stage's nodes on
+//!   the row/column/rest/step domains into a scratch arena. The last small kernel also performs
+//!   the stores of those domains (the state buffers `fac_row`, `fac_col`), after every load of
+//!   them.
 //! - Constants and runtime scalars are inlined where they are used.
 
 use crate::ir::{Op, StepIr, ValueId};
-use crate::shape::Domain;
-use std::collections::BTreeSet;
+pub use crate::plan::{elem_closure, is_elem_mean, levels, PassPlan};
 
 /// Threads of every block, elem or small.
 pub const BLOCK_THREADS: usize = 256;
@@ -206,120 +202,15 @@ pub struct Schedule {
     pub elem_passes: usize,
 }
 
-fn is_inlined(op: &Op) -> bool {
-    matches!(op, Op::Const(_) | Op::Scalar(_))
-}
-
-/// Whether a node is an element-domain mean (a barrier).
-pub fn is_elem_mean(ir: &StepIr, id: ValueId) -> bool {
-    match ir.node(id).op {
-        Op::Mean(a) => ir.node(a).domain == Domain::Elem,
-        _ => false,
-    }
-}
-
-/// Levels of every node: the number of element means on its dependency path.
-pub fn levels(ir: &StepIr) -> Vec<u32> {
-    let mut level = vec![0u32; ir.nodes.len()];
-    for (i, node) in ir.nodes.iter().enumerate() {
-        let base = node
-            .op
-            .operands()
-            .iter()
-            .map(|o| level[o.index()])
-            .max()
-            .unwrap_or(0);
-        level[i] = base + is_elem_mean(ir, ValueId(i as u32)) as u32;
-    }
-    level
-}
-
-/// The element-domain nodes an elem kernel computes for `roots` (in topological order), and
-/// the small-domain non-inlined nodes it reads from scratch.
-pub fn elem_closure(ir: &StepIr, roots: &[ValueId]) -> (Vec<ValueId>, BTreeSet<ValueId>) {
-    let mut need = vec![false; ir.nodes.len()];
-    let mut reads = BTreeSet::new();
-    let mut stack: Vec<ValueId> = roots.to_vec();
-    while let Some(v) = stack.pop() {
-        let node = ir.node(v);
-        if node.domain != Domain::Elem {
-            if !is_inlined(&node.op) {
-                reads.insert(v);
-            }
-            continue;
-        }
-        if std::mem::replace(&mut need[v.index()], true) {
-            continue;
-        }
-        stack.extend(node.op.operands());
-    }
-    let nodes = ir.ids().filter(|v| need[v.index()]).collect();
-    (nodes, reads)
-}
-
 /// Schedules `ir` into kernels (see the module documentation).
 pub fn schedule(ir: &StepIr) -> Schedule {
     let layout = &ir.layout;
     let tiling = Tiling::of(layout);
-    let level = levels(ir);
+    let plan = PassPlan::of(ir);
     let n = ir.nodes.len();
-    let small_stores: Vec<ValueId> = ir
-        .ids()
-        .filter(|&v| matches!(ir.node(v).op, Op::Store { .. }) && ir.node(v).domain != Domain::Elem)
-        .collect();
-    let max_level = ir
-        .ids()
-        .filter(|&v| matches!(ir.node(v).op, Op::Store { .. }) || is_elem_mean(ir, v))
-        .map(|v| level[v.index()])
-        .max()
-        .unwrap_or(0);
-
-    // One sweep in reverse topological order places everything as late as its users allow:
-    // - `slot[v]` of a small node: the small kernel S_k computing it (S_k runs before E_k);
-    // - an element node is needed from the first elem pass that uses it (`deadline`);
-    // - an element mean's partials are produced by the pass just before its slot.
-    // Late placement keeps early passes light: pass 0 of a factored tensor reads only G, as
-    // the 72 B/element floor of SPEC.md §5 assumes.
-    let mut slot: Vec<Option<u32>> = vec![None; n];
-    let mut deadline: Vec<u32> = vec![max_level; n];
-    for i in (0..n).rev() {
-        let id = ValueId(i as u32);
-        let node = &ir.nodes[i];
-        if is_inlined(&node.op) {
-            continue;
-        }
-        let is_store = matches!(node.op, Op::Store { .. });
-        // What this node asks of its operands.
-        let need = if node.domain == Domain::Elem {
-            if is_store {
-                max_level
-            } else {
-                deadline[i]
-            }
-        } else {
-            let s = if is_store {
-                max_level
-            } else {
-                deadline[i].max(level[i])
-            };
-            slot[i] = Some(s);
-            if is_elem_mean(ir, id) {
-                // Its operand is computed (and reduced) by pass s - 1.
-                s.saturating_sub(1)
-            } else {
-                s
-            }
-        };
-        for o in node.op.operands() {
-            deadline[o.index()] = deadline[o.index()].min(need);
-        }
-    }
-    let mut elem_means: Vec<Vec<ValueId>> = vec![Vec::new(); max_level as usize + 1];
-    for v in ir.ids().filter(|&v| is_elem_mean(ir, v)) {
-        if let Some(s) = slot[v.index()] {
-            elem_means[s.saturating_sub(1) as usize].push(v);
-        }
-    }
+    let max_level = plan.last;
+    let slot = &plan.stage;
+    let elem_means = &plan.pass_means;
 
     // Scratch offsets for the materialized small nodes.
     let mut scratch_offset = vec![None; n];
@@ -364,12 +255,9 @@ pub fn schedule(ir: &StepIr) -> Schedule {
     let mut kernels = Vec::new();
     let mut elem_passes = 0;
     for k in 0..=max_level {
-        let nodes: Vec<ValueId> = ir
-            .ids()
-            .filter(|v| slot[v.index()] == Some(k) && !matches!(ir.node(*v).op, Op::Store { .. }))
-            .collect();
+        let nodes = plan.stage_nodes(ir, k);
         let stores = if k == max_level {
-            small_stores.clone()
+            plan.small_stores.clone()
         } else {
             Vec::new()
         };
@@ -404,7 +292,7 @@ pub fn schedule(ir: &StepIr) -> Schedule {
     }
     Schedule {
         kernels,
-        levels: level,
+        levels: plan.levels,
         tiling,
         scratch_offset,
         scratch_len,
