@@ -3,9 +3,9 @@
 
 use super::exec::{chunk_index, IdxKind};
 use super::{kernels, CHUNK, SLICES};
-use crate::plan::{elem_closure, is_elem_mean, levels};
 use crate::backend::interp::Broadcasts;
 use crate::ir::{Binary, Buffer, Op, StepIr, Unary, ValueId};
+use crate::plan::{elem_closure, is_elem_mean, levels};
 use crate::shape::Domain;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
