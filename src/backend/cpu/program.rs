@@ -10,6 +10,10 @@ use crate::shape::Domain;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+/// A slot at or above this is not in the scratch: element buffer `slot - BUF` read in place
+/// (a loaded value: width 1, the chunk's part of that buffer).
+pub(super) const BUF: usize = 1 << (usize::BITS - 1);
+
 /// A value operand of an element instruction.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Opnd {
@@ -564,6 +568,14 @@ pub(super) fn build_pass(
             }
         }
     }
+    // A loaded value not computed into a pack's lane is read in place from its buffer.
+    let in_place: HashMap<usize, usize> = instrs
+        .iter()
+        .filter_map(|instr| match *instr {
+            Instr::Load { buf, out } if !alias.contains_key(&out) => Some((out, buf)),
+            _ => None,
+        })
+        .collect();
     let mut offset: HashMap<usize, usize> = HashMap::new();
     let mut free: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut top = 0usize;
@@ -592,6 +604,8 @@ pub(super) fn build_pass(
                 } else if let Some(&b) = offset.get(s) {
                     // A pack allocated early by one of its lanes.
                     b
+                } else if let Some(&buf) = in_place.get(s) {
+                    BUF + buf
                 } else {
                     alloc(ir.nodes[*s].width as usize, &mut free)
                 };
@@ -606,8 +620,9 @@ pub(super) fn build_pass(
         for v in uses {
             if last[&v] == i {
                 if let Some(off) = offset.remove(&v) {
-                    // An aliased lane lives in its pack's slot, freed with the pack.
-                    if !alias.contains_key(&v) {
+                    // An aliased lane lives in its pack's slot, freed with the pack; a
+                    // value read in place has no slot.
+                    if !alias.contains_key(&v) && off < BUF {
                         free.entry(ir.nodes[v].width as usize)
                             .or_default()
                             .push(off);
@@ -616,6 +631,8 @@ pub(super) fn build_pass(
             }
         }
     }
+    // Loads read in place copy nothing.
+    instrs.retain(|instr| !matches!(instr, Instr::Load { out, .. } if *out >= BUF));
     Pass {
         instrs,
         scratch: top,
