@@ -14,6 +14,86 @@ pub(super) struct Scratch {
     pub(super) tmp: [Vec<f32>; 2],
 }
 
+/// A binary instruction's fields.
+pub(super) struct Bin<'a> {
+    pub(super) op: crate::ir::Binary,
+    pub(super) a: &'a Opnd,
+    pub(super) b: &'a Opnd,
+    pub(super) out: usize,
+    pub(super) width: usize,
+}
+
+/// A binary instruction with a small operand, lane by lane, reading the small operands in
+/// place.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn small_binary(
+    ir: &StepIr,
+    bin: &Bin<'_>,
+    len: usize,
+    scr: &mut Scratch,
+    views: &[View<'_>],
+    local: usize,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+) {
+    let Scratch {
+        vals,
+        idx,
+        kind,
+        tmp,
+    } = scr;
+    let [tmp_a, tmp_b] = tmp;
+    let op = bin.op;
+    for l in 0..bin.width {
+        let (o, p) = split_out(vals, bin.out + l * CHUNK, len, views, local);
+        let sa = lane_src(ir, bin.a, l, len, &p, small, small_t, kind, idx, tmp_a);
+        let sb = lane_src(ir, bin.b, l, len, &p, small, small_t, kind, idx, tmp_b);
+        match (sa, sb) {
+            (Src::V(a), Src::V(b)) => kernels::binary_vv(op, a, b, o),
+            (Src::V(a), Src::S(b)) => kernels::binary_vs(op, a, b, o),
+            (Src::S(a), Src::V(b)) => kernels::binary_sv(op, a, b, o),
+            (Src::S(a), Src::S(b)) => {
+                let mut r = [0f32];
+                kernels::binary_vv(op, &[a], &[b], &mut r);
+                o.fill(r[0]);
+            }
+        }
+    }
+}
+
+/// A small operand of [`Instr::Dense`]'s pair as the AVX-512 kernel reads it, for a full
+/// chunk: one value per row (constant over the chunk) or a contiguous run per row; `None`
+/// for a gathered one.
+#[cfg(target_arch = "x86_64")]
+fn pair_bcast(
+    ir: &StepIr,
+    o: &Opnd,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+    kind: &[IdxKind; 3],
+) -> Option<kernels::wide::Bcast> {
+    let Opnd::Small(node) = *o else { return None };
+    let n = &ir.nodes[node];
+    let w = n.width as usize;
+    let src = &small[node];
+    let points = src.len() / w;
+    // Lane-major (for width 1, the value itself), as `lane_src` reads it.
+    let src_t = if w == 1 { src } else { &small_t[node] };
+    let (q, lane_step) = match small_index(n.domain).map_or(IdxKind::Const(0), |d| kind[d]) {
+        IdxKind::Const(q) => (q, 0),
+        // Points `q..q + CHUNK` exist: the chunk's elements map to them.
+        IdxKind::Contig(q) => (q, 1),
+        IdxKind::General => return None,
+    };
+    debug_assert!(src_t.len() == points * w && q + lane_step * (CHUNK - 1) < points);
+    Some(kernels::wide::Bcast {
+        ptr: src_t[q..].as_ptr(),
+        row_stride: points,
+        lane_step,
+    })
+}
+
 /// One lane of a binary operand: a scalar, or `len` values.
 pub(super) enum Src<'a> {
     S(f32),
@@ -300,29 +380,14 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                         }
                         continue;
                     }
-                    // Lane by lane, reading the small operands in place.
-                    let Scratch {
-                        vals,
-                        idx,
-                        kind,
-                        tmp,
-                    } = &mut *scr;
-                    let [tmp_a, tmp_b] = tmp;
-                    for l in 0..*width {
-                        let (o, p) = split_out(vals, out + l * CHUNK, len, &job.views, local);
-                        let sa = lane_src(ir, a, l, len, &p, small, small_t, kind, idx, tmp_a);
-                        let sb = lane_src(ir, b, l, len, &p, small, small_t, kind, idx, tmp_b);
-                        match (sa, sb) {
-                            (Src::V(a), Src::V(b)) => kernels::binary_vv(*op, a, b, o),
-                            (Src::V(a), Src::S(b)) => kernels::binary_vs(*op, a, b, o),
-                            (Src::S(a), Src::V(b)) => kernels::binary_sv(*op, a, b, o),
-                            (Src::S(a), Src::S(b)) => {
-                                let mut r = [0f32];
-                                kernels::binary_vv(*op, &[a], &[b], &mut r);
-                                o.fill(r[0]);
-                            }
-                        }
-                    }
+                    let b = Bin {
+                        op: *op,
+                        a,
+                        b,
+                        out: *out,
+                        width: *width,
+                    };
+                    small_binary(ir, &b, len, scr, &job.views, local, small, small_t);
                 }
                 Instr::Pack { xs, out } => {
                     for (l, &x) in xs.iter().enumerate() {
@@ -341,8 +406,39 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                     addend,
                     out,
                     relu,
+                    pair,
                 } => {
                     let m = &prog.weights[*matrix];
+                    if let Some((a, b)) = pair {
+                        #[cfg(target_arch = "x86_64")]
+                        if WIDE && len == CHUNK {
+                            let bcast = |o: &Opnd| pair_bcast(ir, o, small, small_t, &scr.kind);
+                            if let (Some(ba), Some(bb)) = (bcast(a), bcast(b)) {
+                                let (o, p) = split_out(
+                                    &mut scr.vals,
+                                    *out,
+                                    m.rows * CHUNK,
+                                    &job.views,
+                                    local,
+                                );
+                                let xv = p.get(*x, m.cols * CHUNK);
+                                // SAFETY: AVX-512F as below; `pair_bcast` gives operands
+                                // readable at every row and, for a full chunk, every lane.
+                                unsafe {
+                                    kernels::wide::dense_pair(&m.wide, xv, o, len, *relu, ba, bb)
+                                };
+                                continue;
+                            }
+                        }
+                        let bin = Bin {
+                            op: crate::ir::Binary::Add,
+                            a,
+                            b,
+                            out: addend.expect("a pair's slot"),
+                            width: m.rows,
+                        };
+                        small_binary(ir, &bin, len, scr, &job.views, local, small, small_t);
+                    }
                     let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK, &job.views, local);
                     let xv = p.get(*x, m.cols * CHUNK);
                     let epi = kernels::Epilogue {

@@ -63,6 +63,11 @@ pub(super) enum Instr {
         addend: Option<usize>,
         out: usize,
         relu: bool,
+        /// The addend is `a + b` of two small operands, computed into the addend's slot by
+        /// this instruction (lane by lane, as [`Instr::Binary`]) unless the kernel adds the
+        /// two directly (the AVX-512 kernel, for a full chunk of constant or contiguous
+        /// operands: same roundings).
+        pair: Option<(Opnd, Opnd)>,
     },
     Lane {
         x: usize,
@@ -443,6 +448,7 @@ pub(super) fn build_pass(
                 addend,
                 out,
                 relu,
+                pair: None,
             });
             for (i, m) in means.iter().enumerate() {
                 if ir.nodes[m.node].op.operands()[0] == v {
@@ -507,6 +513,7 @@ pub(super) fn build_pass(
                 addend: None,
                 out,
                 relu: false,
+                pair: None,
             },
             Op::Lane { x, lane } => Instr::Lane {
                 x: slot(*x, &mut instrs, &mut domains),
@@ -568,6 +575,30 @@ pub(super) fn build_pass(
             }
         }
     }
+    let pair_at: Vec<usize> = (1..instrs.len())
+        .filter(|&i| match (&instrs[i - 1], &instrs[i]) {
+            (
+                Instr::Binary {
+                    op: Binary::Add,
+                    a: Opnd::Small(_),
+                    b: Opnd::Small(_),
+                    out: sum,
+                    width,
+                },
+                Instr::Dense {
+                    matrix,
+                    addend: Some(addend),
+                    ..
+                },
+            ) => {
+                sum == addend
+                    && *width == ir.matrices[*matrix].rows
+                    && use_count.get(sum) == Some(&1)
+            }
+            _ => false,
+        })
+        .map(|i| i - 1)
+        .collect();
     // A loaded value not computed into a pack's lane is read in place from its buffer.
     let in_place: HashMap<usize, usize> = instrs
         .iter()
@@ -631,8 +662,27 @@ pub(super) fn build_pass(
             }
         }
     }
-    // Loads read in place copy nothing.
-    instrs.retain(|instr| !matches!(instr, Instr::Load { out, .. } if *out >= BUF));
+    // An addend of two small operands computed right before its only (dense) use is left to
+    // the dense instruction (see `Instr::Dense::pair`); loads read in place copy nothing.
+    let mut drop = vec![false; instrs.len()];
+    for &i in &pair_at {
+        if let Instr::Binary { a, b, .. } = instrs[i] {
+            if let Instr::Dense { pair, .. } = &mut instrs[i + 1] {
+                *pair = Some((a, b));
+                drop[i] = true;
+            }
+        }
+    }
+    for (i, instr) in instrs.iter().enumerate() {
+        if matches!(instr, Instr::Load { out, .. } if *out >= BUF) {
+            drop[i] = true;
+        }
+    }
+    let mut k = 0;
+    instrs.retain(|_| {
+        k += 1;
+        !drop[k - 1]
+    });
     Pass {
         instrs,
         scratch: top,
