@@ -1,6 +1,6 @@
 //! The chunk executor: runs one pass's chunk program over one slice of the elements.
 
-use super::program::{small_index, CpuProgram, Instr, Opnd, Pass};
+use super::program::{small_index, CpuProgram, Instr, Opnd, Pass, BUF};
 use super::{kernels, Isa, CHUNK};
 use crate::ir::StepIr;
 
@@ -12,6 +12,86 @@ pub(super) struct Scratch {
     pub(super) kind: [IdxKind; 3],
     /// Gathered lanes of the two operands of a binary instruction.
     pub(super) tmp: [Vec<f32>; 2],
+}
+
+/// A binary instruction's fields.
+pub(super) struct Bin<'a> {
+    pub(super) op: crate::ir::Binary,
+    pub(super) a: &'a Opnd,
+    pub(super) b: &'a Opnd,
+    pub(super) out: usize,
+    pub(super) width: usize,
+}
+
+/// A binary instruction with a small operand, lane by lane, reading the small operands in
+/// place.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn small_binary(
+    ir: &StepIr,
+    bin: &Bin<'_>,
+    len: usize,
+    scr: &mut Scratch,
+    views: &[View<'_>],
+    local: usize,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+) {
+    let Scratch {
+        vals,
+        idx,
+        kind,
+        tmp,
+    } = scr;
+    let [tmp_a, tmp_b] = tmp;
+    let op = bin.op;
+    for l in 0..bin.width {
+        let (o, p) = split_out(vals, bin.out + l * CHUNK, len, views, local);
+        let sa = lane_src(ir, bin.a, l, len, &p, small, small_t, kind, idx, tmp_a);
+        let sb = lane_src(ir, bin.b, l, len, &p, small, small_t, kind, idx, tmp_b);
+        match (sa, sb) {
+            (Src::V(a), Src::V(b)) => kernels::binary_vv(op, a, b, o),
+            (Src::V(a), Src::S(b)) => kernels::binary_vs(op, a, b, o),
+            (Src::S(a), Src::V(b)) => kernels::binary_sv(op, a, b, o),
+            (Src::S(a), Src::S(b)) => {
+                let mut r = [0f32];
+                kernels::binary_vv(op, &[a], &[b], &mut r);
+                o.fill(r[0]);
+            }
+        }
+    }
+}
+
+/// A small operand of [`Instr::Dense`]'s pair as the AVX-512 kernel reads it, for a full
+/// chunk: one value per row (constant over the chunk) or a contiguous run per row; `None`
+/// for a gathered one.
+#[cfg(target_arch = "x86_64")]
+fn pair_bcast(
+    ir: &StepIr,
+    o: &Opnd,
+    small: &[Vec<f32>],
+    small_t: &[Vec<f32>],
+    kind: &[IdxKind; 3],
+) -> Option<kernels::wide::Bcast> {
+    let Opnd::Small(node) = *o else { return None };
+    let n = &ir.nodes[node];
+    let w = n.width as usize;
+    let src = &small[node];
+    let points = src.len() / w;
+    // Lane-major (for width 1, the value itself), as `lane_src` reads it.
+    let src_t = if w == 1 { src } else { &small_t[node] };
+    let (q, lane_step) = match small_index(n.domain).map_or(IdxKind::Const(0), |d| kind[d]) {
+        IdxKind::Const(q) => (q, 0),
+        // Points `q..q + CHUNK` exist: the chunk's elements map to them.
+        IdxKind::Contig(q) => (q, 1),
+        IdxKind::General => return None,
+    };
+    debug_assert!(src_t.len() == points * w && q + lane_step * (CHUNK - 1) < points);
+    Some(kernels::wide::Bcast {
+        ptr: src_t[q..].as_ptr(),
+        row_stride: points,
+        lane_step,
+    })
 }
 
 /// One lane of a binary operand: a scalar, or `len` values.
@@ -139,18 +219,31 @@ pub(super) struct Job<'a> {
     pub(super) partial: &'a mut [f64],
 }
 
-/// Splits `out` off the scratch; inputs are read from the parts before and after it.
+/// Splits `out` off the scratch; inputs are read from the parts before and after it, or
+/// (slots from [`BUF`]) in place from the chunk's part of an element buffer.
 pub(super) struct Parts<'a> {
     pub(super) left: &'a [f32],
     pub(super) right: &'a [f32],
     pub(super) out_start: usize,
     pub(super) out_end: usize,
+    pub(super) bufs: &'a [View<'a>],
+    /// The chunk's first element in the slice's buffer views.
+    pub(super) local: usize,
+}
+
+/// The chunk's `len` values of slot `off` when it is an element buffer read in place.
+#[inline(always)]
+fn in_buf<'a>(bufs: &'a [View<'_>], off: usize, local: usize, len: usize) -> &'a [f32] {
+    &bufs[off - BUF].get()[local..local + len]
 }
 
 impl Parts<'_> {
     #[inline(always)]
     fn get(&self, off: usize, len: usize) -> &[f32] {
-        if off + len <= self.out_start {
+        if off >= BUF {
+            debug_assert!(len <= CHUNK, "a buffer read in place has width 1");
+            in_buf(self.bufs, off, self.local, len)
+        } else if off + len <= self.out_start {
             &self.left[off..off + len]
         } else {
             debug_assert!(off >= self.out_end);
@@ -160,7 +253,13 @@ impl Parts<'_> {
 }
 
 #[inline(always)]
-pub(super) fn split_out(vals: &mut [f32], out: usize, len: usize) -> (&mut [f32], Parts<'_>) {
+pub(super) fn split_out<'a>(
+    vals: &'a mut [f32],
+    out: usize,
+    len: usize,
+    bufs: &'a [View<'a>],
+    local: usize,
+) -> (&'a mut [f32], Parts<'a>) {
     let (left, rest) = vals.split_at_mut(out);
     let (o, right) = rest.split_at_mut(len);
     (
@@ -170,6 +269,8 @@ pub(super) fn split_out(vals: &mut [f32], out: usize, len: usize) -> (&mut [f32]
             right,
             out_start: out,
             out_end: out + len,
+            bufs,
+            local,
         },
     )
 }
@@ -213,6 +314,7 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
         for instr in &pass.instrs {
             match instr {
                 Instr::Load { buf, out } => {
+                    // Only a load into a pack's lane is copied (see `BUF`).
                     scr.vals[*out..*out + len]
                         .copy_from_slice(&job.views[*buf].get()[local..local + len]);
                 }
@@ -250,7 +352,7 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                 }
                 Instr::Unary { op, a, out, width } => {
                     let span = (width - 1) * CHUNK + len;
-                    let (o, p) = split_out(&mut scr.vals, *out, span);
+                    let (o, p) = split_out(&mut scr.vals, *out, span, &job.views, local);
                     kernels::unary(*op, p.get(*a, span), o);
                 }
                 Instr::Binary {
@@ -263,7 +365,7 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                     let small_opnd = matches!(a, Opnd::Small(_)) || matches!(b, Opnd::Small(_));
                     if !small_opnd {
                         let span = (width - 1) * CHUNK + len;
-                        let (o, p) = split_out(&mut scr.vals, *out, span);
+                        let (o, p) = split_out(&mut scr.vals, *out, span, &job.views, local);
                         match (a, b) {
                             (Opnd::Slot(a), Opnd::Slot(b)) => {
                                 kernels::binary_vv(*op, p.get(*a, span), p.get(*b, span), o)
@@ -278,34 +380,22 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                         }
                         continue;
                     }
-                    // Lane by lane, reading the small operands in place.
-                    let Scratch {
-                        vals,
-                        idx,
-                        kind,
-                        tmp,
-                    } = &mut *scr;
-                    let [tmp_a, tmp_b] = tmp;
-                    for l in 0..*width {
-                        let (o, p) = split_out(vals, out + l * CHUNK, len);
-                        let sa = lane_src(ir, a, l, len, &p, small, small_t, kind, idx, tmp_a);
-                        let sb = lane_src(ir, b, l, len, &p, small, small_t, kind, idx, tmp_b);
-                        match (sa, sb) {
-                            (Src::V(a), Src::V(b)) => kernels::binary_vv(*op, a, b, o),
-                            (Src::V(a), Src::S(b)) => kernels::binary_vs(*op, a, b, o),
-                            (Src::S(a), Src::V(b)) => kernels::binary_sv(*op, a, b, o),
-                            (Src::S(a), Src::S(b)) => {
-                                let mut r = [0f32];
-                                kernels::binary_vv(*op, &[a], &[b], &mut r);
-                                o.fill(r[0]);
-                            }
-                        }
-                    }
+                    let b = Bin {
+                        op: *op,
+                        a,
+                        b,
+                        out: *out,
+                        width: *width,
+                    };
+                    small_binary(ir, &b, len, scr, &job.views, local, small, small_t);
                 }
                 Instr::Pack { xs, out } => {
                     for (l, &x) in xs.iter().enumerate() {
                         // Lanes computed in place need no copy.
-                        if x != out + l * CHUNK {
+                        if x >= BUF {
+                            scr.vals[out + l * CHUNK..out + l * CHUNK + len]
+                                .copy_from_slice(in_buf(&job.views, x, local, len));
+                        } else if x != out + l * CHUNK {
                             scr.vals.copy_within(x..x + len, out + l * CHUNK);
                         }
                     }
@@ -316,9 +406,40 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                     addend,
                     out,
                     relu,
+                    pair,
                 } => {
                     let m = &prog.weights[*matrix];
-                    let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK);
+                    if let Some((a, b)) = pair {
+                        #[cfg(target_arch = "x86_64")]
+                        if WIDE && len == CHUNK {
+                            let bcast = |o: &Opnd| pair_bcast(ir, o, small, small_t, &scr.kind);
+                            if let (Some(ba), Some(bb)) = (bcast(a), bcast(b)) {
+                                let (o, p) = split_out(
+                                    &mut scr.vals,
+                                    *out,
+                                    m.rows * CHUNK,
+                                    &job.views,
+                                    local,
+                                );
+                                let xv = p.get(*x, m.cols * CHUNK);
+                                // SAFETY: AVX-512F as below; `pair_bcast` gives operands
+                                // readable at every row and, for a full chunk, every lane.
+                                unsafe {
+                                    kernels::wide::dense_pair(&m.wide, xv, o, len, *relu, ba, bb)
+                                };
+                                continue;
+                            }
+                        }
+                        let bin = Bin {
+                            op: crate::ir::Binary::Add,
+                            a,
+                            b,
+                            out: addend.expect("a pair's slot"),
+                            width: m.rows,
+                        };
+                        small_binary(ir, &bin, len, scr, &job.views, local, small, small_t);
+                    }
+                    let (o, p) = split_out(&mut scr.vals, *out, m.rows * CHUNK, &job.views, local);
                     let xv = p.get(*x, m.cols * CHUNK);
                     let epi = kernels::Epilogue {
                         addend: addend.map(|a| p.get(a, m.rows * CHUNK)),
@@ -334,7 +455,7 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                     kernels::dense::<FMA, TILE>(&m.blocked, xv, o, len, epi);
                 }
                 Instr::Lane { x, lane, out } => {
-                    let (o, p) = split_out(&mut scr.vals, *out, len);
+                    let (o, p) = split_out(&mut scr.vals, *out, len, &job.views, local);
                     o.copy_from_slice(p.get(x + lane * CHUNK, len));
                 }
                 Instr::Accum { mean, src } => {
@@ -346,7 +467,11 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                         None => IdxKind::Const(0),
                     };
                     for l in 0..w {
-                        let x = &scr.vals[src + l * CHUNK..src + l * CHUNK + len];
+                        let x = if *src >= BUF {
+                            in_buf(&job.views, *src, local, len)
+                        } else {
+                            &scr.vals[src + l * CHUNK..src + l * CHUNK + len]
+                        };
                         match kind {
                             IdxKind::Const(p) => part[p * w + l] += kernels::sum_f64(x),
                             IdxKind::Contig(p) if w == 1 => {
@@ -368,12 +493,22 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                         }
                     }
                 }
-                Instr::Store { buf, src } => match &mut job.views[*buf] {
-                    View::Rw(dst) => {
-                        dst[local..local + len].copy_from_slice(&scr.vals[*src..*src + len])
+                Instr::Store { buf, src } => {
+                    let x = if *src >= BUF {
+                        // A loaded value stored unchanged (through a copy: the two may be
+                        // the same buffer).
+                        let t = &mut scr.tmp[0];
+                        t.clear();
+                        t.extend_from_slice(in_buf(&job.views, *src, local, len));
+                        &t[..]
+                    } else {
+                        &scr.vals[*src..*src + len]
+                    };
+                    match &mut job.views[*buf] {
+                        View::Rw(dst) => dst[local..local + len].copy_from_slice(x),
+                        View::Ro(_) => unreachable!("stored buffers are writable in their pass"),
                     }
-                    View::Ro(_) => unreachable!("stored buffers are writable in their pass"),
-                },
+                }
             }
         }
     }

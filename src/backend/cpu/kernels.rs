@@ -307,6 +307,41 @@ pub mod wide {
         }
     }
 
+    /// A small operand added by the kernel (see [`dense_pair`]): row `r`, lane `l` of the
+    /// chunk is `*ptr.add(r * row_stride + l * lane_step)`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Bcast {
+        /// Row 0, lane 0.
+        pub ptr: *const f32,
+        /// Floats between rows.
+        pub row_stride: usize,
+        /// 0 (one value per row) or 1 (consecutive values).
+        pub lane_step: usize,
+    }
+
+    /// What a block adds before the relu.
+    #[derive(Clone, Copy)]
+    enum Add {
+        None,
+        /// `[R][CHUNK]` at the block's first lane.
+        Mat(*const f32),
+        /// `a + b`, offset to the block's first row and lane.
+        Pair(Bcast, Bcast),
+    }
+
+    /// Row `r`'s 32 lanes of `b` (offset to the block's first row and lane).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn bcast_lanes(b: Bcast, r: usize) -> (__m512, __m512) {
+        let p = b.ptr.add(r * b.row_stride);
+        if b.lane_step == 0 {
+            let v = _mm512_set1_ps(*p);
+            (v, v)
+        } else {
+            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+        }
+    }
+
     /// One register block: `R` rows (`wb` is `[cols][R]`) × 32 lanes from `x` and `out`
     /// (already offset to the block's first lane, strided by [`CHUNK`]).
     ///
@@ -322,7 +357,7 @@ pub mod wide {
         cols: usize,
         x: *const f32,
         out: *mut f32,
-        addend: Option<*const f32>,
+        addend: Add,
         relu: bool,
     ) {
         let mut lo = [_mm512_setzero_ps(); R];
@@ -342,10 +377,22 @@ pub mod wide {
             }
             w = w.add(R);
         }
-        if let Some(a) = addend {
-            for r in 0..R {
-                lo[r] = _mm512_add_ps(lo[r], _mm512_loadu_ps(a.add(r * CHUNK)));
-                hi[r] = _mm512_add_ps(hi[r], _mm512_loadu_ps(a.add(r * CHUNK + 16)));
+        match addend {
+            Add::None => {}
+            Add::Mat(a) => {
+                for r in 0..R {
+                    lo[r] = _mm512_add_ps(lo[r], _mm512_loadu_ps(a.add(r * CHUNK)));
+                    hi[r] = _mm512_add_ps(hi[r], _mm512_loadu_ps(a.add(r * CHUNK + 16)));
+                }
+            }
+            Add::Pair(a, b) => {
+                // The addend `a + b` rounded first, then added: as the separate add.
+                for r in 0..R {
+                    let (a0, a1) = bcast_lanes(a, r);
+                    let (b0, b1) = bcast_lanes(b, r);
+                    lo[r] = _mm512_add_ps(lo[r], _mm512_add_ps(a0, b0));
+                    hi[r] = _mm512_add_ps(hi[r], _mm512_add_ps(a1, b1));
+                }
             }
         }
         if relu {
@@ -372,6 +419,41 @@ pub mod wide {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dense(w: &Blocked, x: &[f32], out: &mut [f32], len: usize, epi: Epilogue<'_>) {
+        dense_impl(w, x, out, len, epi, None)
+    }
+
+    /// As [`dense`] with the addend `a + b` (each [`Bcast`] over `w.rows` rows) added in the
+    /// epilogue instead of read from memory: `(acc + (a + b))`, the roundings of a separate
+    /// add of `a` and `b` then the epilogue's add.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `a` and `b` readable at every row `< w.rows` and lane
+    /// `< len.next_multiple_of(32)` (`len <= CHUNK`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dense_pair(
+        w: &Blocked,
+        x: &[f32],
+        out: &mut [f32],
+        len: usize,
+        relu: bool,
+        a: Bcast,
+        b: Bcast,
+    ) {
+        let epi = Epilogue { addend: None, relu };
+        dense_impl(w, x, out, len, epi, Some((a, b)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dense_impl(
+        w: &Blocked,
+        x: &[f32],
+        out: &mut [f32],
+        len: usize,
+        epi: Epilogue<'_>,
+        pair: Option<(Bcast, Bcast)>,
+    ) {
         let (rows, cols) = (w.rows, w.cols);
         let n_tiles = len.div_ceil(LANES);
         assert!(n_tiles * LANES <= CHUNK && x.len() >= cols * CHUNK && out.len() >= rows * CHUNK);
@@ -385,7 +467,15 @@ pub mod wide {
                 let wb = &w.blocks[r0 * cols..(r0 + rb) * cols];
                 let bias = &w.bias[r0..r0 + rb];
                 let (xs, os) = (xp.add(lane), op.add(r0 * CHUNK + lane));
-                let ad = epi.addend.map(|a| a.as_ptr().add(r0 * CHUNK + lane));
+                let at = |b: Bcast| Bcast {
+                    ptr: b.ptr.add(r0 * b.row_stride + lane * b.lane_step),
+                    ..b
+                };
+                let ad = match (epi.addend, pair) {
+                    (Some(a), _) => Add::Mat(a.as_ptr().add(r0 * CHUNK + lane)),
+                    (None, Some((a, b))) => Add::Pair(at(a), at(b)),
+                    (None, None) => Add::None,
+                };
                 // SAFETY (all arms): the assertion above bounds every lane and row read.
                 match rb {
                     8 => block::<8>(wb, bias, cols, xs, os, ad, relu),

@@ -10,6 +10,10 @@ use crate::shape::Domain;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+/// A slot at or above this is not in the scratch: element buffer `slot - BUF` read in place
+/// (a loaded value: width 1, the chunk's part of that buffer).
+pub(super) const BUF: usize = 1 << (usize::BITS - 1);
+
 /// A value operand of an element instruction.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Opnd {
@@ -59,6 +63,11 @@ pub(super) enum Instr {
         addend: Option<usize>,
         out: usize,
         relu: bool,
+        /// The addend is `a + b` of two small operands, computed into the addend's slot by
+        /// this instruction (lane by lane, as [`Instr::Binary`]) unless the kernel adds the
+        /// two directly (the AVX-512 kernel, for a full chunk of constant or contiguous
+        /// operands: same roundings).
+        pair: Option<(Opnd, Opnd)>,
     },
     Lane {
         x: usize,
@@ -439,6 +448,7 @@ pub(super) fn build_pass(
                 addend,
                 out,
                 relu,
+                pair: None,
             });
             for (i, m) in means.iter().enumerate() {
                 if ir.nodes[m.node].op.operands()[0] == v {
@@ -503,6 +513,7 @@ pub(super) fn build_pass(
                 addend: None,
                 out,
                 relu: false,
+                pair: None,
             },
             Op::Lane { x, lane } => Instr::Lane {
                 x: slot(*x, &mut instrs, &mut domains),
@@ -564,6 +575,38 @@ pub(super) fn build_pass(
             }
         }
     }
+    let pair_at: Vec<usize> = (1..instrs.len())
+        .filter(|&i| match (&instrs[i - 1], &instrs[i]) {
+            (
+                Instr::Binary {
+                    op: Binary::Add,
+                    a: Opnd::Small(_),
+                    b: Opnd::Small(_),
+                    out: sum,
+                    width,
+                },
+                Instr::Dense {
+                    matrix,
+                    addend: Some(addend),
+                    ..
+                },
+            ) => {
+                sum == addend
+                    && *width == ir.matrices[*matrix].rows
+                    && use_count.get(sum) == Some(&1)
+            }
+            _ => false,
+        })
+        .map(|i| i - 1)
+        .collect();
+    // A loaded value not computed into a pack's lane is read in place from its buffer.
+    let in_place: HashMap<usize, usize> = instrs
+        .iter()
+        .filter_map(|instr| match *instr {
+            Instr::Load { buf, out } if !alias.contains_key(&out) => Some((out, buf)),
+            _ => None,
+        })
+        .collect();
     let mut offset: HashMap<usize, usize> = HashMap::new();
     let mut free: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut top = 0usize;
@@ -592,6 +635,8 @@ pub(super) fn build_pass(
                 } else if let Some(&b) = offset.get(s) {
                     // A pack allocated early by one of its lanes.
                     b
+                } else if let Some(&buf) = in_place.get(s) {
+                    BUF + buf
                 } else {
                     alloc(ir.nodes[*s].width as usize, &mut free)
                 };
@@ -606,8 +651,9 @@ pub(super) fn build_pass(
         for v in uses {
             if last[&v] == i {
                 if let Some(off) = offset.remove(&v) {
-                    // An aliased lane lives in its pack's slot, freed with the pack.
-                    if !alias.contains_key(&v) {
+                    // An aliased lane lives in its pack's slot, freed with the pack; a
+                    // value read in place has no slot.
+                    if !alias.contains_key(&v) && off < BUF {
                         free.entry(ir.nodes[v].width as usize)
                             .or_default()
                             .push(off);
@@ -616,6 +662,27 @@ pub(super) fn build_pass(
             }
         }
     }
+    // An addend of two small operands computed right before its only (dense) use is left to
+    // the dense instruction (see `Instr::Dense::pair`); loads read in place copy nothing.
+    let mut drop = vec![false; instrs.len()];
+    for &i in &pair_at {
+        if let Instr::Binary { a, b, .. } = instrs[i] {
+            if let Instr::Dense { pair, .. } = &mut instrs[i + 1] {
+                *pair = Some((a, b));
+                drop[i] = true;
+            }
+        }
+    }
+    for (i, instr) in instrs.iter().enumerate() {
+        if matches!(instr, Instr::Load { out, .. } if *out >= BUF) {
+            drop[i] = true;
+        }
+    }
+    let mut k = 0;
+    instrs.retain(|_| {
+        k += 1;
+        !drop[k - 1]
+    });
     Pass {
         instrs,
         scratch: top,

@@ -89,7 +89,10 @@ impl CpuStepper {
             for instr in &pass.instrs {
                 let gathered: Vec<usize> = match instr {
                     Instr::Gather { node, .. } => vec![*node],
-                    Instr::Binary { a, b, .. } => [a, b]
+                    Instr::Binary { a, b, .. }
+                    | Instr::Dense {
+                        pair: Some((a, b)), ..
+                    } => [a, b]
                         .into_iter()
                         .filter_map(|o| match o {
                             Opnd::Small(node) => Some(*node),
