@@ -57,35 +57,6 @@ fn step_ns(prog: &Arc<CpuProgram>, isa: Isa, threads: usize, steps: usize) -> f6
     median(times)
 }
 
-/// GPT-2 small's parameter tensors (124,439,808 elements).
-fn gpt2_small() -> Vec<(String, Vec<usize>)> {
-    let mut t = vec![
-        ("wte".to_string(), vec![50257, 768]),
-        ("wpe".to_string(), vec![1024, 768]),
-    ];
-    for l in 0..12 {
-        for (name, shape) in [
-            ("ln_1.weight", vec![768]),
-            ("ln_1.bias", vec![768]),
-            ("attn.c_attn.weight", vec![768, 2304]),
-            ("attn.c_attn.bias", vec![2304]),
-            ("attn.c_proj.weight", vec![768, 768]),
-            ("attn.c_proj.bias", vec![768]),
-            ("ln_2.weight", vec![768]),
-            ("ln_2.bias", vec![768]),
-            ("mlp.c_fc.weight", vec![768, 3072]),
-            ("mlp.c_fc.bias", vec![3072]),
-            ("mlp.c_proj.weight", vec![3072, 768]),
-            ("mlp.c_proj.bias", vec![768]),
-        ] {
-            t.push((format!("h.{l}.{name}"), shape));
-        }
-    }
-    t.push(("ln_f.weight".to_string(), vec![768]));
-    t.push(("ln_f.bias".to_string(), vec![768]));
-    t
-}
-
 fn main() {
     let quick = std::env::var("MULO_BENCH_QUICK").is_ok_and(|v| v == "1");
     let weights = std::env::var("MULO_BENCH_WEIGHTS")
@@ -210,7 +181,7 @@ fn main() {
     if quick {
         return;
     }
-    let specs: Vec<ParamSpec> = gpt2_small()
+    let specs: Vec<ParamSpec> = mulo::bench::gpt2_small()
         .into_iter()
         .map(|(name, shape)| ParamSpec::new(name, &shape).unwrap())
         .collect();

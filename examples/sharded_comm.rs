@@ -9,41 +9,13 @@ use mulo::{compile_layout, Layout, LearnedOptimizer, Shape};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-fn gpt2_small() -> Vec<(String, Vec<usize>)> {
-    let mut p = vec![
-        ("wte.weight".to_string(), vec![50257, 768]),
-        ("wpe.weight".to_string(), vec![1024, 768]),
-    ];
-    for l in 0..12 {
-        for (n, s) in [
-            ("ln_1.weight", vec![768]),
-            ("ln_1.bias", vec![768]),
-            ("attn.c_attn.weight", vec![768, 2304]),
-            ("attn.c_attn.bias", vec![2304]),
-            ("attn.c_proj.weight", vec![768, 768]),
-            ("attn.c_proj.bias", vec![768]),
-            ("ln_2.weight", vec![768]),
-            ("ln_2.bias", vec![768]),
-            ("mlp.c_fc.weight", vec![768, 3072]),
-            ("mlp.c_fc.bias", vec![3072]),
-            ("mlp.c_proj.weight", vec![3072, 768]),
-            ("mlp.c_proj.bias", vec![768]),
-        ] {
-            p.push((format!("h.{l}.{n}"), s));
-        }
-    }
-    p.push(("ln_f.weight".to_string(), vec![768]));
-    p.push(("ln_f.bias".to_string(), vec![768]));
-    p
-}
-
 fn main() -> mulo::Result<()> {
     let ranks: usize = std::env::args()
         .nth(1)
         .map(|a| a.parse().expect("the number of ranks"))
         .unwrap_or(8);
     let lopt = LearnedOptimizer::demo(); // the round sizes do not depend on the weights
-    let params = gpt2_small();
+    let params = mulo::bench::gpt2_small();
     let numel: usize = params
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())

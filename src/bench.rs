@@ -142,3 +142,48 @@ impl BenchReport {
         serde_json::to_string(self).expect("report serializes")
     }
 }
+
+/// GPT-2 small's parameter tensors in the Hugging Face layout (names and shapes; 148 tensors,
+/// 124,439,808 elements, `lm_head` tied to `wte`): the whole model the CPU benchmark and the
+/// sharded communication count step.
+pub fn gpt2_small() -> Vec<(String, Vec<usize>)> {
+    let mut params = vec![
+        ("wte.weight".to_string(), vec![50257, 768]),
+        ("wpe.weight".to_string(), vec![1024, 768]),
+    ];
+    for layer in 0..12 {
+        for (name, shape) in [
+            ("ln_1.weight", vec![768]),
+            ("ln_1.bias", vec![768]),
+            ("attn.c_attn.weight", vec![768, 2304]),
+            ("attn.c_attn.bias", vec![2304]),
+            ("attn.c_proj.weight", vec![768, 768]),
+            ("attn.c_proj.bias", vec![768]),
+            ("ln_2.weight", vec![768]),
+            ("ln_2.bias", vec![768]),
+            ("mlp.c_fc.weight", vec![768, 3072]),
+            ("mlp.c_fc.bias", vec![3072]),
+            ("mlp.c_proj.weight", vec![3072, 768]),
+            ("mlp.c_proj.bias", vec![768]),
+        ] {
+            params.push((format!("h.{layer}.{name}"), shape));
+        }
+    }
+    params.push(("ln_f.weight".to_string(), vec![768]));
+    params.push(("ln_f.bias".to_string(), vec![768]));
+    params
+}
+
+#[cfg(test)]
+mod gpt2_tests {
+    #[test]
+    fn gpt2_small_has_148_tensors_of_124m_elements() {
+        let params = super::gpt2_small();
+        assert_eq!(params.len(), 148);
+        let numel: usize = params
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(numel, 124_439_808);
+    }
+}
