@@ -262,26 +262,47 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Writes a disk-cache entry atomically ([`write_atomic`](crate::fsio::write_atomic)): the
-/// PTX followed by a trailer line holding its SHA-256, so that [`cache_load`] can tell a
-/// complete entry from a damaged one. Two processes storing the same entry at once each
-/// rename a complete file into place; either one wins and both are the same PTX.
-pub fn cache_store(path: &Path, ptx: &str) -> Result<()> {
+/// Writes a checksummed cache entry atomically ([`write_atomic`](crate::fsio::write_atomic)):
+/// `payload`, then `marker`, the payload's SHA-256 in hex and a newline. Two processes storing
+/// the same entry at once each rename a complete file into place; either one wins and both
+/// hold the same payload.
+fn store_checksummed(path: &Path, payload: &[u8], marker: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         crate::fsio::create_dir_all(dir)?;
     }
-    let text = format!("{ptx}{CACHE_TRAILER}{}\n", sha256_hex(ptx.as_bytes()));
-    crate::fsio::write_atomic(path, text.as_bytes())
+    let mut bytes = Vec::with_capacity(payload.len() + marker.len() + 65);
+    bytes.extend_from_slice(payload);
+    bytes.extend_from_slice(marker);
+    bytes.extend_from_slice(sha256_hex(payload).as_bytes());
+    bytes.push(b'\n');
+    crate::fsio::write_atomic(path, &bytes)
+}
+
+/// The payload of an entry written by [`store_checksummed`] with `marker`: `None` when the
+/// file is missing, lacks the trailer or its checksum does not match (a torn or damaged entry).
+fn load_checksummed(path: &Path, marker: &[u8]) -> Option<Vec<u8>> {
+    let mut bytes = std::fs::read(path).ok()?;
+    let body = bytes.len().checked_sub(marker.len() + 64 + 1)?;
+    let sum = bytes[body..].strip_prefix(marker)?.strip_suffix(b"\n")?;
+    if sum != sha256_hex(&bytes[..body]).as_bytes() {
+        return None;
+    }
+    bytes.truncate(body);
+    Some(bytes)
+}
+
+/// Writes a PTX disk-cache entry atomically, followed by a trailer line holding its SHA-256,
+/// so that [`cache_load`] can tell a complete entry from a damaged one.
+pub fn cache_store(path: &Path, ptx: &str) -> Result<()> {
+    store_checksummed(path, ptx.as_bytes(), CACHE_TRAILER.as_bytes())
 }
 
 /// Reads a disk-cache entry written by [`cache_store`]: `None` when it is missing, not UTF-8,
 /// lacks the trailer, its checksum does not match, or it holds no `.entry` kernel (then the
 /// program is compiled again and the entry rewritten).
 pub fn cache_load(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let body = text.strip_suffix('\n')?;
-    let (ptx, sum) = body.rsplit_once(CACHE_TRAILER)?;
-    (sum == sha256_hex(ptx.as_bytes()) && ptx.contains(".entry")).then(|| ptx.to_string())
+    let ptx = String::from_utf8(load_checksummed(path, CACHE_TRAILER.as_bytes())?).ok()?;
+    ptx.contains(".entry").then_some(ptx)
 }
 
 /// PTX produced by NVRTC, and whether it came from the disk cache.
@@ -536,30 +557,14 @@ const CUBIN_TRAILER: &[u8] = b"\nmulo-cubin-sha256 ";
 /// [`cache_store`] for PTX), so that [`cubin_cache_load`] can tell a complete entry from a
 /// damaged one.
 pub fn cubin_cache_store(path: &Path, cubin: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        crate::fsio::create_dir_all(dir)?;
-    }
-    let mut bytes = cubin.to_vec();
-    bytes.extend_from_slice(CUBIN_TRAILER);
-    bytes.extend_from_slice(sha256_hex(cubin).as_bytes());
-    bytes.push(b'\n');
-    crate::fsio::write_atomic(path, &bytes)
+    store_checksummed(path, cubin, CUBIN_TRAILER)
 }
 
 /// Reads a CUBIN cache entry written by [`cubin_cache_store`]: `None` when it is missing,
 /// lacks the trailer, its checksum does not match, or it is not a CUBIN ([`is_cubin`]); then
 /// the program is compiled again and the entry rewritten.
 pub fn cubin_cache_load(path: &Path) -> Option<Vec<u8>> {
-    let mut bytes = std::fs::read(path).ok()?;
-    let tail = CUBIN_TRAILER.len() + 64 + 1;
-    let body = bytes.len().checked_sub(tail)?;
-    let (image, trailer) = bytes.split_at(body);
-    let sum = trailer.strip_prefix(CUBIN_TRAILER)?.strip_suffix(b"\n")?;
-    if sum != sha256_hex(image).as_bytes() || !is_cubin(image) {
-        return None;
-    }
-    bytes.truncate(body);
-    Some(bytes)
+    load_checksummed(path, CUBIN_TRAILER).filter(|image| is_cubin(image))
 }
 
 /// The oldest driver that loads a CUBIN compiled by NVRTC `nvrtc` (`(major, minor)`), as
