@@ -28,27 +28,33 @@ use std::sync::Arc;
 pub struct CudaExecutor {
     model: PackedModel,
     stream: Arc<CudaStream>,
-    slots: Vec<Kernel>,
-    n_tensors: i32,
+    launches: PackedLaunches,
     arenas: BTreeMap<Buffer, CudaSlice<f32>>,
     scratch: CudaSlice<f32>,
     partials: CudaSlice<f64>,
+}
+
+/// What both packed executors ([`CudaExecutor`] on its arenas and
+/// [`ExternalCuda`](super::packed_external::ExternalCuda) on the caller's tensors) share: the
+/// model's program loaded as a CUBIN, its entry kernels, and device space for one step's
+/// tensor table and block starts.
+pub(super) struct PackedLaunches {
+    slots: Vec<Kernel>,
+    n_tensors: i32,
     table: CudaSlice<u8>,
     starts: CudaSlice<i64>,
 }
 
-impl CudaExecutor {
-    /// Compiles `model` to a CUBIN for the runtime's architecture (through the NVRTC disk
-    /// cache), loads it (no driver JIT) and allocates its arenas (zero).
-    pub fn new(runtime: &CudaRuntime, model: &PackedModel) -> Result<Self> {
-        let source = model.source()?;
-        let cubin = nvrtc::compile_cubin(&source, runtime.arch(), true)?;
-        let stream = runtime.stream().clone();
+impl PackedLaunches {
+    /// Compiles `model` to a CUBIN for `arch` (through the NVRTC disk cache), checks that the
+    /// installed driver can load it, loads it into `stream`'s context (no driver JIT) and
+    /// allocates the table and the starts.
+    pub(super) fn load(stream: &Arc<CudaStream>, model: &PackedModel, arch: &str) -> Result<Self> {
+        let cubin = nvrtc::compile_cubin(&model.source()?, arch, true)?;
         let program = format!(
-            "mulo_model.cubin ({} tensors, {} shapes, {})",
+            "mulo_model.cubin ({} tensors, {} shapes, {arch})",
             model.tensors.len(),
-            model.plans.len(),
-            runtime.arch()
+            model.plans.len()
         );
         nvrtc::check_installed_driver_cubin(cubin.nvrtc_version, &program)?;
         let module = Module::load(stream.context(), Image::Cubin(&cubin.cubin), &program)?;
@@ -57,6 +63,74 @@ impl CudaExecutor {
             .iter()
             .map(|s| module.kernel(&s.name))
             .collect::<Result<Vec<_>>>()?;
+        let n = model.tensors.len();
+        Ok(PackedLaunches {
+            slots,
+            n_tensors: i32::try_from(n)
+                .map_err(|_| Error::argument("shapes", "more than 2^31 tensors"))?,
+            table: stream
+                .alloc_zeros::<u8>((n * super::packed::TABLE_ENTRY_BYTES).max(1))
+                .map_err(driver_err("allocating the tensor table"))?,
+            starts: stream
+                .alloc_zeros::<i64>((model.slots.len() * (n + 1)).max(1))
+                .map_err(driver_err("allocating the block starts"))?,
+        })
+    }
+
+    /// Uploads one step's `table` and block `starts` and queues every pass with a non-empty
+    /// grid on `stream`, in order.
+    ///
+    /// # Safety
+    /// Every address in `table` is valid, for the length the model gives it, for the work
+    /// queued on `stream` (allocations the caller keeps alive and ordered with `stream`), and
+    /// `starts` and `grids` are the model's ([`PackedModel::check_launch`]).
+    pub(super) unsafe fn run(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        table: &[u8],
+        starts: &[i64],
+        grids: &[u32],
+    ) -> Result<()> {
+        if !table.is_empty() {
+            let mut view = self.table.slice_mut(0..table.len());
+            stream
+                .memcpy_htod(table, &mut view)
+                .map_err(driver_err("uploading the tensor table"))?;
+        }
+        if !starts.is_empty() {
+            let mut view = self.starts.slice_mut(0..starts.len());
+            stream
+                .memcpy_htod(starts, &mut view)
+                .map_err(driver_err("uploading the block starts"))?;
+        }
+        for (f, &grid) in self.slots.iter().zip(grids) {
+            if grid == 0 {
+                continue;
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (super::schedule::BLOCK_DIM_X, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = Launch::new(stream);
+            b.read(&self.table);
+            b.read(&self.starts);
+            b.i32(self.n_tensors);
+            // SAFETY: the arguments are those of templates/model_kernel.cu.j2 in order (table,
+            // starts, tensor count); the table's addresses, the starts and the grids are what
+            // this function's contract requires.
+            unsafe { b.launch(f, cfg) }?;
+        }
+        Ok(())
+    }
+}
+
+impl CudaExecutor {
+    /// Compiles `model` to a CUBIN for the runtime's architecture (through the NVRTC disk
+    /// cache), loads it (no driver JIT) and allocates its arenas (zero).
+    pub fn new(runtime: &CudaRuntime, model: &PackedModel) -> Result<Self> {
+        let stream = runtime.stream().clone();
+        let launches = PackedLaunches::load(&stream, model, runtime.arch())?;
         let alloc = |n: usize| {
             stream
                 .alloc_zeros::<f32>(n.max(1))
@@ -66,22 +140,13 @@ impl CudaExecutor {
         for b in ARENAS {
             arenas.insert(b, alloc(model.arena_len[&b])?);
         }
-        let n = model.tensors.len();
         Ok(CudaExecutor {
             scratch: alloc(model.scratch_len)?,
             partials: stream
                 .alloc_zeros::<f64>(model.partials_len.max(1))
                 .map_err(driver_err("allocating the partials arena"))?,
-            table: stream
-                .alloc_zeros::<u8>((n * super::packed::TABLE_ENTRY_BYTES).max(1))
-                .map_err(driver_err("allocating the tensor table"))?,
-            starts: stream
-                .alloc_zeros::<i64>((model.slots.len() * (n + 1)).max(1))
-                .map_err(driver_err("allocating the block starts"))?,
-            n_tensors: i32::try_from(n)
-                .map_err(|_| Error::argument("shapes", "more than 2^31 tensors"))?,
             stream,
-            slots,
+            launches,
             arenas,
             model: model.clone(),
         })
@@ -235,37 +300,10 @@ impl PackedExecutor for CudaExecutor {
         bases.partials = ptr;
         guards.push(guard);
         let table = self.model.table(&self.model.arena_addrs(&bases), steps);
-        if !table.is_empty() {
-            let mut view = self.table.slice_mut(0..table.len());
-            stream
-                .memcpy_htod(&table, &mut view)
-                .map_err(driver_err("uploading the tensor table"))?;
-        }
-        if !starts.is_empty() {
-            let mut view = self.starts.slice_mut(0..starts.len());
-            stream
-                .memcpy_htod(starts, &mut view)
-                .map_err(driver_err("uploading the block starts"))?;
-        }
-        for (f, &grid) in self.slots.iter().zip(grids) {
-            if grid == 0 {
-                continue;
-            }
-            let cfg = LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (super::schedule::BLOCK_DIM_X, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = Launch::new(&stream);
-            b.read(&self.table);
-            b.read(&self.starts);
-            b.i32(self.n_tensors);
-            // SAFETY: the arguments are those of templates/model_kernel.cu.j2 in order (table,
-            // starts, tensor count); the table holds addresses inside the arenas this executor
-            // owns, each of the length the offsets were computed for (`check_arenas`), and the
-            // starts and the grid are the model's (`check_launch`).
-            unsafe { b.launch(f, cfg) }?;
-        }
+        // SAFETY: the table holds addresses inside the arenas this executor owns, each of the
+        // length the offsets were computed for (`check_arenas`), taken for `stream` by the
+        // guards; the starts and the grids are the model's (`check_launch`).
+        unsafe { self.launches.run(&stream, &table, starts, grids) }?;
         drop(guards);
         stream
             .synchronize()

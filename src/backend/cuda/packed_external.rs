@@ -9,13 +9,12 @@
 //! the bargain; everything that can be checked on the host is checked before anything is
 //! queued.
 
-use super::loader::{Image, Kernel, Launch, Module};
-use super::nvrtc;
-use super::packed::{PackedModel, TensorAddrs, TABLE_ENTRY_BYTES};
+use super::packed::{PackedModel, TensorAddrs};
+use super::packed_cuda::PackedLaunches;
 use super::runtime::{driver_err, open_device};
 use crate::backend::Hyper;
-use crate::error::{Error, Result};
-use cudarc::driver::{sys, CudaContext, CudaEvent, CudaSlice, DevicePtrMut, LaunchConfig};
+use crate::error::Result;
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaSlice, DevicePtrMut};
 use std::sync::Arc;
 
 /// A raw CUDA stream handle (`CUstream`), as PyTorch's `Stream.cuda_stream` gives it.
@@ -26,12 +25,9 @@ pub struct ExternalCuda {
     model: Arc<PackedModel>,
     ctx: Arc<CudaContext>,
     arch: String,
-    slots: Vec<Kernel>,
-    n_tensors: i32,
+    launches: PackedLaunches,
     scratch: CudaSlice<f32>,
     partials: CudaSlice<f64>,
-    table: CudaSlice<u8>,
-    starts: CudaSlice<i64>,
     /// Recorded after the last step's launches: the next step (maybe on another stream) and
     /// the drop wait for it before the table, the starts or the scratch are reused or freed.
     last: Option<CudaEvent>,
@@ -48,21 +44,8 @@ impl ExternalCuda {
             .compute_capability()
             .map_err(driver_err("reading the compute capability"))?;
         let arch = format!("sm_{major}{minor}");
-        let cubin = nvrtc::compile_cubin(&model.source()?, &arch, true)?;
-        let program = format!(
-            "mulo_model.cubin ({} tensors, {} shapes, {arch})",
-            model.tensors.len(),
-            model.plans.len()
-        );
-        nvrtc::check_installed_driver_cubin(cubin.nvrtc_version, &program)?;
-        let module = Module::load(&ctx, Image::Cubin(&cubin.cubin), &program)?;
-        let slots = model
-            .slots
-            .iter()
-            .map(|s| module.kernel(&s.name))
-            .collect::<Result<Vec<_>>>()?;
-        let n = model.tensors.len();
         let stream = ctx.default_stream();
+        let launches = PackedLaunches::load(&stream, &model, &arch)?;
         let this = ExternalCuda {
             scratch: stream
                 .alloc_zeros::<f32>(model.scratch_len.max(1))
@@ -70,18 +53,10 @@ impl ExternalCuda {
             partials: stream
                 .alloc_zeros::<f64>(model.partials_len.max(1))
                 .map_err(driver_err("allocating the partials"))?,
-            table: stream
-                .alloc_zeros::<u8>((n * TABLE_ENTRY_BYTES).max(1))
-                .map_err(driver_err("allocating the tensor table"))?,
-            starts: stream
-                .alloc_zeros::<i64>((model.slots.len() * (n + 1)).max(1))
-                .map_err(driver_err("allocating the block starts"))?,
-            n_tensors: i32::try_from(n)
-                .map_err(|_| Error::argument("shapes", "more than 2^31 tensors"))?,
             model,
             ctx,
             arch,
-            slots,
+            launches,
             last: None,
         };
         // The allocations are complete before any stream of the caller's uses them.
@@ -139,38 +114,13 @@ impl ExternalCuda {
         let launch = self
             .model
             .external_launch(tensors, steps, scratch, partials)?;
-        if !launch.table.is_empty() {
-            let mut view = self.table.slice_mut(0..launch.table.len());
-            stream
-                .memcpy_htod(&launch.table, &mut view)
-                .map_err(driver_err("uploading the tensor table"))?;
-        }
-        if !launch.starts.is_empty() {
-            let mut view = self.starts.slice_mut(0..launch.starts.len());
-            stream
-                .memcpy_htod(&launch.starts, &mut view)
-                .map_err(driver_err("uploading the block starts"))?;
-        }
-        for (f, &grid) in self.slots.iter().zip(&launch.grids) {
-            if grid == 0 {
-                continue;
-            }
-            let cfg = LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (super::schedule::BLOCK_DIM_X, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = Launch::new(&stream);
-            b.read(&self.table);
-            b.read(&self.starts);
-            b.i32(self.n_tensors);
-            // SAFETY: the arguments are those of templates/model_kernel.cu.j2 in order (table,
-            // starts, tensor count); the table was built by `external_launch` from addresses
-            // the caller vouches for (this function's contract), checked non-null, aligned and
-            // not overlapping, plus this program's scratch of the model's lengths; the starts
-            // and grids are the model's.
-            unsafe { b.launch(f, cfg) }?;
-        }
+        // SAFETY: the table was built by `external_launch` from addresses the caller vouches
+        // for (this function's contract), checked non-null, aligned and not overlapping, plus
+        // this program's scratch of the model's lengths; the starts and grids are the model's.
+        unsafe {
+            self.launches
+                .run(&stream, &launch.table, &launch.starts, &launch.grids)
+        }?;
         self.last = Some(
             stream
                 .record_event(None)
