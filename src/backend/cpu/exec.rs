@@ -517,8 +517,8 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 /// # Safety
-/// The CPU must support AVX2 and FMA (an `unsafe fn`: safe `#[target_feature]` functions need
-/// Rust 1.86, the crate supports 1.85).
+/// The CPU must support AVX2 and FMA (checked by [`Isa::detect`]; calling a
+/// `#[target_feature]` function from code without those features is unsafe either way).
 pub(super) unsafe fn run_slice_avx2(
     prog: &CpuProgram,
     pass: &Pass,
