@@ -275,6 +275,34 @@ pub(super) fn split_out<'a>(
     )
 }
 
+/// How many chunks ahead [`prefetch`] reads the element buffers.
+const PREFETCH: usize = 4;
+
+/// Asks for the `CHUNK` elements from `at` (in the slice) of every element buffer the pass
+/// reads to be brought into the cache: the chunk program touches each buffer only once per
+/// chunk, between long runs of arithmetic, which the hardware prefetcher does not run ahead
+/// of. Only a hint: nothing is read, and nothing past a buffer's end is asked for.
+#[inline(always)]
+fn prefetch(pass: &Pass, job: &Job<'_>, at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for &b in &pass.reads {
+        let v = job.views[b].get();
+        let end = v.len().min(at + CHUNK);
+        // 16 floats: one 64-byte cache line.
+        for i in (at..end).step_by(16) {
+            // SAFETY: `i < v.len()`, so the pointer is inside the buffer; SSE (and so
+            // `_mm_prefetch`) is part of every x86-64 CPU.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    v.as_ptr().add(i).cast(),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (pass, job, at);
+}
+
 /// Runs one pass over one slice (the generic body; see the `run_slice_*` entry points).
 #[inline(always)]
 pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
@@ -300,6 +328,7 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
         let e0 = c * CHUNK;
         let len = CHUNK.min(numel - e0);
         let local = e0 - job.start;
+        prefetch(pass, job, local + PREFETCH * CHUNK);
         // How the chunk maps into the smaller domains (precomputed); index vectors only for
         // the chunks that need them.
         for d in 0..3 {

@@ -144,6 +144,8 @@ pub(super) struct Pass {
     pub(super) domains: [bool; 3],
     /// Element buffers the pass writes.
     pub(super) writes: Vec<bool>,
+    /// Element buffers the pass reads (ids, ascending): prefetched a few chunks ahead.
+    pub(super) reads: Vec<usize>,
 }
 
 /// A dense layer's weights arranged for the chunk kernel (bias filled with zeros when absent).
@@ -683,6 +685,18 @@ pub(super) fn build_pass(
         k += 1;
         !drop[k - 1]
     });
+    let mut read = vec![false; n_bufs];
+    for instr in instrs.iter_mut() {
+        if let Instr::Load { buf, .. } = *instr {
+            read[buf] = true;
+        }
+        instr.visit(&mut |s, def| {
+            if !def && *s >= BUF {
+                read[*s - BUF] = true;
+            }
+        });
+    }
+    let reads = (0..n_bufs).filter(|&b| read[b]).collect();
     Pass {
         instrs,
         scratch: top,
@@ -690,5 +704,6 @@ pub(super) fn build_pass(
         partial_len,
         domains,
         writes,
+        reads,
     }
 }
