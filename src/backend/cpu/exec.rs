@@ -275,6 +275,29 @@ pub(super) fn split_out<'a>(
     )
 }
 
+/// [`kernels::sum_f64`] of `x` (of its squares when `square`), with the AVX-512 kernel when
+/// `WIDE` (only set inside the AVX-512 entry point): the same additions in the same order.
+#[inline(always)]
+fn sum<const WIDE: bool>(x: &[f32], square: bool) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        // SAFETY: `WIDE` is only set by `run_slice_avx512`, which runs only where the CPU
+        // reported AVX-512F (see `dispatch`).
+        return unsafe {
+            if square {
+                kernels::wide::sum_f64::<true>(x)
+            } else {
+                kernels::wide::sum_f64::<false>(x)
+            }
+        };
+    }
+    if square {
+        kernels::sum_f64::<true>(x)
+    } else {
+        kernels::sum_f64::<false>(x)
+    }
+}
+
 /// How many chunks ahead [`prefetch`] reads the element buffers.
 const PREFETCH: usize = 4;
 
@@ -487,7 +510,7 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                     let (o, p) = split_out(&mut scr.vals, *out, len, &job.views, local);
                     o.copy_from_slice(p.get(x + lane * CHUNK, len));
                 }
-                Instr::Accum { mean, src } => {
+                Instr::Accum { mean, src, square } => {
                     let m = &pass.means[*mean];
                     let part = &mut job.partial[m.offset..m.offset + m.points * m.width];
                     let w = m.width;
@@ -495,6 +518,7 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                         Some(d) => scr.kind[d],
                         None => IdxKind::Const(0),
                     };
+                    let sq = |v: f32| if *square { v * v } else { v };
                     for l in 0..w {
                         let x = if *src >= BUF {
                             in_buf(&job.views, *src, local, len)
@@ -502,21 +526,21 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                             &scr.vals[src + l * CHUNK..src + l * CHUNK + len]
                         };
                         match kind {
-                            IdxKind::Const(p) => part[p * w + l] += kernels::sum_f64(x),
+                            IdxKind::Const(p) => part[p * w + l] += sum::<WIDE>(x, *square),
                             IdxKind::Contig(p) if w == 1 => {
                                 for (s, &v) in part[p..p + len].iter_mut().zip(x) {
-                                    *s += v as f64;
+                                    *s += sq(v) as f64;
                                 }
                             }
                             IdxKind::Contig(p) => {
                                 for (i, &v) in x.iter().enumerate() {
-                                    part[(p + i) * w + l] += v as f64;
+                                    part[(p + i) * w + l] += sq(v) as f64;
                                 }
                             }
                             IdxKind::General => {
                                 let idx = &scr.idx[small_index(m.domain).expect("indexed")];
                                 for (i, &v) in x.iter().enumerate() {
-                                    part[idx[i] as usize * w + l] += v as f64;
+                                    part[idx[i] as usize * w + l] += sq(v) as f64;
                                 }
                             }
                         }

@@ -243,21 +243,34 @@ fn epilogue<const TILE: usize>(row: &mut [f32], o: usize, epi: Epilogue<'_>) {
     }
 }
 
-/// Sum of `x` in f64, in a fixed order (8 interleaved partial sums, then those in order):
-/// deterministic, and vectorizable.
+/// Partial sums of [`sum_f64`]: four 512-bit registers of f64, so that the additions form
+/// independent chains rather than one chain bound by the add latency.
+pub const SUMS: usize = 32;
+
+/// Sum of `x` in f64 (of `x · x`, rounded to f32 first, when `SQUARE`: as a separate square),
+/// in a fixed order: element `i` is added to partial sum `i % SUMS`, in element order; then
+/// `s[l] = (p[l] + p[l + 8]) + (p[l + 16] + p[l + 24])` for `l < 8`, and
+/// `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`. Deterministic; [`wide::sum_f64`]
+/// adds the same in the same order.
 #[inline(always)]
-pub fn sum_f64(x: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            acc[l] += c[l] as f64;
+pub fn sum_f64<const SQUARE: bool>(x: &[f32]) -> f64 {
+    let mut acc = [0f64; SUMS];
+    for c in x.chunks(SUMS) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += if SQUARE { v * v } else { v } as f64;
         }
     }
-    for (l, &v) in chunks.remainder().iter().enumerate() {
-        acc[l] += v as f64;
+    sum_partials(&acc)
+}
+
+/// The fixed reduction of [`sum_f64`]'s partial sums.
+#[inline(always)]
+fn sum_partials(p: &[f64; SUMS]) -> f64 {
+    let mut s = [0f64; 8];
+    for (l, s) in s.iter_mut().enumerate() {
+        *s = (p[l] + p[l + 8]) + (p[l + 16] + p[l + 24]);
     }
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
 }
 
 /// The AVX-512 dense kernel: register blocks of [`wide::RB`] rows × 32 lanes (16 of the 32
@@ -272,6 +285,35 @@ pub mod wide {
 
     /// Rows per register block.
     pub const RB: usize = 8;
+
+    /// [`super::sum_f64`] with its [`super::SUMS`] partial sums in four `zmm` registers: the
+    /// same additions in the same order.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum_f64<const SQUARE: bool>(x: &[f32]) -> f64 {
+        let mut acc = [_mm512_setzero_pd(); 4];
+        let mut chunks = x.chunks_exact(super::SUMS);
+        for c in &mut chunks {
+            for (g, a) in acc.iter_mut().enumerate() {
+                let mut v = _mm256_loadu_ps(c.as_ptr().add(g * 8));
+                if SQUARE {
+                    v = _mm256_mul_ps(v, v);
+                }
+                *a = _mm512_add_pd(*a, _mm512_cvtps_pd(v));
+            }
+        }
+        let mut p = [0f64; super::SUMS];
+        for (g, a) in acc.iter().enumerate() {
+            _mm512_storeu_pd(p.as_mut_ptr().add(g * 8), *a);
+        }
+        for (a, &v) in p.iter_mut().zip(chunks.remainder()) {
+            *a += if SQUARE { v * v } else { v } as f64;
+        }
+        super::sum_partials(&p)
+    }
     /// Lanes per register block (two `zmm` vectors).
     pub const LANES: usize = 32;
 
@@ -486,6 +528,56 @@ pub mod wide {
                     3 => block::<3>(wb, bias, cols, xs, os, ad, relu),
                     2 => block::<2>(wb, bias, cols, xs, os, ad, relu),
                     _ => block::<1>(wb, bias, cols, xs, os, ad, relu),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented order, written out: element `i` into partial sum `i % 32`, then the
+    /// fixed tree.
+    fn reference(x: &[f32], square: bool) -> f64 {
+        let mut p = [0f64; SUMS];
+        for (i, &v) in x.iter().enumerate() {
+            p[i % SUMS] += if square { v * v } else { v } as f64;
+        }
+        let s: Vec<f64> = (0..8)
+            .map(|l| (p[l] + p[l + 8]) + (p[l + 16] + p[l + 24]))
+            .collect();
+        ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+    }
+
+    #[test]
+    fn sums_add_in_the_documented_order_on_every_path() {
+        // Values of very different magnitudes, so that another order would round differently.
+        let x: Vec<f32> = (0..CHUNK)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 10f32.powi((i % 9) as i32 - 4))
+            .collect();
+        for len in [0, 1, 7, 31, 32, 33, 100, CHUNK] {
+            let x = &x[..len];
+            for square in [false, true] {
+                let want = reference(x, square);
+                let got = if square {
+                    sum_f64::<true>(x)
+                } else {
+                    sum_f64::<false>(x)
+                };
+                assert_eq!(got.to_bits(), want.to_bits(), "len {len}, square {square}");
+                #[cfg(target_arch = "x86_64")]
+                if super::super::Isa::Avx512.available() {
+                    // SAFETY: the CPU reported AVX-512F.
+                    let wide = unsafe {
+                        if square {
+                            wide::sum_f64::<true>(x)
+                        } else {
+                            wide::sum_f64::<false>(x)
+                        }
+                    };
+                    assert_eq!(wide.to_bits(), want.to_bits(), "AVX-512, len {len}");
                 }
             }
         }

@@ -74,9 +74,12 @@ pub(super) enum Instr {
         lane: usize,
         out: usize,
     },
+    /// Adds `src` (squared first, in f32, when `square`: a square whose only use is this
+    /// mean, fused) to the pass's partial sums of mean `mean`.
     Accum {
         mean: usize,
         src: usize,
+        square: bool,
     },
     Store {
         buf: usize,
@@ -454,7 +457,11 @@ pub(super) fn build_pass(
             });
             for (i, m) in means.iter().enumerate() {
                 if ir.nodes[m.node].op.operands()[0] == v {
-                    instrs.push(Instr::Accum { mean: i, src: out });
+                    instrs.push(Instr::Accum {
+                        mean: i,
+                        src: out,
+                        square: false,
+                    });
                 }
             }
             continue;
@@ -529,7 +536,11 @@ pub(super) fn build_pass(
         instrs.push(instr);
         for (i, m) in means.iter().enumerate() {
             if ir.nodes[m.node].op.operands()[0] == v {
-                instrs.push(Instr::Accum { mean: i, src: out });
+                instrs.push(Instr::Accum {
+                    mean: i,
+                    src: out,
+                    square: false,
+                });
             }
         }
     }
@@ -597,6 +608,22 @@ pub(super) fn build_pass(
                     && *width == ir.matrices[*matrix].rows
                     && use_count.get(sum) == Some(&1)
             }
+            _ => false,
+        })
+        .map(|i| i - 1)
+        .collect();
+    // A square whose only use is the accumulation right after it is done by that
+    // accumulation (see `Instr::Accum::square`).
+    let square_at: Vec<usize> = (1..instrs.len())
+        .filter(|&i| match (&instrs[i - 1], &instrs[i]) {
+            (
+                Instr::Unary {
+                    op: Unary::Square,
+                    out,
+                    ..
+                },
+                Instr::Accum { src, .. },
+            ) => out == src && use_count.get(out) == Some(&1),
             _ => false,
         })
         .map(|i| i - 1)
@@ -671,6 +698,16 @@ pub(super) fn build_pass(
         if let Instr::Binary { a, b, .. } = instrs[i] {
             if let Instr::Dense { pair, .. } = &mut instrs[i + 1] {
                 *pair = Some((a, b));
+                drop[i] = true;
+            }
+        }
+    }
+    for &i in &square_at {
+        if let Instr::Unary { a, .. } = instrs[i] {
+            if let Instr::Accum { src, square, .. } = &mut instrs[i + 1] {
+                // `a` stays valid: its slot is freed at the square, and nothing is written
+                // between the two.
+                (*src, *square) = (a, true);
                 drop[i] = true;
             }
         }
