@@ -506,6 +506,11 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                     }
                     kernels::dense::<FMA, TILE>(&m.blocked, xv, o, len, epi);
                 }
+                Instr::Axpby { s, x, out } => {
+                    let (o, p) = split_out(&mut scr.vals, *out, len, &job.views, local);
+                    let (s0, s1) = (small[s[0]][0], small[s[1]][0]);
+                    kernels::axpby(s0, p.get(x[0], len), s1, p.get(x[1], len), o);
+                }
                 Instr::Lane { x, lane, out } => {
                     let (o, p) = split_out(&mut scr.vals, *out, len, &job.views, local);
                     o.copy_from_slice(p.get(x + lane * CHUNK, len));

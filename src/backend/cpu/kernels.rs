@@ -158,6 +158,17 @@ pub fn binary_sv(op: Binary, s: f32, b: &[f32], out: &mut [f32]) {
     binary_loop!(op, out, |_| s, |i: usize| b[i]);
 }
 
+/// Lane-wise `s0 · x0 + s1 · x1` (each product rounded, then the sum: no fused multiply-add,
+/// as the separate instructions it replaces).
+#[inline(always)]
+pub fn axpby(s0: f32, x0: &[f32], s1: f32, x1: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    let (x0, x1) = (&x0[..n], &x1[..n]);
+    for i in 0..n {
+        out[i] = s0 * x0[i] + s1 * x1[i];
+    }
+}
+
 /// The `TILE`-lane tiles `ti`, `ti + per_lane`, … of `x` (one per input channel).
 #[inline(always)]
 fn tiles<const TILE: usize>(

@@ -74,6 +74,14 @@ pub(super) enum Instr {
         lane: usize,
         out: usize,
     },
+    /// `s[0] · x[0] + s[1] · x[1]` (width 1; `s`: width-1 step nodes), each product rounded
+    /// as by its own instruction: two multiplications by a scalar whose only use is the add
+    /// after them, fused so that the products are not stored.
+    Axpby {
+        s: [usize; 2],
+        x: [usize; 2],
+        out: usize,
+    },
     /// Adds `src` (squared first, in f32, when `square`: a square whose only use is this
     /// mean, fused) to the pass's partial sums of mean `mean`.
     Accum {
@@ -119,6 +127,11 @@ impl Instr {
             }
             Instr::Lane { x, out, .. } => {
                 f(x, false);
+                f(out, true);
+            }
+            Instr::Axpby { x, out, .. } => {
+                f(&mut x[0], false);
+                f(&mut x[1], false);
                 f(out, true);
             }
             Instr::Accum { src, .. } | Instr::Store { src, .. } => f(src, false),
@@ -350,6 +363,76 @@ impl CpuProgram {
     }
 }
 
+/// Replaces each `t0 = s0 · x0; t1 = s1 · x1; out = t0 + t1` (three adjacent width-1
+/// instructions, `s0`, `s1` scalars, the products used only by the add) with one
+/// [`Instr::Axpby`]. Runs on value ids, before slots are assigned.
+fn fuse_axpby(instrs: &mut Vec<Instr>) {
+    let mut uses: HashMap<usize, usize> = HashMap::new();
+    for instr in instrs.iter_mut() {
+        instr.visit(&mut |s, def| {
+            if !def {
+                *uses.entry(*s).or_default() += 1;
+            }
+        });
+    }
+    // A scalar product: (scalar node, value, product).
+    let product = |i: &Instr| match *i {
+        Instr::Binary {
+            op: Binary::Mul,
+            a,
+            b,
+            out,
+            width: 1,
+        } => match (a, b) {
+            (Opnd::Scalar(s), Opnd::Slot(x)) | (Opnd::Slot(x), Opnd::Scalar(s)) => {
+                Some((s, x, out))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(instrs.len());
+    let mut i = 0;
+    while i < instrs.len() {
+        if i + 2 < instrs.len() {
+            if let (
+                Some(p0),
+                Some(p1),
+                Instr::Binary {
+                    op: Binary::Add,
+                    a: Opnd::Slot(a),
+                    b: Opnd::Slot(b),
+                    out: sum,
+                    width: 1,
+                },
+            ) = (product(&instrs[i]), product(&instrs[i + 1]), &instrs[i + 2])
+            {
+                let once = |t: usize| uses.get(&t) == Some(&1);
+                let (t0, t1) = (p0.2, p1.2);
+                let order = if (*a, *b) == (t0, t1) {
+                    Some([p0, p1])
+                } else if (*a, *b) == (t1, t0) {
+                    Some([p1, p0])
+                } else {
+                    None
+                };
+                if let Some([q0, q1]) = order.filter(|_| t0 != t1 && once(t0) && once(t1)) {
+                    out.push(Instr::Axpby {
+                        s: [q0.0, q1.0],
+                        x: [q0.1, q1.1],
+                        out: *sum,
+                    });
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(instrs[i].clone());
+        i += 1;
+    }
+    *instrs = out;
+}
+
 /// Builds a pass's chunk program from its element nodes (topological order) and assigns slots.
 pub(super) fn build_pass(
     ir: &StepIr,
@@ -550,6 +633,8 @@ pub(super) fn build_pass(
         instrs.push(Instr::Store { buf, src });
     }
 
+    fuse_axpby(&mut instrs);
+
     // Slot assignment: linear scan; a value's slot is free after its last use. The output of
     // an instruction is allocated before its inputs are freed, so it never aliases them.
     let mut last = HashMap::new();
@@ -742,5 +827,31 @@ pub(super) fn build_pass(
         domains,
         writes,
         reads,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fusions fire on the μLO step (their results are checked against the interpreter
+    /// and the golden cases by tests/cpu_*.rs; this checks that they are not dead code).
+    #[test]
+    fn the_mulo_step_gets_its_fusions() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden/weights");
+        let lopt = crate::lopt::LearnedOptimizer::from_dir(std::path::Path::new(dir)).unwrap();
+        let shape = crate::shape::Shape::parse("1024x512").unwrap();
+        let prog = CpuProgram::new(Arc::new(crate::compile_step(&shape, &lopt).unwrap()));
+        let all = || prog.passes.iter().flat_map(|p| &p.instrs);
+        let axpby = all().filter(|i| matches!(i, Instr::Axpby { .. })).count();
+        let squares = all()
+            .filter(|i| matches!(i, Instr::Accum { square: true, .. }))
+            .count();
+        let pairs = all()
+            .filter(|i| matches!(i, Instr::Dense { pair: Some(_), .. }))
+            .count();
+        assert!(axpby >= 3 * prog.passes.len(), "{axpby} axpby");
+        assert!(squares >= 6, "{squares} squares accumulated");
+        assert_eq!(pairs, 1);
     }
 }
