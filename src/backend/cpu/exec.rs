@@ -62,6 +62,28 @@ fn small_binary(
     }
 }
 
+/// `(x · a) · b` lane-wise, each product rounded.
+#[inline(always)]
+fn mul_mul(x: &[f32], a: Src<'_>, b: Src<'_>, o: &mut [f32]) {
+    let n = o.len();
+    let x = &x[..n];
+    match (a, b) {
+        (Src::S(a), Src::S(b)) => (0..n).for_each(|i| o[i] = x[i] * a * b),
+        (Src::S(a), Src::V(b)) => {
+            let b = &b[..n];
+            (0..n).for_each(|i| o[i] = x[i] * a * b[i])
+        }
+        (Src::V(a), Src::S(b)) => {
+            let a = &a[..n];
+            (0..n).for_each(|i| o[i] = x[i] * a[i] * b)
+        }
+        (Src::V(a), Src::V(b)) => {
+            let (a, b) = (&a[..n], &b[..n]);
+            (0..n).for_each(|i| o[i] = x[i] * a[i] * b[i])
+        }
+    }
+}
+
 /// A small operand of [`Instr::Dense`]'s pair as the AVX-512 kernel reads it, for a full
 /// chunk: one value per row (constant over the chunk) or a contiguous run per row; `None`
 /// for a gathered one.
@@ -510,6 +532,27 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                     let (o, p) = split_out(&mut scr.vals, *out, len, &job.views, local);
                     let (s0, s1) = (small[s[0]][0], small[s[1]][0]);
                     kernels::axpby(s0, p.get(x[0], len), s1, p.get(x[1], len), o);
+                }
+                Instr::ScalePack { x, s, out } => {
+                    for (l, (&x, &s)) in x.iter().zip(s).enumerate() {
+                        let (o, p) =
+                            split_out(&mut scr.vals, out + l * CHUNK, len, &job.views, local);
+                        kernels::binary_vs(crate::ir::Binary::Mul, p.get(x, len), small[s][0], o);
+                    }
+                }
+                Instr::MulMul { x, a, b, out } => {
+                    let Scratch {
+                        vals,
+                        idx,
+                        kind,
+                        tmp,
+                    } = &mut *scr;
+                    let [tmp_a, tmp_b] = tmp;
+                    let (o, p) = split_out(vals, *out, len, &job.views, local);
+                    let xv = p.get(*x, len);
+                    let sa = lane_src(ir, a, 0, len, &p, small, small_t, kind, idx, tmp_a);
+                    let sb = lane_src(ir, b, 0, len, &p, small, small_t, kind, idx, tmp_b);
+                    mul_mul(xv, sa, sb, o);
                 }
                 Instr::Lane { x, lane, out } => {
                     let (o, p) = split_out(&mut scr.vals, *out, len, &job.views, local);

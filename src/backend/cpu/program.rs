@@ -82,6 +82,22 @@ pub(super) enum Instr {
         x: [usize; 2],
         out: usize,
     },
+    /// A pack of scalar products: lane `l` of `out` is `x[l] · s[l]` (`s`: width-1 step
+    /// nodes); the products used only by the pack, fused into it.
+    ScalePack {
+        x: Vec<usize>,
+        s: Vec<usize>,
+        out: usize,
+    },
+    /// `(x · a) · b` (width 1; `a`, `b`: [`Opnd::Small`]), each product rounded: a product
+    /// by a small operand whose only use is a product by another, fused so that the first
+    /// is not stored.
+    MulMul {
+        x: usize,
+        a: Opnd,
+        b: Opnd,
+        out: usize,
+    },
     /// Adds `src` (squared first, in f32, when `square`: a square whose only use is this
     /// mean, fused) to the pass's partial sums of mean `mean`.
     Accum {
@@ -132,6 +148,14 @@ impl Instr {
             Instr::Axpby { x, out, .. } => {
                 f(&mut x[0], false);
                 f(&mut x[1], false);
+                f(out, true);
+            }
+            Instr::MulMul { x, out, .. } => {
+                f(x, false);
+                f(out, true);
+            }
+            Instr::ScalePack { x, out, .. } => {
+                x.iter_mut().for_each(|x| f(x, false));
                 f(out, true);
             }
             Instr::Accum { src, .. } | Instr::Store { src, .. } => f(src, false),
@@ -363,10 +387,99 @@ impl CpuProgram {
     }
 }
 
-/// Replaces each `t0 = s0 · x0; t1 = s1 · x1; out = t0 + t1` (three adjacent width-1
-/// instructions, `s0`, `s1` scalars, the products used only by the add) with one
-/// [`Instr::Axpby`]. Runs on value ids, before slots are assigned.
-fn fuse_axpby(instrs: &mut Vec<Instr>) {
+/// Replaces each `t = x · a; out = t · b` (two adjacent width-1 instructions, `a`, `b` small
+/// operands, `t` used only there) with one [`Instr::MulMul`]. Runs on value ids, before slots
+/// are assigned.
+fn fuse_mul_mul(instrs: &mut Vec<Instr>) {
+    let uses = use_counts(instrs);
+    let mut out = Vec::with_capacity(instrs.len());
+    let mut i = 0;
+    while i < instrs.len() {
+        if let (
+            Instr::Binary {
+                op: Binary::Mul,
+                a: Opnd::Slot(x),
+                b: a @ Opnd::Small(_),
+                out: t,
+                width: 1,
+            },
+            Some(Instr::Binary {
+                op: Binary::Mul,
+                a: Opnd::Slot(t2),
+                b: b @ Opnd::Small(_),
+                out: o,
+                width: 1,
+            }),
+        ) = (&instrs[i], instrs.get(i + 1))
+        {
+            if t == t2 && uses.get(t) == Some(&1) {
+                out.push(Instr::MulMul {
+                    x: *x,
+                    a: *a,
+                    b: *b,
+                    out: *o,
+                });
+                i += 2;
+                continue;
+            }
+        }
+        out.push(instrs[i].clone());
+        i += 1;
+    }
+    *instrs = out;
+}
+
+/// Replaces each pack whose lanes are all scalar products used only by the pack with one
+/// [`Instr::ScalePack`] (the products move to the pack). Runs on value ids, before slots are
+/// assigned.
+fn fuse_scale_pack(instrs: &mut Vec<Instr>) {
+    let uses = use_counts(instrs);
+    // Value → (index of its instruction, value, scalar node) for width-1 scalar products.
+    let mut products: HashMap<usize, (usize, usize, usize)> = HashMap::new();
+    for (i, instr) in instrs.iter().enumerate() {
+        if let Instr::Binary {
+            op: Binary::Mul,
+            a,
+            b,
+            out,
+            width: 1,
+        } = *instr
+        {
+            if let (Opnd::Scalar(s), Opnd::Slot(x)) | (Opnd::Slot(x), Opnd::Scalar(s)) = (a, b) {
+                products.insert(out, (i, x, s));
+            }
+        }
+    }
+    let mut drop = vec![false; instrs.len()];
+    for instr in instrs.iter_mut() {
+        let Instr::Pack { xs, out } = instr else {
+            continue;
+        };
+        let lanes: Option<Vec<(usize, usize, usize)>> = xs
+            .iter()
+            .map(|v| products.get(v).filter(|_| uses.get(v) == Some(&1)).copied())
+            .collect();
+        // Distinct lanes: a product used twice by the pack has two uses.
+        if let Some(lanes) = lanes {
+            for &(i, _, _) in &lanes {
+                drop[i] = true;
+            }
+            *instr = Instr::ScalePack {
+                x: lanes.iter().map(|l| l.1).collect(),
+                s: lanes.iter().map(|l| l.2).collect(),
+                out: *out,
+            };
+        }
+    }
+    let mut k = 0;
+    instrs.retain(|_| {
+        k += 1;
+        !drop[k - 1]
+    });
+}
+
+/// How many instructions read each value (value ids, before slots are assigned).
+fn use_counts(instrs: &mut [Instr]) -> HashMap<usize, usize> {
     let mut uses: HashMap<usize, usize> = HashMap::new();
     for instr in instrs.iter_mut() {
         instr.visit(&mut |s, def| {
@@ -375,6 +488,14 @@ fn fuse_axpby(instrs: &mut Vec<Instr>) {
             }
         });
     }
+    uses
+}
+
+/// Replaces each `t0 = s0 · x0; t1 = s1 · x1; out = t0 + t1` (three adjacent width-1
+/// instructions, `s0`, `s1` scalars, the products used only by the add) with one
+/// [`Instr::Axpby`]. Runs on value ids, before slots are assigned.
+fn fuse_axpby(instrs: &mut Vec<Instr>) {
+    let uses = use_counts(instrs);
     // A scalar product: (scalar node, value, product).
     let product = |i: &Instr| match *i {
         Instr::Binary {
@@ -634,6 +755,8 @@ pub(super) fn build_pass(
     }
 
     fuse_axpby(&mut instrs);
+    fuse_mul_mul(&mut instrs);
+    fuse_scale_pack(&mut instrs);
 
     // Slot assignment: linear scan; a value's slot is free after its last use. The output of
     // an instruction is allocated before its inputs are freed, so it never aliases them.
@@ -853,5 +976,11 @@ mod tests {
         assert!(axpby >= 3 * prog.passes.len(), "{axpby} axpby");
         assert!(squares >= 6, "{squares} squares accumulated");
         assert_eq!(pairs, 1);
+        let mul_mul = all().filter(|i| matches!(i, Instr::MulMul { .. })).count();
+        assert!(mul_mul >= 6, "{mul_mul} mul_mul");
+        let scale_pack = all()
+            .filter(|i| matches!(i, Instr::ScalePack { x, .. } if x.len() == 16))
+            .count();
+        assert_eq!(scale_pack, 1);
     }
 }
