@@ -427,7 +427,7 @@ pub(super) fn run_slice<const FMA: bool, const TILE: usize, const WIDE: bool>(
                 Instr::Unary { op, a, out, width } => {
                     let span = (width - 1) * CHUNK + len;
                     let (o, p) = split_out(&mut scr.vals, *out, span, &job.views, local);
-                    kernels::unary(*op, p.get(*a, span), o);
+                    kernels::unary::<FMA>(*op, p.get(*a, span), o);
                 }
                 Instr::Binary {
                     op,

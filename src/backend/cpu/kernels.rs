@@ -17,9 +17,11 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// Lane-wise one-operand operation (the interpreter's definition: NaN-propagating relu).
+/// Lane-wise one-operand operation (the interpreter's definition: NaN-propagating relu). `e^x`
+/// is [`exp`] where `VEC_EXP` (the AVX2 and AVX-512 paths, where it vectorizes to 8 or 16
+/// lanes), else the library's `f32::exp` (portable code: measured faster there).
 #[inline(always)]
-pub fn unary(op: Unary, a: &[f32], out: &mut [f32]) {
+pub fn unary<const VEC_EXP: bool>(op: Unary, a: &[f32], out: &mut [f32]) {
     let n = out.len();
     let a = &a[..n];
     match op {
@@ -29,7 +31,8 @@ pub fn unary(op: Unary, a: &[f32], out: &mut [f32]) {
             .iter_mut()
             .zip(a)
             .for_each(|(o, &x)| *o = 1.0 / x.sqrt()),
-        Unary::Exp => out.iter_mut().zip(a).for_each(|(o, &x)| *o = exp(x)),
+        Unary::Exp if VEC_EXP => out.iter_mut().zip(a).for_each(|(o, &x)| *o = exp(x)),
+        Unary::Exp => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x.exp()),
         Unary::Tanh => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x.tanh()),
         Unary::Relu => out.iter_mut().zip(a).for_each(|(o, &x)| *o = relu_of(x)),
     }
@@ -41,8 +44,8 @@ pub fn unary(op: Unary, a: &[f32], out: &mut [f32]) {
 /// exact), a degree-5 polynomial for `(e^r − 1 − r) / r²`, then `2^n` from the exponent bits.
 /// Within 2 ulp of the correctly rounded value (measured by the tests over the whole range
 /// against `f64::exp`); `+∞` above `ln f32::MAX`, 0 below `ln 2^-126` ≈ −87.34 (results
-/// that would be subnormal are flushed to 0), NaN for NaN. Mul and add
-/// are separate (no FMA), so every instruction set gives the same bits.
+/// that would be subnormal are flushed to 0), NaN for NaN. Mul and add are separate (no
+/// FMA), so the AVX2 and AVX-512 paths give the same bits.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -645,7 +648,7 @@ mod tests {
         // Vectorized as the chunk loop runs it: the same values.
         let x: Vec<f32> = (0..CHUNK).map(|i| i as f32 * 0.37 - 47.0).collect();
         let mut out = vec![0f32; CHUNK];
-        unary(Unary::Exp, &x, &mut out);
+        unary::<true>(Unary::Exp, &x, &mut out);
         for (o, &v) in out.iter().zip(&x) {
             assert_eq!(o.to_bits(), exp(v).to_bits());
         }
