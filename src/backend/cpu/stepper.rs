@@ -175,9 +175,11 @@ impl CpuStepper {
             eval_node(ir, v, &inputs, self.step, hyper).expect("stores are not small-phase nodes")
         };
         if !self.small_t[v].is_empty() {
-            for (p, lanes) in out.chunks_exact(w).enumerate() {
-                for (l, &x) in lanes.iter().enumerate() {
-                    self.small_t[v][l * n + p] = x;
+            // Lane by lane, so that the writes are contiguous (written point by point, every
+            // write went to another cache line, `n` floats apart).
+            for (l, lane) in self.small_t[v].chunks_exact_mut(n).enumerate() {
+                for (t, &x) in lane.iter_mut().zip(out[l..].iter().step_by(w)) {
+                    *t = x;
                 }
             }
         }
