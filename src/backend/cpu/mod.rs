@@ -13,6 +13,12 @@
 //!    f64 partial sums), or, in the last pass, the element stores. Element values are never
 //!    materialized over the tensor: each pass recomputes what it needs from the loads.
 //!
+//! Instructions are fused where a value's only use is the next instruction (all with the
+//! roundings of the separate instructions): a dense layer with its add and relu, a square
+//! with the mean it feeds, two scalar products with their sum, two products by small
+//! operands, a pack of scalar products. Each chunk prefetches the element buffers its pass
+//! reads a few chunks ahead.
+//!
 //! Small-domain stores are written after the last pass. Element stores are written at the end
 //! of each chunk of the last pass, after every load of that chunk.
 //!
