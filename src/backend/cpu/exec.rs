@@ -65,22 +65,11 @@ fn small_binary(
 /// `(x · a) · b` lane-wise, each product rounded.
 #[inline(always)]
 fn mul_mul(x: &[f32], a: Src<'_>, b: Src<'_>, o: &mut [f32]) {
-    let n = o.len();
-    let x = &x[..n];
     match (a, b) {
-        (Src::S(a), Src::S(b)) => (0..n).for_each(|i| o[i] = x[i] * a * b),
-        (Src::S(a), Src::V(b)) => {
-            let b = &b[..n];
-            (0..n).for_each(|i| o[i] = x[i] * a * b[i])
-        }
-        (Src::V(a), Src::S(b)) => {
-            let a = &a[..n];
-            (0..n).for_each(|i| o[i] = x[i] * a[i] * b)
-        }
-        (Src::V(a), Src::V(b)) => {
-            let (a, b) = (&a[..n], &b[..n]);
-            (0..n).for_each(|i| o[i] = x[i] * a[i] * b[i])
-        }
+        (Src::S(a), Src::S(b)) => kernels::map1(x, o, |x| x * a * b),
+        (Src::S(a), Src::V(b)) => kernels::map2(x, b, o, |x, b| x * a * b),
+        (Src::V(a), Src::S(b)) => kernels::map2(x, a, o, |x, a| x * a * b),
+        (Src::V(a), Src::V(b)) => kernels::map3(x, a, b, o, |x, a, b| x * a * b),
     }
 }
 

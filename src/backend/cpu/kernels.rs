@@ -22,19 +22,79 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// lanes), else the library's `f32::exp` (portable code: measured faster there).
 #[inline(always)]
 pub fn unary<const VEC_EXP: bool>(op: Unary, a: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let a = &a[..n];
     match op {
-        Unary::Neg => out.iter_mut().zip(a).for_each(|(o, &x)| *o = -x),
-        Unary::Square => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x * x),
-        Unary::Rsqrt => out
-            .iter_mut()
-            .zip(a)
-            .for_each(|(o, &x)| *o = 1.0 / x.sqrt()),
-        Unary::Exp if VEC_EXP => out.iter_mut().zip(a).for_each(|(o, &x)| *o = exp(x)),
+        Unary::Neg => map1(a, out, |x| -x),
+        Unary::Square => map1(a, out, |x| x * x),
+        Unary::Rsqrt => map1(a, out, |x| 1.0 / x.sqrt()),
+        Unary::Exp if VEC_EXP => map1(a, out, exp),
         Unary::Exp => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x.exp()),
         Unary::Tanh => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x.tanh()),
-        Unary::Relu => out.iter_mut().zip(a).for_each(|(o, &x)| *o = relu_of(x)),
+        Unary::Relu => map1(a, out, relu_of),
+    }
+}
+
+/// Lanes per step of [`map1`], [`map2`] and [`map3`]: one 512-bit register of f32.
+const W: usize = 16;
+
+/// `out[i] = f(a[i])` for `i < out.len()`, `W` lanes at a time through local arrays (so that
+/// LLVM vectorizes each step without runtime overlap checks or a scalar epilogue), then the
+/// remaining lanes one by one.
+#[inline(always)]
+pub fn map1(a: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    let n = out.len();
+    let mut oc = out.chunks_exact_mut(W);
+    let mut ac = a[..n].chunks_exact(W);
+    for (o, a) in (&mut oc).zip(&mut ac) {
+        let a: [f32; W] = a.try_into().expect("exact chunk");
+        let r: [f32; W] = std::array::from_fn(|l| f(a[l]));
+        o.copy_from_slice(&r);
+    }
+    for (o, &a) in oc.into_remainder().iter_mut().zip(ac.remainder()) {
+        *o = f(a);
+    }
+}
+
+/// `out[i] = f(a[i], b[i])`, as [`map1`].
+#[inline(always)]
+pub fn map2(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    let n = out.len();
+    let mut oc = out.chunks_exact_mut(W);
+    let mut ac = a[..n].chunks_exact(W);
+    let mut bc = b[..n].chunks_exact(W);
+    for ((o, a), b) in (&mut oc).zip(&mut ac).zip(&mut bc) {
+        let a: [f32; W] = a.try_into().expect("exact chunk");
+        let b: [f32; W] = b.try_into().expect("exact chunk");
+        let r: [f32; W] = std::array::from_fn(|l| f(a[l], b[l]));
+        o.copy_from_slice(&r);
+    }
+    let rest = ac.remainder().iter().zip(bc.remainder());
+    for (o, (&a, &b)) in oc.into_remainder().iter_mut().zip(rest) {
+        *o = f(a, b);
+    }
+}
+
+/// `out[i] = f(a[i], b[i], c[i])`, as [`map1`].
+#[inline(always)]
+pub fn map3(a: &[f32], b: &[f32], c: &[f32], out: &mut [f32], f: impl Fn(f32, f32, f32) -> f32) {
+    let n = out.len();
+    let mut oc = out.chunks_exact_mut(W);
+    let mut ac = a[..n].chunks_exact(W);
+    let mut bc = b[..n].chunks_exact(W);
+    let mut cc = c[..n].chunks_exact(W);
+    for (((o, a), b), c) in (&mut oc).zip(&mut ac).zip(&mut bc).zip(&mut cc) {
+        let a: [f32; W] = a.try_into().expect("exact chunk");
+        let b: [f32; W] = b.try_into().expect("exact chunk");
+        let c: [f32; W] = c.try_into().expect("exact chunk");
+        let r: [f32; W] = std::array::from_fn(|l| f(a[l], b[l], c[l]));
+        o.copy_from_slice(&r);
+    }
+    let rest = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .zip(cc.remainder());
+    for (o, ((&a, &b), &c)) in oc.into_remainder().iter_mut().zip(rest) {
+        *o = f(a, b, c);
     }
 }
 
@@ -110,29 +170,30 @@ fn max(a: f32, b: f32) -> f32 {
     }
 }
 
-macro_rules! binary_loop {
-    ($op:expr, $out:ident, $a:expr, $b:expr) => {
+/// `f(x, y)` of a binary operation, for [`map1`]/[`map2`] (matched once per call).
+macro_rules! with_binary {
+    ($op:expr, $f:ident => $body:expr) => {
         match $op {
-            Binary::Add => $out
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, o)| *o = $a(i) + $b(i)),
-            Binary::Sub => $out
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, o)| *o = $a(i) - $b(i)),
-            Binary::Mul => $out
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, o)| *o = $a(i) * $b(i)),
-            Binary::Div => $out
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, o)| *o = $a(i) / $b(i)),
-            Binary::Max => $out
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, o)| *o = max($a(i), $b(i))),
+            Binary::Add => {
+                let $f = |x: f32, y: f32| x + y;
+                $body
+            }
+            Binary::Sub => {
+                let $f = |x: f32, y: f32| x - y;
+                $body
+            }
+            Binary::Mul => {
+                let $f = |x: f32, y: f32| x * y;
+                $body
+            }
+            Binary::Div => {
+                let $f = |x: f32, y: f32| x / y;
+                $body
+            }
+            Binary::Max => {
+                let $f = max;
+                $body
+            }
         }
     };
 }
@@ -140,36 +201,26 @@ macro_rules! binary_loop {
 /// Lane-wise `a op b` on two vectors.
 #[inline(always)]
 pub fn binary_vv(op: Binary, a: &[f32], b: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let (a, b) = (&a[..n], &b[..n]);
-    binary_loop!(op, out, |i: usize| a[i], |i: usize| b[i]);
+    with_binary!(op, f => map2(a, b, out, f))
 }
 
 /// Lane-wise `a op s` with a scalar `s`.
 #[inline(always)]
 pub fn binary_vs(op: Binary, a: &[f32], s: f32, out: &mut [f32]) {
-    let n = out.len();
-    let a = &a[..n];
-    binary_loop!(op, out, |i: usize| a[i], |_| s);
+    with_binary!(op, f => map1(a, out, |x| f(x, s)))
 }
 
 /// Lane-wise `s op b` with a scalar `s`.
 #[inline(always)]
 pub fn binary_sv(op: Binary, s: f32, b: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let b = &b[..n];
-    binary_loop!(op, out, |_| s, |i: usize| b[i]);
+    with_binary!(op, f => map1(b, out, |y| f(s, y)))
 }
 
 /// Lane-wise `s0 · x0 + s1 · x1` (each product rounded, then the sum: no fused multiply-add,
 /// as the separate instructions it replaces).
 #[inline(always)]
 pub fn axpby(s0: f32, x0: &[f32], s1: f32, x1: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let (x0, x1) = (&x0[..n], &x1[..n]);
-    for i in 0..n {
-        out[i] = s0 * x0[i] + s1 * x1[i];
-    }
+    map2(x0, x1, out, |a, b| s0 * a + s1 * b)
 }
 
 /// The `TILE`-lane tiles `ti`, `ti + per_lane`, … of `x` (one per input channel).
