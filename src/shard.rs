@@ -11,7 +11,7 @@
 //! and its row range ([`RowShard`]), so only sums are exchanged (each mean's count is the whole
 //! tensor's, known to every rank); partial sums are f64, as the interpreter accumulates means.
 //!
-//! The stages come from the one pass plan ([`StagePlan`](crate::plan::StagePlan), which the
+//! The stages come from the one pass plan ([`StagePlan`], which the
 //! CPU backend renders too): a node's stage is the number of cross-shard means on its path (as
 //! the passes count element means), so each stage is a barrier only where the sharded axis
 //! makes it one. A factored tensor needs at most 2 rounds (the g²/row-accumulator means, then
