@@ -270,6 +270,50 @@ fn cpu_stages_equal_the_reference_stages() {
     }
 }
 
+/// A tensor that is not sharded (replicated; 0-d tensors too) has one stage and no round on
+/// both engines, and the CPU stage equals the reference within the CPU tolerance.
+#[test]
+fn unsharded_tensors_have_one_stage_on_both_engines() {
+    for dims in [&[][..], &[37], &[9, 5], &[4, 3, 5]] {
+        let layout = layout(dims, None);
+        let ir = Arc::new(compile_layout(&layout, &fixture_lopt()).unwrap());
+        let n = layout.numel();
+        let mut rng = Rng(5);
+        let p0: Vec<f32> = (0..n).map(|_| rng.next_f32() * 0.5).collect();
+        let grads: Vec<Vec<f32>> = (0..4).map(|_| rng.gradient(n)).collect();
+        let hyper = Hyper {
+            lr: 0.05,
+            weight_decay: 1e-2,
+        };
+        let run = |engine: StageEngine| {
+            let plan = Arc::new(StagedPlan::with_engine(ir.clone(), None, engine).unwrap());
+            assert_eq!(plan.rounds(), 0);
+            let (mut p, mut st) = (p0.clone(), TensorState::zeros(plan.local_layout(), 0));
+            for g in &grads {
+                let s = plan.begin(&p, g, &st, hyper).unwrap();
+                assert!(s.is_done() && s.partials().is_empty());
+                (p, st) = s.finish().unwrap();
+            }
+            (p, st)
+        };
+        let (want, want_state) = run(StageEngine::Interp);
+        let (got, got_state) = run(StageEngine::Cpu { threads: 2 });
+        let displacement = max_abs_diff(&p0, &want);
+        for (&a, &b) in got.iter().zip(&want) {
+            let bound = 1e-4 * displacement + 16.0 * f32::EPSILON as f64 * (b as f64).abs();
+            assert!(((a - b) as f64).abs() <= bound, "{layout}: {a} vs {b}");
+        }
+        assert_eq!(got_state.step, 4);
+        for (buffer, w) in want_state.iter() {
+            let scale = w.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+            assert!(
+                max_abs_diff(got_state.get(buffer), w) <= 1e-5 * scale,
+                "{layout} {buffer}"
+            );
+        }
+    }
+}
+
 /// The CPU stages give bitwise the same parameters, states and round buffers for any thread
 /// count.
 #[test]
