@@ -818,6 +818,7 @@ impl ShardedModel {
         clip::check_max_norm("max_grad_norm", max_grad_norm)?;
         let mut seen = std::collections::HashSet::new();
         let mut cache: HashMap<Layout, Arc<StepIr>> = HashMap::new();
+        let mut plan_cache: HashMap<(Layout, Option<RowShard>), Arc<StagedPlan>> = HashMap::new();
         let mut plans = Vec::with_capacity(params.len());
         let mut states = Vec::with_capacity(params.len());
         for (i, p) in params.iter().enumerate() {
@@ -835,10 +836,18 @@ impl ShardedModel {
                     ir
                 }
             };
-            let plan = Arc::new(
-                StagedPlan::with_engine(ir, p.shard, engine)
-                    .map_err(|e| Error::argument(&p.name, e.to_string()))?,
-            );
+            // Tensors of the same shape and rows share one plan (and its compiled program).
+            let plan = match plan_cache.get(&(p.layout.clone(), p.shard)) {
+                Some(plan) => plan.clone(),
+                None => {
+                    let plan = Arc::new(
+                        StagedPlan::with_engine(ir, p.shard, engine)
+                            .map_err(|e| Error::argument(&p.name, e.to_string()))?,
+                    );
+                    plan_cache.insert((p.layout.clone(), p.shard), plan.clone());
+                    plan
+                }
+            };
             states.push(TensorState::zeros(plan.local_layout(), 0));
             plans.push(plan);
         }
