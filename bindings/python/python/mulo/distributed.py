@@ -13,8 +13,8 @@ norms), one or two rounds of partial sums (the first rides with the header witho
 and one round of guard flags (a tensor whose step came out non-finite on any rank is undone
 on every rank). So 3 all-reduces per step without clipping, 4 with, whatever the number of
 tensors; the buffers hold about ``rows + cols + 28`` values per factored tensor
-(``bench/results/sharded.md``). The step runs mulo's staged evaluator (``mulo::shard``, the
-reference interpreter's arithmetic on the local rows), not the native CPU backend.
+(``bench/results/sharded.md``). The stages run on the native CPU backend (``mulo::shard``,
+``StageEngine::Cpu``: its chunk programs and dense kernels on the local rows).
 
 A ``Replicate()`` parameter is stepped whole on every rank: its gradient must be the same on
 every rank (as after DDP's all-reduce), or the ranks' copies drift apart.
