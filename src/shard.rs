@@ -108,6 +108,25 @@ enum Item {
 /// starts from the combined sums of round k − 1; the last stage ([`rounds`](Self::rounds))
 /// writes the new parameter and state. A tensor that is not sharded (`shard: None`) has no
 /// rounds: its one stage is the whole step.
+///
+/// **Contract** of a step, on either [`StageEngine`] (the stages are those of
+/// [`StagePlan`], the same partition for every backend):
+///
+/// 1. [`begin`](Self::begin)`(param, grad, state, hyper)`: the shard's rows, row-major (f32,
+///    [`local_layout`](Self::local_layout)`().numel()` values each) and its state (for the
+///    local layout). Runs stage 0; [`StagedStep::partials`] is then this rank's buffer of
+///    round 0: [`round_len`](Self::round_len)`(0)` f64 sums.
+/// 2. For each round `r` in `0..rounds()`, in order: the host adds every rank's buffer of
+///    round `r` (an all-reduce, sum, f64) and gives the sum to [`StagedStep::advance`], which
+///    runs stage `r + 1`; `partials()` is then round `r + 1`'s buffer (empty after the last).
+/// 3. [`StagedStep::finish`]: the new rows and state (step counter + 1). Nothing the caller
+///    owns changes before.
+///
+/// A round buffer holds, for each cross mean of the next stage in node order
+/// ([`round_contents`](Self::round_contents): note, offset, length), its `width × points`
+/// partial sums over the local rows, `[point][lane]` (the points of its domain, which lacks
+/// axis 0: every rank has all of them). Its sizes depend only on the whole tensor's layout, so
+/// every rank's buffers match whatever its rows (an empty shard sends zeros).
 #[derive(Clone, Debug)]
 pub struct StagedPlan {
     ir: Arc<StepIr>,

@@ -379,6 +379,22 @@ fn cpu_stages_are_bitwise_the_same_for_any_thread_count() {
         .iter()
         .zip(&buffers[1])
         .all(|(a, b)| a.to_bits() == b.to_bits()));
+    // The same layout as the reference stages' buffer (so ranks may mix engines): every sum
+    // close to the reference's, relative to the largest.
+    let plan = Arc::new(StagedPlan::new(ir.clone(), Some(shard)).unwrap());
+    let state = TensorState::zeros(plan.local_layout(), 0);
+    let want = plan.begin(&param, &grad, &state, hyper).unwrap();
+    let want = want.partials();
+    assert_eq!(want.len(), buffers[0].len());
+    for (_, off, len) in plan.round_contents(0) {
+        let (g, w) = (&buffers[0][off..off + len], &want[off..off + len]);
+        let scale = w.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+        let err = g.iter().zip(w).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "round 0 at {off}: {err:e} of {scale:e}"
+        );
+    }
 }
 
 /// The round structure follows the sharded axis: sharded along d0, the g² means along d0 are
