@@ -26,10 +26,15 @@ pub const BLOCK_THREADS: usize = 256;
 /// Rows of its tile each elem-kernel thread walks (caps the tile along the Y axis).
 pub const ROWS_PER_THREAD: usize = 4;
 
-/// The fewest blocks a multi-block small kernel spreads a domain of at least as many points
-/// over: 2 per SM of an H100 (132 SMs), so that no small-domain work of a big tensor runs on
-/// a corner of the GPU (#12.2).
+/// The fewest blocks a multi-block small kernel of a big tensor ([`SPREAD_NUMEL`]) spreads a
+/// domain of at least as many points over: 2 per SM of an H100 (132 SMs), so that no
+/// small-domain work of a big tensor runs on a corner of the GPU (#12.2).
 pub const SPREAD_BLOCKS: usize = 264;
+
+/// Tensors of at least this many elements (2^20) spread their multi-block small kernels over
+/// [`SPREAD_BLOCKS`]; smaller ones use one block per 256 points (their small domains have a few
+/// thousand points at most, and a packed model runs every tensor's small kernels at once).
+pub const SPREAD_NUMEL: usize = 1 << 20;
 
 /// A mean computed by a one-block kernel (a step-domain element mean, or a small-domain mean
 /// onto fewer than 64 points) that has more values than this to sum per lane and point is
@@ -242,13 +247,19 @@ pub struct Schedule {
 
 /// Schedules `ir` into kernels (see the module documentation).
 pub fn schedule(ir: &StepIr) -> Schedule {
-    schedule_with(ir, CHUNK_THRESHOLD, SPREAD_BLOCKS)
+    let spread = if ir.layout.numel() >= SPREAD_NUMEL {
+        SPREAD_BLOCKS
+    } else {
+        1
+    };
+    schedule_with(ir, CHUNK_THRESHOLD, spread)
 }
 
 /// [`schedule`] with one-block means chunked above `chunk_threshold` values per lane and
 /// point instead of [`CHUNK_THRESHOLD`], and multi-block small kernels spread over at least
-/// `spread` blocks instead of [`SPREAD_BLOCKS`] (the emulation tests chunk small tensors'
-/// means, over few blocks, to check that path).
+/// `spread` blocks (where a domain has as many points) instead of [`SPREAD_BLOCKS`] or 1 (the
+/// emulation tests chunk small tensors' means, and spread their points over a few blocks, to
+/// check those paths).
 pub fn schedule_with(ir: &StepIr, chunk_threshold: usize, spread: usize) -> Schedule {
     let layout = &ir.layout;
     let tiling = Tiling::of(layout);
@@ -535,8 +546,12 @@ fn stage_phases(
                     .unwrap_or(1);
                 if chunked.is_empty() {
                     points.max(1)
-                } else {
+                } else if spread > 1 {
                     points.max(spread)
+                } else {
+                    // A small tensor's long mean (a skinny one's rows): chunked over the GPU
+                    // all the same.
+                    points.max(SPREAD_BLOCKS)
                 }
             };
             Some(SmallPhase {
