@@ -34,6 +34,13 @@ pub fn is_elem_mean(ir: &StepIr, id: ValueId) -> bool {
 
 /// Levels of every node: the number of element means on its dependency path.
 pub fn levels(ir: &StepIr) -> Vec<u32> {
+    levels_by(ir, |v| is_elem_mean(ir, v))
+}
+
+/// Levels of every node counting only the barriers `barrier` picks: the number of such nodes
+/// on its dependency path (a barrier counts itself). [`levels`] counts the element means;
+/// [`StagePlan`] the means that cross a sharded axis.
+pub fn levels_by(ir: &StepIr, barrier: impl Fn(ValueId) -> bool) -> Vec<u32> {
     let mut level = vec![0u32; ir.nodes.len()];
     for (i, node) in ir.nodes.iter().enumerate() {
         let base = node
@@ -43,9 +50,22 @@ pub fn levels(ir: &StepIr) -> Vec<u32> {
             .map(|o| level[o.index()])
             .max()
             .unwrap_or(0);
-        level[i] = base + is_elem_mean(ir, ValueId(i as u32)) as u32;
+        level[i] = base + barrier(ValueId(i as u32)) as u32;
     }
     level
+}
+
+/// Whether node `id` is a mean that crosses axis `axis` of the layout: its operand's domain
+/// keeps the axis and its own does not (it sums along that axis). With the tensor split along
+/// `axis`, such a mean needs every part's partial sums.
+pub fn crosses_axis(ir: &StepIr, id: ValueId, axis: usize) -> bool {
+    match ir.node(id).op {
+        Op::Mean(a) => {
+            let keeps = |d: Domain| ir.layout.domain_axes(d).contains(&axis);
+            keeps(ir.node(a).domain) && !keeps(ir.node(id).domain)
+        }
+        _ => false,
+    }
 }
 
 /// The element-domain nodes a pass computes for `roots` (in topological order), and the
@@ -238,6 +258,180 @@ impl PassPlan {
     }
 }
 
+/// One sweep over the elements of a [`StagePlan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagePass {
+    /// The stage it runs in.
+    pub stage: u32,
+    /// Its element level: it runs after the small nodes of `(stage, level)`.
+    pub level: u32,
+    /// The element means whose operands it reduces (their operands are at `(stage, level)`).
+    pub means: Vec<ValueId>,
+    /// Whether it is the last pass, which performs the element stores.
+    pub last: bool,
+}
+
+/// The partition of a step into **stages** for a tensor split along one axis (the rows of
+/// axis 0 under FSDP's `Shard(0)`): every backend's staged step renders this one plan.
+///
+/// - A **cross mean** is a mean over the split axis ([`crosses_axis`]): no part can finish it
+///   alone. The **stage** of a node is the number of cross means on its dependency path
+///   ([`levels_by`]): stage `s` needs the sums of round `s − 1` and nothing later.
+/// - **Round** `r` carries the partial sums of the cross means of stage `r + 1`
+///   ([`round_means`](Self::round_means)), each `width × points` f64 sums over the part's
+///   elements (points of the mean's domain, which does not keep the split axis, so every part
+///   has all of them), in node order. The host adds every part's round buffer; stage `r + 1`
+///   divides each sum by the whole tensor's count.
+/// - Within a stage, the element means that do not cross (e.g. the row accumulator of a tensor
+///   split by rows) are barriers as in [`PassPlan`]: the **element level** ([`levels`]) orders
+///   the work. A stage runs, for each level `l` in order: the small-domain nodes of
+///   `(stage, l)` ([`small_nodes`](Self::small_nodes)), then the pass `(stage, l)` if there is
+///   one ([`passes`](Self::passes)). Then the partial sums of the next round: those of a cross
+///   element mean are accumulated by the pass of its operand (the stage's own), those of a
+///   cross small-domain mean summed from its operand's values.
+/// - The last stage (`rounds()`) ends with the last pass (element stores), then the
+///   small-domain stores.
+///
+/// Without a split axis there are no cross means: one stage, whose passes are those of the
+/// unsplit step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagePlan {
+    /// The split axis (`None`: not split).
+    pub axis: Option<usize>,
+    /// Element level of every node ([`levels`]).
+    pub levels: Vec<u32>,
+    /// Stage of every node.
+    pub stage: Vec<u32>,
+    /// Whether each node is a cross mean.
+    pub cross: Vec<bool>,
+    /// For every round: the cross means whose partial sums it carries, in node order.
+    pub round_means: Vec<Vec<ValueId>>,
+    /// The passes in the order they run (by stage, then level).
+    pub passes: Vec<StagePass>,
+}
+
+impl StagePlan {
+    /// The stages of `ir` (compiled for the whole tensor) split along `axis`.
+    pub fn of(ir: &StepIr, axis: Option<usize>) -> Self {
+        let cross: Vec<bool> = ir
+            .ids()
+            .map(|v| axis.is_some_and(|a| crosses_axis(ir, v, a)))
+            .collect();
+        let stage = levels_by(ir, |v| cross[v.index()]);
+        let level = levels(ir);
+        let rounds = stage.iter().copied().max().unwrap_or(0);
+        let mut round_means = vec![Vec::new(); rounds as usize];
+        for v in ir.ids().filter(|v| cross[v.index()]) {
+            round_means[stage[v.index()] as usize - 1].push(v);
+        }
+        let mut reduce: std::collections::BTreeMap<(u32, u32), Vec<ValueId>> =
+            std::collections::BTreeMap::new();
+        for v in ir.ids().filter(|&v| is_elem_mean(ir, v)) {
+            let a = ir.node(v).op.operands()[0];
+            reduce
+                .entry((stage[a.index()], level[a.index()]))
+                .or_default()
+                .push(v);
+        }
+        // The last pass runs after every small node of the last stage: a mean reduced there
+        // would be above every level of that stage, so it has no means of its own.
+        let last_level = ir
+            .ids()
+            .filter(|v| stage[v.index()] == rounds)
+            .map(|v| level[v.index()])
+            .max()
+            .unwrap_or(0);
+        debug_assert!(!reduce.contains_key(&(rounds, last_level)));
+        let mut passes: Vec<StagePass> = reduce
+            .into_iter()
+            .map(|((stage, level), means)| StagePass {
+                stage,
+                level,
+                means,
+                last: false,
+            })
+            .collect();
+        passes.push(StagePass {
+            stage: rounds,
+            level: last_level,
+            means: Vec::new(),
+            last: true,
+        });
+        StagePlan {
+            axis,
+            levels: level,
+            stage,
+            cross,
+            round_means,
+            passes,
+        }
+    }
+
+    /// Number of rounds (combines of partial sums) a step needs.
+    pub fn rounds(&self) -> usize {
+        self.round_means.len()
+    }
+
+    /// The highest element level of the nodes of `stage`.
+    pub fn max_level(&self, stage: u32) -> u32 {
+        self.stage
+            .iter()
+            .zip(&self.levels)
+            .filter(|(&s, _)| s == stage)
+            .map(|(_, &l)| l)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Round `round`'s buffer: each cross mean with its offset, and the total length (f64
+    /// sums: width × points of the mean's domain, for the whole tensor's layout).
+    pub fn round_slots(&self, ir: &StepIr, round: usize) -> (Vec<(ValueId, usize)>, usize) {
+        let mut off = 0;
+        let slots = self.round_means[round]
+            .iter()
+            .map(|&m| {
+                let node = ir.node(m);
+                let at = off;
+                off += node.width as usize * ir.layout.domain_len(node.domain);
+                (m, at)
+            })
+            .collect();
+        (slots, off)
+    }
+
+    /// The small-domain nodes of `(stage, level)` that are not stores (inlined ones included),
+    /// in topological order.
+    pub fn small_nodes(&self, ir: &StepIr, stage: u32, level: u32) -> Vec<ValueId> {
+        ir.ids()
+            .filter(|&v| {
+                let node = ir.node(v);
+                node.domain != Domain::Elem
+                    && !matches!(node.op, Op::Store { .. })
+                    && self.stage[v.index()] == stage
+                    && self.levels[v.index()] == level
+            })
+            .collect()
+    }
+
+    /// The nodes pass `i` (of [`passes`](Self::passes)) must produce: the operands of its
+    /// means, and (last pass) the element stores.
+    pub fn pass_roots(&self, ir: &StepIr, i: usize) -> Vec<ValueId> {
+        let pass = &self.passes[i];
+        let mut roots: Vec<ValueId> = pass
+            .means
+            .iter()
+            .map(|&m| ir.node(m).op.operands()[0])
+            .collect();
+        if pass.last {
+            roots.extend(ir.ids().filter(|&v| {
+                let node = ir.node(v);
+                node.domain == Domain::Elem && matches!(node.op, Op::Store { .. })
+            }));
+        }
+        roots
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +489,55 @@ mod tests {
         let (ir1, p1) = plan("37");
         assert_eq!(p1.passes(), [0, 1]);
         assert!(!p1.stage_nodes(&ir1, 1).is_empty());
+    }
+
+    #[test]
+    fn stages_split_at_the_means_that_cross_the_axis() {
+        // Not split: one stage, the passes of the pass plan.
+        for shape in ["64x32", "37", "16x8x3x3"] {
+            let (ir, p) = plan(shape);
+            let s = StagePlan::of(&ir, None);
+            assert_eq!(s.rounds(), 0);
+            assert!(s.cross.iter().all(|&c| !c));
+            let levels: Vec<u32> = s.passes.iter().map(|q| q.level).collect();
+            assert_eq!(levels, p.passes(), "{shape}");
+            assert!(s.passes.last().unwrap().last);
+        }
+        // 64x32 split by rows: round 0 carries the means of g² along axis 0 (those along axis 1
+        // stay on the part) and the feature statistics ready by then, round 1 the other
+        // feature mean squares; no extra pass over the elements.
+        let (ir, p) = plan("64x32");
+        let s = StagePlan::of(&ir, Some(0));
+        assert_eq!(s.rounds(), 2);
+        for (r, means) in s.round_means.iter().enumerate() {
+            for &m in means {
+                assert!(crosses_axis(&ir, m, 0));
+                assert_eq!(s.stage[m.index()] as usize, r + 1);
+            }
+        }
+        // (Here d0 = 0: the row domain keeps axis 1.)
+        assert_eq!(ir.layout.domain_axes(Domain::Row), [1]);
+        let to = |r: usize, d: Domain| {
+            s.round_means[r]
+                .iter()
+                .filter(|&&m| ir.node(m).domain == d)
+                .count()
+        };
+        assert_eq!(to(0, Domain::Row), 1);
+        assert_eq!(
+            to(0, Domain::Row) + to(0, Domain::Step),
+            s.round_means[0].len()
+        );
+        assert_eq!(to(1, Domain::Step), s.round_means[1].len());
+        assert_eq!(s.passes.len(), p.passes().len());
+        let (slots, len) = s.round_slots(&ir, 0);
+        assert_eq!(slots.len(), s.round_means[0].len());
+        assert!(len >= 32);
+        // Every node's stage is at least its operands' (a stage never needs a later round).
+        for v in ir.ids() {
+            for o in ir.node(v).op.operands() {
+                assert!(s.stage[o.index()] <= s.stage[v.index()]);
+            }
+        }
     }
 }

@@ -11,13 +11,15 @@
 //! and its row range ([`RowShard`]), so only sums are exchanged (each mean's count is the whole
 //! tensor's, known to every rank); partial sums are f64, as the interpreter accumulates means.
 //!
-//! The stages come from the IR ([`StagedPlan::new`]): a node's stage is the number of
-//! cross-shard means on its path (as the CUDA passes count element means), so each stage is
-//! a barrier only where the sharded axis makes it one. A factored tensor needs at most 2
-//! rounds (the g²/row-accumulator means, then the 28 feature mean squares); an unfactored one 1.
-//! The stages are executed by an evaluator with the reference interpreter's semantics (f32
-//! values, f64 sums), on the shard's local buffers: this is not the native CPU backend's speed
-//! (see the README), but it is exact.
+//! The stages come from the one pass plan ([`StagePlan`], which the
+//! CPU backend renders too): a node's stage is the number of cross-shard means on its path (as
+//! the passes count element means), so each stage is a barrier only where the sharded axis
+//! makes it one. A factored tensor needs at most 2 rounds (the g²/row-accumulator means, then
+//! the 28 feature mean squares); an unfactored one 1. What executes them is a
+//! [`StageEngine`]: the native CPU backend ([`CpuStaged`]: the chunk programs and FMA dense
+//! kernels of the CPU backend, on the shard's rows; the default of [`ShardedModel`]), or the
+//! reference evaluator with the interpreter's semantics (f32 values, f64 sums), bitwise equal
+//! to the unsharded interpreter step and slow ([`StagedPlan::new`]).
 //!
 //! [`ShardedModel`] drives a whole model's shards with the optimizer's policies (per-tensor
 //! clipping, non-finite gradients, the guard) and batches every tensor's partials into **one
@@ -45,12 +47,14 @@
 //! # Ok::<(), mulo::Error>(())
 //! ```
 
+use crate::backend::cpu::{default_threads, CpuStaged, CpuStagedStep};
 use crate::backend::interp::{binary, unary};
 use crate::backend::Hyper;
 use crate::error::{Error, Result};
 use crate::ir::{Buffer, Op, RuntimeScalar, StepIr, ValueId};
 use crate::lopt::LearnedOptimizer;
 use crate::optimizer::{clip, nonfinite, NonFiniteCount, NonFinitePolicy, StepReport};
+use crate::plan::StagePlan;
 use crate::shape::{Domain, FactoredAxes, Layout, Shape};
 use crate::state::TensorState;
 use std::collections::HashMap;
@@ -104,6 +108,25 @@ enum Item {
 /// starts from the combined sums of round k − 1; the last stage ([`rounds`](Self::rounds))
 /// writes the new parameter and state. A tensor that is not sharded (`shard: None`) has no
 /// rounds: its one stage is the whole step.
+///
+/// **Contract** of a step, on either [`StageEngine`] (the stages are those of
+/// [`StagePlan`], the same partition for every backend):
+///
+/// 1. [`begin`](Self::begin)`(param, grad, state, hyper)`: the shard's rows, row-major (f32,
+///    [`local_layout`](Self::local_layout)`().numel()` values each) and its state (for the
+///    local layout). Runs stage 0; [`StagedStep::partials`] is then this rank's buffer of
+///    round 0: [`round_len`](Self::round_len)`(0)` f64 sums.
+/// 2. For each round `r` in `0..rounds()`, in order: the host adds every rank's buffer of
+///    round `r` (an all-reduce, sum, f64) and gives the sum to [`StagedStep::advance`], which
+///    runs stage `r + 1`; `partials()` is then round `r + 1`'s buffer (empty after the last).
+/// 3. [`StagedStep::finish`]: the new rows and state (step counter + 1). Nothing the caller
+///    owns changes before.
+///
+/// A round buffer holds, for each cross mean of the next stage in node order
+/// ([`round_contents`](Self::round_contents): note, offset, length), its `width × points`
+/// partial sums over the local rows, `[point][lane]` (the points of its domain, which lacks
+/// axis 0: every rank has all of them). Its sizes depend only on the whole tensor's layout, so
+/// every rank's buffers match whatever its rows (an empty shard sends zeros).
 #[derive(Clone, Debug)]
 pub struct StagedPlan {
     ir: Arc<StepIr>,
@@ -116,59 +139,71 @@ pub struct StagedPlan {
     /// Per round: (cross mean, offset in the round's buffer), in node order.
     slots: Vec<Vec<(ValueId, usize)>>,
     round_len: Vec<usize>,
+    engine: StageEngine,
+    /// The native CPU rendering of the stages ([`StageEngine::Cpu`]).
+    cpu: Option<Arc<CpuStaged>>,
 }
 
-/// Whether `domain` keeps axis 0 of `layout` (a value on it is sharded with the rows).
-fn keeps_axis0(layout: &Layout, domain: Domain) -> bool {
-    layout.domain_axes(domain).contains(&0)
+/// What executes a [`StagedPlan`]'s stages. Both render the same [`StagePlan`] and fill the
+/// same round buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageEngine {
+    /// The reference evaluator: the interpreter's semantics node by node (f32 values, f64
+    /// sums), bitwise equal to the unsharded interpreter step. Slow: every element value is
+    /// materialized over the shard.
+    Interp,
+    /// The native CPU backend's chunk programs on `threads` threads ([`CpuStaged`]): equal to
+    /// the reference within the CPU backend's tolerance, bitwise the same for any thread
+    /// count.
+    Cpu {
+        /// Threads per pass (at least 1).
+        threads: usize,
+    },
+}
+
+impl Default for StageEngine {
+    /// The native CPU backend on [`default_threads`] threads.
+    fn default() -> Self {
+        StageEngine::Cpu {
+            threads: default_threads(),
+        }
+    }
 }
 
 impl StagedPlan {
     /// Splits `ir` (compiled for the whole tensor) into stages for the rows `shard` of it;
-    /// `None`: the tensor is not sharded (every rank steps all of it, with no rounds).
+    /// `None`: the tensor is not sharded (every rank steps all of it, with no rounds). The
+    /// stages run on the reference evaluator ([`StageEngine::Interp`]).
     pub fn new(ir: Arc<StepIr>, shard: Option<RowShard>) -> Result<Self> {
+        Self::with_engine(ir, shard, StageEngine::Interp)
+    }
+
+    /// As [`new`](Self::new), the stages running on `engine`.
+    pub fn with_engine(
+        ir: Arc<StepIr>,
+        shard: Option<RowShard>,
+        engine: StageEngine,
+    ) -> Result<Self> {
         let layout = ir.layout.clone();
         if let Some(s) = shard {
             s.check(&layout)
                 .map_err(|why| Error::argument(format!("shard of {}", layout.shape()), why))?;
         }
         let n = ir.nodes.len();
-        let cross: Vec<bool> = ir
-            .nodes
-            .iter()
-            .map(|node| match node.op {
-                Op::Mean(a) => {
-                    shard.is_some()
-                        && keeps_axis0(&layout, ir.node(a).domain)
-                        && !keeps_axis0(&layout, node.domain)
-                }
-                _ => false,
-            })
-            .collect();
-        let mut level = vec![0u32; n];
-        for (i, node) in ir.nodes.iter().enumerate() {
-            let base = node
-                .op
-                .operands()
-                .iter()
-                .map(|o| level[o.index()])
-                .max()
-                .unwrap_or(0);
-            level[i] = base + cross[i] as u32;
-        }
-        let rounds = level.iter().copied().max().unwrap_or(0) as usize;
+        let stages = StagePlan::of(&ir, shard.map(|_| 0));
+        let (cross, level) = (&stages.cross, &stages.stage);
+        let rounds = stages.rounds();
         let mut seq: Vec<Vec<Item>> = vec![Vec::new(); rounds + 1];
         for id in ir.ids() {
             seq[level[id.index()] as usize].push(Item::Eval(id));
         }
-        let mut slots: Vec<Vec<(ValueId, usize)>> = vec![Vec::new(); rounds];
-        let mut round_len = vec![0usize; rounds];
-        for id in ir.ids().filter(|id| cross[id.index()]) {
-            let node = ir.node(id);
-            let round = level[id.index()] as usize - 1;
-            seq[round].push(Item::Partial(id));
-            slots[round].push((id, round_len[round]));
-            round_len[round] += node.width as usize * layout.domain_len(node.domain);
+        let mut slots: Vec<Vec<(ValueId, usize)>> = Vec::with_capacity(rounds);
+        let mut round_len = Vec::with_capacity(rounds);
+        for (round, items) in seq.iter_mut().take(rounds).enumerate() {
+            let (s, len) = stages.round_slots(&ir, round);
+            items.extend(s.iter().map(|&(id, _)| Item::Partial(id)));
+            slots.push(s);
+            round_len.push(len);
         }
         // Last use of every value, in evaluation order (stage, position).
         let mut last: Vec<(usize, usize)> = vec![(0, 0); n];
@@ -202,6 +237,18 @@ impl StagedPlan {
             Some(s) => layout.with_local_rows(s.rows),
             None => layout.clone(),
         };
+        let cpu = match engine {
+            StageEngine::Interp => None,
+            StageEngine::Cpu { threads } => Some(Arc::new(CpuStaged::new(
+                ir.clone(),
+                shard.map(|s| s.rows),
+                threads,
+            )?)),
+        };
+        if let Some(c) = &cpu {
+            debug_assert_eq!(c.rounds(), round_len.len());
+            debug_assert_eq!(c.local_layout(), &local);
+        }
         Ok(StagedPlan {
             ir,
             shard,
@@ -210,6 +257,8 @@ impl StagedPlan {
             frees,
             slots,
             round_len,
+            engine,
+            cpu,
         })
     }
 
@@ -222,6 +271,11 @@ impl StagedPlan {
     /// parameter, gradient and [`TensorState`] buffers are sized by).
     pub fn local_layout(&self) -> &Layout {
         &self.local
+    }
+
+    /// What runs the stages.
+    pub fn engine(&self) -> StageEngine {
+        self.engine
     }
 
     /// The rows this plan steps (`None`: the whole tensor, not sharded).
@@ -291,9 +345,14 @@ impl StagedPlan {
                 ),
             ));
         }
+        if let Some(cpu) = &self.cpu {
+            return Ok(StagedStep(StepOn::Cpu(
+                cpu.begin(param, grad, state, hyper)?,
+            )));
+        }
         let mut new_state = state.clone();
         new_state.step = state.step + 1;
-        let mut step = StagedStep {
+        let mut step = InterpStep {
             plan: self.clone(),
             values: vec![None; self.ir.nodes.len()],
             maps: HashMap::new(),
@@ -307,12 +366,68 @@ impl StagedPlan {
             partials: Vec::new(),
         };
         step.run_stage(&[])?;
-        Ok(step)
+        Ok(StagedStep(StepOn::Interp(step)))
     }
 }
 
-/// A step of one shard in flight (see [`StagedPlan`]).
-pub struct StagedStep {
+/// A step of one shard in flight (see [`StagedPlan`]), on the plan's [`StageEngine`].
+pub struct StagedStep(StepOn);
+
+enum StepOn {
+    Interp(InterpStep),
+    Cpu(CpuStagedStep),
+}
+
+impl StagedStep {
+    /// This rank's partial sums for the current round (empty once the step is done).
+    pub fn partials(&self) -> &[f64] {
+        match &self.0 {
+            StepOn::Interp(s) => s.partials(),
+            StepOn::Cpu(s) => s.partials(),
+        }
+    }
+
+    /// Whether every stage has run.
+    pub fn is_done(&self) -> bool {
+        match &self.0 {
+            StepOn::Interp(s) => s.is_done(),
+            StepOn::Cpu(s) => s.is_done(),
+        }
+    }
+
+    /// Gives the current round's sums over every rank and runs the next stage.
+    pub fn advance(&mut self, combined: &[f64]) -> Result<()> {
+        match &mut self.0 {
+            StepOn::Interp(s) => s.advance(combined),
+            StepOn::Cpu(s) => s.advance(combined),
+        }
+    }
+
+    /// Whether the new parameter and state are all finite (meaningful once done).
+    pub fn outputs_finite(&self) -> bool {
+        match &self.0 {
+            StepOn::Interp(s) => {
+                s.new_param.iter().all(|x| x.is_finite())
+                    && s.new_state
+                        .iter()
+                        .all(|(_, v)| v.iter().all(|x| x.is_finite()))
+            }
+            StepOn::Cpu(s) => s.outputs_finite(),
+        }
+    }
+
+    /// The new local parameter and state (step counter + 1), once done.
+    pub fn finish(self) -> Result<(Vec<f32>, TensorState)> {
+        match self.0 {
+            StepOn::Interp(s) => s.finish(),
+            StepOn::Cpu(s) => s.finish(),
+        }
+    }
+}
+
+/// The reference evaluator's step in flight: every node over the local buffers, as the
+/// interpreter computes it.
+struct InterpStep {
     plan: Arc<StagedPlan>,
     values: Vec<Option<Vec<f32>>>,
     maps: HashMap<(Domain, Domain), Arc<Vec<usize>>>,
@@ -326,19 +441,16 @@ pub struct StagedStep {
     partials: Vec<f64>,
 }
 
-impl StagedStep {
-    /// This rank's partial sums for the current round (empty once the step is done).
-    pub fn partials(&self) -> &[f64] {
+impl InterpStep {
+    fn partials(&self) -> &[f64] {
         &self.partials
     }
 
-    /// Whether every stage has run.
-    pub fn is_done(&self) -> bool {
+    fn is_done(&self) -> bool {
         self.next_stage > self.plan.rounds()
     }
 
-    /// Gives the current round's sums over every rank and runs the next stage.
-    pub fn advance(&mut self, combined: &[f64]) -> Result<()> {
+    fn advance(&mut self, combined: &[f64]) -> Result<()> {
         if self.is_done() {
             return Err(Error::argument(
                 "combined",
@@ -360,8 +472,7 @@ impl StagedStep {
         self.run_stage(combined)
     }
 
-    /// The new local parameter and state (step counter + 1), once done.
-    pub fn finish(self) -> Result<(Vec<f32>, TensorState)> {
+    fn finish(self) -> Result<(Vec<f32>, TensorState)> {
         if !self.is_done() {
             return Err(Error::argument(
                 "staged step",
@@ -697,16 +808,36 @@ impl std::fmt::Debug for ShardedModel {
 
 impl ShardedModel {
     /// A model of `params` at step 0, zero state; `max_grad_norm`: per-tensor clipping over the
-    /// whole tensor (PyLO's rule).
+    /// whole tensor (PyLO's rule). The stages run on the native CPU backend
+    /// ([`StageEngine::default`]).
     pub fn new(
         lopt: &LearnedOptimizer,
         params: Vec<ShardedParam>,
         max_grad_norm: Option<f32>,
         nonfinite: NonFinitePolicy,
     ) -> Result<Self> {
+        Self::with_engine(
+            lopt,
+            params,
+            max_grad_norm,
+            nonfinite,
+            StageEngine::default(),
+        )
+    }
+
+    /// As [`new`](Self::new), every tensor's stages running on `engine`
+    /// ([`StageEngine::Interp`]: the reference evaluator).
+    pub fn with_engine(
+        lopt: &LearnedOptimizer,
+        params: Vec<ShardedParam>,
+        max_grad_norm: Option<f32>,
+        nonfinite: NonFinitePolicy,
+        engine: StageEngine,
+    ) -> Result<Self> {
         clip::check_max_norm("max_grad_norm", max_grad_norm)?;
         let mut seen = std::collections::HashSet::new();
         let mut cache: HashMap<Layout, Arc<StepIr>> = HashMap::new();
+        let mut plan_cache: HashMap<(Layout, Option<RowShard>), Arc<StagedPlan>> = HashMap::new();
         let mut plans = Vec::with_capacity(params.len());
         let mut states = Vec::with_capacity(params.len());
         for (i, p) in params.iter().enumerate() {
@@ -724,10 +855,18 @@ impl ShardedModel {
                     ir
                 }
             };
-            let plan = Arc::new(
-                StagedPlan::new(ir, p.shard)
-                    .map_err(|e| Error::argument(&p.name, e.to_string()))?,
-            );
+            // Tensors of the same shape and rows share one plan (and its compiled program).
+            let plan = match plan_cache.get(&(p.layout.clone(), p.shard)) {
+                Some(plan) => plan.clone(),
+                None => {
+                    let plan = Arc::new(
+                        StagedPlan::with_engine(ir, p.shard, engine)
+                            .map_err(|e| Error::argument(&p.name, e.to_string()))?,
+                    );
+                    plan_cache.insert((p.layout.clone(), p.shard), plan.clone());
+                    plan
+                }
+            };
             states.push(TensorState::zeros(plan.local_layout(), 0));
             plans.push(plan);
         }
@@ -1017,12 +1156,7 @@ impl ShardedModel {
         if next + 1 == self.rounds() {
             for i in 0..t {
                 let bad = match (&pending.steps[i], pending.active[i]) {
-                    (Some(s), true) => {
-                        s.new_param.iter().any(|x| !x.is_finite())
-                            || s.new_state
-                                .iter()
-                                .any(|(_, v)| v.iter().any(|x| !x.is_finite()))
-                    }
+                    (Some(s), true) => !s.outputs_finite(),
                     _ => false,
                 };
                 buf.push(bad as u8 as f64);

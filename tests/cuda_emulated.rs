@@ -31,7 +31,15 @@ struct EmulatedStepper {
 
 impl EmulatedStepper {
     fn new(ir: &StepIr, name: &str) -> Self {
-        let generated = cuda::generate(ir).expect("renders");
+        Self::with_schedule(ir, name, cuda::schedule::schedule(ir))
+    }
+
+    /// Emulates the kernels of `schedule` (a schedule of `ir`).
+    fn with_schedule(ir: &StepIr, name: &str, schedule: cuda::schedule::Schedule) -> Self {
+        let generated = cuda::CudaSource {
+            source: cuda::render::render(ir, &schedule).expect("renders"),
+            schedule,
+        };
         let manifest =
             cuda::manifest::Manifest::new(ir, &generated.schedule, "sm_80", (0, 0)).unwrap();
         let dir = std::env::temp_dir().join(format!("mulo-emu-{}-{name}", std::process::id()));
@@ -210,6 +218,85 @@ fn emulated_kernels_match_the_interpreter_on_odd_shapes() {
             let e = max_abs_diff(se.get(b), want) / s;
             assert!(e <= DEFAULT_TOLERANCE, "{shape}: state {b}: {e:e}");
         }
+    }
+}
+
+/// The two-level finish of the one-block means (chunk sums over many blocks, then one block
+/// summing the chunks), and the points of multi-block small kernels spread over more blocks
+/// than they fill, which only tensors of over a million elements take by default, forced on
+/// small shapes: every chunked mean, element or small-domain, bitwise as the interpreter; and
+/// the same spread over 3 blocks without chunks.
+#[test]
+fn emulated_chunked_means_match_the_interpreter() {
+    if !gxx_or_skip("emulated_chunked_means_match_the_interpreter") {
+        return;
+    }
+    let lopt = common::fixture_lopt();
+    for (i, (shape, chunk)) in [("70x33", true), ("3x1x40", true), ("70x33", false)]
+        .into_iter()
+        .enumerate()
+    {
+        let shape = Shape::parse(shape).unwrap();
+        let ir = Arc::new(mulo::compile_step(&shape, &lopt).unwrap());
+        if !chunk {
+            // Every domain of more than 3 points over 3 blocks; nothing chunked.
+            let schedule = cuda::schedule::schedule_with(&ir, usize::MAX, 3);
+            assert!(schedule.chunks.is_empty());
+            assert!(schedule
+                .kernels
+                .iter()
+                .any(|k| matches!(&k.kind, cuda::schedule::KernelKind::Small { blocks: 3, .. })));
+            let emu = EmulatedStepper::with_schedule(&ir, &format!("spread{i}"), schedule);
+            assert_bitwise_as_the_interpreter(emu, &ir);
+            continue;
+        }
+        // Chunks over 4 blocks (264 by default): a few values each.
+        let schedule = cuda::schedule::schedule_with(&ir, 0, 4);
+        // Both kinds of chunked means are there, and a multi-block kernel sums their chunks.
+        let chunked: Vec<_> = schedule.chunks.keys().copied().collect();
+        let elem = |v: &mulo::ir::ValueId| matches!(ir.node(*v).op, mulo::ir::Op::Mean(a) if ir.node(a).domain == mulo::shape::Domain::Elem);
+        assert!(chunked.iter().any(elem), "{shape}: no chunked element mean");
+        if i == 0 {
+            assert!(
+                !chunked.iter().all(elem),
+                "{shape}: no chunked small-domain mean"
+            );
+        }
+        assert!(schedule.kernels.iter().any(|k| matches!(
+            &k.kind,
+            cuda::schedule::KernelKind::Small { blocks, chunked, .. } if *blocks >= 4 && !chunked.is_empty()
+        )));
+        let emu = EmulatedStepper::with_schedule(&ir, &format!("chunk{i}"), schedule);
+        assert_bitwise_as_the_interpreter(emu, &ir);
+    }
+}
+
+/// Two steps of `emu` and of the interpreter on `ir`: parameters and state bitwise equal.
+fn assert_bitwise_as_the_interpreter(mut emu: EmulatedStepper, ir: &Arc<StepIr>) {
+    let shape = ir.layout.shape().clone();
+    let mut cpu = InterpStepper::new(ir.clone(), 0);
+    let n = shape.numel();
+    let p0: Vec<f32> = (0..n)
+        .map(|k| ((k * 37 % 101) as f32 - 50.0) * 0.02)
+        .collect();
+    let (mut pe, mut pc) = (p0.clone(), p0.clone());
+    let hyper = Hyper {
+        lr: 0.1,
+        weight_decay: 0.01,
+    };
+    for step in 0..2usize {
+        let g: Vec<f32> = (0..n)
+            .map(|k| ((k * 53 + step * 7) % 97) as f32 * 1e-3 - 0.04)
+            .collect();
+        emu.step(&mut pe, &g, hyper).unwrap();
+        cpu.step(&mut pc, &g, hyper).unwrap();
+    }
+    let err = max_abs_diff(&pe, &pc);
+    eprintln!("{shape}: param difference {err:.3e}");
+    assert_eq!(pe, pc, "{shape}: the step changed");
+    let (se, sc) = (emu.state().unwrap(), cpu.state().unwrap());
+    for (b, want) in sc.iter() {
+        assert_eq!(se.get(b), want, "{shape}: state {b}");
     }
 }
 

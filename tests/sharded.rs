@@ -8,7 +8,7 @@ use common::{fixture_lopt, Rng};
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::{Hyper, InterpFactory, PerTensor, TensorStepper};
 use mulo::optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions};
-use mulo::shard::{RowShard, ShardedModel, ShardedParam, StagedPlan};
+use mulo::shard::{RowShard, ShardedModel, ShardedParam, StageEngine, StagedPlan};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, DEFAULT_TOLERANCE};
 use mulo::{compile_layout, FactoredAxes, Layout, Shape};
@@ -52,10 +52,23 @@ fn sum_buffers(buffers: &[Vec<f64>]) -> Vec<f64> {
     sum
 }
 
-/// Steps `layout` for `steps` steps unsharded (the interpreter) and as `sizes` row shards;
-/// returns the worst difference relative to the displacement and whether every step was
-/// bitwise equal.
-fn staged_vs_unsharded(layout: &Layout, sizes: &[usize], steps: usize, seed: u64) -> (f64, bool) {
+/// One run of `layout` for `steps` steps: the whole parameter after every step, and every
+/// shard's final state.
+struct Run {
+    p0: Vec<f32>,
+    params: Vec<Vec<f32>>,
+    states: Vec<TensorState>,
+}
+
+/// Steps `layout` as `sizes` row shards on `engine` (`None`: unsharded, the interpreter) for
+/// `steps` steps of seeded gradients.
+fn run_staged(
+    layout: &Layout,
+    sizes: &[usize],
+    steps: usize,
+    seed: u64,
+    engine: Option<StageEngine>,
+) -> Run {
     let lopt = fixture_lopt();
     let ir = Arc::new(compile_layout(layout, &lopt).unwrap());
     let n = layout.numel();
@@ -67,7 +80,12 @@ fn staged_vs_unsharded(layout: &Layout, sizes: &[usize], steps: usize, seed: u64
     );
     let plans: Vec<Arc<StagedPlan>> = parts
         .iter()
-        .map(|&s| Arc::new(StagedPlan::new(ir.clone(), Some(s)).unwrap()))
+        .map(|&s| {
+            Arc::new(
+                StagedPlan::with_engine(ir.clone(), Some(s), engine.unwrap_or(StageEngine::Interp))
+                    .unwrap(),
+            )
+        })
         .collect();
     let mut rng = Rng(seed);
     let p0: Vec<f32> = (0..n).map(|_| rng.next_f32() * 0.5).collect();
@@ -78,15 +96,18 @@ fn staged_vs_unsharded(layout: &Layout, sizes: &[usize], steps: usize, seed: u64
         .iter()
         .map(|p| TensorState::zeros(p.local_layout(), 0))
         .collect();
-    let mut history = Vec::new();
-    let mut bitwise = true;
+    let mut params = Vec::new();
     for t in 0..steps {
         let grad = rng.gradient(n);
         let hyper = Hyper {
             lr: 0.05 + 0.01 * t as f32,
             weight_decay: if t % 2 == 0 { 0.0 } else { 1e-2 },
         };
-        stepper.step(&mut full, &grad, hyper).unwrap();
+        if engine.is_none() {
+            stepper.step(&mut full, &grad, hyper).unwrap();
+            params.push(full.clone());
+            continue;
+        }
         let mut running: Vec<_> = plans
             .iter()
             .zip(&parts)
@@ -109,20 +130,38 @@ fn staged_vs_unsharded(layout: &Layout, sizes: &[usize], steps: usize, seed: u64
         }
         let mut sharded = Vec::with_capacity(n);
         for (r, s) in running.into_iter().enumerate() {
+            assert!(s.partials().is_empty());
             let (p, st) = s.finish().unwrap();
             local[r] = p;
             states[r] = st;
             sharded.extend_from_slice(&local[r]);
         }
-        bitwise &= sharded == full;
-        history.push(max_abs_diff(&sharded, &full));
+        params.push(sharded);
         for st in &states {
             assert_eq!(st.step, t as u64 + 1);
         }
     }
-    let displacement = max_abs_diff(&p0, &full).max(f64::MIN_POSITIVE);
-    let worst = history.iter().fold(0f64, |a, &b| a.max(b)) / displacement;
-    (worst, bitwise)
+    if engine.is_none() {
+        states = vec![stepper.state().unwrap()];
+    }
+    Run { p0, params, states }
+}
+
+/// Steps `layout` for `steps` steps unsharded (the interpreter) and as `sizes` row shards on
+/// the reference engine; returns the worst difference relative to the displacement and whether
+/// every step was bitwise equal.
+fn staged_vs_unsharded(layout: &Layout, sizes: &[usize], steps: usize, seed: u64) -> (f64, bool) {
+    let full = run_staged(layout, sizes, steps, seed, None);
+    let staged = run_staged(layout, sizes, steps, seed, Some(StageEngine::Interp));
+    let bitwise = full.params == staged.params;
+    let worst = full
+        .params
+        .iter()
+        .zip(&staged.params)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0f64, f64::max);
+    let displacement = max_abs_diff(&full.p0, full.params.last().unwrap()).max(f64::MIN_POSITIVE);
+    (worst / displacement, bitwise)
 }
 
 fn layout(dims: &[usize], axes: Option<(usize, usize)>) -> Layout {
@@ -134,7 +173,8 @@ fn layout(dims: &[usize], axes: Option<(usize, usize)>) -> Layout {
 }
 
 /// Every kind of tensor, the sharded axis being d0, d1 or neither, in 2 and 3 uneven shards
-/// (some empty): the staged step equals the unsharded one within 1e-5 of the displacement.
+/// (some empty): the staged step on the reference evaluator equals the unsharded one within
+/// 1e-5 of the displacement.
 #[test]
 fn staged_shards_equal_the_unsharded_step() {
     let cases: Vec<(Layout, Vec<usize>, usize)> = vec![
@@ -160,6 +200,200 @@ fn staged_shards_equal_the_unsharded_step() {
             plan.rounds()
         );
         assert!(worst <= 1e-5, "{layout} {sizes:?}: {worst:e}");
+    }
+}
+
+/// The cases of the staged tests: every kind of tensor, the sharded axis being d0, d1 or
+/// neither, in 2 and 3 uneven shards (some empty).
+fn staged_cases() -> Vec<(Layout, Vec<usize>)> {
+    vec![
+        (layout(&[9, 5], None), vec![4, 5]),
+        (layout(&[9, 5], None), vec![2, 3, 4]),
+        (layout(&[5, 12], None), vec![3, 2]),
+        (layout(&[5, 12], None), vec![1, 4, 0]),
+        (layout(&[7, 4, 3], None), vec![3, 4]),
+        (layout(&[3, 8, 5], None), vec![1, 1, 1]),
+        (layout(&[6, 6, 3, 3], Some((0, 1))), vec![2, 4]),
+        (layout(&[6, 6, 3, 3], Some((1, 0))), vec![4, 2]),
+        (layout(&[1, 30], None), vec![1, 0]),
+        (layout(&[37], None), vec![13, 13, 11]),
+        (layout(&[2], None), vec![1, 1, 0]),
+        // Several chunks and slices per shard.
+        (layout(&[300, 70], None), vec![150, 100, 50]),
+        (layout(&[40, 300], None), vec![25, 15]),
+    ]
+}
+
+/// The native CPU stages equal the reference stages within the CPU backend's tolerance
+/// against the interpreter (tests/cpu_props.rs: 1e-4 of the displacement plus 4 f32 ulps of
+/// |p| per step for the parameter, 1e-5 of each state buffer's scale), at every step.
+#[test]
+fn cpu_stages_equal_the_reference_stages() {
+    for (i, (layout, sizes)) in staged_cases().iter().enumerate() {
+        let steps = 6;
+        let seed = 101 + i as u64;
+        let want = run_staged(layout, sizes, steps, seed, Some(StageEngine::Interp));
+        let got = run_staged(
+            layout,
+            sizes,
+            steps,
+            seed,
+            Some(StageEngine::Cpu { threads: 2 }),
+        );
+        let mut worst = 0f64;
+        for (k, (g, w)) in got.params.iter().zip(&want.params).enumerate() {
+            let displacement = max_abs_diff(&want.p0, w);
+            for (e, (&a, &b)) in g.iter().zip(w).enumerate() {
+                let bound = 1e-4 * displacement
+                    + 4.0 * (k + 1) as f64 * f32::EPSILON as f64 * (b as f64).abs();
+                let err = (a as f64 - b as f64).abs();
+                worst = worst.max(err / displacement.max(f64::MIN_POSITIVE));
+                assert!(
+                    err <= bound,
+                    "{layout} {sizes:?} step {k} element {e}: {a} vs {b} (error {err:e}, bound {bound:e})"
+                );
+            }
+        }
+        for (gs, ws) in got.states.iter().zip(&want.states) {
+            assert_eq!(gs.step, ws.step);
+            for (buffer, w) in ws.iter() {
+                let g = gs.get(buffer);
+                let scale = w.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+                let err = max_abs_diff(g, w);
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{layout} {sizes:?} {buffer}: {err:e} of {scale:e}"
+                );
+            }
+        }
+        eprintln!("{layout} split {sizes:?}: cpu vs reference stages, worst {worst:e} of the displacement");
+    }
+}
+
+/// A tensor that is not sharded (replicated; 0-d tensors too) has one stage and no round on
+/// both engines, and the CPU stage equals the reference within the CPU tolerance.
+#[test]
+fn unsharded_tensors_have_one_stage_on_both_engines() {
+    for dims in [&[][..], &[37], &[9, 5], &[4, 3, 5]] {
+        let layout = layout(dims, None);
+        let ir = Arc::new(compile_layout(&layout, &fixture_lopt()).unwrap());
+        let n = layout.numel();
+        let mut rng = Rng(5);
+        let p0: Vec<f32> = (0..n).map(|_| rng.next_f32() * 0.5).collect();
+        let grads: Vec<Vec<f32>> = (0..4).map(|_| rng.gradient(n)).collect();
+        let hyper = Hyper {
+            lr: 0.05,
+            weight_decay: 1e-2,
+        };
+        let run = |engine: StageEngine| {
+            let plan = Arc::new(StagedPlan::with_engine(ir.clone(), None, engine).unwrap());
+            assert_eq!(plan.rounds(), 0);
+            let (mut p, mut st) = (p0.clone(), TensorState::zeros(plan.local_layout(), 0));
+            for g in &grads {
+                let s = plan.begin(&p, g, &st, hyper).unwrap();
+                assert!(s.is_done() && s.partials().is_empty());
+                (p, st) = s.finish().unwrap();
+            }
+            (p, st)
+        };
+        let (want, want_state) = run(StageEngine::Interp);
+        let (got, got_state) = run(StageEngine::Cpu { threads: 2 });
+        let displacement = max_abs_diff(&p0, &want);
+        for (&a, &b) in got.iter().zip(&want) {
+            let bound = 1e-4 * displacement + 16.0 * f32::EPSILON as f64 * (b as f64).abs();
+            assert!(((a - b) as f64).abs() <= bound, "{layout}: {a} vs {b}");
+        }
+        assert_eq!(got_state.step, 4);
+        for (buffer, w) in want_state.iter() {
+            let scale = w.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+            assert!(
+                max_abs_diff(got_state.get(buffer), w) <= 1e-5 * scale,
+                "{layout} {buffer}"
+            );
+        }
+    }
+}
+
+/// The CPU stages give bitwise the same parameters, states and round buffers for any thread
+/// count.
+#[test]
+fn cpu_stages_are_bitwise_the_same_for_any_thread_count() {
+    let layout = layout(&[300, 70], None);
+    let runs: Vec<Run> = [1, 2, 5]
+        .into_iter()
+        .map(|threads| {
+            run_staged(
+                &layout,
+                &[170, 130],
+                4,
+                7,
+                Some(StageEngine::Cpu { threads }),
+            )
+        })
+        .collect();
+    for r in &runs[1..] {
+        assert!(r
+            .params
+            .iter()
+            .flatten()
+            .zip(runs[0].params.iter().flatten())
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        for (a, b) in r.states.iter().zip(&runs[0].states) {
+            for (buffer, x) in a.iter() {
+                assert!(
+                    x.iter()
+                        .zip(b.get(buffer))
+                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{buffer}"
+                );
+            }
+        }
+    }
+    // The round buffers themselves.
+    let ir = Arc::new(compile_layout(&layout, &fixture_lopt()).unwrap());
+    let shard = RowShard {
+        offset: 0,
+        rows: 170,
+    };
+    let mut rng = Rng(3);
+    let param: Vec<f32> = (0..170 * 70).map(|_| rng.next_f32()).collect();
+    let grad = rng.gradient(170 * 70);
+    let hyper = Hyper {
+        lr: 0.1,
+        weight_decay: 0.0,
+    };
+    let buffers: Vec<Vec<f64>> = [1, 3]
+        .into_iter()
+        .map(|threads| {
+            let plan = Arc::new(
+                StagedPlan::with_engine(ir.clone(), Some(shard), StageEngine::Cpu { threads })
+                    .unwrap(),
+            );
+            let state = TensorState::zeros(plan.local_layout(), 0);
+            let s = plan.begin(&param, &grad, &state, hyper).unwrap();
+            s.partials().to_vec()
+        })
+        .collect();
+    assert!(!buffers[0].is_empty());
+    assert!(buffers[0]
+        .iter()
+        .zip(&buffers[1])
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    // The same layout as the reference stages' buffer (so ranks may mix engines): every sum
+    // close to the reference's, relative to the largest.
+    let plan = Arc::new(StagedPlan::new(ir.clone(), Some(shard)).unwrap());
+    let state = TensorState::zeros(plan.local_layout(), 0);
+    let want = plan.begin(&param, &grad, &state, hyper).unwrap();
+    let want = want.partials();
+    assert_eq!(want.len(), buffers[0].len());
+    for (_, off, len) in plan.round_contents(0) {
+        let (g, w) = (&buffers[0][off..off + len], &want[off..off + len]);
+        let scale = w.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+        let err = g.iter().zip(w).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "round 0 at {off}: {err:e} of {scale:e}"
+        );
     }
 }
 
@@ -288,6 +522,22 @@ impl Ranks {
         nonfinite: NonFinitePolicy,
         max_grad_norm: Option<f32>,
     ) -> Self {
+        Self::digits_on(
+            case,
+            ranks,
+            nonfinite,
+            max_grad_norm,
+            StageEngine::default(),
+        )
+    }
+
+    fn digits_on(
+        case: &ModelCase,
+        ranks: usize,
+        nonfinite: NonFinitePolicy,
+        max_grad_norm: Option<f32>,
+        engine: StageEngine,
+    ) -> Self {
         let lopt = fixture_lopt();
         let mut splits = vec![Vec::new(); ranks];
         let mut row_lens = Vec::new();
@@ -319,7 +569,7 @@ impl Ranks {
                             .unwrap()
                     })
                     .collect();
-                ShardedModel::new(&lopt, params, max_grad_norm, nonfinite).unwrap()
+                ShardedModel::with_engine(&lopt, params, max_grad_norm, nonfinite, engine).unwrap()
             })
             .collect();
         let mut ranks_ = Ranks {
@@ -390,7 +640,9 @@ impl Ranks {
 
 /// The whole-model golden case (μP CNN trained by PyLO's `MuLO_naive`, clipping at 5, weight
 /// decay) sharded over 2 and 3 ranks: every tensor follows PyLO within the golden tolerance and
-/// the unsharded optimizer (the interpreter) within 1e-5 of its displacement, at every step.
+/// the unsharded optimizer (the interpreter) within 1e-5 of its displacement, at every step,
+/// with the stages on the native CPU backend (the default, any thread count) and on the
+/// reference evaluator.
 #[test]
 fn digits_cnn_sharded_over_2_and_3_ranks_equals_the_unsharded_run() {
     let case = ModelCase::digits();
@@ -403,8 +655,23 @@ fn digits_cnn_sharded_over_2_and_3_ranks_equals_the_unsharded_run() {
             weight_decay: case.weight_decay,
         })
         .collect();
-    for ranks in [2, 3] {
-        let mut sharded = Ranks::digits(&case, ranks, NonFinitePolicy::Skip);
+    let engines = [
+        StageEngine::default(),
+        StageEngine::Cpu { threads: 1 },
+        StageEngine::Interp,
+    ];
+    for (ranks, engine) in [2, 3].into_iter().flat_map(|r| engines.map(|e| (r, e))) {
+        let mut sharded = Ranks::digits_on(
+            &case,
+            ranks,
+            NonFinitePolicy::Skip,
+            Some(case.max_grad_norm),
+            engine,
+        );
+        assert!(sharded.models[0]
+            .plans()
+            .iter()
+            .all(|p| p.engine() == engine));
         let mut opt = MuloOptimizer::new(
             &lopt,
             case.specs(Mup::Multipliers),
@@ -452,12 +719,19 @@ fn digits_cnn_sharded_over_2_and_3_ranks_equals_the_unsharded_run() {
             }
         }
         eprintln!(
-            "{ranks} ranks: vs unsharded {vs_full:?}, vs PyLO {vs_pylo:?}, bitwise {bitwise}"
+            "{ranks} ranks on {engine:?}: vs unsharded {vs_full:?}, vs PyLO {vs_pylo:?}, bitwise \
+             {bitwise}"
+        );
+        // The reference evaluator is the interpreter's arithmetic on the shard.
+        let reference = engine == StageEngine::Interp;
+        assert!(
+            bitwise || !reference,
+            "{ranks} ranks: the reference is bitwise"
         );
         for (i, p) in case.params.iter().enumerate() {
             assert!(
                 vs_full[i] <= 1e-5,
-                "{ranks} ranks, `{}`: {:e}",
+                "{ranks} ranks on {engine:?}, `{}`: {:e}",
                 p.name,
                 vs_full[i]
             );

@@ -36,14 +36,20 @@ static inline float __int_as_float(unsigned x) { float f; memcpy(&f, &x, 4); ret
 "#;
 
 /// `mulo_launch(grid, kernel, args)`: runs `grid` blocks one after the other, each as 256
-/// threads calling `kernel(args)`.
+/// threads calling `kernel(args)`. The same 256 OS threads run every block of a launch (one
+/// spawn per launch, not per block: small kernels have hundreds of mostly idle blocks), and
+/// meet at a barrier after each block, so that a block starts only when the previous one has
+/// finished, as if it ran alone.
 pub const LAUNCH: &str = "static void mulo_launch(unsigned grid, void (*k)(void*), void* a) {
-    for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> bar(256); mulo_bar = &bar;
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < 256; ++t) ts.emplace_back([=] { blockIdx = {b, 0, 0}; threadIdx = {t, 0, 0}; k(a); });
-        for (auto& t : ts) t.join();
-    }
+    std::barrier<> bar(256); mulo_bar = &bar;
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < 256; ++t) ts.emplace_back([=, &bar] {
+        for (unsigned b = 0; b < grid; ++b) {
+            blockIdx = {b, 0, 0}; threadIdx = {t, 0, 0}; k(a);
+            bar.arrive_and_wait();
+        }
+    });
+    for (auto& t : ts) t.join();
 }
 ";
 

@@ -22,7 +22,10 @@ use pyo3::types::{PyBytes, PyDict};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod bytes;
 mod sharded;
+
+use bytes::{f32_bytes, f32_values, pylo_tensors, pylo_values, PyloTensors};
 
 /// A buffer given from Python: its address and its number of f32 values.
 type Buf = (usize, usize);
@@ -346,21 +349,10 @@ impl PyGroup {
     }
 
     /// Tensor `index`'s state in PyLO's layout: [(name, shape, little-endian f32 bytes)].
-    #[allow(clippy::type_complexity)]
-    fn export_state<'py>(
-        &self,
-        py: Python<'py>,
-        index: usize,
-    ) -> PyResult<Vec<(String, Vec<usize>, Bound<'py, PyBytes>)>> {
+    fn export_state<'py>(&self, py: Python<'py>, index: usize) -> PyResult<PyloTensors<'py>> {
         let name = self.name(index)?;
         let tensors = self.opt.export_pylo_state(&name).map_err(to_py)?;
-        Ok(tensors
-            .into_iter()
-            .map(|(n, shape, values)| {
-                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (n, shape, PyBytes::new(py, &bytes))
-            })
-            .collect())
+        Ok(pylo_tensors(py, tensors))
     }
 
     /// Replaces tensor `index`'s state from PyLO-layout tensors [(name, shape, (address,
@@ -679,13 +671,12 @@ impl PyCudaStepper {
 /// Tensor state in the canonical layout (`[(name, little-endian f32 bytes)]`, decay-major)
 /// to PyLO's (`[(name, shape, bytes)]`, decay-last), for a tensor of `shape` and `axes`.
 #[pyfunction]
-#[allow(clippy::type_complexity)]
 fn state_to_pylo<'py>(
     py: Python<'py>,
     shape: Vec<usize>,
     axes: Option<(usize, usize)>,
     buffers: Vec<(String, Vec<u8>)>,
-) -> PyResult<Vec<(String, Vec<usize>, Bound<'py, PyBytes>)>> {
+) -> PyResult<PyloTensors<'py>> {
     let layout = layouts(&[shape], &[axes])?.remove(0);
     let mut state = TensorState::zeros(&layout, 0);
     for (name, bytes) in buffers {
@@ -698,26 +689,10 @@ fn state_to_pylo<'py>(
                     layout.shape()
                 ))
             })?;
-        if bytes.len() % 4 != 0 {
-            return Err(PyValueError::new_err(format!(
-                "state `{name}`: {} bytes",
-                bytes.len()
-            )));
-        }
-        let values = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values = f32_values(&format!("state `{name}`"), &bytes)?;
         state.set(b, values).map_err(to_py)?;
     }
-    Ok(state
-        .to_pylo()
-        .into_iter()
-        .map(|(n, shape, values)| {
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (n, shape, PyBytes::new(py, &bytes))
-        })
-        .collect())
+    Ok(pylo_tensors(py, state.to_pylo()))
 }
 
 /// PyLO-layout state (`[(name, shape, little-endian f32 bytes)]`) to the canonical layout
@@ -731,30 +706,17 @@ fn state_from_pylo<'py>(
     tensors: Vec<(String, Vec<usize>, Vec<u8>)>,
 ) -> PyResult<Vec<(String, Bound<'py, PyBytes>)>> {
     let layout = layouts(&[shape], &[axes])?.remove(0);
-    for (n, shape, bytes) in &tensors {
-        if shape.iter().product::<usize>() * 4 != bytes.len() {
-            return Err(PyValueError::new_err(format!(
-                "state `{n}`: shape {shape:?} does not hold {} bytes",
-                bytes.len()
-            )));
-        }
-    }
+    let tensors = pylo_values(tensors)?;
     let state = TensorState::from_pylo(&layout, 0, |n| {
-        tensors.iter().find(|t| t.0 == n).map(|(_, shape, bytes)| {
-            let values = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (shape.clone(), values)
-        })
+        tensors
+            .iter()
+            .find(|t| t.0 == n)
+            .map(|(_, shape, values)| (shape.clone(), values.clone()))
     })
     .map_err(to_py)?;
     Ok(state
         .iter()
-        .map(|(b, values)| {
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (b.name().to_string(), PyBytes::new(py, &bytes))
-        })
+        .map(|(b, values)| (b.name().to_string(), f32_bytes(py, values)))
         .collect())
 }
 

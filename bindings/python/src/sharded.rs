@@ -2,6 +2,7 @@
 //! `mulo.distributed` (DTensor parameters sharded on dim 0). Buffers of partial sums cross as
 //! little-endian f64 bytes; the Python side all-reduces them with `torch.distributed`.
 
+use crate::bytes::{f64_bytes, f64_values, pylo_tensors, pylo_values, PyloTensors};
 use crate::{check_buffers, pairs, report_dict, required, slice, slice_mut, to_py};
 use crate::{Buf, PyLearnedOptimizer};
 use mulo::shard::{RowShard, ShardedModel, ShardedParam};
@@ -16,24 +17,6 @@ use pyo3::types::{PyBytes, PyDict};
 pub struct PyShardedGroup {
     model: ShardedModel,
     numels: Vec<usize>,
-}
-
-fn to_bytes<'py>(py: Python<'py>, values: &[f64]) -> Bound<'py, PyBytes> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    PyBytes::new(py, &bytes)
-}
-
-fn from_bytes(what: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
-    if !bytes.len().is_multiple_of(8) {
-        return Err(PyValueError::new_err(format!(
-            "{what}: {} bytes is not a whole number of f64 values",
-            bytes.len()
-        )));
-    }
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect())
 }
 
 #[pymethods]
@@ -121,14 +104,14 @@ impl PyShardedGroup {
             .map(|b| b.map(|(a, n)| unsafe { slice(a, n) }))
             .collect();
         let buf = self.model.begin(&p, &g, &hypers).map_err(to_py)?;
-        Ok(to_bytes(py, &buf))
+        Ok(f64_bytes(py, &buf))
     }
 
     /// Gives the sum over every rank of the current round's buffer; returns the next one.
     fn advance<'py>(&mut self, py: Python<'py>, combined: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        let combined = from_bytes("combined", combined)?;
+        let combined = f64_values("combined", combined)?;
         let buf = self.model.advance(&combined).map_err(to_py)?;
-        Ok(to_bytes(py, &buf))
+        Ok(f64_bytes(py, &buf))
     }
 
     /// Gives the sum of the last round; writes the local parameters ([address, values, ...])
@@ -139,7 +122,7 @@ impl PyShardedGroup {
         combined: &[u8],
         params: Vec<usize>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let combined = from_bytes("combined", combined)?;
+        let combined = f64_values("combined", combined)?;
         let params = required("params", &params)?;
         let none: Vec<Option<Buf>> = vec![None; params.len()];
         self.check(&params, &none)?;
@@ -171,21 +154,9 @@ impl PyShardedGroup {
 
     /// Tensor `index`'s local state in PyLO's layout (decay-last), sized by this rank's rows:
     /// [(name, shape, little-endian f32 bytes)].
-    #[allow(clippy::type_complexity)]
-    fn export_state<'py>(
-        &self,
-        py: Python<'py>,
-        index: usize,
-    ) -> PyResult<Vec<(String, Vec<usize>, Bound<'py, PyBytes>)>> {
+    fn export_state<'py>(&self, py: Python<'py>, index: usize) -> PyResult<PyloTensors<'py>> {
         let state = self.model.state(index).map_err(to_py)?;
-        Ok(state
-            .to_pylo()
-            .into_iter()
-            .map(|(n, shape, values)| {
-                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (n, shape, PyBytes::new(py, &bytes))
-            })
-            .collect())
+        Ok(pylo_tensors(py, state.to_pylo()))
     }
 
     /// Replaces tensor `index`'s local state from PyLO-layout tensors [(name, shape, f32
@@ -202,14 +173,12 @@ impl PyShardedGroup {
             .ok_or_else(|| PyValueError::new_err(format!("no tensor {index}")))?
             .clone();
         let name = self.model.params()[index].name.clone();
+        let tensors = pylo_values(tensors)?;
         let state = TensorState::from_pylo(plan.local_layout(), self.model.step_count(), |n| {
-            tensors.iter().find(|t| t.0 == n).map(|(_, shape, bytes)| {
-                let values = bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    .collect();
-                (shape.clone(), values)
-            })
+            tensors
+                .iter()
+                .find(|t| t.0 == n)
+                .map(|(_, shape, values)| (shape.clone(), values.clone()))
         })
         .map_err(|e| PyValueError::new_err(format!("state of `{name}`: {e}")))?;
         self.model.set_state(index, state).map_err(to_py)

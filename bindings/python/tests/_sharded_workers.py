@@ -3,10 +3,12 @@ it can see itself and writes what the parent compares to ``out/rank{r}.pt``."""
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
 import math
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -304,18 +306,37 @@ def fsdp2(mesh, rank, world, out):
     )
 
 
+def finish():
+    """Leaves a rank whose checks all passed and whose results are written.
+
+    Every rank waits for the others, destroys the process group and then leaves with
+    ``os._exit(0)``, skipping the interpreter's and C++'s static teardown. A normal exit runs
+    torch's and gloo's static destructors, and whether one of their threads is still joinable then
+    is a race: CI once saw a rank end in ``terminate called without an active exception``
+    (SIGABRT) with its results already written. Failures inside the checks still raise (torch
+    records them for the parent), and ``faulthandler`` prints the Python stack of any rank that
+    dies by a signal before this point."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def two_ranks(rank, world, port, out):
     """One process group for the 2-process checks (one spawn: process start-up is most of the
     time): the mismatched layouts, then the golden model."""
+    faulthandler.enable()
     mesh = init(rank, world, port)
     mismatch(mesh, rank, world, out)
     golden(mesh, rank, world, out)
-    dist.destroy_process_group()
+    finish()
 
 
 def three_ranks(rank, world, port, out):
     """The 3-process checks: FSDP2 end to end, then the golden model."""
+    faulthandler.enable()
     mesh = init(rank, world, port)
     fsdp2(mesh, rank, world, out)
     golden(mesh, rank, world, out)
-    dist.destroy_process_group()
+    finish()

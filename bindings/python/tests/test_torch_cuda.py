@@ -48,7 +48,9 @@ def test_one_program_per_group_for_the_groups_layouts():
     assert model.n_plans == 5
     # A step is a fixed number of launches, whatever the number of tensors.
     many = CudaModel(lopt, shapes * 20, axes * 20)
-    assert many.slots == model.slots and len(model.slots) == 5
+    # (3 element passes, and between them the small kernels of 2 stages.)
+    assert many.slots == model.slots
+    assert sum("_elem_" in s for s in model.slots) == 3 and len(model.slots) >= 5
     # The state torch allocates for each tensor, decay-major.
     assert model.state_buffers(0) == [("mom", [3, 64, 32]), ("rms", [64, 32]), ("fac_row", [3, 32]), ("fac_col", [3, 64])]
     assert model.state_buffers(1) == [("mom", [3, 32]), ("rms", [32]), ("fac_v", [3, 32])]

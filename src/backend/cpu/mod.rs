@@ -38,17 +38,21 @@
 //! **Modules.** [`isa`](Isa) detection; `program`: building a [`CpuProgram`] from the IR;
 //! `exec`: the chunk executor; `stepper`: [`CpuStepper`] (small phases through the
 //! interpreter's per-node evaluator, passes on the threads, stores); `kernels`: the
-//! lane-parallel and dense kernels; [`mod@bench`]: kernel microbenchmarks.
+//! lane-parallel and dense kernels; `staged`: [`CpuStaged`], the staged step of one shard of a
+//! tensor split by rows (the [`StagePlan`](crate::plan::StagePlan) rendered with the same chunk
+//! programs, for [`crate::shard`]); [`mod@bench`]: kernel microbenchmarks.
 
 pub mod bench;
 mod exec;
 mod isa;
 mod kernels;
 mod program;
+mod staged;
 mod stepper;
 
 pub use isa::Isa;
 pub use program::CpuProgram;
+pub use staged::{CpuStaged, CpuStagedStep};
 pub use stepper::{default_threads, CpuFactory, CpuStepper};
 
 /// Elements per chunk: the lane count of every chunk value.

@@ -1,7 +1,7 @@
 //! [`CpuStepper`]: the small phases, the passes on the threads, the stores.
 
 use super::exec::{dispatch, split_views, view, Job, Scratch, View};
-use super::program::{CpuProgram, Instr, Opnd};
+use super::program::{CpuProgram, Instr, Opnd, Pass};
 use super::{Isa, CHUNK};
 use crate::backend::interp::{eval_node, Broadcasts, NodeInputs};
 use crate::backend::{check_step_args, Hyper, TensorStepper};
@@ -188,76 +188,113 @@ impl CpuStepper {
 
     fn run_pass(&mut self, k: usize, param: &mut [f32], grad: &[f32]) {
         let prog = Arc::clone(&self.prog);
-        let pass = &prog.passes[k];
-        let n = prog.ir.layout.numel();
-        let bounds: Vec<usize> = (0..=prog.slices)
-            .map(|s| {
-                if s == prog.slices {
-                    n
-                } else {
-                    prog.slice_chunks(s).0 * CHUNK
-                }
-            })
-            .collect();
-        // Every element buffer lane, split into the slices.
-        let mut lanes: Vec<Option<View<'_>>> = (0..prog.elem_bufs.len()).map(|_| None).collect();
-        let buf_id = |b: Buffer, lane: usize| {
-            prog.elem_bufs
-                .iter()
-                .position(|&x| x == (b, lane as u32))
-                .expect("element buffer")
+        let data = PassData {
+            small: &self.small,
+            small_t: &self.small_t,
+            param,
+            grad,
+            state: &mut self.state,
         };
-        let id = buf_id(Buffer::Param, 0);
-        lanes[id] = Some(view(param, pass.writes[id]));
-        lanes[buf_id(Buffer::Grad, 0)] = Some(View::Ro(grad));
-        for (b, data) in self.state.iter_mut() {
-            if b.domain() != Domain::Elem {
-                continue;
+        run_pass(
+            &prog,
+            &prog.passes[k],
+            (self.threads, self.isa),
+            data,
+            &mut self.partials,
+            &mut self.scratch,
+        );
+    }
+}
+
+/// What a pass reads and writes: the small values (and their lane-major copies), and the
+/// element buffers (the parameter and the state, written by the last pass).
+pub(super) struct PassData<'a> {
+    pub(super) small: &'a [Vec<f32>],
+    pub(super) small_t: &'a [Vec<f32>],
+    pub(super) param: &'a mut [f32],
+    pub(super) grad: &'a [f32],
+    pub(super) state: &'a mut BTreeMap<Buffer, Vec<f32>>,
+}
+
+/// Runs `pass` of `prog` over every element on `threads` threads (`threads ≤ scratch.len()`,
+/// at most `prog.slices`), with `isa`; each slice's partial sums go to its `partials` entry.
+pub(super) fn run_pass(
+    prog: &CpuProgram,
+    pass: &Pass,
+    (threads, isa): (usize, Isa),
+    data: PassData<'_>,
+    partials: &mut [Vec<f64>],
+    scratch: &mut [Scratch],
+) {
+    let PassData {
+        small,
+        small_t,
+        param,
+        grad,
+        state,
+    } = data;
+    let n = prog.ir.layout.numel();
+    let bounds: Vec<usize> = (0..=prog.slices)
+        .map(|s| {
+            if s == prog.slices {
+                n
+            } else {
+                prog.slice_chunks(s).0 * CHUNK
             }
-            for (lane, part) in data.chunks_mut(n).enumerate() {
-                let id = buf_id(*b, lane);
-                lanes[id] = Some(view(part, pass.writes[id]));
-            }
+        })
+        .collect();
+    // Every element buffer lane, split into the slices.
+    let mut lanes: Vec<Option<View<'_>>> = (0..prog.elem_bufs.len()).map(|_| None).collect();
+    let buf_id = |b: Buffer, lane: usize| {
+        prog.elem_bufs
+            .iter()
+            .position(|&x| x == (b, lane as u32))
+            .expect("element buffer")
+    };
+    let id = buf_id(Buffer::Param, 0);
+    lanes[id] = Some(view(param, pass.writes[id]));
+    lanes[buf_id(Buffer::Grad, 0)] = Some(View::Ro(grad));
+    for (b, data) in state.iter_mut() {
+        if b.domain() != Domain::Elem {
+            continue;
         }
-        let mut per_slice: Vec<Vec<View<'_>>> = (0..prog.slices).map(|_| Vec::new()).collect();
-        for lane in lanes {
-            let parts = split_views(lane.expect("every element buffer is present"), &bounds);
-            for (s, p) in parts.into_iter().enumerate() {
-                per_slice[s].push(p);
-            }
+        for (lane, part) in data.chunks_mut(n).enumerate() {
+            let id = buf_id(*b, lane);
+            lanes[id] = Some(view(part, pass.writes[id]));
         }
-        let mut per_thread: Vec<Vec<Job<'_>>> = (0..self.threads).map(|_| Vec::new()).collect();
-        for (s, (views, partial)) in per_slice
-            .into_iter()
-            .zip(self.partials.iter_mut())
-            .enumerate()
-        {
-            let partial = &mut partial[..pass.partial_len];
-            partial.fill(0.0);
-            per_thread[s % self.threads].push(Job {
-                chunks: prog.slice_chunks(s),
-                start: bounds[s],
-                views,
-                partial,
-            });
+    }
+    let mut per_slice: Vec<Vec<View<'_>>> = (0..prog.slices).map(|_| Vec::new()).collect();
+    for lane in lanes {
+        let parts = split_views(lane.expect("every element buffer is present"), &bounds);
+        for (s, p) in parts.into_iter().enumerate() {
+            per_slice[s].push(p);
         }
-        let (isa, small, small_t) = (self.isa, &self.small, &self.small_t);
-        let mut work = per_thread.into_iter().zip(self.scratch.iter_mut());
-        let (mut first_jobs, first_scr) = work.next().expect("at least one thread");
-        let prog = &*prog;
-        std::thread::scope(|scope| {
-            for (mut jobs, scr) in work {
-                scope.spawn(move || {
-                    for job in &mut jobs {
-                        dispatch(isa, prog, pass, small, small_t, scr, job);
-                    }
-                });
-            }
-            for job in &mut first_jobs {
-                dispatch(isa, prog, pass, small, small_t, first_scr, job);
-            }
+    }
+    let mut per_thread: Vec<Vec<Job<'_>>> = (0..threads).map(|_| Vec::new()).collect();
+    for (s, (views, partial)) in per_slice.into_iter().zip(partials.iter_mut()).enumerate() {
+        let partial = &mut partial[..pass.partial_len];
+        partial.fill(0.0);
+        per_thread[s % threads].push(Job {
+            chunks: prog.slice_chunks(s),
+            start: bounds[s],
+            views,
+            partial,
         });
     }
+    let mut work = per_thread.into_iter().zip(scratch.iter_mut());
+    let (mut first_jobs, first_scr) = work.next().expect("at least one thread");
+    std::thread::scope(|scope| {
+        for (mut jobs, scr) in work {
+            scope.spawn(move || {
+                for job in &mut jobs {
+                    dispatch(isa, prog, pass, small, small_t, scr, job);
+                }
+            });
+        }
+        for job in &mut first_jobs {
+            dispatch(isa, prog, pass, small, small_t, first_scr, job);
+        }
+    });
 }
 
 impl TensorStepper for CpuStepper {

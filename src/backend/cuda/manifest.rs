@@ -130,7 +130,8 @@ pub struct ArgJson {
 pub struct KernelJson {
     /// Entry name in the PTX.
     pub name: String,
-    /// `elem` (a pass over the elements) or `small` (one block).
+    /// `elem` (a pass over the elements) or `small` (small-domain work: one block, or the
+    /// points of the row/column domains spread over many).
     pub kind: String,
     /// Grid dimensions in blocks.
     pub grid: [u32; 3],
@@ -185,7 +186,7 @@ impl Manifest {
             .map(|k| {
                 let (kind, blocks) = match k.kind {
                     KernelKind::Elem { .. } => ("elem", s.tiling.blocks()),
-                    KernelKind::Small { .. } => ("small", 1),
+                    KernelKind::Small { blocks, .. } => ("small", blocks),
                 };
                 Ok(KernelJson {
                     name: k.name.clone(),
@@ -329,5 +330,96 @@ mod tests {
             (m.ptx_isa.as_str(), m.min_driver.as_str()),
             ("8.5", "CUDA 12.5 (R555)")
         );
+    }
+
+    /// The one-block kernels of a step may only do what is negligible next to a pass over a
+    /// big tensor's elements: pointwise nodes on at most `BLOCK_POINTS` points, and means
+    /// summing at most `CHUNK_THRESHOLD` values per lane and point (longer ones are chunked
+    /// over the GPU first).
+    fn one_block_kernel_is_bounded(ir: &StepIr, s: &Schedule, name: &str) {
+        use crate::backend::cuda::schedule::{BLOCK_POINTS, CHUNK_THRESHOLD};
+        use crate::ir::Op;
+        use crate::shape::Domain;
+        let k = s.kernels.iter().find(|k| k.name == name).unwrap();
+        let KernelKind::Small { nodes, stores, .. } = &k.kind else {
+            panic!("{name}: an element pass on one block");
+        };
+        let layout = &ir.layout;
+        for &v in nodes.iter().chain(stores) {
+            let node = ir.node(v);
+            let n = layout.domain_len(node.domain);
+            assert!(n <= BLOCK_POINTS, "{name}: {v} on {n} points");
+            let terms = match (&node.op, s.chunks.get(&v)) {
+                (_, Some(&(chunks, _))) => chunks,
+                (Op::Mean(a), None) if ir.node(*a).domain == Domain::Elem => s.tiling.blocks() / n,
+                (Op::Mean(a), None) => layout.domain_len(ir.node(*a).domain) / n,
+                _ => 0,
+            };
+            assert!(
+                terms <= CHUNK_THRESHOLD.max(crate::backend::cuda::schedule::SPREAD_BLOCKS),
+                "{name}: {v} sums {terms} values per lane in one block"
+            );
+        }
+    }
+
+    #[test]
+    fn big_tensors_launch_no_kernel_on_fewer_than_264_blocks_but_bounded_ones() {
+        use crate::backend::cuda::packed::PackedModel;
+        use crate::backend::cuda::schedule::SPREAD_BLOCKS;
+        let lopt = LearnedOptimizer::demo();
+        assert_eq!(SPREAD_BLOCKS, 264, "2 per SM of an H100");
+        // 2^20 and more elements: square, wide, tall, 1-d, rank 4, rank 3.
+        let shapes = [
+            "1024x1024",
+            "4096x1024",
+            "1024x4096",
+            "50257x768",
+            "1048576",
+            "256x256x4x4",
+            "64x1024x16",
+        ];
+        for shape in shapes {
+            let ir = crate::compile_step(&Shape::parse(shape).unwrap(), &lopt).unwrap();
+            assert!(ir.layout.numel() >= 1 << 20);
+            let s = schedule(&ir);
+            let m = Manifest::new(&ir, &s, "sm_90", (12, 9)).unwrap();
+            let mut spread = 0;
+            for k in &m.kernels {
+                if k.grid[0] as usize >= SPREAD_BLOCKS {
+                    spread += 1;
+                    continue;
+                }
+                assert_eq!(
+                    (k.kind.as_str(), k.grid),
+                    ("small", [1, 1, 1]),
+                    "{shape}: {k:?}"
+                );
+                one_block_kernel_is_bounded(&ir, &s, &k.name);
+            }
+            assert!(spread >= s.elem_passes, "{shape}");
+        }
+        // The packed program: every tensor of ≥ 2^20 elements runs each of its launches on
+        // ≥ 264 blocks or on one bounded block.
+        let layouts: Vec<crate::shape::Layout> = ["4096x1024", "37", "1048576", "64x32"]
+            .iter()
+            .map(|s| crate::shape::Layout::new(Shape::parse(s).unwrap()))
+            .collect();
+        let model = PackedModel::new(&lopt, &layouts).unwrap();
+        let mm = model.manifest("sm_90", (12, 9));
+        for t in mm.tensors.iter().filter(|t| t.numel >= 1 << 20) {
+            let plan = &model.plans[t.plan];
+            for (slot, &b) in t.blocks.iter().enumerate() {
+                if b == 0 || b >= SPREAD_BLOCKS {
+                    continue;
+                }
+                assert_eq!(b, 1, "{:?} in slot {slot}", t.shape);
+                let k = model.slots[slot].kernels[t.plan].unwrap();
+                one_block_kernel_is_bounded(
+                    &plan.ir,
+                    &plan.schedule,
+                    &plan.schedule.kernels[k].name,
+                );
+            }
+        }
     }
 }

@@ -130,7 +130,7 @@ impl ModelPlan {
     pub fn blocks(&self, k: usize) -> usize {
         match self.schedule.kernels[k].kind {
             KernelKind::Elem { .. } => self.schedule.tiling.blocks(),
-            KernelKind::Small { .. } => 1,
+            KernelKind::Small { blocks, .. } => blocks,
         }
     }
 }
@@ -167,7 +167,7 @@ pub struct Launch {
 pub struct Slot {
     /// Entry name in the PTX.
     pub name: String,
-    /// `small` (one block per tensor) or `elem` (a pass over every tensor's elements).
+    /// `small` (small-domain work of every tensor) or `elem` (a pass over every tensor's elements).
     pub kind: &'static str,
     /// For every plan, the index of its kernel run by this launch, if any.
     pub kernels: Vec<Option<usize>>,
@@ -277,13 +277,23 @@ impl PackedModel {
 
     fn slots(plans: &[ModelPlan], top: u32) -> Vec<Slot> {
         let mut slots = Vec::new();
+        // A stage may be several small kernels (phases): slot by level, then phase.
+        let phases = plans
+            .iter()
+            .flat_map(|p| p.schedule.kernels.iter().map(|k| k.phase + 1))
+            .max()
+            .unwrap_or(1);
         for level in 0..=top {
-            for kind in ["small", "elem"] {
+            let launches = (0..phases)
+                .map(|q| ("small", q))
+                .chain(std::iter::once(("elem", 0)));
+            for (kind, phase) in launches {
                 let kernels: Vec<Option<usize>> = plans
                     .iter()
                     .map(|p| {
                         p.schedule.kernels.iter().position(|k| {
                             k.level + p.shift == level
+                                && k.phase == phase
                                 && matches!(
                                     (&k.kind, kind),
                                     (KernelKind::Small { .. }, "small")
@@ -293,8 +303,13 @@ impl PackedModel {
                     })
                     .collect();
                 if kernels.iter().any(Option::is_some) {
+                    let name = if kind == "small" {
+                        format!("mulo_model_{}_small_{level}_{phase}", slots.len())
+                    } else {
+                        format!("mulo_model_{}_elem_{level}", slots.len())
+                    };
                     slots.push(Slot {
-                        name: format!("mulo_model_{}_{kind}_{level}", slots.len()),
+                        name,
                         kind,
                         kernels,
                     });
@@ -682,7 +697,7 @@ impl PackedModel {
             })
             .collect();
         let what = if slot.kind == "small" {
-            "one block per tensor"
+            "small-domain work (one block per tensor, or its points over many)"
         } else {
             "a pass over the elements"
         };
@@ -1001,16 +1016,23 @@ mod tests {
         assert_eq!(big.plans.len(), 12);
         let names = |m: &PackedModel| m.slots.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(&small), names(&big));
-        assert_eq!(
-            names(&small),
-            [
-                "mulo_model_0_elem_0",
-                "mulo_model_1_small_1",
-                "mulo_model_2_elem_1",
-                "mulo_model_3_small_2",
-                "mulo_model_4_elem_2"
-            ]
-        );
+        let kinds: Vec<String> = small
+            .slots
+            .iter()
+            .map(|s| {
+                s.name
+                    .split('_')
+                    .skip(3)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join("_")
+            })
+            .collect();
+        // Element passes, and between them the small kernels of each stage.
+        assert_eq!(kinds.first().map(String::as_str), Some("elem_0"));
+        assert_eq!(kinds.last().map(String::as_str), Some("elem_2"));
+        assert!(kinds.contains(&"elem_1".to_string()));
+        assert!(kinds.iter().any(|k| k == "small_1") && kinds.iter().any(|k| k == "small_2"));
     }
 
     #[test]
@@ -1055,17 +1077,27 @@ mod tests {
                 .map(|s| s.kernels[p].map(|k| m.plans[p].schedule.kernels[k].name.clone()))
                 .collect::<Vec<_>>()
         };
+        let vector: Vec<String> = of(1).into_iter().flatten().collect();
         assert_eq!(
-            of(1),
-            [
-                None,
-                None,
-                Some("mulo_elem_0_reduce".to_string()),
-                Some("mulo_small_1".to_string()),
-                Some("mulo_elem_1_update".to_string())
-            ]
+            vector.first().map(String::as_str),
+            Some("mulo_elem_0_reduce")
         );
-        assert!(of(0).iter().all(Option::is_some));
+        assert_eq!(
+            vector.last().map(String::as_str),
+            Some("mulo_elem_1_update")
+        );
+        assert!(vector[1..vector.len() - 1]
+            .iter()
+            .all(|k| k.starts_with("mulo_small_1_")));
+        // The vector's kernels are in the last slots; the matrix has a kernel in every slot
+        // but those of the vector's later small phases.
+        let last = of(1).iter().position(Option::is_some).unwrap();
+        assert_eq!(of(1)[last].as_deref(), Some("mulo_elem_0_reduce"));
+        assert_eq!(
+            of(0)[last].as_deref(),
+            Some("mulo_elem_1_reduce"),
+            "aligned on the update pass"
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! values live in registers.
 
 use super::schedule::{
-    elem_closure, ElemMean, Kernel, KernelKind, PartialKind, Schedule, Tiling, BLOCK_THREADS,
+    elem_closure, spread_run, ElemMean, Kernel, KernelKind, PartialKind, Schedule, Tiling,
+    BLOCK_THREADS,
 };
 use crate::error::{Error, Result};
 use crate::ir::{Binary, Buffer, Matrix, Op, RuntimeScalar, StepIr, Unary, ValueId};
@@ -551,8 +552,13 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                     })
                     .map_err(template_error)?
             }
-            KernelKind::Small { nodes, stores } => {
-                let body = small_body(ir, s, nodes, stores)?;
+            KernelKind::Small {
+                nodes,
+                stores,
+                blocks,
+                chunked,
+            } => {
+                let body = small_body(ir, s, nodes, stores, *blocks, chunked)?;
                 env.get_template("small")
                     .map_err(template_error)?
                     .render(context! {
@@ -561,6 +567,8 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                         device => device,
                         summary => summary(ir, k),
                         threads => BLOCK_THREADS,
+                        blocks => *blocks,
+                        block_index => block_index,
                         body => body,
                     })
                     .map_err(template_error)?
@@ -602,8 +610,21 @@ pub fn summary(ir: &StepIr, k: &Kernel) -> String {
                 )
             }
         }
-        KernelKind::Small { nodes, stores } => format!(
-            "Computes {} row/column/rest/step nodes into scratch{}.",
+        KernelKind::Small {
+            nodes,
+            stores,
+            chunked,
+            ..
+        } => format!(
+            "{}Computes {} row/column/rest/step nodes into scratch{}.",
+            if chunked.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "Sums one chunk of the values of {} means per block. ",
+                    chunked.len()
+                )
+            },
             nodes.len(),
             if stores.is_empty() {
                 String::new()
@@ -1052,21 +1073,79 @@ fn block_sum_epilogue(sums: &[BlockSum], out: &mut String) {
     }
 }
 
-/// Opens the region in which the threads of a small kernel's block visit the `n` points of a
-/// domain as `p`: one point per thread without a loop when `n` fits in the block (NVRTC's
-/// compile time grows much faster with the number of loops than with straight-line code),
-/// else a block-strided loop. Closed by `}`.
-fn open_points(n: usize) -> String {
+/// How the threads of a small kernel visit the points of a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spread {
+    /// One block: its threads visit every point.
+    Block,
+    /// A multi-block kernel of this many blocks: each point once, over all of them
+    /// ([`spread_run`]).
+    Grid(usize),
+}
+
+/// Opens the region in which the threads of a small kernel visit the `n` points of a domain
+/// as `p`. In one block: one point per thread without a loop when `n` fits in the block
+/// (NVRTC's compile time grows much faster with the number of loops than with straight-line
+/// code), else a block-strided loop. Over many blocks: at most one point per thread (the grid
+/// has enough threads), spread as [`spread_run`] says. Closed by `}`.
+fn open_points(n: usize, spread: Spread) -> String {
     let t = BLOCK_THREADS;
-    if n <= t {
-        format!("    if (tid < {n}) {{ const idx_t p = tid;\n")
-    } else {
-        format!("    for (idx_t p = tid; p < {n}; p += {t}) {{\n")
+    match spread {
+        Spread::Block if n <= t => format!("    if (tid < {n}) {{ const idx_t p = tid;\n"),
+        Spread::Block => format!("    for (idx_t p = tid; p < {n}; p += {t}) {{\n"),
+        Spread::Grid(g) => {
+            let c = spread_run(n, g);
+            let p = if c == 1 {
+                format!("blk + (idx_t){g} * tid")
+            } else {
+                format!("(idx_t)(tid % {c}) + {c} * (blk + (idx_t){g} * (tid / {c}))")
+            };
+            format!("    if (const idx_t p = {p}; p < {n}) {{\n")
+        }
     }
 }
 
 /// Whether a small node is computed point by point from values of its own point (grouped with
 /// its neighbours of the same domain into one region without barriers).
+/// The terms of the small-domain mean `v` of `a` at point `p`: their number `count` per
+/// point, `a`'s scratch offset and domain length, and the index in `a`'s domain of term `k`.
+fn small_mean_terms(
+    ir: &StepIr,
+    s: &Schedule,
+    v: ValueId,
+    a: ValueId,
+) -> Result<(usize, usize, usize, String)> {
+    let layout = &ir.layout;
+    let from = ir.node(a).domain;
+    let d = ir.node(v).domain;
+    let from_axes = layout.domain_axes(from);
+    let to_axes = layout.domain_axes(d);
+    let reduced: Vec<usize> = from_axes
+        .iter()
+        .copied()
+        .filter(|x| !to_axes.contains(x))
+        .collect();
+    let count = layout.domain_len(from) / layout.domain_len(d);
+    let mut coords = decompose(layout, &to_axes, "p");
+    coords.extend(decompose(layout, &reduced, "k"));
+    let aidx = compose(layout, from, &coords);
+    let aoff = s.scratch_offset[a.index()]
+        .ok_or_else(|| Error::Verify(format!("{a}: mean operand not in scratch")))?;
+    Ok((count, aoff, layout.domain_len(from), aidx))
+}
+
+/// The element mean `v` as the elem kernel reducing it describes it.
+fn elem_mean_of(s: &Schedule, v: ValueId) -> Result<&ElemMean> {
+    s.kernels
+        .iter()
+        .filter_map(|k| match &k.kind {
+            KernelKind::Elem { means, .. } => means.iter().find(|m| m.node == v),
+            _ => None,
+        })
+        .next()
+        .ok_or_else(|| Error::Verify(format!("{v}: element mean without partials")))
+}
+
 fn is_pointwise(ir: &StepIr, v: ValueId) -> bool {
     !matches!(
         ir.node(v).op,
@@ -1074,10 +1153,82 @@ fn is_pointwise(ir: &StepIr, v: ValueId) -> bool {
     )
 }
 
-fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) -> Result<String> {
+fn small_body(
+    ir: &StepIr,
+    s: &Schedule,
+    nodes: &[ValueId],
+    stores: &[ValueId],
+    blocks: usize,
+    chunked: &[ValueId],
+) -> Result<String> {
     let layout = &ir.layout;
     let t = BLOCK_THREADS;
+    let spread = if blocks > 1 {
+        Spread::Grid(blocks)
+    } else {
+        Spread::Block
+    };
+    // Barriers between regions only in one block: over many blocks a region reads only values
+    // of its own points (this thread's) or of earlier kernels.
+    let barrier = if blocks > 1 {
+        ""
+    } else {
+        "    __syncthreads();\n"
+    };
+    let open_points = |n: usize| open_points(n, spread);
     let mut out = String::new();
+    // This block's chunk of the values of the chunked means: a fixed contiguous range,
+    // summed by a fixed tree.
+    let mut chunk_sums: Vec<BlockSum> = Vec::new();
+    for (i, &v) in chunked.iter().enumerate() {
+        let (g, co) = *s
+            .chunks
+            .get(&v)
+            .ok_or_else(|| Error::Verify(format!("{v}: chunked mean without chunk sums")))?;
+        let node = ir.node(v);
+        let w = node.width as usize;
+        let n = layout.domain_len(node.domain);
+        // The values of lane `l` and point `p` are the terms `k` of `value(k, l)`.
+        let (k, value): (usize, Box<dyn Fn(usize) -> String>) = match &node.op {
+            Op::Mean(a) if ir.node(*a).domain == Domain::Elem => {
+                let m = elem_mean_of(s, v)?;
+                let po = m.partial_offset;
+                (
+                    m.partials_per_point,
+                    Box::new(move |l| format!("partials[{po} + k * {w} + {l}]")),
+                )
+            }
+            Op::Mean(a) => {
+                let (count, aoff, nfrom, aidx) = small_mean_terms(ir, s, v, *a)?;
+                (
+                    count,
+                    Box::new(move |l| {
+                        format!("(double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]")
+                    }),
+                )
+            }
+            _ => return Err(Error::Verify(format!("{v}: only means are chunked"))),
+        };
+        let _ = writeln!(
+            out,
+            "    // {v}: chunk blk of its {k} values per lane and point ({g} chunks)\n    const idx_t q{i}_lo = blk * {k} / {g}, q{i}_hi = (blk + 1) * {k} / {g};"
+        );
+        for p in 0..n {
+            for l in 0..w {
+                let _ = writeln!(
+                    out,
+                    "    double q{i}_{p}_{l} = 0.0; {{ const idx_t p = {p}; (void)p; for (idx_t k = q{i}_lo + tid; k < q{i}_hi; k += {t}) q{i}_{p}_{l} += {}; }}",
+                    value(l)
+                );
+                chunk_sums.push(BlockSum {
+                    acc: format!("q{i}_{p}_{l}"),
+                    span: 1,
+                    store: format!("partials[{co} + (blk * {n} + {p}) * {w} + {l}] = s;"),
+                });
+            }
+        }
+    }
+    block_sum_epilogue(&chunk_sums, &mut out);
     // Consecutive pointwise nodes of one domain share a region: each thread computes them
     // for its points in registers (and into scratch for later kernels and other domains),
     // with one barrier after the group instead of one per node.
@@ -1090,8 +1241,8 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
             while j < nodes.len() && is_pointwise(ir, nodes[j]) && ir.node(nodes[j]).domain == d {
                 j += 1;
             }
-            small_group(ir, s, &nodes[i..j], &mut out)?;
-            let _ = writeln!(out, "    __syncthreads();");
+            small_group(ir, s, &nodes[i..j], spread, &mut out)?;
+            out.push_str(barrier);
             i = j;
             continue;
         }
@@ -1106,15 +1257,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
         let _ = writeln!(out, "    // {v} on {d} x{w}: {note}");
         match &node.op {
             Op::Mean(a) if ir.node(*a).domain == Domain::Elem => {
-                let m = s
-                    .kernels
-                    .iter()
-                    .filter_map(|k| match &k.kind {
-                        KernelKind::Elem { means, .. } => means.iter().find(|m| m.node == v),
-                        _ => None,
-                    })
-                    .next()
-                    .ok_or_else(|| Error::Verify(format!("{v}: element mean without partials")))?;
+                let m = elem_mean_of(s, v)?;
                 let count = f64_literal((layout.numel() / n) as f64);
                 let (po, k) = (m.partial_offset, m.partials_per_point);
                 match m.kind {
@@ -1124,6 +1267,12 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                             let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; scratch[{off} + {l} * {n} + p] = (float)(s / {count}); }}");
                         }
                         let _ = writeln!(out, "    }}");
+                    }
+                    PartialKind::Blocks if n == 1 && s.chunks.contains_key(&v) => {
+                        let (g, co) = s.chunks[&v];
+                        for l in 0..w {
+                            let _ = writeln!(out, "    {{ double s = 0.0; for (idx_t k = tid; k < {g}; k += {t}) s += partials[{co} + k * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + {l}] = (float)(s / {count}); }}");
+                        }
                     }
                     PartialKind::Blocks if n == 1 => {
                         for l in 0..w {
@@ -1140,22 +1289,17 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
                 }
             }
             Op::Mean(a) => {
-                let from = ir.node(*a).domain;
-                let from_axes = layout.domain_axes(from);
-                let to_axes = layout.domain_axes(d);
-                let reduced: Vec<usize> = from_axes
-                    .iter()
-                    .copied()
-                    .filter(|x| !to_axes.contains(x))
-                    .collect();
-                let count = layout.domain_len(from) / n;
-                let mut coords = decompose(layout, &to_axes, "p");
-                coords.extend(decompose(layout, &reduced, "k"));
-                let aidx = compose(layout, from, &coords);
-                let aoff = s.scratch_offset[a.index()]
-                    .ok_or_else(|| Error::Verify(format!("{a}: mean operand not in scratch")))?;
+                let (count, aoff, nfrom, aidx) = small_mean_terms(ir, s, v, *a)?;
                 let cnt = f64_literal(count as f64);
-                let nfrom = layout.domain_len(from);
+                if let Some(&(g, co)) = s.chunks.get(&v) {
+                    let _ = writeln!(out, "    for (idx_t p = 0; p < {n}; ++p) {{");
+                    for l in 0..w {
+                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {g}; k += {t}) s += partials[{co} + (k * {n} + p) * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + {l} * {n} + p] = (float)(s / {cnt}); }}");
+                    }
+                    let _ = writeln!(out, "    }}");
+                    out.push_str(barrier);
+                    continue;
+                }
                 if n >= 64 {
                     out.push_str(&open_points(n));
                     for l in 0..w {
@@ -1182,7 +1326,7 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
             }
             _ => return Err(Error::Verify(format!("{v}: not computed into scratch"))),
         }
-        let _ = writeln!(out, "    __syncthreads();");
+        out.push_str(barrier);
     }
     for &v in stores {
         let Op::Store {
@@ -1217,7 +1361,13 @@ fn small_body(ir: &StepIr, s: &Schedule, nodes: &[ValueId], stores: &[ValueId]) 
 /// One region computing the pointwise small nodes `group` (all on one domain) for every
 /// point: operands of the group come from registers, the others from scratch; every node is
 /// also written to scratch.
-fn small_group(ir: &StepIr, s: &Schedule, group: &[ValueId], out: &mut String) -> Result<()> {
+fn small_group(
+    ir: &StepIr,
+    s: &Schedule,
+    group: &[ValueId],
+    spread: Spread,
+    out: &mut String,
+) -> Result<()> {
     let layout = &ir.layout;
     let d = ir.node(group[0]).domain;
     let n = layout.domain_len(d);
@@ -1230,7 +1380,7 @@ fn small_group(ir: &StepIr, s: &Schedule, group: &[ValueId], out: &mut String) -
             node.note.as_deref().unwrap_or("")
         );
     }
-    out.push_str(&open_points(n));
+    out.push_str(&open_points(n, spread));
     let coords = decompose(layout, &layout.domain_axes(d), "p");
     let mut in_registers: BTreeSet<ValueId> = BTreeSet::new();
     for &v in group {

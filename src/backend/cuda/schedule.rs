@@ -6,20 +6,46 @@
 //!   in registers, the operands of the element means it is given and writes their per-block
 //!   partial sums (deterministic: fixed thread-to-element map, fixed-order trees). The last
 //!   pass computes what the element-domain stores need and stores it.
-//! - **Small kernels** (`S_k`, one thread block) are the stages before `E_k`: they finish the
-//!   element means reduced by the previous pass (fixed order), and compute the stage's nodes on
-//!   the row/column/rest/step domains into a scratch arena. The last small kernel also performs
-//!   the stores of those domains (the state buffers `fac_row`, `fac_col`), after every load of
-//!   them.
+//! - **Small kernels** (`S_k_i`) are the stages before `E_k`: they finish the element means
+//!   reduced by the previous pass (fixed order), and compute the stage's nodes on the
+//!   row/column/rest/step domains into a scratch arena. A stage is split into kernels of two
+//!   kinds, alternating ([`KernelKind::Small`]): multi-block kernels computing nodes point by
+//!   point, the points spread over at least [`SPREAD_BLOCKS`] blocks, and one-block kernels for
+//!   the reductions onto few points, whose long sums a multi-block kernel first cuts into
+//!   chunks ([`CHUNK_THRESHOLD`]). The last stage also performs the stores of those domains
+//!   (the state buffers `fac_row`, `fac_col`), after every load of them.
 //! - Constants and runtime scalars are inlined where they are used.
 
 use crate::ir::{Op, StepIr, ValueId};
 pub use crate::plan::{elem_closure, is_elem_mean, levels, PassPlan};
+use crate::shape::Domain;
+use std::collections::BTreeMap;
 
 /// Threads of every block, elem or small.
 pub const BLOCK_THREADS: usize = 256;
 /// Rows of its tile each elem-kernel thread walks (caps the tile along the Y axis).
 pub const ROWS_PER_THREAD: usize = 4;
+
+/// The fewest blocks a multi-block small kernel of a big tensor ([`SPREAD_NUMEL`]) spreads a
+/// domain of at least as many points over: 2 per SM of an H100 (132 SMs), so that no
+/// small-domain work of a big tensor runs on a corner of the GPU (#12.2).
+pub const SPREAD_BLOCKS: usize = 264;
+
+/// Tensors of at least this many elements (2^20) spread their multi-block small kernels over
+/// [`SPREAD_BLOCKS`]; smaller ones use one block per 256 points (their small domains have a few
+/// thousand points at most, and a packed model runs every tensor's small kernels at once).
+pub const SPREAD_NUMEL: usize = 1 << 20;
+
+/// A mean computed by a one-block kernel (a step-domain element mean, or a small-domain mean
+/// onto fewer than 64 points) that has more values than this to sum per lane and point is
+/// finished in two levels: a multi-block small kernel sums them in fixed chunks, one block
+/// per chunk, and the one-block kernel after it sums the chunk sums. At or below it, one
+/// block sums the values itself (≤ 4 per thread, lane and point).
+pub const CHUNK_THRESHOLD: usize = 4 * BLOCK_THREADS;
+
+/// The largest domain a single-block small kernel computes pointwise nodes on (one point per
+/// thread, no loop): bigger domains go to the multi-block kernels.
+pub const BLOCK_POINTS: usize = BLOCK_THREADS;
 
 /// The most blocks a launch may have along x (CUDA's `maxGridDimX`, 2^31 − 1 on every
 /// architecture since sm_30).
@@ -162,13 +188,24 @@ pub enum KernelKind {
         /// Whether this is the last pass, performing the element-domain stores.
         stores: bool,
     },
-    /// One block: the small-domain nodes in `nodes` (topological order; element means among
-    /// them are finished from their partials), then the small-domain `stores`.
+    /// Part of a stage: the small-domain nodes in `nodes` (topological order; element means
+    /// among them are finished from their partials or chunk sums), then the small-domain
+    /// `stores`. With `blocks == 1` the kernel is one block whose threads meet at barriers
+    /// between nodes (reductions onto few points, the final sums of chunked means, pointwise
+    /// nodes on at most [`BLOCK_POINTS`] points). With `blocks > 1` every node is computed
+    /// point by point from values of its own point or of earlier kernels, one thread per point,
+    /// the points of each domain spread over all the blocks (no barrier between nodes), and
+    /// each block first sums its chunk of the values of the means in `chunked`.
     Small {
         /// Nodes computed into scratch.
         nodes: Vec<ValueId>,
         /// Store nodes performed at the end.
         stores: Vec<ValueId>,
+        /// Blocks of the launch.
+        blocks: usize,
+        /// Means whose chunk sums this kernel computes (one chunk per block), finished by the
+        /// next kernel of the stage ([`CHUNK_THRESHOLD`]).
+        chunked: Vec<ValueId>,
     },
 }
 
@@ -179,6 +216,8 @@ pub struct Kernel {
     pub name: String,
     /// The level it belongs to.
     pub level: u32,
+    /// Its place among the small kernels of its stage (0 for elem kernels).
+    pub phase: u32,
     /// What it does.
     pub kind: KernelKind,
 }
@@ -198,12 +237,30 @@ pub struct Schedule {
     pub scratch_len: usize,
     /// f64 values in the partials arena.
     pub partials_len: usize,
+    /// The means finished in two levels: for each, the number of chunks (the blocks of the
+    /// multi-block kernel summing one chunk per block) and the offset of the chunk sums in the
+    /// f64 arena (`[chunks][points][width]`).
+    pub chunks: BTreeMap<ValueId, (usize, usize)>,
     /// Number of passes over the element data.
     pub elem_passes: usize,
 }
 
 /// Schedules `ir` into kernels (see the module documentation).
 pub fn schedule(ir: &StepIr) -> Schedule {
+    let spread = if ir.layout.numel() >= SPREAD_NUMEL {
+        SPREAD_BLOCKS
+    } else {
+        1
+    };
+    schedule_with(ir, CHUNK_THRESHOLD, spread)
+}
+
+/// [`schedule`] with one-block means chunked above `chunk_threshold` values per lane and
+/// point instead of [`CHUNK_THRESHOLD`], and multi-block small kernels spread over at least
+/// `spread` blocks (where a domain has as many points) instead of [`SPREAD_BLOCKS`] or 1 (the
+/// emulation tests chunk small tensors' means, and spread their points over a few blocks, to
+/// check those paths).
+pub fn schedule_with(ir: &StepIr, chunk_threshold: usize, spread: usize) -> Schedule {
     let layout = &ir.layout;
     let tiling = Tiling::of(layout);
     let plan = PassPlan::of(ir);
@@ -221,9 +278,10 @@ pub fn schedule(ir: &StepIr) -> Schedule {
             scratch_len += layout.domain_len(node.domain) * node.width as usize;
         }
     }
-    // Partials for the element means.
+    // Partials for the element means, in pass order.
     let mut partials_len = 0usize;
-    let mut mean_info = |m: ValueId| -> ElemMean {
+    let mut means: BTreeMap<ValueId, ElemMean> = BTreeMap::new();
+    for &m in elem_means.iter().flatten() {
         let node = ir.node(m);
         let axes = layout.domain_axes(node.domain);
         let keeps = |a: Option<usize>| a.is_some_and(|a| axes.contains(&a));
@@ -238,43 +296,72 @@ pub fn schedule(ir: &StepIr) -> Schedule {
             PartialKind::Blocks => tiles,
             _ => tiles * layout.domain_len(node.domain),
         };
-        let info = ElemMean {
-            node: m,
-            operand: node.op.operands()[0],
-            kind,
-            partial_offset: partials_len,
-            partials_per_point: match kind {
-                PartialKind::Blocks => tiling.blocks() / layout.domain_len(node.domain).max(1),
-                _ => tiles,
+        means.insert(
+            m,
+            ElemMean {
+                node: m,
+                operand: node.op.operands()[0],
+                kind,
+                partial_offset: partials_len,
+                partials_per_point: match kind {
+                    PartialKind::Blocks => tiling.blocks() / layout.domain_len(node.domain).max(1),
+                    _ => tiles,
+                },
             },
-        };
+        );
         partials_len += count * node.width as usize;
-        info
-    };
+    }
+
+    // The small kernels of every stage, then the chunk sums they need.
+    let stages: Vec<Vec<SmallPhase>> = (0..=max_level)
+        .map(|k| {
+            let stores = if k == max_level {
+                plan.small_stores.clone()
+            } else {
+                Vec::new()
+            };
+            stage_phases(
+                ir,
+                &means,
+                &plan.stage_nodes(ir, k),
+                &stores,
+                chunk_threshold,
+                spread,
+            )
+        })
+        .collect();
+    let mut chunks = BTreeMap::new();
+    for phase in stages.iter().flatten() {
+        for &m in &phase.chunked {
+            let node = ir.node(m);
+            chunks.insert(m, (phase.blocks, partials_len));
+            partials_len += phase.blocks * layout.domain_len(node.domain) * node.width as usize;
+        }
+    }
 
     let mut kernels = Vec::new();
     let mut elem_passes = 0;
-    for k in 0..=max_level {
-        let nodes = plan.stage_nodes(ir, k);
-        let stores = if k == max_level {
-            plan.small_stores.clone()
-        } else {
-            Vec::new()
-        };
-        if !nodes.is_empty() || !stores.is_empty() {
+    for (k, phases) in (0..=max_level).zip(stages) {
+        for (i, phase) in phases.into_iter().enumerate() {
             kernels.push(Kernel {
-                name: format!("mulo_small_{k}"),
+                name: format!("mulo_small_{k}_{i}"),
                 level: k,
-                kind: KernelKind::Small { nodes, stores },
+                phase: i as u32,
+                kind: KernelKind::Small {
+                    nodes: phase.nodes,
+                    stores: phase.stores,
+                    blocks: phase.blocks,
+                    chunked: phase.chunked,
+                },
             });
         }
         let last = k == max_level;
         if !last && elem_means[k as usize].is_empty() {
             continue;
         }
-        let means: Vec<ElemMean> = elem_means[k as usize]
+        let pass_means: Vec<ElemMean> = elem_means[k as usize]
             .iter()
-            .map(|&m| mean_info(m))
+            .map(|m| means[m].clone())
             .collect();
         kernels.push(Kernel {
             name: if last {
@@ -283,8 +370,9 @@ pub fn schedule(ir: &StepIr) -> Schedule {
                 format!("mulo_elem_{k}_reduce")
             },
             level: k,
+            phase: 0,
             kind: KernelKind::Elem {
-                means,
+                means: pass_means,
                 stores: last,
             },
         });
@@ -297,8 +385,197 @@ pub fn schedule(ir: &StepIr) -> Schedule {
         scratch_offset,
         scratch_len,
         partials_len,
+        chunks,
         elem_passes,
     }
+}
+
+/// One small kernel of a stage, before naming.
+struct SmallPhase {
+    nodes: Vec<ValueId>,
+    stores: Vec<ValueId>,
+    blocks: usize,
+    chunked: Vec<ValueId>,
+}
+
+/// Where a small node may be computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Point by point over many blocks.
+    Points,
+    /// In one block (a reduction onto few points).
+    Block,
+    /// Either (pointwise work on at most [`BLOCK_POINTS`] points).
+    Either,
+}
+
+fn mode(ir: &StepIr, means: &BTreeMap<ValueId, ElemMean>, v: ValueId) -> Mode {
+    let node = ir.node(v);
+    let n = ir.layout.domain_len(node.domain);
+    match &node.op {
+        Op::Mean(a) if ir.node(*a).domain == Domain::Elem => match means.get(&v).map(|m| m.kind) {
+            Some(PartialKind::Blocks) if n == 1 => Mode::Block,
+            _ => Mode::Points,
+        },
+        // As `render` computes them: a thread per point for many points, else a block per
+        // point.
+        Op::Mean(_) if n >= 64 => Mode::Points,
+        Op::Mean(_) => Mode::Block,
+        _ if n > BLOCK_POINTS => Mode::Points,
+        _ => Mode::Either,
+    }
+}
+
+/// Whether the one-block mean `v` is finished in two levels: more than `threshold` values
+/// per lane and point to sum (the partials of a step mean, or the operand points of a small
+/// mean onto fewer than 64 points).
+fn chunked(ir: &StepIr, means: &BTreeMap<ValueId, ElemMean>, v: ValueId, threshold: usize) -> bool {
+    if mode(ir, means, v) != Mode::Block {
+        return false;
+    }
+    let layout = &ir.layout;
+    match (&ir.node(v).op, means.get(&v)) {
+        (_, Some(m)) => m.partials_per_point > threshold,
+        (Op::Mean(a), None) => {
+            layout.domain_len(ir.node(*a).domain) / layout.domain_len(ir.node(v).domain) > threshold
+        }
+        _ => false,
+    }
+}
+
+/// Whether `v`, computed at its point by one thread, reads `o` at other points (so that `o`
+/// must be complete, at every point, before `v` starts).
+fn reads_across(ir: &StepIr, v: ValueId, o: ValueId) -> bool {
+    matches!(ir.node(v).op, Op::Mean(_)) || ir.node(v).domain != ir.node(o).domain
+}
+
+/// Splits a stage into kernels. Phase `q` is a multi-block kernel for even `q`, a one-block
+/// kernel for odd `q`; every node goes to the first phase of a mode it allows at which its
+/// operands of this stage are ready: computed by an earlier phase, or by the same one when
+/// that is a block (barriers between nodes) or when they are of its own point (the same
+/// thread). Stores come after the loads of their buffer. A step mean with more than
+/// `chunk_threshold` partials per lane is chunked by the multi-block phase before its own.
+fn stage_phases(
+    ir: &StepIr,
+    means: &BTreeMap<ValueId, ElemMean>,
+    nodes: &[ValueId],
+    stores: &[ValueId],
+    chunk_threshold: usize,
+    spread: usize,
+) -> Vec<SmallPhase> {
+    let layout = &ir.layout;
+    let mut phase: BTreeMap<ValueId, usize> = BTreeMap::new();
+    let is_block = |q: usize| q % 2 == 1;
+    let place = |v: ValueId, deps: &[ValueId], phase: &BTreeMap<ValueId, usize>| -> usize {
+        let m = mode(ir, means, v);
+        // Its chunks are summed by the phase before its own, across points.
+        let lead = usize::from(chunked(ir, means, v, chunk_threshold));
+        let deps: Vec<(ValueId, usize)> = deps
+            .iter()
+            .filter_map(|o| phase.get(o).map(|&q| (*o, q)))
+            .collect();
+        let mut q = deps.iter().map(|d| d.1).max().unwrap_or(0);
+        loop {
+            let mode_ok = match m {
+                Mode::Points => !is_block(q),
+                Mode::Block => is_block(q),
+                Mode::Either => true,
+            };
+            let ready = deps.iter().all(|&(o, qo)| {
+                qo + lead < q || (lead == 0 && (is_block(q) || !reads_across(ir, v, o)))
+            });
+            if mode_ok && ready {
+                return q;
+            }
+            q += 1;
+        }
+    };
+    for &v in nodes {
+        let q = place(v, &ir.node(v).op.operands(), &phase);
+        phase.insert(v, q);
+    }
+    let mut store_phase: Vec<(ValueId, usize)> = Vec::new();
+    for &v in stores {
+        let Op::Store { buffer, value, .. } = &ir.node(v).op else {
+            continue;
+        };
+        let mut deps = vec![*value];
+        deps.extend(
+            nodes
+                .iter()
+                .copied()
+                .filter(|&l| matches!(ir.node(l).op, Op::Load { buffer: b, .. } if b == *buffer)),
+        );
+        store_phase.push((v, place(v, &deps, &phase)));
+    }
+    let mut chunk_at: BTreeMap<usize, Vec<ValueId>> = BTreeMap::new();
+    for (&v, &q) in &phase {
+        if chunked(ir, means, v, chunk_threshold) {
+            chunk_at.entry(q - 1).or_default().push(v);
+        }
+    }
+    let phases = phase
+        .values()
+        .chain(store_phase.iter().map(|s| &s.1))
+        .chain(chunk_at.keys())
+        .max()
+        .map_or(0, |q| q + 1);
+    (0..phases)
+        .filter_map(|q| {
+            let nodes: Vec<ValueId> = nodes.iter().copied().filter(|v| phase[v] == q).collect();
+            let stores: Vec<ValueId> = store_phase
+                .iter()
+                .filter(|s| s.1 == q)
+                .map(|s| s.0)
+                .collect();
+            let chunked = chunk_at.remove(&q).unwrap_or_default();
+            if nodes.is_empty() && stores.is_empty() && chunked.is_empty() {
+                return None;
+            }
+            let blocks = if is_block(q) {
+                1
+            } else {
+                let points = nodes
+                    .iter()
+                    .chain(&stores)
+                    .map(|&v| {
+                        let n = layout.domain_len(ir.node(v).domain);
+                        n.div_ceil(BLOCK_THREADS).max(n.min(spread))
+                    })
+                    .max()
+                    .unwrap_or(1);
+                if chunked.is_empty() {
+                    points.max(1)
+                } else if spread > 1 {
+                    points.max(spread)
+                } else {
+                    // A small tensor's long mean (a skinny one's rows): chunked over the GPU
+                    // all the same.
+                    points.max(SPREAD_BLOCKS)
+                }
+            };
+            Some(SmallPhase {
+                nodes,
+                stores,
+                blocks,
+                chunked,
+            })
+        })
+        .collect()
+}
+
+/// How a multi-block small kernel of `blocks` blocks spreads the `n` points of a domain:
+/// runs of `c` consecutive points (the largest of 8, 4, 2, 1 leaving at least one run per
+/// block), run `r` in block `r % blocks`. Point `p` of thread `tid` of block `blk` is
+/// `tid % c + c · (blk + blocks · (tid / c))`: every point once, the points of a domain of at
+/// least `blocks` points in every block, and up to 8 consecutive points (32 bytes) per warp
+/// access.
+pub fn spread_run(n: usize, blocks: usize) -> usize {
+    let mut c = 8;
+    while c > 1 && n.div_ceil(c) < blocks {
+        c /= 2;
+    }
+    c
 }
 
 #[cfg(test)]
@@ -313,8 +590,19 @@ mod tests {
         schedule(&ir)
     }
 
-    fn kinds(s: &Schedule) -> Vec<String> {
-        s.kernels.iter().map(|k| k.name.clone()).collect()
+    /// The kernels of `s`, small kernels of one stage as `mulo_small_{k}`.
+    fn stages(s: &Schedule) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for k in &s.kernels {
+            let name = match k.kind {
+                KernelKind::Small { .. } => format!("mulo_small_{}", k.level),
+                _ => k.name.clone(),
+            };
+            if out.last() != Some(&name) {
+                out.push(name);
+            }
+        }
+        out
     }
 
     #[test]
@@ -322,7 +610,7 @@ mod tests {
         let s = sched("64x32");
         assert_eq!(s.elem_passes, 3);
         assert_eq!(
-            kinds(&s),
+            stages(&s),
             [
                 "mulo_elem_0_reduce",
                 "mulo_small_1",
@@ -331,18 +619,29 @@ mod tests {
                 "mulo_elem_2_update"
             ]
         );
+        let elem: Vec<&Kernel> = s
+            .kernels
+            .iter()
+            .filter(|k| matches!(k.kind, KernelKind::Elem { .. }))
+            .collect();
         // Pass 0 reduces q over d0 and over d1 (two means), pass 1 the 16 element features².
-        let means = |k: usize| match &s.kernels[k].kind {
+        let means = |k: usize| match &elem[k].kind {
             KernelKind::Elem { means, .. } => means.len(),
             _ => unreachable!(),
         };
         assert_eq!(means(0), 2);
-        assert_eq!(means(2), 16);
-        // The row/column accumulators are stored by the last small kernel.
-        match &s.kernels[3].kind {
-            KernelKind::Small { stores, .. } => assert_eq!(stores.len(), 6),
-            _ => unreachable!(),
-        }
+        assert_eq!(means(1), 16);
+        // The row/column accumulators are stored by the last stage's small kernels.
+        let stores: usize = s
+            .kernels
+            .iter()
+            .filter(|k| k.level == 2)
+            .map(|k| match &k.kind {
+                KernelKind::Small { stores, .. } => stores.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(stores, 6);
     }
 
     #[test]
@@ -351,10 +650,70 @@ mod tests {
             let s = sched(shape);
             assert_eq!(s.elem_passes, 2, "{shape}");
             assert_eq!(
-                kinds(&s),
+                stages(&s),
                 ["mulo_elem_0_reduce", "mulo_small_1", "mulo_elem_1_update"],
                 "{shape}"
             );
+        }
+    }
+
+    #[test]
+    fn small_kernels_of_big_tensors_spread_over_the_gpu() {
+        // 4096x1024: the per-row and per-column work (the first layer's row and column parts,
+        // ~1 M multiply-adds) runs on multi-block kernels; a one-block kernel computes only
+        // step and rest nodes and the final sums of means (chunked where they are long).
+        let s = sched("4096x1024");
+        let ir = crate::compile_step(
+            &Shape::parse("4096x1024").unwrap(),
+            &LearnedOptimizer::demo(),
+        )
+        .unwrap();
+        let mut dense_rows = 0;
+        for k in &s.kernels {
+            let KernelKind::Small { nodes, blocks, .. } = &k.kind else {
+                continue;
+            };
+            for &v in nodes {
+                let n = ir.layout.domain_len(ir.node(v).domain);
+                if *blocks == 1 {
+                    assert!(n <= BLOCK_POINTS, "{}: {v} on {n} points", k.name);
+                } else if matches!(ir.node(v).op, Op::Dense { .. }) && n > BLOCK_POINTS {
+                    assert!(*blocks >= SPREAD_BLOCKS, "{}", k.name);
+                    dense_rows += n;
+                }
+            }
+        }
+        assert_eq!(dense_rows, 4096 + 1024, "the row and column input layers");
+        // Chunked: the 16 feature means of pass 1 (4096 partials each) and the means over the
+        // 4096 columns.
+        assert!(s.chunks.len() >= 16, "{:?}", s.chunks);
+        assert!(s.chunks.values().all(|&(g, _)| g >= SPREAD_BLOCKS));
+    }
+
+    #[test]
+    fn spread_runs_cover_every_point_once() {
+        for (n, blocks) in [
+            (4096, 264),
+            (1024, 264),
+            (70, 70),
+            (1, 1),
+            (300, 264),
+            (5000, 264),
+        ] {
+            let c = spread_run(n, blocks);
+            let mut seen = vec![0u8; n];
+            for blk in 0..blocks {
+                for tid in 0..BLOCK_THREADS {
+                    let p = tid % c + c * (blk + blocks * (tid / c));
+                    if p < n {
+                        seen[p] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&x| x == 1), "{n} over {blocks}");
+            if n >= 8 * blocks {
+                assert_eq!(c, 8);
+            }
         }
     }
 

@@ -13,8 +13,8 @@ norms), one or two rounds of partial sums (the first rides with the header witho
 and one round of guard flags (a tensor whose step came out non-finite on any rank is undone
 on every rank). So 3 all-reduces per step without clipping, 4 with, whatever the number of
 tensors; the buffers hold about ``rows + cols + 28`` values per factored tensor
-(``bench/results/sharded.md``). The step runs mulo's staged evaluator (``mulo::shard``, the
-reference interpreter's arithmetic on the local rows), not the native CPU backend.
+(``bench/results/sharded.md``). The stages run on the native CPU backend (``mulo::shard``,
+``StageEngine::Cpu``: its chunk programs and dense kernels on the local rows).
 
 A ``Replicate()`` parameter is stepped whole on every rank: its gradient must be the same on
 every rank (as after DDP's all-reduce), or the ranks' copies drift apart.
@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from mulo import _state
 from mulo._native import ShardedGroup as _ShardedGroup
 
 __all__ = ["has_dtensors", "shard_of", "ShardedSteps"]
@@ -332,27 +333,9 @@ class ShardedSteps:
     def state_dict(self, opt, base_state_dict) -> Dict[str, Any]:
         """This rank's ``state_dict``: per tensor its local rows of PyLO's state, the factored
         axes and ``shard`` = [row offset, rows, *whole shape] (empty for a replicated tensor)."""
-        from collections import defaultdict
-
-        kept = opt.state
-        exported: Dict[Any, Dict[str, Any]] = defaultdict(dict)
-        for gi, group in enumerate(opt.param_groups):
-            rt = self.rts[gi] if gi < len(self.rts) else None
-            if rt is None:
-                continue
-            for j, p in enumerate(group["params"]):
-                st: Dict[str, Any] = {}
-                for name, shape, data in rt.native.export_state(j):
-                    st[name] = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
-                st["factored_axes"] = list(rt.axes[j]) if rt.axes[j] is not None else None
-                shard = rt.shards[j]
-                st["shard"] = [] if shard is None else [shard[0], shard[1], *rt.shapes[j]]
-                exported[p] = st
-        opt.state = exported
-        try:
-            return base_state_dict()
-        finally:
-            opt.state = kept
+        return _state.state_dict_with_runtimes(
+            opt, self.rts, base_state_dict, extra=lambda rt, j: {"shard": _shard_entry(rt, j)}
+        )
 
     def load_state_dict(self, opt, state_dict, base_load_state_dict) -> None:
         """Loads a ``state_dict`` this rank saved (same parameters, same shards)."""
@@ -376,8 +359,7 @@ class ShardedSteps:
                     st = loaded.get(p)
                     if not st:
                         continue
-                    shard = rt.shards[j]
-                    want = [] if shard is None else [shard[0], shard[1], *rt.shapes[j]]
+                    want = _shard_entry(rt, j)
                     got = [int(x) for x in st.get("shard", [])]
                     if got != want:
                         raise ValueError(
@@ -385,7 +367,7 @@ class ShardedSteps:
                             f"([row offset, rows, *shape]); this rank holds {want}"
                         )
                     tensors = []
-                    for key in ("mom", "rms", "fac_vec_row", "fac_vec_col", "fac_vec_v"):
+                    for key in _state.STATE_NAMES:
                         t = st.get(key)
                         if t is None:
                             continue
@@ -395,3 +377,10 @@ class ShardedSteps:
         except Exception:
             opt.param_groups, opt.state, self.rts, opt._axes_override = old
             raise
+
+
+def _shard_entry(rt, j: int) -> List[int]:
+    """The ``shard`` entry of tensor ``j``'s saved state: [row offset, rows, *whole shape], or
+    empty for a replicated tensor."""
+    s = rt.shards[j]
+    return [] if s is None else [s[0], s[1], *rt.shapes[j]]

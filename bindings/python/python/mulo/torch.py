@@ -29,6 +29,7 @@ import torch
 from torch.optim import Optimizer
 
 from mulo._native import CudaModel as _CudaModel
+from mulo import _state
 from mulo import distributed as _distributed
 from mulo._native import Group as _Group
 from mulo._native import LearnedOptimizer
@@ -48,7 +49,6 @@ _EXP_MULT = 0.001
 _STEP_MULT = 0.01
 
 # PyLO's names of a tensor's state, decay-last (SPEC.md §2).
-_STATE_NAMES = ("mom", "rms", "fac_vec_row", "fac_vec_col", "fac_vec_v")
 
 
 def pylo_factored_axes(shape: Sequence[int]) -> Optional[Tuple[int, int]]:
@@ -701,23 +701,7 @@ class AdafacLO(Optimizer):
         state, and ``shard`` (see :mod:`mulo.distributed`)."""
         if self._sharded is not None:
             return self._sharded.state_dict(self, super().state_dict)
-        kept = self.state
-        exported: Dict[Any, Dict[str, Any]] = defaultdict(dict)
-        for gi, group in enumerate(self.param_groups):
-            rt = self._rt[gi]
-            if rt is None:
-                continue
-            for j, p in enumerate(group["params"]):
-                st: Dict[str, Any] = {}
-                for name, shape, data in rt.native.export_state(j):
-                    st[name] = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
-                st["factored_axes"] = list(rt.axes[j]) if rt.axes[j] is not None else None
-                exported[p] = st
-        self.state = exported
-        try:
-            return super().state_dict()
-        finally:
-            self.state = kept
+        return _state.state_dict_with_runtimes(self, self._rt, super().state_dict)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a ``state_dict`` of this class or of PyLO's ``AdafacLO_naive``/``MuLO_naive``
@@ -756,7 +740,7 @@ class AdafacLO(Optimizer):
                         continue
                     tensors = []
                     keep = []
-                    for key in _STATE_NAMES:
+                    for key in _state.STATE_NAMES:
                         t = st.get(key)
                         if t is None or t.numel() == 0:
                             continue
