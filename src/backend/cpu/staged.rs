@@ -195,6 +195,7 @@ impl CpuStaged {
             let read: Vec<usize> = match instr {
                 Instr::Gather { node, .. } => vec![*node],
                 Instr::Binary { a, b, .. }
+                | Instr::MulMul { a, b, .. }
                 | Instr::Dense {
                     pair: Some((a, b)), ..
                 } => [a, b]

@@ -90,6 +90,7 @@ impl CpuStepper {
                 let gathered: Vec<usize> = match instr {
                     Instr::Gather { node, .. } => vec![*node],
                     Instr::Binary { a, b, .. }
+                    | Instr::MulMul { a, b, .. }
                     | Instr::Dense {
                         pair: Some((a, b)), ..
                     } => [a, b]
