@@ -136,6 +136,24 @@ fn main() {
         }
     }
 
+    // 2b. The candidate that was not chosen: a well-kept GEMM crate on the same layers.
+    println!(
+        "\nThe same layers through the GEMM crate `matrixmultiply` (`sgemm`, its own AVX/FMA \
+         kernels and packing, one call per layer and chunk, the bias as C's initial value):\n"
+    );
+    println!("| candidate | threads | G multiply-adds/s | % of machine peak | load |");
+    println!("|---|---|---|---|---|");
+    let g = median(
+        (0..reps)
+            .map(|_| gemm_crate_layers(&ir, 4_000) / 1e9)
+            .collect(),
+    );
+    println!(
+        "| matrixmultiply sgemm | 1 | {g:.1} | {:.0}% | {} |",
+        100.0 * g / machine_peak(1),
+        load()
+    );
+
     // 3. Whole steps.
     println!("\n## Whole step, ns per element (median)\n");
     println!("| shape | ISA | threads | ns/element | load |");
@@ -249,4 +267,59 @@ fn main() {
             load()
         );
     }
+}
+
+/// Multiply-adds per second of the step's element-domain dense layers through
+/// `matrixmultiply::sgemm` on one thread: `out[rows × 256] = W[rows × cols] · x[cols × 256] + b`
+/// per layer and chunk, the layout the chunk executor uses (a value's 256 lanes contiguous),
+/// every layer reading the same bounded input as `bench::dense_layers` does.
+fn gemm_crate_layers(ir: &mulo::ir::StepIr, chunks: usize) -> f64 {
+    const LANES: usize = 256;
+    let mats: Vec<_> = bench::elem_dense(ir)
+        .into_iter()
+        .map(|i| &ir.matrices[i])
+        .collect();
+    let width = mats.iter().map(|m| m.rows.max(m.cols)).max().unwrap_or(1);
+    let x: Vec<f32> = (0..width * LANES)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+        .collect();
+    let mut out = vec![0f32; width * LANES];
+    let biases: Vec<Vec<f32>> = mats
+        .iter()
+        .map(|m| {
+            let b = m.bias.clone().unwrap_or_else(|| vec![0.0; m.rows]);
+            b.iter()
+                .flat_map(|&v| std::iter::repeat_n(v, LANES))
+                .collect()
+        })
+        .collect();
+    let start = Instant::now();
+    for _ in 0..chunks {
+        for (m, bias) in mats.iter().zip(&biases) {
+            out[..m.rows * LANES].copy_from_slice(bias);
+            // SAFETY: W is rows×cols row-major (strides cols, 1), x is cols×256 and out
+            // rows×256 (strides 256, 1), all in bounds of their buffers.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m.rows,
+                    m.cols,
+                    LANES,
+                    1.0,
+                    m.weight.as_ptr(),
+                    m.cols as isize,
+                    1,
+                    x.as_ptr(),
+                    LANES as isize,
+                    1,
+                    1.0,
+                    out.as_mut_ptr(),
+                    LANES as isize,
+                    1,
+                );
+            }
+            std::hint::black_box(&mut out);
+        }
+    }
+    let madds: usize = mats.iter().map(|m| m.rows * m.cols).sum::<usize>() * LANES * chunks;
+    madds as f64 / start.elapsed().as_secs_f64()
 }
