@@ -5,8 +5,8 @@
 //!   on disk) by [`PackedCuda`]; the parameters live in its `param` arena.
 //! - The forward and backward passes are two small CUDA kernels of this file, also compiled
 //!   by NVRTC at start-up, that read the `param` arena and write the `grad` arena.
-//! - Each optimizer step is [`PackedBackend::step_in_place`]: 5 launches for the whole
-//!   model, whatever the number of tensors.
+//! - Each optimizer step is [`PackedBackend::step_in_place`]: a fixed number of launches
+//!   for the whole model (7 here), whatever the number of tensors.
 //!
 //! ```sh
 //! cargo run --release --example cuda_jit                 # bundled demo meta-network

@@ -15,11 +15,14 @@ trap 'rm -rf "$MULO_CACHE_DIR" "$dir"' EXIT
 # Binaries `cargo test` built (a separate `cargo run` would rebuild the dependencies).
 out="$(target/debug/examples/cuda_jit)"
 echo "$out"
-grep -q "compiled the training kernels and the packed μLO step (5 launches per step" <<<"$out"
+# The packed program's launch count comes from its schedule (3 element passes and the small
+# kernels between them); both examples compile the same model, so they must agree on it.
+launches="$(sed -n 's/.*compiled the training kernels and the packed μLO step (\([0-9]*\) launches per step.*/\1/p' <<<"$out")"
+test -n "$launches"
 grep -q "SKIPPED training on the GPU" <<<"$out"
 
 out="$(python3 examples/pytorch_ptx.py --dry-run --mulo target/debug/mulo-compile --model-dir "$dir/model")"
 echo "$out"
 test -s "$dir/model/mulo_model.ptx"
-grep -q "dry run: 4 tensors, 5 launches per step" <<<"$out"
-echo "cuda training examples (no GPU): ok"
+grep -q "dry run: 4 tensors, $launches launches per step" <<<"$out"
+echo "cuda training examples (no GPU): ok ($launches launches per step in both)"
