@@ -162,7 +162,7 @@ impl Broadcasts {
 
 /// Point `p` of a domain mapped into a smaller one by `map` (see [`Broadcasts::map`]);
 /// `small_n` is the smaller domain's length (1 for the step domain, which has no map).
-fn at(map: Option<&[usize]>, p: usize, small_n: usize) -> usize {
+pub(crate) fn at(map: Option<&[usize]>, p: usize, small_n: usize) -> usize {
     match map {
         None if small_n == 1 => 0,
         None => p,

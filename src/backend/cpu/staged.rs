@@ -24,9 +24,9 @@
 
 use super::exec::Scratch;
 use super::program::{build_pass, CpuProgram, Instr, MeanSpec, Opnd, Pass};
-use super::stepper::{run_pass, PassData};
+use super::stepper::{run_pass, store_small, write_lane_major, PassData, SmallInputs};
 use super::Isa;
-use crate::backend::interp::{eval_node, Broadcasts, NodeInputs};
+use crate::backend::interp::{at, eval_node};
 use crate::backend::Hyper;
 use crate::error::{Error, Result};
 use crate::ir::{Buffer, Op, StepIr, ValueId};
@@ -68,36 +68,6 @@ pub struct CpuStaged {
     lane_major: Vec<bool>,
     threads: usize,
     isa: Isa,
-}
-
-/// The small phase's inputs: the small values computed so far and the (old) state buffers.
-struct SmallInputs<'a> {
-    small: &'a [Vec<f32>],
-    state: &'a BTreeMap<Buffer, Vec<f32>>,
-    bc: &'a Broadcasts,
-}
-
-impl NodeInputs<f32> for SmallInputs<'_> {
-    fn value(&self, v: ValueId) -> &[f32] {
-        &self.small[v.index()]
-    }
-
-    fn buffer(&self, b: Buffer) -> &[f32] {
-        &self.state[&b]
-    }
-
-    fn broadcasts(&self) -> &Broadcasts {
-        self.bc
-    }
-}
-
-/// Point `p` of a domain mapped into a smaller one (the interpreter's rule).
-fn at(map: Option<&[usize]>, p: usize, small_n: usize) -> usize {
-    match map {
-        None if small_n == 1 => 0,
-        None => p,
-        Some(m) => m[p],
-    }
 }
 
 impl CpuStaged {
@@ -401,7 +371,7 @@ impl CpuStagedStep {
             self.out = self.round_partials(stage);
         } else {
             self.out = Vec::new();
-            self.small_stores();
+            store_small(&staged.prog, &self.small, &mut self.state);
         }
         self.next_stage += 1;
     }
@@ -503,12 +473,7 @@ impl CpuStagedStep {
         };
         if staged.lane_major[v] {
             let (n, w) = (ir.layout.domain_len(node.domain), node.width as usize);
-            let t = &mut self.small_t[v];
-            for (p, lanes) in out.chunks_exact(w).enumerate() {
-                for (l, &x) in lanes.iter().enumerate() {
-                    t[l * n + p] = x;
-                }
-            }
+            write_lane_major(&out, w, n, &mut self.small_t[v]);
         }
         self.small[v] = out;
     }
@@ -533,35 +498,5 @@ impl CpuStagedStep {
             }
         }
         out
-    }
-
-    /// The small-domain stores, after the last pass (every load is done).
-    fn small_stores(&mut self) {
-        let staged = Arc::clone(&self.staged);
-        let prog = &staged.prog;
-        let layout = &prog.ir.layout;
-        for &v in &prog.small_stores {
-            let node = &prog.ir.nodes[v];
-            let Op::Store {
-                buffer,
-                lane,
-                value,
-            } = &node.op
-            else {
-                unreachable!("a store")
-            };
-            let n = layout.domain_len(node.domain);
-            let vd = prog.ir.node(*value).domain;
-            let src = &self.small[value.index()];
-            let dst = self
-                .state
-                .get_mut(buffer)
-                .expect("state buffer of the layout");
-            let start = *lane as usize * n;
-            let map = prog.bc.map(node.domain, vd);
-            for p in 0..n {
-                dst[start + p] = src[at(map, p, layout.domain_len(vd))];
-            }
-        }
     }
 }

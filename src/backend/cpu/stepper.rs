@@ -3,7 +3,7 @@
 use super::exec::{dispatch, split_views, view, Job, Scratch, View};
 use super::program::{CpuProgram, Instr, Opnd, Pass};
 use super::{Isa, CHUNK};
-use crate::backend::interp::{eval_node, Broadcasts, NodeInputs};
+use crate::backend::interp::{at, eval_node, Broadcasts, NodeInputs};
 use crate::backend::{check_step_args, Hyper, TensorStepper};
 use crate::error::{Error, Result};
 use crate::ir::{Buffer, Op, StepIr, ValueId};
@@ -24,11 +24,11 @@ pub fn default_threads() -> usize {
 }
 
 /// The small phase's inputs: the small values computed so far and the state buffers (a
-/// small-domain load reads only row/column/rest state).
-struct SmallInputs<'a> {
-    small: &'a [Vec<f32>],
-    state: &'a BTreeMap<Buffer, Vec<f32>>,
-    bc: &'a Broadcasts,
+/// small-domain load reads only row/column/rest state; the staged step's are the old state).
+pub(super) struct SmallInputs<'a> {
+    pub(super) small: &'a [Vec<f32>],
+    pub(super) state: &'a BTreeMap<Buffer, Vec<f32>>,
+    pub(super) bc: &'a Broadcasts,
 }
 
 impl NodeInputs<f32> for SmallInputs<'_> {
@@ -176,13 +176,7 @@ impl CpuStepper {
             eval_node(ir, v, &inputs, self.step, hyper).expect("stores are not small-phase nodes")
         };
         if !self.small_t[v].is_empty() {
-            // Lane by lane, so that the writes are contiguous (written point by point, every
-            // write went to another cache line, `n` floats apart).
-            for (l, lane) in self.small_t[v].chunks_exact_mut(n).enumerate() {
-                for (t, &x) in lane.iter_mut().zip(out[l..].iter().step_by(w)) {
-                    *t = x;
-                }
-            }
+            write_lane_major(&out, w, n, &mut self.small_t[v]);
         }
         self.small[v] = out;
     }
@@ -316,34 +310,7 @@ impl TensorStepper for CpuStepper {
             }
             self.run_pass(k, param, grad);
         }
-        let layout = &prog.ir.layout;
-        for &v in &prog.small_stores {
-            let node = &prog.ir.nodes[v];
-            let Op::Store {
-                buffer,
-                lane,
-                value,
-            } = &node.op
-            else {
-                unreachable!("a store")
-            };
-            let n = layout.domain_len(node.domain);
-            let vd = prog.ir.node(*value).domain;
-            let src = &self.small[value.index()];
-            let dst = self
-                .state
-                .get_mut(buffer)
-                .expect("state buffer of the layout");
-            let start = *lane as usize * n;
-            for p in 0..n {
-                let q = match prog.bc.map(node.domain, vd) {
-                    Some(m) => m[p],
-                    None if vd == Domain::Step => 0,
-                    None => p,
-                };
-                dst[start + p] = src[q];
-            }
-        }
+        store_small(&prog, &self.small, &mut self.state);
         self.step += 1;
         Ok(())
     }
@@ -405,6 +372,51 @@ impl crate::backend::StepperFactory for CpuFactory {
 
     fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
         Ok(Box::new(CpuStepper::new(ir, start_step)))
+    }
+}
+
+/// Copies a small value `values` (`[point][lane]`, `w` lanes over `n` points) into its
+/// lane-major copy `t` (`[lane][point]`). Lane by lane, so that the writes are contiguous
+/// (written point by point, every write went to another cache line, `n` floats apart).
+pub(super) fn write_lane_major(values: &[f32], w: usize, n: usize, t: &mut [f32]) {
+    if n == 0 {
+        // No points (a staged step's empty shard): nothing to copy.
+        return;
+    }
+    for (l, lane) in t.chunks_exact_mut(n).enumerate() {
+        for (t, &x) in lane.iter_mut().zip(values[l..].iter().step_by(w)) {
+            *t = x;
+        }
+    }
+}
+
+/// The program's small-domain stores (after its last pass, every load done): each stored
+/// small value, broadcast to the store's domain, into its lane of the state buffer.
+pub(super) fn store_small(
+    prog: &CpuProgram,
+    small: &[Vec<f32>],
+    state: &mut BTreeMap<Buffer, Vec<f32>>,
+) {
+    let layout = &prog.ir.layout;
+    for &v in &prog.small_stores {
+        let node = &prog.ir.nodes[v];
+        let Op::Store {
+            buffer,
+            lane,
+            value,
+        } = &node.op
+        else {
+            unreachable!("a store")
+        };
+        let n = layout.domain_len(node.domain);
+        let vd = prog.ir.node(*value).domain;
+        let src = &small[value.index()];
+        let dst = state.get_mut(buffer).expect("state buffer of the layout");
+        let start = *lane as usize * n;
+        let map = prog.bc.map(node.domain, vd);
+        for p in 0..n {
+            dst[start + p] = src[at(map, p, layout.domain_len(vd))];
+        }
     }
 }
 
