@@ -6,6 +6,7 @@
 //! MLP weight) are exact f32 literals (9 significant digits round-trip an f32); element-domain
 //! values live in registers.
 
+use super::roll::roll;
 use super::schedule::{
     elem_closure, spread_run, ElemMean, Kernel, KernelKind, PartialKind, Schedule, Tiling,
     BLOCK_THREADS,
@@ -413,6 +414,12 @@ fn buffer_index(layout: &Layout, buffer: Buffer, lane: u32, point: &str) -> Stri
     }
 }
 
+/// [`buffer_index`] of lane `lane` at point `p` in a small kernel, spelled the same way for
+/// every lane (`0 + p` for the first), so that the regions of different lanes can be rolled.
+fn small_buffer_index(layout: &Layout, buffer: Buffer, lane: u32) -> String {
+    format!("{} + p", lane as usize * layout.domain_len(buffer.domain()))
+}
+
 /// How a kernel of a step is emitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form<'a> {
@@ -558,7 +565,12 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                 blocks,
                 chunked,
             } => {
-                let body = small_body(ir, s, nodes, stores, *blocks, chunked)?;
+                let tag = match form {
+                    Form::Global => k.name.clone(),
+                    Form::Device { prefix } => format!("{prefix}{}", k.name),
+                };
+                let (body, tables) = small_body(ir, s, nodes, stores, *blocks, chunked, &tag)?;
+                src.push_str(&tables);
                 env.get_template("small")
                     .map_err(template_error)?
                     .render(context! {
@@ -1153,6 +1165,8 @@ fn is_pointwise(ir: &StepIr, v: ValueId) -> bool {
     )
 }
 
+/// The body of a small kernel, and the declarations of the `__constant__` tables its rolled
+/// regions read ([`roll`], named after `tag`).
 fn small_body(
     ir: &StepIr,
     s: &Schedule,
@@ -1160,7 +1174,8 @@ fn small_body(
     stores: &[ValueId],
     blocks: usize,
     chunked: &[ValueId],
-) -> Result<String> {
+    tag: &str,
+) -> Result<(String, String)> {
     let layout = &ir.layout;
     let t = BLOCK_THREADS;
     let spread = if blocks > 1 {
@@ -1229,11 +1244,16 @@ fn small_body(
         }
     }
     block_sum_epilogue(&chunk_sums, &mut out);
+    // Where each region (a block of C and its barrier) starts in `out`: runs of isomorphic
+    // ones are rolled into loops at the end.
+    let prelude = out.len();
+    let mut marks: Vec<usize> = Vec::new();
     // Consecutive pointwise nodes of one domain share a region: each thread computes them
     // for its points in registers (and into scratch for later kernels and other domains),
     // with one barrier after the group instead of one per node.
     let mut i = 0;
     while i < nodes.len() {
+        marks.push(out.len());
         let v = nodes[i];
         if is_pointwise(ir, v) {
             let d = ir.node(v).domain;
@@ -1320,7 +1340,7 @@ fn small_body(
                     out,
                     "        scratch[{off} + p] = {}[{}];",
                     buffer.name(),
-                    buffer_index(layout, *buffer, *lane, "p")
+                    small_buffer_index(layout, *buffer, *lane)
                 );
                 let _ = writeln!(out, "    }}");
             }
@@ -1329,6 +1349,7 @@ fn small_body(
         out.push_str(barrier);
     }
     for &v in stores {
+        marks.push(out.len());
         let Op::Store {
             buffer,
             lane,
@@ -1350,12 +1371,20 @@ fn small_body(
             out,
             "        {}[{}] = {};",
             buffer.name(),
-            buffer_index(layout, *buffer, *lane, "p"),
+            small_buffer_index(layout, *buffer, *lane),
             operand(ir, *value, 0)
         );
         let _ = writeln!(out, "    }}");
     }
-    Ok(out)
+    marks.push(out.len());
+    let regions: Vec<String> = marks
+        .windows(2)
+        .map(|w| out[w[0]..w[1]].to_string())
+        .collect();
+    let (body, tables) = roll(tag, &regions);
+    out.truncate(prelude);
+    out.push_str(&body);
+    Ok((out, tables))
 }
 
 /// One region computing the pointwise small nodes `group` (all on one domain) for every
@@ -1388,11 +1417,57 @@ fn small_group(
         let w = node.width as usize;
         let off = s.scratch_offset[v.index()]
             .ok_or_else(|| Error::Verify(format!("{v}: small node without a scratch slot")))?;
+        // A lane-wise node of several lanes is a rolled loop over its lanes, from scratch to
+        // scratch (its wide operands too: this thread wrote them, or an earlier kernel did),
+        // instead of one line per lane in registers.
+        let lane_loop = w > 1 && matches!(node.op, Op::Unary(..) | Op::Binary(..));
         for o in node.op.operands() {
+            if lane_loop && ir.node(o).width > 1 {
+                continue;
+            }
             if s.scratch_offset[o.index()].is_some() && in_registers.insert(o) {
                 let idx = compose(layout, ir.node(o).domain, &coords);
                 read_scratch(ir, s, o, &idx, "        ", out);
             }
+        }
+        if lane_loop {
+            if let Some(o) = node
+                .op
+                .operands()
+                .into_iter()
+                .find(|o| ir.node(*o).width > 1 && s.scratch_offset[o.index()].is_none())
+            {
+                return Err(Error::Verify(format!(
+                    "{v}: operand {o} of several lanes not in scratch"
+                )));
+            }
+            let e = lanewise_expr(&node.op, |&o| {
+                if ir.node(o).width == 1 {
+                    return operand(ir, o, 0);
+                }
+                let ooff = s.scratch_offset[o.index()].unwrap_or(0);
+                let idx = compose(layout, ir.node(o).domain, &coords);
+                let at = scratch_index(
+                    layout,
+                    ir.node(o).domain,
+                    ooff,
+                    "mulo_l",
+                    &format!("({idx})"),
+                );
+                format!("scratch[{at}]")
+            })
+            .ok_or_else(|| Error::Verify(format!("{v}: {:?} is not lane-wise", node.op)))?;
+            let note = node
+                .note
+                .as_ref()
+                .map(|n| format!("  // {n}"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "        #pragma unroll 1{note}");
+            let _ = writeln!(
+                out,
+                "        for (int mulo_l = 0; mulo_l < {w}; ++mulo_l) scratch[{off} + mulo_l * {n} + p] = {e};"
+            );
+            continue;
         }
         if let Op::Dense { matrix, x } = &node.op {
             // A rolled loop over the rows, straight into scratch; its users in this region
