@@ -123,6 +123,24 @@ fn every_shape_class_compiles_for_sm80_and_sm90() {
                     .contains(&format!("__constant__ float {array}[")),
                 "{shape}: no __constant__ array {array}"
             );
+            // The PTX declares every array without its values; the manifest carries them,
+            // exactly.
+            assert!(!m.constants.is_empty(), "{shape}: no constants");
+            for c in &m.constants {
+                let decl = format!(" {}[{}];", c.name, 4 * c.len);
+                assert!(
+                    compiled.ptx.ptx.contains(&decl),
+                    "{shape}: {} is not declared without values in the PTX",
+                    c.name
+                );
+            }
+            let entry = m.constants.iter().find(|c| c.name == array);
+            let values = entry.map(|c| c.values().unwrap());
+            assert_eq!(
+                values.as_deref(),
+                Some(w.weight.as_slice()),
+                "{shape}: {array}"
+            );
             // The manifest round-trips through JSON.
             let back: Manifest = serde_json::from_str(&m.to_json()).unwrap();
             assert_eq!(&back, m);

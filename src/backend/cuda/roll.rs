@@ -19,9 +19,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-/// The name of the loop variable of a rolled run.
-const INDEX: &str = "mulo_i";
-
 /// The most regions a repeating unit may have.
 const MAX_PERIOD: usize = 6;
 
@@ -184,9 +181,10 @@ fn same(a: &Canon<'_>, b: &Canon<'_>) -> bool {
 }
 
 /// The C expression of a literal whose values over the units are `values` (`kind` `Int` or
-/// `Float`): `a + b * mulo_i` for integers stepping evenly, else a column of `table` (an
+/// `Float`): `a + b * index` for integers stepping evenly, else a column of `table` (an
 /// element type and its columns, each the literals of one position).
 fn column(
+    index: &str,
     kind: Kind,
     values: &[&str],
     table: &str,
@@ -195,18 +193,14 @@ fn column(
     let ty = if kind == Kind::Int {
         let ints: Vec<i64> = values.iter().map(|v| v.parse().expect("an i64")).collect();
         let (v0, step) = (ints[0], ints[1] - ints[0]);
-        let even = ints
-            .iter()
-            .enumerate()
-            .all(|(k, &v)| Some(v) == (k as i64).checked_mul(step).and_then(|x| x.checked_add(v0)));
         let small = ints.iter().all(|&v| i32::try_from(v).is_ok());
-        if even {
+        if even(values) {
             let sign = if step < 0 { '-' } else { '+' };
             let s = step.unsigned_abs();
             return if small {
-                format!("({v0} {sign} {s} * {INDEX})")
+                format!("({v0} {sign} {s} * {index})")
             } else {
-                format!("((long long){v0} {sign} (long long){s} * {INDEX})")
+                format!("((long long){v0} {sign} (long long){s} * {index})")
             };
         }
         if small {
@@ -229,14 +223,26 @@ fn column(
             columns.len() - 1
         });
     let short = ty.split(' ').next_back().unwrap_or(ty);
-    format!("{table}_{short}[{INDEX}][{col}]")
+    format!("{table}_{short}[{index}][{col}]")
+}
+
+/// Whether integers with these values step evenly (`a + b * i`).
+fn even(values: &[&str]) -> bool {
+    let ints: Option<Vec<i64>> = values.iter().map(|v| v.parse().ok()).collect();
+    let Some(ints) = ints else { return false };
+    let (v0, step) = (ints[0], ints[1] - ints[0]);
+    ints.iter()
+        .enumerate()
+        .all(|(k, &v)| Some(v) == (k as i64).checked_mul(step).and_then(|x| x.checked_add(v0)))
 }
 
 /// Renders `regions` (consecutive regions of one kernel, in order) with every run of at least
 /// two isomorphic units rolled into a loop. Returns the kernel body and the declarations of
 /// the `__constant__` tables it reads (to go before the kernel, at file scope); `tag` (a C
-/// identifier unique to the kernel) prefixes their names.
-pub(super) fn roll(tag: &str, regions: &[String]) -> (String, String) {
+/// identifier unique to the kernel) prefixes their names; `index` names the loop variable
+/// (distinct for nested rolls). Without a tag, only runs whose
+/// differing literals are evenly stepping integers are rolled (no tables).
+pub(super) fn roll(tag: Option<&str>, index: &str, regions: &[String]) -> (String, String) {
     let canons: Vec<Canon<'_>> = regions.iter().map(|r| canon(r)).collect();
     let unit = |start: usize, period: usize| -> String { regions[start..start + period].concat() };
     let mut body = String::new();
@@ -257,7 +263,20 @@ pub(super) fn roll(tag: &str, regions: &[String]) -> (String, String) {
                 best = (period, reps);
             }
         }
-        let (period, reps) = best;
+        let (period, mut reps) = best;
+        if reps > 1 && tag.is_none() {
+            // Only runs that need no table.
+            let units: Vec<String> = (0..reps).map(|r| unit(i + r * period, period)).collect();
+            let cs: Vec<Canon<'_>> = units.iter().map(|u| canon(u)).collect();
+            let stepping = (0..cs[0].lits.len()).all(|n| {
+                let values: Vec<&str> = cs.iter().map(|c| c.lits[n].text).collect();
+                values.iter().all(|&v| v == values[0])
+                    || cs[0].lits[n].kind == Kind::Int && even(&values)
+            });
+            if !stepping {
+                reps = 1;
+            }
+        }
         if reps == 1 {
             body.push_str(&regions[i]);
             i += 1;
@@ -267,7 +286,7 @@ pub(super) fn roll(tag: &str, regions: &[String]) -> (String, String) {
         let cs: Vec<Canon<'_>> = units.iter().map(|u| canon(u)).collect();
         let first = &units[0];
         // Each literal that differs: an even step or a table column.
-        let table = format!("{tag}_roll{runs}");
+        let table = format!("{}_roll{runs}", tag.unwrap_or("mulo"));
         let mut tables: BTreeMap<&'static str, Vec<Vec<String>>> = BTreeMap::new();
         let mut replace: Vec<(Tok, String)> = Vec::new();
         for (n, lit) in cs[0].lits.iter().enumerate() {
@@ -275,7 +294,10 @@ pub(super) fn roll(tag: &str, regions: &[String]) -> (String, String) {
             if values.iter().all(|&v| v == lit.text) {
                 continue;
             }
-            replace.push((lit.tok, column(lit.kind, &values, &table, &mut tables)));
+            replace.push((
+                lit.tok,
+                column(index, lit.kind, &values, &table, &mut tables),
+            ));
         }
         for (ty, columns) in &tables {
             let short = ty.split(' ').next_back().unwrap_or(ty);
@@ -306,7 +328,7 @@ pub(super) fn roll(tag: &str, regions: &[String]) -> (String, String) {
         }
         let _ = writeln!(
             body,
-            "    #pragma unroll 1\n    for (int {INDEX} = 0; {INDEX} < {reps}; ++{INDEX}) {{"
+            "    #pragma unroll 1\n    for (int {index} = 0; {index} < {reps}; ++{index}) {{"
         );
         // The first unit's text, comments dropped, differing literals replaced.
         let mut text = String::new();
@@ -342,7 +364,7 @@ mod tests {
             format!("    // v{a}: note {a}\n    if (tid < 1) {{ const float v{a} = scratch[{b} + p]; scratch[{} + p] = (v{a} + 1.0e-5f); }}\n    __syncthreads();\n", b + 7)
         };
         let regions = vec![region(3, 100), region(9, 103), region(12, 106)];
-        let (body, decls) = roll("k", &regions);
+        let (body, decls) = roll(Some("k"), "mulo_i", &regions);
         assert!(decls.is_empty(), "{decls}");
         assert!(
             body.contains("for (int mulo_i = 0; mulo_i < 3; ++mulo_i)"),
@@ -366,7 +388,7 @@ mod tests {
             mean(20),
             point(3, 42),
         ];
-        let (body, decls) = roll("k", &regions);
+        let (body, decls) = roll(Some("k"), "mulo_i", &regions);
         assert!(
             decls.contains("__constant__ int k_roll0_int[3][1] = {"),
             "{decls}"
@@ -382,12 +404,12 @@ mod tests {
         let a = "    { float v1[2]; v1[0] = 1.0f; }\n".to_string();
         let b = "    { float v2[3]; v2[0] = 1.0f; }\n".to_string();
         let c = "    { float v2[2]; v2[0] = 2.0f; }\n".to_string();
-        let (body, _) = roll("k", &[a.clone(), b.clone(), c.clone()]);
+        let (body, _) = roll(Some("k"), "mulo_i", &[a.clone(), b.clone(), c.clone()]);
         assert_eq!(body, format!("{a}{b}{c}"));
         // The same registers used differently do not match either.
         let d = "    { const float v1 = 1.0f; const float v2 = v1 + v1; }\n".to_string();
         let e = "    { const float v3 = 1.0f; const float v4 = v3 + v5; }\n".to_string();
-        let (body, _) = roll("k", &[d.clone(), e.clone()]);
+        let (body, _) = roll(Some("k"), "mulo_i", &[d.clone(), e.clone()]);
         assert_eq!(body, format!("{d}{e}"));
     }
 
@@ -410,7 +432,7 @@ mod tests {
             format!("    {{ const float v{a} = ({c} * scratch[{a}]); double s = {d}; }}\n")
         };
         let regions = vec![r(1, "3.5e-1f", "2.0e3"), r(2, "9.9e-1f", "4.0e3")];
-        let (body, decls) = roll("k", &regions);
+        let (body, decls) = roll(Some("k"), "mulo_i", &regions);
         assert!(
             decls.contains(
                 "__constant__ float k_roll0_float[2][1] = {\n    {3.5e-1f},\n    {9.9e-1f},"
@@ -426,7 +448,11 @@ mod tests {
             "{body}"
         );
         // An f32 literal never stands for an f64 one.
-        let (body, _) = roll("k", &[r(1, "3.5e-1f", "2.0e3"), r(2, "9.9e-1", "4.0e3")]);
+        let (body, _) = roll(
+            Some("k"),
+            "mulo_i",
+            &[r(1, "3.5e-1f", "2.0e3"), r(2, "9.9e-1", "4.0e3")],
+        );
         assert!(!body.contains("mulo_i"), "{body}");
     }
 }
