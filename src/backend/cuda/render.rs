@@ -1230,9 +1230,12 @@ fn small_body(
     let open_points = |n: usize| open_points(n, spread);
     let mut out = String::new();
     // This block's chunk of the values of the chunked means: a fixed contiguous range,
-    // summed by a fixed tree.
-    let mut chunk_sums: Vec<BlockSum> = Vec::new();
-    for (i, &v) in chunked.iter().enumerate() {
+    // summed by a fixed tree: each sum within each warp by a butterfly of shuffles, the
+    // warps' sums in shared memory (one barrier), added up in warp order by thread 0 (as
+    // [`block_sum_epilogue`]). Each sum is a region of its own, so that runs of them roll.
+    let warps = BLOCK_THREADS / 32;
+    let mut chunk_sums: Vec<(String, String)> = Vec::new();
+    for &v in chunked {
         let (g, co) = *s
             .chunks
             .get(&v)
@@ -1261,31 +1264,40 @@ fn small_body(
             }
             _ => return Err(Error::Verify(format!("{v}: only means are chunked"))),
         };
-        let _ = writeln!(
-            out,
-            "    // {v}: chunk blk of its {k} values per lane and point ({g} chunks)\n    const idx_t q{i}_lo = blk * {k} / {g}, q{i}_hi = (blk + 1) * {k} / {g};"
-        );
         for p in 0..n {
             for l in 0..w {
-                let _ = writeln!(
-                    out,
-                    "    double q{i}_{p}_{l} = 0.0; {{ const idx_t p = {p}; (void)p; for (idx_t k = q{i}_lo + tid; k < q{i}_hi; k += {t}) q{i}_{p}_{l} += {}; }}",
+                let base = (chunk_sums.len() % (BLOCK_THREADS / warps)) * warps;
+                let sum = format!(
+                    "    // {v}: chunk blk of its {k} values of lane {l} at point {p} ({g} chunks)\n    {{ const idx_t p = {p}; (void)p; const idx_t lo = blk * {k} / {g}, hi = (blk + 1) * {k} / {g}; double q = 0.0; for (idx_t k = lo + tid; k < hi; k += {t}) q += {}; const double s = mulo_warp_sum(q, 1); if ((tid & 31) < 1) mulo_smem[{base} + (tid >> 5) * 1 + (tid & 31)] = s; }}\n",
                     value(l)
                 );
-                chunk_sums.push(BlockSum {
-                    acc: format!("q{i}_{p}_{l}"),
-                    span: 1,
-                    store: format!("partials[{co} + (blk * {n} + {p}) * {w} + {l}] = s;"),
-                });
+                let store = format!(
+                    "    if (tid < 1) {{ const double s = mulo_warps_total(mulo_smem + {base}, 1, tid); partials[{co} + (blk * {n} + {p}) * {w} + {l}] = s; }}\n"
+                );
+                chunk_sums.push((sum, store));
             }
         }
     }
-    block_sum_epilogue(&chunk_sums, &mut out);
+    let mut chunk_tables = String::new();
+    for (c, group) in chunk_sums.chunks(BLOCK_THREADS / warps).enumerate() {
+        if c > 0 {
+            let _ = writeln!(out, "    __syncthreads();");
+        }
+        let sums: Vec<String> = group.iter().map(|g| g.0.clone()).collect();
+        let (text, tables) = roll(Some(&format!("{tag}_c{c}")), "mulo_i", &sums);
+        out.push_str(&text);
+        chunk_tables.push_str(&tables);
+        let _ = writeln!(out, "    __syncthreads();");
+        let stores: Vec<String> = group.iter().map(|g| g.1.clone()).collect();
+        let (text, tables) = roll(Some(&format!("{tag}_s{c}")), "mulo_i", &stores);
+        out.push_str(&text);
+        chunk_tables.push_str(&tables);
+    }
     // Where each region (a block of C and its barrier) starts in `out`: runs of isomorphic
     // ones are rolled into loops at the end.
     let prelude = out.len();
     let mut marks: Vec<usize> = Vec::new();
-    let mut group_tables = String::new();
+    let mut group_tables = chunk_tables;
     // Consecutive pointwise nodes of one domain share a region: each thread computes them
     // for its points in registers (and into scratch for later kernels and other domains),
     // with one barrier after the group instead of one per node.
