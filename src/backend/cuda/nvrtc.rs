@@ -343,13 +343,11 @@ impl Output {
 }
 
 /// The NVRTC options of every compilation by NVRTC `version` for `output`: the architecture
-/// (`compute_XY` for PTX, `sm_XY` for a CUBIN), C++17, and for a CUBIN from NVRTC 12.9 on
+/// (`compute_XY` for PTX, `sm_XY` for a CUBIN), C++17, and from NVRTC 12.9 on
 /// `--Ofast-compile=min`, the lowest fast-compile level (the one meant to keep runtime
 /// performance; NVRTC 12.8 knows only `0` and `max`). It cut NVRTC's time about threefold on
 /// mulo's programs (`bench/results/cuda-compile-time.md`); its effect on kernel speed is not
-/// measured yet (no GPU). The portable PTX (`--target cuda`'s output, for other hosts, whose
-/// driver compiles it) gets NVRTC's full optimization: 20–30 % smaller PTX (a shorter driver
-/// JIT) for ~0.1 s more NVRTC time per shape. Floating-point semantics stay NVRTC's defaults (`--fmad=true`, IEEE
+/// measured yet (no GPU). Floating-point semantics stay NVRTC's defaults (`--fmad=true`, IEEE
 /// division and square root, no flush-to-zero). `-D`[`UPLOAD_MACRO`](super::render::UPLOAD_MACRO)
 /// keeps the values of the program's `__constant__` weight arrays out of the PTX and CUBIN:
 /// the host fills them after loading (the manifest's `constants`).
@@ -363,7 +361,7 @@ pub fn nvrtc_options(arch: &str, version: (i32, i32), output: Output) -> Vec<Str
         "--std=c++17".to_string(),
         format!("-D{}", super::render::UPLOAD_MACRO),
     ];
-    if version >= (12, 9) && output == Output::Cubin {
+    if version >= (12, 9) {
         options.push("--Ofast-compile=min".to_string());
     }
     options
@@ -793,10 +791,6 @@ mod tests {
         assert!(!has((12, 8)), "NVRTC 12.8 rejects the level `min`");
         assert!(has((12, 9)));
         assert!(has((13, 0)));
-        // The portable PTX is fully optimized (smaller).
-        assert!(!nvrtc_options("sm_90", (12, 9), Output::Ptx)
-            .iter()
-            .any(|o| o.starts_with("--Ofast-compile")));
         assert_eq!(
             nvrtc_options("sm_90", (12, 4), Output::Cubin)[0],
             "--gpu-architecture=sm_90"
