@@ -193,7 +193,10 @@ fn column(
     let ty = if kind == Kind::Int {
         let ints: Vec<i64> = values.iter().map(|v| v.parse().expect("an i64")).collect();
         let (v0, step) = (ints[0], ints[1] - ints[0]);
-        let small = ints.iter().all(|&v| i32::try_from(v).is_ok());
+        // `int` arithmetic where every value and every step taken fits.
+        let span = (ints.len() as i64 - 1).checked_mul(step);
+        let small = ints.iter().all(|&v| i32::try_from(v).is_ok())
+            && span.is_some_and(|x| i32::try_from(x).is_ok());
         if even(values) {
             let sign = if step < 0 { '-' } else { '+' };
             let s = step.unsigned_abs();
@@ -454,5 +457,16 @@ mod tests {
             &[r(1, "3.5e-1f", "2.0e3"), r(2, "9.9e-1", "4.0e3")],
         );
         assert!(!body.contains("mulo_i"), "{body}");
+    }
+
+    #[test]
+    fn offsets_beyond_int_use_long_long() {
+        let r = |o: u64| format!("    {{ scratch[{o} + p] = 0.0f; }}\n");
+        let big = 3_000_000_000u64;
+        let (body, _) = roll(Some("k"), "mulo_i", &[r(big), r(big + 7), r(big + 14)]);
+        assert!(
+            body.contains("((long long)3000000000 + (long long)7 * mulo_i)"),
+            "{body}"
+        );
     }
 }
