@@ -496,4 +496,29 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn constants_round_trip_exactly_and_bad_values_are_refused() {
+        let a = crate::backend::cuda::render::ConstArray {
+            name: "mulo_w_test".into(),
+            label: "test".into(),
+            values: vec![1.5, -0.0, f32::MIN_POSITIVE, 3.4e38, f32::NAN],
+        };
+        let c = ConstantJson::new(&a);
+        assert_eq!(c.len, 5);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&c.values().unwrap()), bits(&a.values));
+        let back: ConstantJson = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let mut short = c.clone();
+        short.hex.pop();
+        let mut garbage = c.clone();
+        garbage.hex.replace_range(0..2, "zz");
+        let mut dtype = c.clone();
+        dtype.dtype = "f64".into();
+        for bad in [short, garbage, dtype] {
+            let e = bad.values().unwrap_err().to_string();
+            assert!(e.contains("mulo_w_test"), "{e}");
+        }
+    }
 }
