@@ -547,7 +547,6 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                         by => t.by,
                         rows => t.rows_per_thread,
                         rest_coords => holes.rest_coords,
-                        x_coords => holes.x_coords,
                         acc_decls => holes.acc_decls,
                         val_decls => holes.val_decls,
                         elem_index => holes.elem_index,
@@ -642,7 +641,6 @@ pub fn summary(ir: &StepIr, k: &Kernel) -> String {
 
 struct ElemHoles {
     rest_coords: String,
-    x_coords: String,
     acc_decls: String,
     val_decls: String,
     elem_index: String,
@@ -652,14 +650,21 @@ struct ElemHoles {
 }
 
 /// The coordinate expressions of an elem kernel's element, by axis: Y is `iy`; X and the
-/// inner rest axes come from the X' index `ix` (X itself is `ix` when there is no inner
-/// axis), the outer rest axes from the block (`c{axis}`, declared by the kernel).
-fn elem_coords(t: &Tiling) -> BTreeMap<usize, String> {
+/// inner rest axes come from the X' index `xp` (`ix`, or `ixs` clamped into the tensor; X
+/// itself is `xp` when there is no inner axis), the outer rest axes from the block (`c{axis}`,
+/// declared by the kernel). Points of a domain are found with [`elem_compose`].
+fn elem_coords(layout: &Layout, t: &Tiling, xp: &str) -> BTreeMap<usize, String> {
     let mut coords = BTreeMap::new();
     if let Some(x) = t.x_axis {
-        coords.insert(x, x_coord(t, "ix", x));
-        for &a in &t.inner_axes {
-            coords.insert(a, x_coord(t, "ix", a));
+        if t.inner_len == 1 {
+            coords.insert(x, xp.to_string());
+        } else {
+            coords.insert(x, format!("({xp} / {})", t.inner_len));
+            coords.extend(decompose(
+                layout,
+                &t.inner_axes,
+                &format!("({xp} % {})", t.inner_len),
+            ));
         }
     }
     coords.insert(t.y_axis, "iy".to_string());
@@ -669,30 +674,41 @@ fn elem_coords(t: &Tiling) -> BTreeMap<usize, String> {
     coords
 }
 
-/// The variable holding coordinate `axis` (X or an inner axis) of the X' index `var`.
-fn x_coord(t: &Tiling, var: &str, axis: usize) -> String {
-    if t.inner_len == 1 && Some(axis) == t.x_axis {
-        var.to_string()
-    } else {
-        format!("{var}_{axis}")
-    }
-}
-
-/// Declarations of the coordinates of X and the inner axes from the X' index `var`.
-fn x_coord_decls(layout: &Layout, t: &Tiling, var: &str) -> String {
-    let mut out = String::new();
+/// The index in `domain` of an elem kernel's point with coordinates `coords` (from
+/// [`elem_coords`] with X' index `xp`). The inner axes, when a domain keeps them all, are
+/// its last axes, contiguous: with X they are `xp` itself, without it `xp % inner_len`.
+fn elem_compose(
+    layout: &Layout,
+    t: &Tiling,
+    domain: Domain,
+    coords: &BTreeMap<usize, String>,
+    xp: &str,
+) -> String {
+    let axes = layout.domain_axes(domain);
     let Some(x) = t.x_axis else {
-        return out;
+        return compose(layout, domain, coords);
     };
-    if t.inner_len == 1 {
-        return out;
+    if t.inner_len == 1 || !t.inner_axes.iter().all(|a| axes.contains(a)) {
+        return compose(layout, domain, coords);
     }
-    let mut axes = vec![x];
-    axes.extend(&t.inner_axes);
-    for (a, e) in decompose(layout, &axes, var) {
-        let _ = writeln!(out, "    const idx_t {} = {e};", x_coord(t, var, a));
-    }
-    out
+    let mut terms: Vec<String> = domain_strides(layout, domain)
+        .into_iter()
+        .filter(|&(a, _)| a != x && !t.inner_axes.contains(&a) && layout.dims()[a] > 1)
+        .map(|(a, s)| {
+            let c = &coords[&a];
+            if s == 1 {
+                c.clone()
+            } else {
+                format!("{c} * {s}")
+            }
+        })
+        .collect();
+    terms.push(if axes.contains(&x) {
+        xp.to_string()
+    } else {
+        format!("({xp} % {})", t.inner_len)
+    });
+    terms.join(" + ")
 }
 
 /// The element index of an elem kernel's thread: `ix` (X' has stride 1) plus Y's and the
@@ -734,7 +750,7 @@ fn elem_index(layout: &Layout, t: &Tiling) -> String {
 fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Result<ElemHoles> {
     let layout = &ir.layout;
     let t = &s.tiling;
-    let coords = elem_coords(t);
+    let coords = elem_coords(layout, t, "ix");
     let mut rest_coords = String::new();
     for (a, e) in decompose(layout, &t.outer_axes, "rest") {
         let _ = writeln!(rest_coords, "    const idx_t c{a} = {e};");
@@ -762,28 +778,23 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
     // thread, before its loop over the rows of the tile, at a clamped column (in bounds for
     // the threads past the tensor's edge, which store nothing).
     let mut hoisted = String::new();
-    let mut hoisted_coords = coords.clone();
-    if let Some(x) = t.x_axis {
+    let hoisted_coords = elem_coords(layout, t, "ixs");
+    if t.x_axis.is_some() {
         let _ = writeln!(
             hoisted,
             "    const idx_t ixs = ix < {len} ? ix : {last};",
             len = t.row_len(),
             last = t.row_len().saturating_sub(1)
         );
-        hoisted.push_str(&x_coord_decls(layout, t, "ixs"));
-        hoisted_coords.insert(x, x_coord(t, "ixs", x));
-        for &a in &t.inner_axes {
-            hoisted_coords.insert(a, x_coord(t, "ixs", a));
-        }
     }
     let mut any_hoisted = false;
     for &v in reads.iter().filter(|v| read_outside.contains(v)) {
         let domain = ir.node(v).domain;
         if layout.domain_axes(domain).contains(&t.y_axis) {
-            let idx = compose(layout, domain, &coords);
+            let idx = elem_compose(layout, t, domain, &coords, "ix");
             read_scratch(ir, s, v, &idx, ind, &mut body);
         } else {
-            let idx = compose(layout, domain, &hoisted_coords);
+            let idx = elem_compose(layout, t, domain, &hoisted_coords, "ixs");
             read_scratch(ir, s, v, &idx, "    ", &mut hoisted);
             any_hoisted = true;
         }
@@ -865,7 +876,7 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
         let target = ir.node(m.node).domain;
         let n = layout.domain_len(target);
         let off = m.partial_offset;
-        let idx = compose(layout, target, &coords);
+        let idx = elem_compose(layout, t, target, &coords, "ix");
         for l in 0..w {
             let _ = writeln!(val_decls, "        float m{i}_{l} = 0.0f;");
             let _ = writeln!(body, "{ind}m{i}_{l} = {};", operand(ir, m.operand, l));
@@ -932,7 +943,6 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
         rest_coords,
         acc_decls,
         val_decls,
-        x_coords: x_coord_decls(layout, t, "ix"),
         elem_index: elem_index(layout, t),
         body,
         per_row,
@@ -1105,7 +1115,7 @@ fn fused_dense(
         let on = ir.node(o);
         let off = s.scratch_offset[o.index()]
             .ok_or_else(|| Error::Verify(format!("{o}: fused operand not in scratch")))?;
-        let idx = compose(layout, on.domain, coords);
+        let idx = elem_compose(layout, &s.tiling, on.domain, coords, "ix");
         let _ = writeln!(out, "{ind}const float* {o}_s = scratch + {off} + ({idx});");
     }
     let _ = writeln!(out, "{ind}#pragma unroll 1");
