@@ -884,41 +884,73 @@ mod tests {
             ("2x3x4x5", None),
         ];
         for (shape, axes) in cases {
-            let layout = layout(shape, axes);
-            let t = Tiling::of(&layout);
-            let what = format!("{shape} {axes:?}: {t:?}");
-            let mut seen = vec![0u8; layout.numel()];
-            let mut strided = 0;
-            for blk in 0..t.blocks() {
-                for j in 0..t.rows_per_thread {
-                    let e: Vec<Option<usize>> = (0..BLOCK_THREADS)
-                        .map(|tid| t.element(&layout, blk, tid, j))
-                        .collect();
-                    for (tid, &ei) in e.iter().enumerate() {
-                        if let Some(ei) = ei {
-                            seen[ei] += 1;
+            check_threads_along_the_contiguous_axis(&layout(shape, axes));
+        }
+        // Every rank-3 and rank-4 shape over sizes 1, 2, 3, 5, 40 (up to 20,000 elements), with
+        // every valid choice of factored axes.
+        let sizes = [1, 2, 3, 5, 40];
+        let mut checked = 0;
+        for rank in 3..=4u32 {
+            for code in 0..sizes.len().pow(rank) {
+                let dims: Vec<usize> = (0..rank as usize)
+                    .map(|k| sizes[code / sizes.len().pow(k as u32) % sizes.len()])
+                    .collect();
+                if dims.iter().product::<usize>() > 20_000 {
+                    continue;
+                }
+                for d0 in 0..dims.len() {
+                    for d1 in 0..dims.len() {
+                        let axes = crate::shape::FactoredAxes { d0, d1 };
+                        if axes.check(&dims).is_err() {
+                            continue;
                         }
-                        let next = tid + 1;
-                        if next % 32 == 0 || (t.bx > 1 && next % t.bx == 0) {
-                            continue; // the warp or the row segment ends
-                        }
-                        if let (Some(a), Some(b)) = (ei, e[next]) {
-                            assert_eq!(b, a + 1, "{what}: blk {blk} tid {tid} j {j}");
-                            strided += 1;
-                        }
+                        let shape = Shape::new(dims.clone()).unwrap();
+                        let layout = crate::shape::Layout::with_axes(shape, Some(axes)).unwrap();
+                        check_threads_along_the_contiguous_axis(&layout);
+                        checked += 1;
                     }
                 }
             }
-            assert!(seen.iter().all(|&c| c == 1), "{what}: coverage {seen:?}");
-            // Every warp's neighbours were checked somewhere (not vacuous).
-            assert!(strided > 0 || layout.numel() == 1, "{what}");
-            // The x threads run along the axis of stride 1: the last one of the tensor.
-            if layout.dims().len() > 1 {
-                assert_eq!(t.bx, t.row_len().next_power_of_two().min(32), "{what}");
-                let contiguous = t.x_axis == Some(layout.dims().len() - 1)
-                    || t.inner_axes.last() == Some(&(layout.dims().len() - 1));
-                assert!(contiguous, "{what}");
+        }
+        assert!(checked > 500, "{checked}");
+    }
+
+    /// The elem kernels' threads of `layout` cover every element once, and neighbours along
+    /// threadIdx.x within a row segment handle neighbouring elements.
+    fn check_threads_along_the_contiguous_axis(layout: &crate::shape::Layout) {
+        let t = Tiling::of(layout);
+        let what = format!("{layout}: {t:?}");
+        let mut seen = vec![0u8; layout.numel()];
+        let mut strided = 0;
+        for blk in 0..t.blocks() {
+            for j in 0..t.rows_per_thread {
+                let e: Vec<Option<usize>> = (0..BLOCK_THREADS)
+                    .map(|tid| t.element(layout, blk, tid, j))
+                    .collect();
+                for (tid, &ei) in e.iter().enumerate() {
+                    if let Some(ei) = ei {
+                        seen[ei] += 1;
+                    }
+                    let next = tid + 1;
+                    if next % 32 == 0 || (t.bx > 1 && next % t.bx == 0) {
+                        continue; // the warp or the row segment ends
+                    }
+                    if let (Some(a), Some(b)) = (ei, e[next]) {
+                        assert_eq!(b, a + 1, "{what}: blk {blk} tid {tid} j {j}");
+                        strided += 1;
+                    }
+                }
             }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "{what}: coverage {seen:?}");
+        // Every warp's neighbours were checked somewhere (not vacuous).
+        assert!(strided > 0 || layout.numel() == 1, "{what}");
+        // The x threads run along the axis of stride 1: the last one of the tensor.
+        if layout.dims().len() > 1 {
+            assert_eq!(t.bx, t.row_len().next_power_of_two().min(32), "{what}");
+            let contiguous = t.x_axis == Some(layout.dims().len() - 1)
+                || t.inner_axes.last() == Some(&(layout.dims().len() - 1));
+            assert!(contiguous, "{what}");
         }
     }
 
