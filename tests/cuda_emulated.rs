@@ -386,7 +386,8 @@ fn emulated_kernels_run_a_synthetic_ir_with_rest_and_vector_means() {
 
 /// Rank-4 tensors whose factored axis X is not the contiguous one: the elem kernels' threads
 /// run along X' = (X, the inner rest axes), and the means reducing X sum threads
-/// `inner_len` apart (9 and 7: not powers of two; 36: longer than a warp's row segment).
+/// `inner_len` apart (9 and 7: not powers of two; 36: longer than a warp's row segment), with
+/// tied factored axes given in both orders (the row and column means swap kinds).
 /// μLO's step and the synthetic IR (an element mean onto the rest points, which keeps the
 /// inner axes) both bitwise as the interpreter.
 #[test]
@@ -398,6 +399,7 @@ fn emulated_rank_4_with_inner_axes_matches_the_interpreter_bitwise() {
     for (i, (shape, axes, inner_len)) in [
         ("6x5x3x3", None, 9),
         ("7x3x7x7", Some((0, 2)), 7),
+        ("7x3x7x7", Some((2, 0)), 7),
         ("9x8x6x6", None, 36),
     ]
     .into_iter()
