@@ -670,6 +670,7 @@ mod tests {
     use super::*;
     use crate::lopt::LearnedOptimizer;
     use crate::shape::Shape;
+    use std::collections::BTreeSet;
 
     fn sched(shape: &str) -> Schedule {
         let ir =
@@ -951,6 +952,65 @@ mod tests {
             let contiguous = t.x_axis == Some(layout.dims().len() - 1)
                 || t.inner_axes.last() == Some(&(layout.dims().len() - 1));
             assert!(contiguous, "{what}");
+        }
+    }
+
+    /// The 32-byte sectors a warp's f32 load touches in an elem kernel of `layout`, summed over
+    /// every warp load with an active lane (one per warp, block and row of the tile): (loads,
+    /// sectors, the fewest sectors as many floats can occupy).
+    fn warp_sectors(layout: &crate::shape::Layout) -> (usize, usize, usize) {
+        let t = Tiling::of(layout);
+        let (mut loads, mut sectors, mut ideal) = (0, 0, 0);
+        for blk in 0..t.blocks() {
+            for j in 0..t.rows_per_thread {
+                for w in 0..BLOCK_THREADS / 32 {
+                    let e: BTreeSet<usize> = (32 * w..32 * w + 32)
+                        .filter_map(|tid| t.element(layout, blk, tid, j))
+                        .collect();
+                    if e.is_empty() {
+                        continue;
+                    }
+                    loads += 1;
+                    sectors += e.iter().map(|e| e * 4 / 32).collect::<BTreeSet<_>>().len();
+                    ideal += (e.len() * 4).div_ceil(32);
+                }
+            }
+        }
+        (loads, sectors, ideal)
+    }
+
+    /// Coalescing of convolution weights: a warp's load touches at most one sector more per
+    /// row segment than its floats fill (before, 3x3 kernels' lanes were 36 B apart: a sector
+    /// per lane). `cargo test --lib warp_loads_of_conv -- --nocapture` prints the figures of
+    /// `bench/results/rank4-coalescing.md`.
+    #[test]
+    fn warp_loads_of_conv_weights_touch_few_sectors() {
+        for (shape, axes) in [
+            ("64x64x3x3", None),
+            ("16x8x3x3", None),
+            ("512x512x3x3", None),
+            ("128x64x5x5", None),
+            ("64x3x7x7", None),
+            ("64x3x7x7", Some((0, 2))),
+            ("1024x512", None),
+            ("4096", None),
+        ] {
+            let layout = layout(shape, axes);
+            let t = Tiling::of(&layout);
+            let (loads, sectors, ideal) = warp_sectors(&layout);
+            let per = sectors as f64 / loads as f64;
+            println!(
+                "| {shape} | {axes:?} | {} | {} | {loads} | {per:.2} | {:.2} |",
+                t.bx,
+                t.row_len(),
+                ideal as f64 / loads as f64
+            );
+            // At most one extra sector per row segment of the warp (misalignment).
+            let segments_per_warp = (32 / t.bx).max(1);
+            assert!(
+                sectors <= ideal + loads * segments_per_warp,
+                "{shape}: {sectors} sectors for {loads} loads (fewest {ideal})"
+            );
         }
     }
 
