@@ -305,9 +305,13 @@ fn assert_bitwise_as_the_interpreter(mut emu: EmulatedStepper, ir: &Arc<StepIr>)
 /// level depending on all of them. The scheduler and renderer must handle it because they are
 /// generic over the IR.
 fn synthetic_ir(shape: &str) -> StepIr {
+    synthetic_ir_of(Layout::new(Shape::parse(shape).unwrap()))
+}
+
+/// [`synthetic_ir`] of a layout (explicit factored axes allowed).
+fn synthetic_ir_of(layout: Layout) -> StepIr {
     use mulo::ir::{IrBuilder, RuntimeScalar, Unary};
     use mulo::shape::Domain;
-    let layout = Layout::new(Shape::parse(shape).unwrap());
     let mut b = IrBuilder::new(layout, "synthetic".into());
     let g = b.load(Buffer::Grad, 0);
     let p = b.load(Buffer::Param, 0);
@@ -377,6 +381,49 @@ fn emulated_kernels_run_a_synthetic_ir_with_rest_and_vector_means() {
             let e = max_abs_diff(se.get(b), want) / s;
             assert!(e <= 1e-6, "{shape}: state {b}: {e:e}");
         }
+    }
+}
+
+/// Rank-4 tensors whose factored axis X is not the contiguous one: the elem kernels' threads
+/// run along X' = (X, the inner rest axes), and the means reducing X sum threads
+/// `inner_len` apart (9 and 7: not powers of two; 36: longer than a warp's row segment), with
+/// tied factored axes given in both orders (the row and column means swap kinds).
+/// μLO's step and the synthetic IR (an element mean onto the rest points, which keeps the
+/// inner axes) both bitwise as the interpreter.
+#[test]
+fn emulated_rank_4_with_inner_axes_matches_the_interpreter_bitwise() {
+    if !gxx_or_skip("emulated_rank_4_with_inner_axes_matches_the_interpreter_bitwise") {
+        return;
+    }
+    let lopt = common::fixture_lopt();
+    for (i, (shape, axes, inner_len)) in [
+        ("6x5x3x3", None, 9),
+        ("7x3x7x7", Some((0, 2)), 7),
+        ("7x3x7x7", Some((2, 0)), 7),
+        ("9x8x6x6", None, 36),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let axes = axes.map(|(d0, d1)| mulo::FactoredAxes { d0, d1 });
+        let layout = Layout::with_axes(Shape::parse(shape).unwrap(), axes).unwrap();
+        let tiling = cuda::schedule::Tiling::of(&layout);
+        assert_eq!(tiling.inner_len, inner_len, "{shape}");
+        let ir = Arc::new(mulo::compile_layout(&layout, &lopt).unwrap());
+        let emu = EmulatedStepper::new(&ir, &format!("inner{i}"));
+        assert_bitwise_as_the_interpreter(emu, &ir);
+        let ir = Arc::new(synthetic_ir_of(layout));
+        let schedule = cuda::schedule::schedule(&ir);
+        assert!(
+            schedule.kernels.iter().any(|k| matches!(
+                &k.kind,
+                cuda::schedule::KernelKind::Elem { means, .. }
+                    if means.iter().any(|m| m.kind == cuda::schedule::PartialKind::KeepInner)
+            )),
+            "{shape}: no mean onto the rest points with inner axes"
+        );
+        let emu = EmulatedStepper::with_schedule(&ir, &format!("inner_syn{i}"), schedule);
+        assert_bitwise_as_the_interpreter(emu, &ir);
     }
 }
 

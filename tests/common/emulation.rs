@@ -32,6 +32,12 @@ static inline double __shfl_xor_sync(unsigned, double v, int o, int) {
     mulo_bar->arrive_and_wait();
     return mulo_shfl[threadIdx.x ^ o];
 }
+static inline double __shfl_down_sync(unsigned, double v, unsigned d, int width) {
+    mulo_bar->arrive_and_wait();
+    mulo_shfl[threadIdx.x] = v;
+    mulo_bar->arrive_and_wait();
+    return (int)(threadIdx.x % 32 % width + d) < width ? mulo_shfl[threadIdx.x + d] : v;
+}
 static inline float __int_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
 "#;
 

@@ -224,6 +224,82 @@ def golden(mesh, rank, world, out):
     )
 
 
+def staged_copies(mesh, rank, world, out):
+    """The golden model with local shards that are not contiguous CPU tensors (column-major
+    strided views; CUDA shards under FSDP2 with NCCL take the same path): the sharded step
+    stages them through host copies and writes them back. 5 steps, then one with a NaN: every
+    parameter and state tensor bitwise equal to the same model with contiguous shards, and
+    the poisoned step leaves the strided shards as they were."""
+    from torch.distributed.tensor import DTensor
+
+    import mup
+
+    meta, params_meta, t = load_model_case()
+    shapes = {p["name"]: p["shape"] for p in params_meta}
+    base = {p["name"]: [b if b is not None else d for b, d in zip(p["base_shape"], p["shape"])] for p in params_meta}
+
+    def sharded(full, strided):
+        d = dtensor(full, mesh, rank, world)
+        if not strided or d.dim() < 2:
+            return d
+        local = d.to_local()
+        # The same values in column-major order: a non-contiguous local shard.
+        flipped = local.reshape(local.shape[0], -1).t().contiguous().t().reshape(local.shape)
+        return DTensor.from_local(flipped, mesh, d.placements, run_check=False, shape=d.shape, stride=d.stride())
+
+    def model(strided):
+        m = holder(shapes, lambda n, s: sharded(t[n + ".p0"].clone(), strided))
+        mup.set_base_shapes(m, holder(base, lambda n, s: torch.zeros(s)))
+        return m, {n: m.ps[n.replace(".", "_")] for n in shapes}
+
+    def set_grads(by_name, step, strided, poison=None):
+        for n, p in by_name.items():
+            g = sharded(t[f"{n}.g{step}"].clone(), strided)
+            local = g.to_local()
+            if poison == n and local.numel() > 0:
+                local[(0,) * local.dim()] = float("nan")
+            p.grad = g
+
+    ref_model, ref_by = model(False)
+    ref_opt = mulo_opt(params_meta, ref_by, meta)
+    st_model, st_by = model(True)
+    st_opt = mulo_opt(params_meta, st_by, meta)
+    noncontiguous = sorted(n for n, p in st_by.items() if not p.to_local().is_contiguous())
+    for step in range(1, 6):
+        set_grads(ref_by, step, False)
+        ref_opt.step()
+        set_grads(st_by, step, True)
+        st_opt.step()
+    same_params = all(torch.equal(st_by[n].to_local(), ref_by[n].to_local()) for n in shapes)
+    still_strided = sorted(n for n, p in st_by.items() if not p.to_local().is_contiguous())
+    a, b = ref_opt.state_dict()["state"], st_opt.state_dict()["state"]
+    same_state = all(
+        torch.equal(v, b[i][k]) if isinstance(v, torch.Tensor) else v == b[i][k]
+        for i, st in a.items()
+        for k, v in st.items()
+    )
+    # A NaN in one strided shard on the last rank: skipped everywhere, the shard unchanged.
+    victim = noncontiguous[0] if noncontiguous else next(iter(shapes))
+    before = {n: p.to_local().clone() for n, p in st_by.items()}
+    set_grads(st_by, 6, True, poison=victim if rank == world - 1 else None)
+    st_opt.step()
+    torch.save(
+        dict(
+            noncontiguous=noncontiguous,
+            still_strided=still_strided,
+            same_params=same_params,
+            same_state=same_state,
+            skipped=list(st_opt.last_report.get("skipped", [])),
+            victim=victim,
+            victim_unchanged=torch.equal(st_by[victim].to_local(), before[victim]),
+            others_stepped=all(
+                not torch.equal(p.to_local(), before[n]) for n, p in st_by.items() if n != victim and p.to_local().numel()
+            ),
+        ),
+        os.path.join(out, f"staged{rank}.pt"),
+    )
+
+
 def mismatch(mesh, rank, world, out):
     """Rank 1 declares another whole shape for one tensor: every rank gets the same clear error
     (no hang, nothing stepped)."""
@@ -325,10 +401,12 @@ def finish():
 
 def two_ranks(rank, world, port, out):
     """One process group for the 2-process checks (one spawn: process start-up is most of the
-    time): the mismatched layouts, then the golden model."""
+    time): the mismatched layouts, strided shards staged through host copies, then the golden
+    model."""
     faulthandler.enable()
     mesh = init(rank, world, port)
     mismatch(mesh, rank, world, out)
+    staged_copies(mesh, rank, world, out)
     golden(mesh, rank, world, out)
     finish()
 

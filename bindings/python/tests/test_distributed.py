@@ -90,6 +90,17 @@ def test_mismatched_shard_layouts_are_a_clear_error_not_a_hang(two):
     assert res[0]["error"] == res[1]["error"]
 
 
+def test_strided_shards_are_staged_through_host_copies_bitwise(two):
+    res = results(two, "staged", 2)
+    for r in res:
+        # The 2-d and 4-d tensors' shards are column-major views (the 1-d and 0-d ones cannot be).
+        assert len(r["noncontiguous"]) >= 3, r["noncontiguous"]
+        assert r["still_strided"] == r["noncontiguous"]  # stepped in place, not replaced
+        assert r["same_params"] and r["same_state"]
+        assert r["skipped"] == [r["victim"]]
+        assert r["victim_unchanged"] and r["others_stepped"]
+
+
 def test_fsdp2_fully_shard_trains_like_a_single_process(three):
     res = results(three, "fsdp2", 3)
     for r in res:

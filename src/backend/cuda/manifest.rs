@@ -406,6 +406,41 @@ mod tests {
         );
     }
 
+    /// The element passes' grids are the tiles of `[outer rest] × Y × X'`: for a conv weight
+    /// the inner axes run with X along the threads instead of taking a block each.
+    #[test]
+    fn elem_grids_are_the_tiles_along_x_prime() {
+        let lopt = LearnedOptimizer::demo();
+        // (shape, factored axes, blocks): 16x8x3x3 is 72 contiguous floats x 16 rows (3 tiles
+        // of 32 along X', one of 8·2 rows); 64x3x7x7 on (0,2) is 3 outer points x 2 tiles of
+        // 32 of the 49 floats of X' x 2 tiles of 8·4 of the 64 rows.
+        for (shape, axes, blocks) in [
+            ("16x8x3x3", None, 3),
+            ("64x3x7x7", Some((0, 2)), 12),
+            ("64x32", None, 2),
+            ("37", None, 1),
+        ] {
+            let axes = axes.map(|(d0, d1)| crate::shape::FactoredAxes { d0, d1 });
+            let layout =
+                crate::shape::Layout::with_axes(Shape::parse(shape).unwrap(), axes).unwrap();
+            let ir = crate::compile_layout(&layout, &lopt).unwrap();
+            let s = schedule(&ir);
+            assert_eq!(s.tiling.blocks(), blocks, "{shape}");
+            let m = Manifest::new(&ir, &s, "sm_80", (12, 9)).unwrap();
+            let elem: Vec<[u32; 3]> = m
+                .kernels
+                .iter()
+                .filter(|k| k.kind == "elem")
+                .map(|k| k.grid)
+                .collect();
+            assert_eq!(elem.len(), s.elem_passes, "{shape}");
+            assert!(
+                elem.iter().all(|&g| g == [blocks as u32, 1, 1]),
+                "{shape}: {elem:?}"
+            );
+        }
+    }
+
     /// The one-block kernels of a step may only do what is negligible next to a pass over a
     /// big tensor's elements: pointwise nodes on at most `BLOCK_POINTS` points, and means
     /// summing at most `CHUNK_THRESHOLD` values per lane and point (longer ones are chunked

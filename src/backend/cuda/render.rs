@@ -571,13 +571,17 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                         threads => BLOCK_THREADS,
                         reduces => !means.is_empty(),
                         blocks => t.blocks(),
-                        rest_len => t.rest_len,
+                        outer_len => t.outer_len,
                         tiles_x => t.tiles_x,
                         tiles_y => t.tiles_y,
                         blocks_per_rest => t.blocks_per_rest(),
-                        x_desc => t.x_axis.map_or("virtual".to_string(), |a| format!("axis {a}")),
+                        x_desc => match t.x_axis {
+                            None => "virtual".to_string(),
+                            Some(a) if t.inner_axes.is_empty() => format!("axis {a}"),
+                            Some(a) => format!("axis {a} with inner axes {:?}", t.inner_axes),
+                        },
                         y_axis => t.y_axis,
-                        nx => t.nx,
+                        row_len => t.row_len(),
                         ny => t.ny,
                         bx => t.bx,
                         by => t.by,
@@ -690,24 +694,110 @@ struct ElemHoles {
     epilogue: String,
 }
 
-fn elem_coords(t: &Tiling) -> BTreeMap<usize, String> {
+/// The coordinate expressions of an elem kernel's element, by axis: Y is `iy`; X and the
+/// inner rest axes come from the X' index `xp` (`ix`, or `ixs` clamped into the tensor; X
+/// itself is `xp` when there is no inner axis), the outer rest axes from the block (`c{axis}`,
+/// declared by the kernel). Points of a domain are found with [`elem_compose`].
+fn elem_coords(layout: &Layout, t: &Tiling, xp: &str) -> BTreeMap<usize, String> {
     let mut coords = BTreeMap::new();
     if let Some(x) = t.x_axis {
-        coords.insert(x, "ix".to_string());
+        if t.inner_len == 1 {
+            coords.insert(x, xp.to_string());
+        } else {
+            coords.insert(x, format!("({xp} / {})", t.inner_len));
+            coords.extend(decompose(
+                layout,
+                &t.inner_axes,
+                &format!("({xp} % {})", t.inner_len),
+            ));
+        }
     }
     coords.insert(t.y_axis, "iy".to_string());
-    for &a in &t.rest_axes {
+    for &a in &t.outer_axes {
         coords.insert(a, format!("c{a}"));
     }
     coords
 }
 
+/// The index in `domain` of an elem kernel's point with coordinates `coords` (from
+/// [`elem_coords`] with X' index `xp`). The inner axes, when a domain keeps them all, are
+/// its last axes, contiguous: with X they are `xp` itself, without it `xp % inner_len`.
+fn elem_compose(
+    layout: &Layout,
+    t: &Tiling,
+    domain: Domain,
+    coords: &BTreeMap<usize, String>,
+    xp: &str,
+) -> String {
+    let axes = layout.domain_axes(domain);
+    let Some(x) = t.x_axis else {
+        return compose(layout, domain, coords);
+    };
+    if t.inner_len == 1 || !t.inner_axes.iter().all(|a| axes.contains(a)) {
+        return compose(layout, domain, coords);
+    }
+    let mut terms: Vec<String> = domain_strides(layout, domain)
+        .into_iter()
+        .filter(|&(a, _)| a != x && !t.inner_axes.contains(&a) && layout.dims()[a] > 1)
+        .map(|(a, s)| {
+            let c = &coords[&a];
+            if s == 1 {
+                c.clone()
+            } else {
+                format!("{c} * {s}")
+            }
+        })
+        .collect();
+    terms.push(if axes.contains(&x) {
+        xp.to_string()
+    } else {
+        format!("({xp} % {})", t.inner_len)
+    });
+    terms.join(" + ")
+}
+
+/// The element index of an elem kernel's thread: `ix` (X' has stride 1) plus Y's and the
+/// outer axes' terms, in axis order.
+fn elem_index(layout: &Layout, t: &Tiling) -> String {
+    let (sy, outer) = t.strides(layout);
+    let mut terms: Vec<(usize, String)> = Vec::new();
+    if let Some(x) = t.x_axis {
+        terms.push((x, "ix".to_string()));
+    }
+    let mut term = |a: usize, var: String, stride: usize| {
+        if layout.dims()[a] > 1 {
+            terms.push((
+                a,
+                if stride == 1 {
+                    var
+                } else {
+                    format!("{var} * {stride}")
+                },
+            ));
+        }
+    };
+    term(t.y_axis, "iy".to_string(), sy);
+    for (a, stride) in outer {
+        term(a, format!("c{a}"), stride);
+    }
+    terms.sort();
+    if terms.is_empty() {
+        "0".to_string()
+    } else {
+        terms
+            .into_iter()
+            .map(|t| t.1)
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+}
+
 fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Result<ElemHoles> {
     let layout = &ir.layout;
     let t = &s.tiling;
-    let coords = elem_coords(t);
+    let coords = elem_coords(layout, t, "ix");
     let mut rest_coords = String::new();
-    for (a, e) in decompose(layout, &t.rest_axes, "rest") {
+    for (a, e) in decompose(layout, &t.outer_axes, "rest") {
         let _ = writeln!(rest_coords, "    const idx_t c{a} = {e};");
     }
     let roots: Vec<ValueId> = if stores {
@@ -733,24 +823,23 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
     // thread, before its loop over the rows of the tile, at a clamped column (in bounds for
     // the threads past the tensor's edge, which store nothing).
     let mut hoisted = String::new();
-    let mut hoisted_coords = coords.clone();
-    if let Some(x) = t.x_axis {
+    let hoisted_coords = elem_coords(layout, t, "ixs");
+    if t.x_axis.is_some() {
         let _ = writeln!(
             hoisted,
-            "    const idx_t ixs = ix < {nx} ? ix : {last};",
-            nx = t.nx,
-            last = t.nx - 1
+            "    const idx_t ixs = ix < {len} ? ix : {last};",
+            len = t.row_len(),
+            last = t.row_len().saturating_sub(1)
         );
-        hoisted_coords.insert(x, "ixs".to_string());
     }
     let mut any_hoisted = false;
     for &v in reads.iter().filter(|v| read_outside.contains(v)) {
         let domain = ir.node(v).domain;
         if layout.domain_axes(domain).contains(&t.y_axis) {
-            let idx = compose(layout, domain, &coords);
+            let idx = elem_compose(layout, t, domain, &coords, "ix");
             read_scratch(ir, s, v, &idx, ind, &mut body);
         } else {
-            let idx = compose(layout, domain, &hoisted_coords);
+            let idx = elem_compose(layout, t, domain, &hoisted_coords, "ixs");
             read_scratch(ir, s, v, &idx, "    ", &mut hoisted);
             any_hoisted = true;
         }
@@ -802,21 +891,54 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
     let mut per_row = String::new();
     let mut epilogue = String::new();
     let mut block_sums: Vec<BlockSum> = Vec::new();
+    // Means reducing X but keeping the inner axes: the threads of one inner point in a row
+    // of the tile are `inner_len` apart; a fixed shuffle tree (no barrier) sums them into
+    // the first of them, a head (`tx < heads`), which writes its slot (`x_slots`).
+    let r = t.inner_len;
+    let heads = t.heads();
+    let seg_tree = |v: &str| -> String {
+        if r >= t.bx {
+            String::new()
+        } else {
+            format!(
+                "for (int o = {r}; o < {bx}; o <<= 1) {{ const double u = __shfl_down_sync(0xffffffffu, {v}, o, {bx}); if (tx + o < {bx}) {v} += u; }} ",
+                bx = t.bx
+            )
+        }
+    };
+    let (slot, head_if) = if r <= t.bx {
+        ("txt".to_string(), format!("tx < {heads}"))
+    } else {
+        (
+            format!("(ix / {r})"),
+            format!("ix < {len}", len = t.row_len()),
+        )
+    };
+    let x_slots = t.x_slots();
+    let row_len = t.row_len();
     for (i, m) in means.iter().enumerate() {
         let w = ir.node(m.node).width;
         let target = ir.node(m.node).domain;
         let n = layout.domain_len(target);
         let off = m.partial_offset;
-        let idx = compose(layout, target, &coords);
+        let idx = elem_compose(layout, t, target, &coords, "ix");
         for l in 0..w {
             let _ = writeln!(val_decls, "        float m{i}_{l} = 0.0f;");
             let _ = writeln!(body, "{ind}m{i}_{l} = {};", operand(ir, m.operand, l));
             match m.kind {
-                PartialKind::KeepY => {
+                PartialKind::KeepY if r == 1 => {
                     let _ = writeln!(
                         per_row,
                         "        {{ const double s = mulo_sum_x((double)m{i}_{l}, {bx}); if (tx == 0 && iy < {ny}) partials[{off} + (txt * {n} + {idx}) * {w} + {l}] = s; }}",
                         bx = t.bx,
+                        ny = t.ny,
+                    );
+                }
+                PartialKind::KeepY => {
+                    let _ = writeln!(
+                        per_row,
+                        "        {{ double s = (double)m{i}_{l}; {tree}if ({head_if} && iy < {ny}) partials[{off} + ({slot} * {n} + {idx}) * {w} + {l}] = s; }}",
+                        tree = seg_tree("s"),
                         ny = t.ny,
                     );
                 }
@@ -828,8 +950,24 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
                         acc: format!("a{i}_{l}"),
                         span: t.bx,
                         store: format!(
-                            "if (ix < {nx}) partials[{off} + (tyt * {n} + {idx}) * {w} + {l}] = s;",
-                            nx = t.nx
+                            "if (ix < {row_len}) partials[{off} + (tyt * {n} + {idx}) * {w} + {l}] = s;"
+                        ),
+                    });
+                }
+                PartialKind::KeepInner => {
+                    let _ = writeln!(acc_decls, "    double a{i}_{l} = 0.0;");
+                    let _ = writeln!(per_row, "        a{i}_{l} += (double)m{i}_{l};");
+                    let tree = seg_tree(&format!("a{i}_{l}"));
+                    if !tree.is_empty() {
+                        let _ = writeln!(epilogue, "    {tree}");
+                    }
+                    // Then over the rows of the block, as KeepX: threads tid < heads (row 0)
+                    // hold the sums of their inner points.
+                    block_sums.push(BlockSum {
+                        acc: format!("a{i}_{l}"),
+                        span: t.bx,
+                        store: format!(
+                            "if ({head_if}) partials[{off} + ((tyt * {x_slots} + {slot}) * {n} + {idx}) * {w} + {l}] = s;"
                         ),
                     });
                 }
@@ -850,7 +988,7 @@ fn elem_holes(ir: &StepIr, s: &Schedule, means: &[ElemMean], stores: bool) -> Re
         rest_coords,
         acc_decls,
         val_decls,
-        elem_index: compose(layout, Domain::Elem, &coords),
+        elem_index: elem_index(layout, t),
         body,
         per_row,
         epilogue,
@@ -1022,7 +1160,7 @@ fn fused_dense(
         let on = ir.node(o);
         let off = s.scratch_offset[o.index()]
             .ok_or_else(|| Error::Verify(format!("{o}: fused operand not in scratch")))?;
-        let idx = compose(layout, on.domain, coords);
+        let idx = elem_compose(layout, &s.tiling, on.domain, coords, "ix");
         let _ = writeln!(out, "{ind}const float* {o}_s = scratch + {off} + ({idx});");
     }
     let _ = writeln!(out, "{ind}#pragma unroll 1");
@@ -1339,7 +1477,7 @@ fn small_body(
                 let count = f64_literal((layout.numel() / n) as f64);
                 let (po, k) = (m.partial_offset, m.partials_per_point);
                 match m.kind {
-                    PartialKind::KeepX | PartialKind::KeepY => {
+                    PartialKind::KeepX | PartialKind::KeepY | PartialKind::KeepInner => {
                         out.push_str(&open_points(n));
                         for l in 0..w {
                             let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; scratch[{off} + {l} * {n} + p] = (float)(s / {count}); }}");
@@ -1657,7 +1795,9 @@ mod tests {
     #[test]
     fn reduce_passes_have_at_most_two_barriers() {
         use crate::lopt::LearnedOptimizer;
-        for shape in ["64x32", "37", "16x8x3x3", "1x300", "scalar", "5x7x3"] {
+        for shape in [
+            "64x32", "37", "16x8x3x3", "1x300", "scalar", "5x7x3", "6x5x3x3", "9x8x6x6",
+        ] {
             let ir = crate::compile_step(
                 &crate::shape::Shape::parse(shape).unwrap(),
                 &LearnedOptimizer::demo(),
@@ -1688,6 +1828,50 @@ mod tests {
                 }
             }
             assert_eq!(reduces, s.elem_passes - 1, "{shape}");
+        }
+    }
+
+    /// The generated elem kernels index the element as the tiling says
+    /// (`Tiling::element`, checked for coalescing in the schedule's tests): threadIdx.x is
+    /// `tx`, the X' index is `txt · bx + tx`, and it enters the element index with stride 1.
+    #[test]
+    fn elem_kernels_index_along_x_prime_with_stride_one() {
+        use crate::lopt::LearnedOptimizer;
+        use crate::shape::{FactoredAxes, Shape};
+        for (shape, axes, bx, e) in [
+            ("scalar", None, 1, "0"),
+            ("37", None, 1, "iy"),
+            ("64x32", None, 32, "iy * 32 + ix"),
+            ("16x8x3x3", None, 32, "iy * 72 + ix"),
+            ("64x3x7x7", Some((0, 2)), 32, "iy * 147 + c1 * 49 + ix"),
+            (
+                "7x3x7x7",
+                Some((2, 3)),
+                8,
+                "c0 * 147 + c1 * 49 + iy * 7 + ix",
+            ),
+            ("5x7x3", None, 32, "iy * 21 + ix"),
+        ] {
+            let axes = axes.map(|(d0, d1)| FactoredAxes { d0, d1 });
+            let layout = Layout::with_axes(Shape::parse(shape).unwrap(), axes).unwrap();
+            let ir = crate::compile_layout(&layout, &LearnedOptimizer::demo()).unwrap();
+            let s = super::super::schedule::schedule(&ir);
+            let src = render_kernels(&ir, &s, Form::Global).unwrap();
+            let mut elem = 0;
+            for kernel in src.split("extern \"C\"").skip(1) {
+                if !kernel.contains(") mulo_elem_") {
+                    continue;
+                }
+                elem += 1;
+                for line in [
+                    format!("const int tx = tid % {bx};"),
+                    format!("const idx_t ix = txt * {bx} + tx;"),
+                    format!("const idx_t e = {e};"),
+                ] {
+                    assert!(kernel.contains(&line), "{shape}: no `{line}` in\n{kernel}");
+                }
+            }
+            assert_eq!(elem, s.elem_passes, "{shape}");
         }
     }
 

@@ -76,31 +76,39 @@ pub fn grid_dim(blocks: usize, what: &str) -> crate::error::Result<u32> {
         })
 }
 
-/// How the element domain is cut into thread blocks: the tensor is viewed as
-/// `[rest axes…] × Y × X`, where X is the factored axis with the smaller stride (a virtual
-/// axis of size 1 for unfactored tensors) and Y the other one (the whole tensor when
-/// unfactored). A block covers one rest point and a `BY·J × BX` tile of `Y × X`.
+/// How the element domain is cut into thread blocks. X is the factored axis with the smaller
+/// stride (a virtual axis of size 1 for unfactored tensors) and Y the other one (the whole
+/// tensor when unfactored). The rest axes (neither X nor Y) split in two: the **inner** ones,
+/// after X in memory (smaller strides), and the **outer** ones. The tensor is viewed as
+/// `[outer axes…] × Y × X'`, where `X' = (X, inner axes…)` flattened is contiguous (stride 1,
+/// [`Tiling::row_len`] = `nx · inner_len` elements): threadIdx.x runs along X', so consecutive
+/// threads of a warp touch consecutive floats for every rank. A block covers one outer rest
+/// point and a `BY·J × BX` tile of `Y × X'`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tiling {
-    /// The tensor axis along threadIdx x, or `None` (virtual axis of size 1).
+    /// The factored axis with the smaller stride, or `None` (virtual axis of size 1).
     pub x_axis: Option<usize>,
     /// The tensor axis along threadIdx y (for rank ≤ 1 tensors: axis 0).
     pub y_axis: usize,
-    /// The other axes, in order.
-    pub rest_axes: Vec<usize>,
+    /// The rest axes after X (in order): they run with X along threadIdx x.
+    pub inner_axes: Vec<usize>,
+    /// The rest axes before X (in order): one point of them per block.
+    pub outer_axes: Vec<usize>,
     /// Size of X.
     pub nx: usize,
+    /// Number of inner rest points (1 when there is no inner axis): the stride of X.
+    pub inner_len: usize,
     /// Size of Y.
     pub ny: usize,
-    /// Number of rest points.
-    pub rest_len: usize,
-    /// Threads along X (a power of two ≤ 32).
+    /// Number of outer rest points.
+    pub outer_len: usize,
+    /// Threads along X' (a power of two ≤ 32).
     pub bx: usize,
     /// Threads along Y (`BLOCK_THREADS / bx`).
     pub by: usize,
     /// Rows of the tile each thread walks.
     pub rows_per_thread: usize,
-    /// Tiles along X.
+    /// Tiles along X'.
     pub tiles_x: usize,
     /// Tiles along Y.
     pub tiles_y: usize,
@@ -115,51 +123,128 @@ impl Tiling {
             Some(f) => (Some(f.d0.max(f.d1)), f.d0.min(f.d1)),
             None => (None, 0),
         };
-        let rest_axes: Vec<usize> = (0..dims.len())
-            .filter(|&a| Some(a) != x_axis && a != y_axis)
-            .collect();
+        let rest = (0..dims.len()).filter(|&a| Some(a) != x_axis && a != y_axis);
+        let (inner_axes, outer_axes): (Vec<usize>, Vec<usize>) =
+            rest.partition(|&a| x_axis.is_some_and(|x| a > x));
         let nx = x_axis.map_or(1, |a| dims[a]);
+        let inner_len: usize = inner_axes.iter().map(|&a| dims[a]).product();
         let ny = dims[y_axis];
-        let rest_len = rest_axes.iter().map(|&a| dims[a]).product();
-        let bx = nx.next_power_of_two().min(32);
+        let outer_len = outer_axes.iter().map(|&a| dims[a]).product();
+        let row_len = nx * inner_len;
+        let bx = row_len.next_power_of_two().min(32);
         let by = BLOCK_THREADS / bx;
         let rows_per_thread = ny.div_ceil(by).clamp(1, ROWS_PER_THREAD);
         Tiling {
             x_axis,
             y_axis,
-            rest_axes,
+            inner_axes,
+            outer_axes,
             nx,
+            inner_len,
             ny,
-            rest_len,
+            outer_len,
             bx,
             by,
             rows_per_thread,
-            tiles_x: nx.div_ceil(bx),
+            tiles_x: row_len.div_ceil(bx),
             tiles_y: ny.div_ceil(by * rows_per_thread),
         }
     }
 
-    /// Blocks of an elem kernel.
-    pub fn blocks(&self) -> usize {
-        self.rest_len * self.tiles_x * self.tiles_y
+    /// Length of X' = (X, inner axes): the contiguous run of elements along threadIdx x.
+    pub fn row_len(&self) -> usize {
+        self.nx * self.inner_len
     }
 
-    /// Blocks per rest point.
+    /// Blocks of an elem kernel.
+    pub fn blocks(&self) -> usize {
+        self.outer_len * self.tiles_x * self.tiles_y
+    }
+
+    /// Blocks per outer rest point.
     pub fn blocks_per_rest(&self) -> usize {
         self.tiles_x * self.tiles_y
+    }
+
+    /// Row-major strides of Y and of the outer axes in the element domain (X' has stride 1):
+    /// element `e = ix + iy · stride_y + Σ c_a · stride_a` for X' index `ix`, Y index `iy` and
+    /// outer coordinates `c_a`.
+    pub fn strides(&self, layout: &crate::shape::Layout) -> (usize, Vec<(usize, usize)>) {
+        let dims = layout.dims();
+        let stride = |a: usize| dims[a + 1..].iter().product::<usize>();
+        (
+            stride(self.y_axis),
+            self.outer_axes.iter().map(|&a| (a, stride(a))).collect(),
+        )
+    }
+
+    /// Heads of a row segment for a mean that reduces X but keeps the inner axes: the first
+    /// `min(inner_len, bx)` threads of each row of a tile, one per inner point met in the
+    /// tile, each summing the threads `inner_len` apart from it.
+    pub fn heads(&self) -> usize {
+        self.inner_len.min(self.bx)
+    }
+
+    /// Partial slots per tile row for a mean that reduces X but keeps the inner axes: one per
+    /// X' tile when every tile meets every inner point (`inner_len ≤ bx`), else one per index
+    /// along X (each thread of a tile is then alone with its inner point).
+    pub fn x_slots(&self) -> usize {
+        if self.inner_len <= self.bx {
+            self.tiles_x
+        } else {
+            self.nx
+        }
+    }
+
+    /// The element that thread `tid` of block `blk` handles in row `j` of its tile, or `None`
+    /// past the tensor's edge: the map the elem kernels use (`templates/elem_kernel.cu.j2`).
+    pub fn element(
+        &self,
+        layout: &crate::shape::Layout,
+        blk: usize,
+        tid: usize,
+        j: usize,
+    ) -> Option<usize> {
+        let (tx, ty) = (tid % self.bx, tid / self.bx);
+        let txt = blk % self.tiles_x;
+        let tyt = (blk / self.tiles_x) % self.tiles_y;
+        let mut rest = blk / self.blocks_per_rest();
+        let ix = txt * self.bx + tx;
+        let iy = (tyt * self.rows_per_thread + j) * self.by + ty;
+        if ix >= self.row_len() || iy >= self.ny || rest >= self.outer_len {
+            return None;
+        }
+        let (sy, outer) = self.strides(layout);
+        let mut e = ix + iy * sy;
+        for &(a, s) in outer.iter().rev() {
+            let d = layout.dims()[a];
+            e += (rest % d) * s;
+            rest /= d;
+        }
+        Some(e)
     }
 }
 
 /// How the per-block partial sums of an element mean are laid out (f64, in the partials
-/// arena), and how many of them make up one output point.
+/// arena), and how many of them make up one output point. `points` are the mean's target
+/// points in domain order; a kept point of a thread is found from its coordinates (X and the
+/// inner axes from its X' index, the outer axes from its block).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PartialKind {
-    /// The mean keeps X and reduces Y: `[tiles_y][points][width]`.
+    /// The mean keeps X (and every rest axis) and reduces Y: `[tiles_y][points][width]`, each
+    /// thread's X' index one kept point.
     KeepX,
-    /// The mean keeps Y and reduces X: `[tiles_x][points][width]`.
+    /// The mean keeps Y (and every rest axis) and reduces X: `[x_slots][points][width]`
+    /// ([`Tiling::x_slots`]); in each row of a tile the threads of one inner point (`inner_len`
+    /// apart along X') are summed by a fixed shuffle tree into the first of them.
     KeepY,
-    /// The mean reduces X and Y (rest or step target): one value per block,
-    /// `[blocks][width]`; blocks of one rest point are contiguous.
+    /// The mean keeps the rest axes and reduces X and Y, with inner axes (`inner_len > 1`):
+    /// `[tiles_y][x_slots][points][width]`, the threads of one inner point summed as for
+    /// `KeepY`, then over the block's rows as for `KeepX`.
+    KeepInner,
+    /// The mean reduces X and Y and keeps at most the outer rest axes (rest or step target,
+    /// one point per block): one value per block, `[blocks][width]`; blocks of one rest point
+    /// are contiguous.
     Blocks,
 }
 
@@ -288,7 +373,9 @@ pub fn schedule_with(ir: &StepIr, chunk_threshold: usize, spread: usize) -> Sche
         let (kind, tiles) = if keeps(tiling.x_axis) {
             (PartialKind::KeepX, tiling.tiles_y)
         } else if axes.contains(&tiling.y_axis) {
-            (PartialKind::KeepY, tiling.tiles_x)
+            (PartialKind::KeepY, tiling.x_slots())
+        } else if tiling.inner_len > 1 && tiling.inner_axes.iter().any(|a| axes.contains(a)) {
+            (PartialKind::KeepInner, tiling.tiles_y * tiling.x_slots())
         } else {
             (PartialKind::Blocks, tiling.blocks())
         };
@@ -583,6 +670,7 @@ mod tests {
     use super::*;
     use crate::lopt::LearnedOptimizer;
     use crate::shape::Shape;
+    use std::collections::BTreeSet;
 
     fn sched(shape: &str) -> Schedule {
         let ir =
@@ -736,11 +824,227 @@ mod tests {
             Shape::parse("16x8x3x3").unwrap(),
         ));
         assert_eq!(
-            (t.x_axis, t.y_axis, t.rest_axes.clone()),
-            (Some(1), 0, vec![2, 3])
+            (
+                t.x_axis,
+                t.y_axis,
+                t.inner_axes.clone(),
+                t.outer_axes.clone()
+            ),
+            (Some(1), 0, vec![2, 3], vec![])
         );
-        assert_eq!((t.nx, t.ny, t.rest_len, t.bx, t.by), (8, 16, 9, 8, 32));
+        // X' = (axis 1, axes 2, 3): 72 contiguous floats, 32 threads along them.
+        assert_eq!(
+            (
+                t.nx,
+                t.inner_len,
+                t.row_len(),
+                t.ny,
+                t.outer_len,
+                t.bx,
+                t.by
+            ),
+            (8, 9, 72, 16, 1, 32, 8)
+        );
         let t = Tiling::of(&crate::shape::Layout::new(Shape::parse("1x300").unwrap()));
         assert_eq!((t.x_axis, t.y_axis, t.nx, t.ny), (Some(1), 0, 300, 1));
+    }
+
+    /// The layout of `shape`, factored on `axes` when given.
+    fn layout(shape: &str, axes: Option<(usize, usize)>) -> crate::shape::Layout {
+        let shape = Shape::parse(shape).unwrap();
+        let axes = axes.map(|(d0, d1)| crate::shape::FactoredAxes { d0, d1 });
+        crate::shape::Layout::with_axes(shape, axes).unwrap()
+    }
+
+    /// For every shape class (0-d, 1-d, 2-d both orientations, tall and wide, rank 3 with and
+    /// without an inner axis, rank 4 factored on (0,1), (0,2), (0,3), (2,3) and (3,0), an inner run longer
+    /// than a warp, tied axes given explicitly): the elem kernels' threads cover every element once, and consecutive
+    /// threadIdx.x of a warp handle consecutive (stride-1) elements, except where a row
+    /// segment of `bx` threads ends.
+    #[test]
+    fn consecutive_threads_touch_consecutive_elements_for_every_rank() {
+        let cases: [(&str, Option<(usize, usize)>); 19] = [
+            ("scalar", None),
+            ("1", None),
+            ("37", None),
+            ("64x32", None),
+            ("32x64", None),
+            ("48x48", Some((0, 1))),
+            ("48x48", Some((1, 0))),
+            ("1x300", None),
+            ("300x1", None),
+            ("4096x4", None),
+            ("5x7x3", None),
+            ("3x1x40", None),
+            ("16x8x3x3", None),
+            ("64x3x7x7", Some((0, 2))),
+            ("64x3x7x7", Some((0, 3))),
+            ("7x3x7x7", Some((2, 3))),
+            ("7x3x7x7", Some((3, 0))),
+            ("9x8x6x6", None),
+            ("2x3x4x5", None),
+        ];
+        for (shape, axes) in cases {
+            check_threads_along_the_contiguous_axis(&layout(shape, axes));
+        }
+        // Every rank-3 and rank-4 shape over sizes 1, 2, 3, 5, 40 (up to 20,000 elements), with
+        // every valid choice of factored axes.
+        let sizes = [1, 2, 3, 5, 40];
+        let mut checked = 0;
+        for rank in 3..=4u32 {
+            for code in 0..sizes.len().pow(rank) {
+                let dims: Vec<usize> = (0..rank as usize)
+                    .map(|k| sizes[code / sizes.len().pow(k as u32) % sizes.len()])
+                    .collect();
+                if dims.iter().product::<usize>() > 20_000 {
+                    continue;
+                }
+                for d0 in 0..dims.len() {
+                    for d1 in 0..dims.len() {
+                        let axes = crate::shape::FactoredAxes { d0, d1 };
+                        if axes.check(&dims).is_err() {
+                            continue;
+                        }
+                        let shape = Shape::new(dims.clone()).unwrap();
+                        let layout = crate::shape::Layout::with_axes(shape, Some(axes)).unwrap();
+                        check_threads_along_the_contiguous_axis(&layout);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 500, "{checked}");
+    }
+
+    /// The elem kernels' threads of `layout` cover every element once, and neighbours along
+    /// threadIdx.x within a row segment handle neighbouring elements.
+    fn check_threads_along_the_contiguous_axis(layout: &crate::shape::Layout) {
+        let t = Tiling::of(layout);
+        let what = format!("{layout}: {t:?}");
+        let mut seen = vec![0u8; layout.numel()];
+        let mut strided = 0;
+        for blk in 0..t.blocks() {
+            for j in 0..t.rows_per_thread {
+                let e: Vec<Option<usize>> = (0..BLOCK_THREADS)
+                    .map(|tid| t.element(layout, blk, tid, j))
+                    .collect();
+                for (tid, &ei) in e.iter().enumerate() {
+                    if let Some(ei) = ei {
+                        seen[ei] += 1;
+                    }
+                    let next = tid + 1;
+                    if next % 32 == 0 || (t.bx > 1 && next % t.bx == 0) {
+                        continue; // the warp or the row segment ends
+                    }
+                    if let (Some(a), Some(b)) = (ei, e[next]) {
+                        assert_eq!(b, a + 1, "{what}: blk {blk} tid {tid} j {j}");
+                        strided += 1;
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "{what}: coverage {seen:?}");
+        // Every warp's neighbours were checked somewhere (not vacuous).
+        assert!(strided > 0 || layout.numel() == 1, "{what}");
+        // The x threads run along the axis of stride 1: the last one of the tensor.
+        if layout.dims().len() > 1 {
+            assert_eq!(t.bx, t.row_len().next_power_of_two().min(32), "{what}");
+            let contiguous = t.x_axis == Some(layout.dims().len() - 1)
+                || t.inner_axes.last() == Some(&(layout.dims().len() - 1));
+            assert!(contiguous, "{what}");
+        }
+    }
+
+    /// The 32-byte sectors a warp's f32 load touches in an elem kernel of `layout`, summed over
+    /// every warp load with an active lane (one per warp, block and row of the tile): (loads,
+    /// sectors, the fewest sectors as many floats can occupy).
+    fn warp_sectors(layout: &crate::shape::Layout) -> (usize, usize, usize) {
+        let t = Tiling::of(layout);
+        let (mut loads, mut sectors, mut ideal) = (0, 0, 0);
+        for blk in 0..t.blocks() {
+            for j in 0..t.rows_per_thread {
+                for w in 0..BLOCK_THREADS / 32 {
+                    let e: BTreeSet<usize> = (32 * w..32 * w + 32)
+                        .filter_map(|tid| t.element(layout, blk, tid, j))
+                        .collect();
+                    if e.is_empty() {
+                        continue;
+                    }
+                    loads += 1;
+                    sectors += e.iter().map(|e| e * 4 / 32).collect::<BTreeSet<_>>().len();
+                    ideal += (e.len() * 4).div_ceil(32);
+                }
+            }
+        }
+        (loads, sectors, ideal)
+    }
+
+    /// Coalescing of convolution weights: a warp's load touches at most one sector more per
+    /// row segment than its floats fill (before, 3x3 kernels' lanes were 36 B apart: a sector
+    /// per lane). `cargo test --lib warp_loads_of_conv -- --nocapture` prints the figures of
+    /// `bench/results/rank4-coalescing.md`.
+    #[test]
+    fn warp_loads_of_conv_weights_touch_few_sectors() {
+        for (shape, axes) in [
+            ("64x64x3x3", None),
+            ("16x8x3x3", None),
+            ("512x512x3x3", None),
+            ("128x64x5x5", None),
+            ("64x3x7x7", None),
+            ("64x3x7x7", Some((0, 2))),
+            ("1024x512", None),
+            ("4096", None),
+        ] {
+            let layout = layout(shape, axes);
+            let t = Tiling::of(&layout);
+            let (loads, sectors, ideal) = warp_sectors(&layout);
+            let per = sectors as f64 / loads as f64;
+            println!(
+                "| {shape} | {axes:?} | {} | {} | {loads} | {per:.2} | {:.2} |",
+                t.bx,
+                t.row_len(),
+                ideal as f64 / loads as f64
+            );
+            // At most one extra sector per row segment of the warp (misalignment).
+            let segments_per_warp = (32 / t.bx).max(1);
+            assert!(
+                sectors <= ideal + loads * segments_per_warp,
+                "{shape}: {sectors} sectors for {loads} loads (fewest {ideal})"
+            );
+        }
+    }
+
+    /// The partial layouts of the element means of a rank-4 tensor with inner axes: the row
+    /// mean keeps X (one slot per Y tile), the column mean reduces X with an inner stride of 9
+    /// (one slot per X' tile); with an inner run longer than a warp, one slot per index of X.
+    #[test]
+    fn partials_of_rank_4_means_follow_the_inner_axes() {
+        let lopt = LearnedOptimizer::demo();
+        for (shape, axes, x_slots) in [
+            ("16x8x3x3", None, 3),
+            ("64x3x7x7", Some((0, 2)), 2),
+            ("9x8x6x6", None, 8),
+        ] {
+            let layout = layout(shape, axes);
+            let t = Tiling::of(&layout);
+            assert_eq!(t.x_slots(), x_slots, "{shape}");
+            let ir = crate::compile_layout(&layout, &lopt).unwrap();
+            let s = schedule(&ir);
+            let KernelKind::Elem { means, .. } = &s.kernels[0].kind else {
+                panic!("{shape}: pass 0 first");
+            };
+            let kinds: Vec<(PartialKind, usize)> = means
+                .iter()
+                .map(|m| (m.kind, m.partials_per_point))
+                .collect();
+            assert!(
+                kinds.contains(&(PartialKind::KeepX, t.tiles_y)),
+                "{shape}: {kinds:?}"
+            );
+            assert!(
+                kinds.contains(&(PartialKind::KeepY, x_slots)),
+                "{shape}: {kinds:?}"
+            );
+        }
     }
 }

@@ -14,7 +14,11 @@ and one round of guard flags (a tensor whose step came out non-finite on any ran
 on every rank). So 3 all-reduces per step without clipping, 4 with, whatever the number of
 tensors; the buffers hold about ``rows + cols + 28`` values per factored tensor
 (``bench/results/sharded.md``). The stages run on the native CPU backend (``mulo::shard``,
-``StageEngine::Cpu``: its chunk programs and dense kernels on the local rows).
+``StageEngine::Cpu``: its chunk programs and dense kernels on the local rows). A local shard
+that is not a contiguous CPU tensor (a CUDA shard under FSDP2, a strided view) is stepped
+through a host copy, written back once the step has succeeded; with a NCCL-only process group
+the round buffers are all-reduced on the current CUDA device. (CUDA shards and NCCL are not
+verified on a GPU yet; the staging is tested on the CPU with strided shards.)
 
 A ``Replicate()`` parameter is stepped whole on every rank: its gradient must be the same on
 every rank (as after DDP's all-reduce), or the ranks' copies drift apart.
@@ -108,6 +112,40 @@ class _Runtime:
 
 def _address(t: torch.Tensor) -> int:
     return t.data_ptr() if t.numel() > 0 else _EMPTY_ADDRESS
+
+
+class _Work:
+    """One parameter group's native step arguments (host addresses and lengths) and the host
+    copies of staged shards (kept alive until the step is done)."""
+
+    __slots__ = ("ptrs", "grads", "staged", "keep")
+
+    def __init__(self):
+        self.ptrs: List[int] = []
+        self.grads: List[int] = []
+        #: (local shard, its host copy): written back after a successful step.
+        self.staged: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.keep: List[torch.Tensor] = []
+
+    def host(self, t: torch.Tensor, writable: bool) -> torch.Tensor:
+        """``t`` itself when it is a contiguous CPU tensor, else a contiguous host copy (pinned
+        for a CUDA tensor, so the copies run at full PCIe speed)."""
+        if t.is_cpu and t.is_contiguous():
+            return t
+        pin = t.is_cuda and torch.cuda.is_available()
+        copy = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        copy.copy_(t.detach())
+        self.keep.append(copy)
+        if writable:
+            self.staged.append((t, copy))
+        return copy
+
+    def write_back(self) -> None:
+        """Copies each staged shard's stepped values back into the shard."""
+        with torch.no_grad():
+            for local, copy in self.staged:
+                local.copy_(copy)
+        self.staged = []
 
 
 class ShardedSteps:
@@ -232,9 +270,13 @@ class ShardedSteps:
 
     # ---------------------------------------------------------------------------- step
 
-    def _local(self, rt: _Runtime, group) -> Tuple[List[int], List[int]]:
-        ptrs: List[int] = []
-        grads: List[int] = []
+    def _local(self, rt: _Runtime, group) -> "_Work":
+        """The native step's arguments for one parameter group: addresses and lengths of every
+        local shard and gradient, in host memory. A shard that is not a contiguous CPU tensor
+        (a CUDA shard under FSDP2 with NCCL, or a strided view) is staged: copied to a host
+        tensor here, stepped there, and copied back by ``_Work.write_back`` once every rank's
+        step has succeeded, so a refused step changes nothing."""
+        work = _Work()
         for j, p in enumerate(group["params"]):
             name = rt.names[j]
             if tuple(p.shape) != rt.shapes[j]:
@@ -243,15 +285,16 @@ class ShardedSteps:
                     f"{list(rt.shapes[j])}: its optimizer state is for that shape"
                 )
             local = p.to_local()
-            if not (local.is_cpu and local.dtype is torch.float32 and local.is_contiguous()):
+            if local.dtype is not torch.float32 or local.layout is not torch.strided:
                 raise ValueError(
-                    f"parameter `{name}`: its local shard must be a contiguous float32 CPU tensor "
-                    f"(got {local.dtype} on {local.device}, contiguous={local.is_contiguous()})"
+                    f"parameter `{name}`: its local shard must be a float32 strided tensor "
+                    f"(got {local.dtype}, {local.layout} on {local.device})"
                 )
-            ptrs += (_address(local), local.numel())
+            host = work.host(local, writable=True)
+            work.ptrs += (_address(host), host.numel())
             g = p.grad
             if g is None:
-                grads += (0, 0)
+                work.grads += (0, 0)
                 continue
             if isinstance(g, DTensor):
                 if g.placements != p.placements:
@@ -262,17 +305,26 @@ class ShardedSteps:
                 g = g.to_local()
             if not (
                 g.layout is torch.strided
-                and g.is_cpu
                 and g.dtype is torch.float32
-                and g.is_contiguous()
+                and g.device == local.device
                 and g.shape == local.shape
             ):
                 raise ValueError(
-                    f"gradient of `{name}`: expected a contiguous float32 CPU shard of shape "
-                    f"{list(local.shape)}, got {g.dtype} {list(g.shape)} on {g.device}"
+                    f"gradient of `{name}`: expected a float32 shard of shape {list(local.shape)} "
+                    f"on {local.device}, got {g.dtype} {list(g.shape)} on {g.device}"
                 )
-            grads += (_address(g), g.numel())
-        return ptrs, grads
+            g = work.host(g, writable=False)
+            work.grads += (_address(g), g.numel())
+        return work
+
+    def _collective_device(self) -> torch.device:
+        """Where the round buffers are all-reduced: on the current CUDA device for a NCCL-only
+        process group (NCCL reduces device memory only), on the CPU otherwise (gloo, MPI, and
+        mixed ``cpu:gloo,cuda:nccl`` groups route CPU tensors to their CPU backend)."""
+        backend = str(dist.get_backend(self.group)).lower()
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def step(self, opt) -> Dict[str, list]:
         groups = opt.param_groups
@@ -291,8 +343,8 @@ class ShardedSteps:
             n = len(group["params"])
             bufs.append(
                 rt.native.begin(
-                    work[gi][0],
-                    work[gi][1],
+                    work[gi].ptrs,
+                    work[gi].grads,
                     [float(group["lr"])] * n,
                     [float(group["weight_decay"])] * n,
                 )
@@ -303,11 +355,17 @@ class ShardedSteps:
         self.last_bytes = 0
         self.last_comm_seconds = 0.0
         self.last_round_bytes = []
+        device = self._collective_device()
         for r in range(max(rounds)):
             live = [gi for gi in range(len(groups)) if r < rounds[gi]]
             flat = torch.frombuffer(bytearray(b"".join(bufs[gi] for gi in live)), dtype=torch.float64)
             t0 = time.perf_counter()
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            if device.type == "cpu":
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            else:
+                on_device = flat.to(device)
+                dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=self.group)
+                flat = on_device.cpu()
             self.last_comm_seconds += time.perf_counter() - t0
             self.last_collectives += 1
             self.last_bytes += flat.numel() * 8
@@ -321,7 +379,8 @@ class ShardedSteps:
                 if r + 1 < rounds[gi]:
                     bufs[gi] = rt.native.advance(part)
                 else:
-                    rep = rt.native.finish(part, work[gi][0])
+                    rep = rt.native.finish(part, work[gi].ptrs)
+                    work[gi].write_back()
                     groups[gi]["step"] = rt.native.step_count
                     for key, value in rep.items():
                         if key != "step":
