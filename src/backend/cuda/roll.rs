@@ -5,14 +5,16 @@
 //! code up to buffer offsets and domain sizes: the 16 feature means of a stage, each followed
 //! by its `+ eps` and `rsqrt`, or the Adafactor factors of the three decays. [`roll`] finds
 //! runs of consecutive units (a unit: `period` consecutive regions) whose rendered text is
-//! identical up to integer literals and the names of their registers, and emits each run as
-//! one `#pragma unroll 1` loop over its units. An integer that differs between the units
-//! becomes `a + b * mulo_i` where its values step evenly, else a column of a small
-//! `__constant__` table indexed by `mulo_i`. Every unit runs the same operations in the same
-//! order on the same values as before, so results stay bitwise the same; only the PTX shrinks.
+//! identical up to integer and float literals and the names of their registers, and emits
+//! each run as one `#pragma unroll 1` loop over its units. A literal that differs between the units
+//! becomes `a + b * mulo_i` where it is an integer stepping evenly, else a column of a small
+//! `__constant__` table (`int`, `float` or `double`, the literals' own text) indexed by the
+//! loop variable (`mulo_i`; `mulo_j` for runs of nodes inside one region). Every unit runs the
+//! same operations in the same order on the same values as before, so results stay bitwise the
+//! same; only the PTX shrinks.
 //!
 //! Generic: it compares the regions' token streams, it does not know what they compute. Two
-//! regions match only where every token other than an integer literal is equal and their
+//! regions match only where every token other than a literal is equal and their
 //! registers (`vN`, all declared inside the region) correspond one to one; the size or index
 //! of a register array (`vN[3]`) and preprocessor lines must be equal as well.
 
