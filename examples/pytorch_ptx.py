@@ -63,8 +63,8 @@ def compile_model(mulo, out_dir, shapes, weights=None, arch=None):
 def load_manifest(model_dir):
     path = Path(model_dir) / "mulo_model.json"
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != "mulo-cuda-model" or manifest.get("format_version") != 2:
-        sys.exit(f"{path}: not a mulo-cuda-model manifest of format version 2 (recompile it)")
+    if manifest.get("format") != "mulo-cuda-model" or manifest.get("format_version") != 3:
+        sys.exit(f"{path}: not a mulo-cuda-model manifest of format version 3 (recompile it)")
     return manifest
 
 
@@ -132,6 +132,15 @@ def check_manifest(manifest, shapes, model_dir):
         text = ptx.read_text()
         for slot in manifest["slots"]:
             assert f".entry {slot['name']}(" in text, f"{ptx}: no entry {slot['name']}"
+        for c in manifest["constants"]:
+            assert f" {c['name']}[{4 * c['len']}];" in text, f"{ptx}: no empty array {c['name']}"
+    for c in manifest["constants"]:
+        assert constant_values(c).size == c["len"], f"constant {c['name']}: bad values"
+
+
+def constant_values(c):
+    """The f32 values of one of the manifest's `constants` (little-endian bytes in hex)."""
+    return np.frombuffer(bytes.fromhex(c["hex"]), dtype="<f4")
 
 
 class MuloModelStep:
@@ -147,6 +156,10 @@ class MuloModelStep:
         check_manifest(self.manifest, [list(p.shape) for p in self.params], model_dir)
         self.module = cupy.RawModule(path=str(Path(model_dir) / self.manifest["ptx"]))
         self.kernels = [self.module.get_function(s["name"]) for s in self.manifest["slots"]]
+        # The weights: the PTX declares their __constant__ arrays without values.
+        for c in self.manifest["constants"]:
+            values = np.ascontiguousarray(constant_values(c))
+            self.module.get_global(c["name"]).copy_from_host(values.ctypes.data, values.nbytes)
         torch_dtype = {"f32": torch.float32, "f64": torch.float64}
         self.arenas = {a["name"]: torch.zeros(a["len"], dtype=torch_dtype[a["dtype"]], device=device)
                        for a in self.manifest["arenas"]}

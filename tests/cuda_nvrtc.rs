@@ -97,6 +97,14 @@ fn every_shape_class_compiles_for_sm80_and_sm90() {
                 m.scratch[1].len
             );
             check_ptx_against_manifest(shape, &compiled.ptx.ptx, m, arch);
+            // Size guard (bench/results/cuda-compile-time.md: 69–119 KB for these shapes, the
+            // weights outside, repeated small-kernel regions rolled): a regression such as
+            // the weights back in the PTX (+44 KB) or unrolled regions fails here.
+            assert!(
+                compiled.ptx.ptx.len() < 128 * 1024,
+                "{shape} for {arch}: {} B of PTX",
+                compiled.ptx.ptx.len()
+            );
             // Passes over the element data: 3 when factored (q means, feature moments,
             // update), 2 otherwise (feature moments, update).
             let want_passes = if m.factored.is_some() { 3 } else { 2 };
@@ -122,6 +130,24 @@ fn every_shape_class_compiles_for_sm80_and_sm90() {
                     .source
                     .contains(&format!("__constant__ float {array}[")),
                 "{shape}: no __constant__ array {array}"
+            );
+            // The PTX declares every array without its values; the manifest carries them,
+            // exactly.
+            assert!(!m.constants.is_empty(), "{shape}: no constants");
+            for c in &m.constants {
+                let decl = format!(" {}[{}];", c.name, 4 * c.len);
+                assert!(
+                    compiled.ptx.ptx.contains(&decl),
+                    "{shape}: {} is not declared without values in the PTX",
+                    c.name
+                );
+            }
+            let entry = m.constants.iter().find(|c| c.name == array);
+            let values = entry.map(|c| c.values().unwrap());
+            assert_eq!(
+                values.as_deref(),
+                Some(w.weight.as_slice()),
+                "{shape}: {array}"
             );
             // The manifest round-trips through JSON.
             let back: Manifest = serde_json::from_str(&m.to_json()).unwrap();

@@ -78,7 +78,7 @@ fn pytorch_ptx_host_protocol_matches_the_rust_host() {
     let model = PackedModel::new(&LearnedOptimizer::demo(), &shapes).unwrap();
     let dir = std::env::temp_dir().join(format!("mulo-pytorch-ptx-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let manifest = model.manifest("sm_80", (12, 0));
+    let manifest = model.manifest("sm_80", (12, 0)).unwrap();
     std::fs::write(
         dir.join("mulo_model.json"),
         serde_json::to_string_pretty(&manifest).unwrap(),

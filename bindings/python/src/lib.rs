@@ -569,9 +569,9 @@ impl PyCudaModel {
     }
 
     /// `mulo_model.json` for architecture `arch` (NVRTC version 0.0 when not compiled).
-    fn manifest_json(&self, arch: &str) -> String {
-        let manifest = self.model.manifest(arch, (0, 0));
-        serde_json::to_string_pretty(&manifest).unwrap_or_default()
+    fn manifest_json(&self, arch: &str) -> PyResult<String> {
+        let manifest = self.model.manifest(arch, (0, 0)).map_err(to_py)?;
+        Ok(serde_json::to_string_pretty(&manifest).unwrap_or_default())
     }
 
     /// Compiles the program for CUDA device `device` (NVRTC, through the disk cache) and

@@ -59,7 +59,10 @@ def test_one_program_per_group_for_the_groups_layouts():
     with pytest.raises(ValueError, match="no tensor 6"):
         model.state_buffers(6)
     manifest = json.loads(model.manifest_json("sm_90"))
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
+    # The weights the PTX declares without values, one array per distinct matrix.
+    assert manifest["constants"] and all(len(c["hex"]) == 8 * c["len"] for c in manifest["constants"])
+    assert len({c["name"] for c in manifest["constants"]}) == len(manifest["constants"])
     assert [t["shape"] for t in manifest["tensors"]] == shapes
     for t, a in zip(manifest["tensors"], axes):
         assert (t["factored"] and (t["factored"]["d0"], t["factored"]["d1"])) == (a or None)

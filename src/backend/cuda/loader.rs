@@ -159,6 +159,64 @@ impl Module {
         &self.info_log
     }
 
+    /// Copies each of `constants` (the manifest's `__constant__` arrays, which the PTX and
+    /// CUBIN declare without their values) into this module's global of that name; an error
+    /// naming the program and the array when the module has no such global or its size
+    /// differs. Synchronous: done before [`kernel`](Self::kernel)'s launches can start.
+    pub fn fill_constants(&self, constants: &[super::manifest::ConstantJson]) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver_err("binding the context"))?;
+        for c in constants {
+            let values = c.values()?;
+            let name = CString::new(c.name.as_str()).map_err(|_| {
+                Error::argument(
+                    "manifest",
+                    format!("constant `{}` holds a NUL byte", c.name),
+                )
+            })?;
+            let mut ptr: sys::CUdeviceptr = 0;
+            let mut bytes = 0usize;
+            // SAFETY: the module is loaded in the bound context; `name` is NUL-terminated and
+            // the two out-pointers are valid.
+            let r =
+                unsafe { sys::cuModuleGetGlobal_v2(&mut ptr, &mut bytes, self.raw, name.as_ptr()) };
+            if r != CUresult::CUDA_SUCCESS {
+                return Err(Error::backend(
+                    "cuda",
+                    format!(
+                        "{}: no __constant__ array `{}` ({r:?})",
+                        self.program, c.name
+                    ),
+                ));
+            }
+            if bytes != 4 * values.len() {
+                return Err(Error::backend(
+                    "cuda",
+                    format!(
+                        "{}: __constant__ array `{}` has {bytes} bytes, the manifest gives {} values",
+                        self.program,
+                        c.name,
+                        values.len()
+                    ),
+                ));
+            }
+            // SAFETY: `ptr` is the module's global of exactly `bytes` bytes, and `values`
+            // holds `bytes` bytes on the host; the copy is synchronous.
+            let r = unsafe { sys::cuMemcpyHtoD_v2(ptr, values.as_ptr().cast(), bytes) };
+            if r != CUresult::CUDA_SUCCESS {
+                return Err(Error::backend(
+                    "cuda",
+                    format!(
+                        "{}: copying __constant__ array `{}` failed: {r:?}",
+                        self.program, c.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The kernel `name` of this module.
     pub fn kernel(self: &Arc<Self>, name: &str) -> Result<Kernel> {
         let c_name = CString::new(name)

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 /// Format tag of the manifest.
 pub const FORMAT: &str = "mulo-cuda-step";
 /// Version of the manifest format.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the weights' `__constant__` arrays are no longer in the PTX (`constants`).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The manifest of a compiled step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,8 +59,77 @@ pub struct Manifest {
     pub args: Vec<ArgJson>,
     /// Kernels, in launch order (one stream, each after the previous).
     pub kernels: Vec<KernelJson>,
+    /// The `__constant__` arrays (the meta-network's weights) the PTX declares without their
+    /// values: the host copies each into the loaded module before the first launch.
+    pub constants: Vec<ConstantJson>,
     /// How to run a step, in words.
     pub protocol: String,
+}
+
+/// A `__constant__` array of the program that the host fills after loading the module
+/// (`cuModuleGetGlobal` and a copy of `len` f32 values; CuPy: `RawModule.get_global`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConstantJson {
+    /// The symbol in the PTX.
+    pub name: String,
+    /// What it holds.
+    pub label: String,
+    /// Always `f32`.
+    pub dtype: String,
+    /// Number of values.
+    pub len: usize,
+    /// The values as little-endian f32 bytes, in hex (8 digits a value; exact).
+    pub hex: String,
+}
+
+impl ConstantJson {
+    /// The entry of one array.
+    pub fn new(a: &super::render::ConstArray) -> Self {
+        let mut hex = String::with_capacity(8 * a.values.len());
+        for v in &a.values {
+            for b in v.to_le_bytes() {
+                hex.push_str(&format!("{b:02x}"));
+            }
+        }
+        ConstantJson {
+            name: a.name.clone(),
+            label: a.label.clone(),
+            dtype: "f32".into(),
+            len: a.values.len(),
+            hex,
+        }
+    }
+
+    /// The values; an error naming the array when `hex` is not `len` f32 values.
+    pub fn values(&self) -> Result<Vec<f32>> {
+        let bad = || {
+            crate::error::Error::argument(
+                "manifest",
+                format!(
+                    "constant `{}`: `hex` is not {} f32 values",
+                    self.name, self.len
+                ),
+            )
+        };
+        if self.dtype != "f32" || self.hex.len() != 8 * self.len || !self.hex.is_ascii() {
+            return Err(bad());
+        }
+        (0..self.len)
+            .map(|i| {
+                let word = &self.hex[8 * i..8 * i + 8];
+                let mut bytes = [0u8; 4];
+                for (k, b) in bytes.iter_mut().enumerate() {
+                    *b = u8::from_str_radix(&word[2 * k..2 * k + 2], 16).map_err(|_| bad())?;
+                }
+                Ok(f32::from_le_bytes(bytes))
+            })
+            .collect()
+    }
+}
+
+/// The manifest entries of a program's `__constant__` arrays.
+pub fn constants_json(arrays: &[super::render::ConstArray]) -> Vec<ConstantJson> {
+    arrays.iter().map(ConstantJson::new).collect()
 }
 
 /// Factored axes.
@@ -205,6 +275,8 @@ impl Manifest {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let kernels_text = super::render::render_kernels(ir, s, super::render::Form::Global)?;
+        let constants = constants_json(&super::render::constant_arrays([ir], &kernels_text)?);
         Ok(Manifest {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
@@ -254,7 +326,9 @@ impl Manifest {
                 })
                 .collect(),
             kernels,
-            protocol: "Load mulo_step.ptx as a module. Allocate every buffer (f32, the shapes given; \
+            constants,
+            protocol: "Load mulo_step.ptx as a module and copy every array of `constants` into it \
+                       (the module's global of that name; `len` f32 values from `hex`). Allocate every buffer (f32, the shapes given; \
                        state zero before the first step) and the scratch arenas once. For each step: \
                        launch every kernel of `kernels` in order on one stream, each with grid/block as \
                        given and the arguments of `args` in order (device pointers, then lr, \
@@ -440,7 +514,7 @@ mod tests {
             .map(|s| crate::shape::Layout::new(Shape::parse(s).unwrap()))
             .collect();
         let model = PackedModel::new(&lopt, &layouts).unwrap();
-        let mm = model.manifest("sm_90", (12, 9));
+        let mm = model.manifest("sm_90", (12, 9)).unwrap();
         for t in mm.tensors.iter().filter(|t| t.numel >= 1 << 20) {
             let plan = &model.plans[t.plan];
             for (slot, &b) in t.blocks.iter().enumerate() {
@@ -455,6 +529,31 @@ mod tests {
                     &plan.schedule.kernels[k].name,
                 );
             }
+        }
+    }
+
+    #[test]
+    fn constants_round_trip_exactly_and_bad_values_are_refused() {
+        let a = crate::backend::cuda::render::ConstArray {
+            name: "mulo_w_test".into(),
+            label: "test".into(),
+            values: vec![1.5, -0.0, f32::MIN_POSITIVE, 3.4e38, f32::NAN],
+        };
+        let c = ConstantJson::new(&a);
+        assert_eq!(c.len, 5);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&c.values().unwrap()), bits(&a.values));
+        let back: ConstantJson = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let mut short = c.clone();
+        short.hex.pop();
+        let mut garbage = c.clone();
+        garbage.hex.replace_range(0..2, "zz");
+        let mut dtype = c.clone();
+        dtype.dtype = "f64".into();
+        for bad in [short, garbage, dtype] {
+            let e = bad.values().unwrap_err().to_string();
+            assert!(e.contains("mulo_w_test"), "{e}");
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod packed_cuda;
 pub mod packed_external;
 pub mod packed_runtime;
 pub mod render;
+mod roll;
 #[cfg(feature = "cuda")]
 pub mod runtime;
 pub mod schedule;

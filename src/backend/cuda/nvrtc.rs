@@ -348,7 +348,9 @@ impl Output {
 /// performance; NVRTC 12.8 knows only `0` and `max`). It cut NVRTC's time about threefold on
 /// mulo's programs (`bench/results/cuda-compile-time.md`); its effect on kernel speed is not
 /// measured yet (no GPU). Floating-point semantics stay NVRTC's defaults (`--fmad=true`, IEEE
-/// division and square root, no flush-to-zero).
+/// division and square root, no flush-to-zero). `-D`[`UPLOAD_MACRO`](super::render::UPLOAD_MACRO)
+/// keeps the values of the program's `__constant__` weight arrays out of the PTX and CUBIN:
+/// the host fills them after loading (the manifest's `constants`).
 pub fn nvrtc_options(arch: &str, version: (i32, i32), output: Output) -> Vec<String> {
     let target = match output {
         Output::Ptx => arch.replacen("sm_", "compute_", 1),
@@ -357,6 +359,7 @@ pub fn nvrtc_options(arch: &str, version: (i32, i32), output: Output) -> Vec<Str
     let mut options = vec![
         format!("--gpu-architecture={target}"),
         "--std=c++17".to_string(),
+        format!("-D{}", super::render::UPLOAD_MACRO),
     ];
     if version >= (12, 9) {
         options.push("--Ofast-compile=min".to_string());

@@ -781,7 +781,8 @@ pub struct SlotJson {
 pub struct ModelManifest {
     /// Always [`MODEL_FORMAT`].
     pub format: String,
-    /// Version of the format (2: the table holds addresses; 1 held arena offsets).
+    /// Version of the format (3: the weights are in `constants`, not in the PTX; 2: the table
+    /// holds addresses; 1 held arena offsets).
     pub format_version: u32,
     /// mulo's version.
     pub generator: String,
@@ -814,6 +815,10 @@ pub struct ModelManifest {
     pub arenas: Vec<ArenaJson>,
     /// The launches of a step, in order.
     pub slots: Vec<SlotJson>,
+    /// The `__constant__` arrays (the meta-network's weights, one per distinct matrix) the PTX
+    /// declares without their values: the host copies each into the loaded module before the
+    /// first launch.
+    pub constants: Vec<crate::backend::cuda::manifest::ConstantJson>,
     /// How to run a step, in words.
     pub protocol: String,
 }
@@ -883,7 +888,7 @@ impl PackedModel {
     pub fn compile(&self, arch: &str, use_cache: bool) -> Result<CompiledModel> {
         let source = self.source()?;
         let ptx = super::nvrtc::compile(&source, arch, use_cache)?;
-        let mut manifest = self.manifest(arch, ptx.nvrtc_version);
+        let mut manifest = self.manifest_of(arch, ptx.nvrtc_version, &source)?;
         (manifest.ptx_isa, manifest.min_driver) = super::manifest::ptx_requirements(&ptx.ptx);
         Ok(CompiledModel {
             source,
@@ -892,8 +897,26 @@ impl PackedModel {
         })
     }
 
-    /// The manifest of the model compiled for `arch` by NVRTC `nvrtc_version`.
-    pub fn manifest(&self, arch: &str, nvrtc_version: (i32, i32)) -> ModelManifest {
+    /// The manifest of the model compiled for `arch` by NVRTC `nvrtc_version` (renders the
+    /// source for its `constants`).
+    pub fn manifest(&self, arch: &str, nvrtc_version: (i32, i32)) -> Result<ModelManifest> {
+        self.manifest_of(arch, nvrtc_version, &self.source()?)
+    }
+
+    /// The `__constant__` arrays `source` (this model's) declares, which the host fills after
+    /// loading the module.
+    pub fn constant_arrays(&self, source: &str) -> Result<Vec<super::render::ConstArray>> {
+        super::render::constant_arrays(self.plans.iter().map(|p| &*p.ir), source)
+    }
+
+    /// [`manifest`](Self::manifest) given the model's rendered `source`.
+    fn manifest_of(
+        &self,
+        arch: &str,
+        nvrtc_version: (i32, i32),
+        source: &str,
+    ) -> Result<ModelManifest> {
+        let constants = super::manifest::constants_json(&self.constant_arrays(source)?);
         let tensors = self
             .tensors
             .iter()
@@ -941,9 +964,9 @@ impl PackedModel {
             dtype: "f64".into(),
             len: self.partials_len.max(1),
         });
-        ModelManifest {
+        Ok(ModelManifest {
             format: MODEL_FORMAT.into(),
-            format_version: 2,
+            format_version: 3,
             generator: format!("mulo {}", env!("CARGO_PKG_VERSION")),
             arch: arch.to_string(),
             nvrtc_version: format!("{}.{}", nvrtc_version.0, nvrtc_version.1),
@@ -966,7 +989,8 @@ impl PackedModel {
                     summary: self.slot_summary(s),
                 })
                 .collect(),
-            protocol: "Load mulo_model.ptx as a module. Allocate the scratch and partials arenas of \
+            protocol: "Load mulo_model.ptx as a module and copy every array of `constants` into it \
+                       (the module's global of that name; `len` f32 values from `hex`). Allocate the scratch and partials arenas of \
                        `arenas` once. Tensor i's buffers are wherever the host keeps them: the \
                        parameter and gradient (numel f32 values each) and its `state` buffers (zero \
                        before the first step), e.g. at offsets.<name> in arenas of `arenas` (grad at \
@@ -985,7 +1009,8 @@ impl PackedModel {
                        tensor. Parameters and state are updated in place; no two written buffers may \
                        overlap."
                 .into(),
-        }
+            constants,
+        })
     }
 }
 

@@ -50,7 +50,8 @@ impl PackedLaunches {
     /// installed driver can load it, loads it into `stream`'s context (no driver JIT) and
     /// allocates the table and the starts.
     pub(super) fn load(stream: &Arc<CudaStream>, model: &PackedModel, arch: &str) -> Result<Self> {
-        let cubin = nvrtc::compile_cubin(&model.source()?, arch, true)?;
+        let source = model.source()?;
+        let cubin = nvrtc::compile_cubin(&source, arch, true)?;
         let program = format!(
             "mulo_model.cubin ({} tensors, {} shapes, {arch})",
             model.tensors.len(),
@@ -58,6 +59,9 @@ impl PackedLaunches {
         );
         nvrtc::check_installed_driver_cubin(cubin.nvrtc_version, &program)?;
         let module = Module::load(stream.context(), Image::Cubin(&cubin.cubin), &program)?;
+        module.fill_constants(&super::manifest::constants_json(
+            &model.constant_arrays(&source)?,
+        ))?;
         let slots = model
             .slots
             .iter()

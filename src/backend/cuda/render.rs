@@ -6,6 +6,7 @@
 //! MLP weight) are exact f32 literals (9 significant digits round-trip an f32); element-domain
 //! values live in registers.
 
+use super::roll::roll;
 use super::schedule::{
     elem_closure, spread_run, ElemMean, Kernel, KernelKind, PartialKind, Schedule, Tiling,
     BLOCK_THREADS,
@@ -302,13 +303,32 @@ fn dense_row_ptr(
 /// The bytes of `__constant__` memory a module may hold (64 KiB on every architecture).
 pub const CONSTANT_BYTES: usize = 64 * 1024;
 
-/// Declarations of the `__constant__` arrays of the matrices the `Dense` nodes of `irs` use
-/// that `kernels` (their rendered source) refers to: weights, biases and transposed weights,
-/// each distinct matrix once; or an error when they exceed [`CONSTANT_BYTES`].
-pub fn matrix_constants<'a>(
+/// The macro under which the generated source declares its `__constant__` arrays without
+/// their values: NVRTC compiles with it defined (see [`super::nvrtc::nvrtc_options`]), so the
+/// weights stay out of the PTX and CUBIN (NVRTC writes initialized arrays as decimal byte
+/// lists, ~4.5 characters a byte) and the host fills them after loading the module from the
+/// manifest's `constants`. Compiled without it (g++ in the emulation tests, or `nvcc` by
+/// hand), the source is self-contained.
+pub const UPLOAD_MACRO: &str = "MULO_UPLOAD_CONSTANTS";
+
+/// One `__constant__` array of a program: what the host copies into the loaded module.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConstArray {
+    /// Its symbol.
+    pub name: String,
+    /// What it holds, in words.
+    pub label: String,
+    /// Its values.
+    pub values: Vec<f32>,
+}
+
+/// The `__constant__` arrays of the matrices the `Dense` nodes of `irs` use that `kernels`
+/// (their rendered source) refers to: weights, biases and transposed weights, each distinct
+/// matrix once, in a fixed order; or an error when they exceed [`CONSTANT_BYTES`].
+pub fn constant_arrays<'a>(
     irs: impl IntoIterator<Item = &'a StepIr>,
     kernels: &str,
-) -> Result<String> {
+) -> Result<Vec<ConstArray>> {
     let mut seen: BTreeMap<String, &Matrix> = BTreeMap::new();
     for ir in irs {
         for node in &ir.nodes {
@@ -318,52 +338,66 @@ pub fn matrix_constants<'a>(
             }
         }
     }
-    let mut out = String::new();
-    let mut bytes = 0usize;
-    let mut array = |name: &str, values: &[f32], label: String, out: &mut String| {
-        if !kernels.contains(name) {
-            return;
+    let mut out = Vec::new();
+    let mut array = |name: String, values: Vec<f32>, label: String| {
+        if kernels.contains(&name) {
+            out.push(ConstArray {
+                name,
+                label,
+                values,
+            });
         }
-        bytes += 4 * values.len();
-        let _ = writeln!(
-            out,
-            "// {label}\n__constant__ float {name}[{}] = {{",
-            values.len()
-        );
-        for chunk in values.chunks(8) {
-            let line: Vec<String> = chunk.iter().map(|&x| f32_literal(x)).collect();
-            let _ = writeln!(out, "    {},", line.join(", "));
-        }
-        let _ = writeln!(out, "}};");
     };
     for m in seen.values() {
         let (w, b) = matrix_names(m);
         let (rows, cols) = (m.rows, m.cols);
         array(
-            &w,
-            &m.weight,
+            w,
+            m.weight.clone(),
             format!("{}: [{rows}, {cols}] weights", m.label),
-            &mut out,
         );
         let transposed: Vec<f32> = (0..cols)
             .flat_map(|c| (0..rows).map(move |r| (r, c)))
             .map(|(r, c)| m.w(r, c))
             .collect();
         array(
-            &transposed_name(m),
-            &transposed,
+            transposed_name(m),
+            transposed,
             format!("{}: [{cols}, {rows}] weights, transposed", m.label),
-            &mut out,
         );
         if let Some(bias) = &m.bias {
-            array(&b, bias, format!("{}: bias", m.label), &mut out);
+            array(b, bias.clone(), format!("{}: bias", m.label));
         }
     }
+    let bytes: usize = out.iter().map(|a| 4 * a.values.len()).sum();
     if bytes > CONSTANT_BYTES {
         return Err(Error::backend(
             "cuda",
             format!("the program's matrices need {bytes} bytes of __constant__ memory, more than the {CONSTANT_BYTES} a module may hold"),
         ));
+    }
+    Ok(out)
+}
+
+/// Declarations of [`constant_arrays`], their values under `#ifndef` [`UPLOAD_MACRO`].
+pub fn matrix_constants<'a>(
+    irs: impl IntoIterator<Item = &'a StepIr>,
+    kernels: &str,
+) -> Result<String> {
+    let mut out = String::new();
+    for a in constant_arrays(irs, kernels)? {
+        let _ = writeln!(
+            out,
+            "// {}\n__constant__ float {}[{}]\n#ifndef {UPLOAD_MACRO}\n= {{",
+            a.label,
+            a.name,
+            a.values.len()
+        );
+        for chunk in a.values.chunks(8) {
+            let line: Vec<String> = chunk.iter().map(|&x| f32_literal(x)).collect();
+            let _ = writeln!(out, "    {},", line.join(", "));
+        }
+        let _ = writeln!(out, "}}\n#endif\n;");
     }
     Ok(out)
 }
@@ -411,6 +445,12 @@ fn buffer_index(layout: &Layout, buffer: Buffer, lane: u32, point: &str) -> Stri
     } else {
         format!("{} + {point}", lane as usize * n)
     }
+}
+
+/// [`buffer_index`] of lane `lane` at point `p` in a small kernel, spelled the same way for
+/// every lane (`0 + p` for the first), so that the regions of different lanes can be rolled.
+fn small_buffer_index(layout: &Layout, buffer: Buffer, lane: u32) -> String {
+    format!("{} + p", lane as usize * layout.domain_len(buffer.domain()))
 }
 
 /// How a kernel of a step is emitted.
@@ -562,7 +602,12 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                 blocks,
                 chunked,
             } => {
-                let body = small_body(ir, s, nodes, stores, *blocks, chunked)?;
+                let tag = match form {
+                    Form::Global => k.name.clone(),
+                    Form::Device { prefix } => format!("{prefix}{}", k.name),
+                };
+                let (body, tables) = small_body(ir, s, nodes, stores, *blocks, chunked, &tag)?;
+                src.push_str(&tables);
                 env.get_template("small")
                     .map_err(template_error)?
                     .render(context! {
@@ -1200,14 +1245,18 @@ fn block_sum_epilogue(sums: &[BlockSum], out: &mut String) {
             );
         }
         let _ = writeln!(out, "    __syncthreads();");
-        for &(b, base) in group {
-            let _ = writeln!(
-                out,
-                "    if (tid < {span}) {{ const double s = mulo_warps_total(mulo_smem + {base}, {span}, tid); {store} }}",
-                span = b.span,
-                store = b.store
-            );
-        }
+        // The stores of evenly spaced sums are one loop ([`roll`], without tables).
+        let stores: Vec<String> = group
+            .iter()
+            .map(|&(b, base)| {
+                format!(
+                    "    if (tid < {span}) {{ const double s = mulo_warps_total(mulo_smem + {base}, {span}, tid); {store} }}\n",
+                    span = b.span,
+                    store = b.store
+                )
+            })
+            .collect();
+        out.push_str(&roll(None, "mulo_i", &stores).0);
     }
 }
 
@@ -1291,6 +1340,8 @@ fn is_pointwise(ir: &StepIr, v: ValueId) -> bool {
     )
 }
 
+/// The body of a small kernel, and the declarations of the `__constant__` tables its rolled
+/// regions read ([`roll`], named after `tag`).
 fn small_body(
     ir: &StepIr,
     s: &Schedule,
@@ -1298,7 +1349,8 @@ fn small_body(
     stores: &[ValueId],
     blocks: usize,
     chunked: &[ValueId],
-) -> Result<String> {
+    tag: &str,
+) -> Result<(String, String)> {
     let layout = &ir.layout;
     let t = BLOCK_THREADS;
     let spread = if blocks > 1 {
@@ -1316,9 +1368,12 @@ fn small_body(
     let open_points = |n: usize| open_points(n, spread);
     let mut out = String::new();
     // This block's chunk of the values of the chunked means: a fixed contiguous range,
-    // summed by a fixed tree.
-    let mut chunk_sums: Vec<BlockSum> = Vec::new();
-    for (i, &v) in chunked.iter().enumerate() {
+    // summed by a fixed tree: each sum within each warp by a butterfly of shuffles, the
+    // warps' sums in shared memory (one barrier), added up in warp order by thread 0 (as
+    // [`block_sum_epilogue`]). Each sum is a region of its own, so that runs of them roll.
+    let warps = BLOCK_THREADS / 32;
+    let mut chunk_sums: Vec<(String, String)> = Vec::new();
+    for &v in chunked {
         let (g, co) = *s
             .chunks
             .get(&v)
@@ -1347,31 +1402,46 @@ fn small_body(
             }
             _ => return Err(Error::Verify(format!("{v}: only means are chunked"))),
         };
-        let _ = writeln!(
-            out,
-            "    // {v}: chunk blk of its {k} values per lane and point ({g} chunks)\n    const idx_t q{i}_lo = blk * {k} / {g}, q{i}_hi = (blk + 1) * {k} / {g};"
-        );
         for p in 0..n {
             for l in 0..w {
-                let _ = writeln!(
-                    out,
-                    "    double q{i}_{p}_{l} = 0.0; {{ const idx_t p = {p}; (void)p; for (idx_t k = q{i}_lo + tid; k < q{i}_hi; k += {t}) q{i}_{p}_{l} += {}; }}",
+                let base = (chunk_sums.len() % (BLOCK_THREADS / warps)) * warps;
+                let sum = format!(
+                    "    // {v}: chunk blk of its {k} values of lane {l} at point {p} ({g} chunks)\n    {{ const idx_t p = {p}; (void)p; const idx_t lo = blk * {k} / {g}, hi = (blk + 1) * {k} / {g}; double q = 0.0; for (idx_t k = lo + tid; k < hi; k += {t}) q += {}; const double s = mulo_warp_sum(q, 1); if ((tid & 31) < 1) mulo_smem[{base} + (tid >> 5) * 1 + (tid & 31)] = s; }}\n",
                     value(l)
                 );
-                chunk_sums.push(BlockSum {
-                    acc: format!("q{i}_{p}_{l}"),
-                    span: 1,
-                    store: format!("partials[{co} + (blk * {n} + {p}) * {w} + {l}] = s;"),
-                });
+                let store = format!(
+                    "    if (tid < 1) {{ const double s = mulo_warps_total(mulo_smem + {base}, 1, tid); partials[{co} + (blk * {n} + {p}) * {w} + {l}] = s; }}\n"
+                );
+                chunk_sums.push((sum, store));
             }
         }
     }
-    block_sum_epilogue(&chunk_sums, &mut out);
+    let mut chunk_tables = String::new();
+    for (c, group) in chunk_sums.chunks(BLOCK_THREADS / warps).enumerate() {
+        if c > 0 {
+            let _ = writeln!(out, "    __syncthreads();");
+        }
+        let sums: Vec<String> = group.iter().map(|g| g.0.clone()).collect();
+        let (text, tables) = roll(Some(&format!("{tag}_c{c}")), "mulo_i", &sums);
+        out.push_str(&text);
+        chunk_tables.push_str(&tables);
+        let _ = writeln!(out, "    __syncthreads();");
+        let stores: Vec<String> = group.iter().map(|g| g.1.clone()).collect();
+        let (text, tables) = roll(Some(&format!("{tag}_s{c}")), "mulo_i", &stores);
+        out.push_str(&text);
+        chunk_tables.push_str(&tables);
+    }
+    // Where each region (a block of C and its barrier) starts in `out`: runs of isomorphic
+    // ones are rolled into loops at the end.
+    let prelude = out.len();
+    let mut marks: Vec<usize> = Vec::new();
+    let mut group_tables = chunk_tables;
     // Consecutive pointwise nodes of one domain share a region: each thread computes them
     // for its points in registers (and into scratch for later kernels and other domains),
     // with one barrier after the group instead of one per node.
     let mut i = 0;
     while i < nodes.len() {
+        marks.push(out.len());
         let v = nodes[i];
         if is_pointwise(ir, v) {
             let d = ir.node(v).domain;
@@ -1379,7 +1449,15 @@ fn small_body(
             while j < nodes.len() && is_pointwise(ir, nodes[j]) && ir.node(nodes[j]).domain == d {
                 j += 1;
             }
-            small_group(ir, s, &nodes[i..j], spread, &mut out)?;
+            small_group(
+                ir,
+                s,
+                &nodes[i..j],
+                spread,
+                &format!("{tag}_g{i}"),
+                &mut out,
+                &mut group_tables,
+            )?;
             out.push_str(barrier);
             i = j;
             continue;
@@ -1458,7 +1536,7 @@ fn small_body(
                     out,
                     "        scratch[{off} + p] = {}[{}];",
                     buffer.name(),
-                    buffer_index(layout, *buffer, *lane, "p")
+                    small_buffer_index(layout, *buffer, *lane)
                 );
                 let _ = writeln!(out, "    }}");
             }
@@ -1467,6 +1545,7 @@ fn small_body(
         out.push_str(barrier);
     }
     for &v in stores {
+        marks.push(out.len());
         let Op::Store {
             buffer,
             lane,
@@ -1488,23 +1567,131 @@ fn small_body(
             out,
             "        {}[{}] = {};",
             buffer.name(),
-            buffer_index(layout, *buffer, *lane, "p"),
+            small_buffer_index(layout, *buffer, *lane),
             operand(ir, *value, 0)
         );
         let _ = writeln!(out, "    }}");
     }
-    Ok(out)
+    marks.push(out.len());
+    let regions: Vec<String> = marks
+        .windows(2)
+        .map(|w| out[w[0]..w[1]].to_string())
+        .collect();
+    let (body, tables) = roll(Some(tag), "mulo_i", &regions);
+    out.truncate(prelude);
+    out.push_str(&body);
+    Ok((out, group_tables + &tables))
+}
+
+/// The code of one node `v` of a small region (its points `p`, coordinates `coords`, `n` of
+/// them): operands not in `in_registers` read from scratch, the node computed, written to
+/// scratch, and added to `in_registers` when it stays in registers.
+fn group_node(
+    ir: &StepIr,
+    s: &Schedule,
+    v: ValueId,
+    coords: &BTreeMap<usize, String>,
+    n: usize,
+    in_registers: &mut BTreeSet<ValueId>,
+    out: &mut String,
+) -> Result<()> {
+    let layout = &ir.layout;
+    let node = ir.node(v);
+    let w = node.width as usize;
+    let off = s.scratch_offset[v.index()]
+        .ok_or_else(|| Error::Verify(format!("{v}: small node without a scratch slot")))?;
+    // A lane-wise node of several lanes is a rolled loop over its lanes, from scratch to
+    // scratch (its wide operands too: this thread wrote them, or an earlier kernel did),
+    // instead of one line per lane in registers.
+    let lane_loop = w > 1 && matches!(node.op, Op::Unary(..) | Op::Binary(..));
+    for o in node.op.operands() {
+        if lane_loop && ir.node(o).width > 1 {
+            continue;
+        }
+        if s.scratch_offset[o.index()].is_some() && in_registers.insert(o) {
+            let idx = compose(layout, ir.node(o).domain, coords);
+            read_scratch(ir, s, o, &idx, "        ", out);
+        }
+    }
+    if lane_loop {
+        if let Some(o) = node
+            .op
+            .operands()
+            .into_iter()
+            .find(|o| ir.node(*o).width > 1 && s.scratch_offset[o.index()].is_none())
+        {
+            return Err(Error::Verify(format!(
+                "{v}: operand {o} of several lanes not in scratch"
+            )));
+        }
+        let e = lanewise_expr(&node.op, |&o| {
+            if ir.node(o).width == 1 {
+                return operand(ir, o, 0);
+            }
+            let ooff = s.scratch_offset[o.index()].unwrap_or(0);
+            let idx = compose(layout, ir.node(o).domain, coords);
+            let at = scratch_index(
+                layout,
+                ir.node(o).domain,
+                ooff,
+                "mulo_l",
+                &format!("({idx})"),
+            );
+            format!("scratch[{at}]")
+        })
+        .ok_or_else(|| Error::Verify(format!("{v}: {:?} is not lane-wise", node.op)))?;
+        let note = node
+            .note
+            .as_ref()
+            .map(|n| format!("  // {n}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "        #pragma unroll 1{note}");
+        let _ = writeln!(
+            out,
+            "        for (int mulo_l = 0; mulo_l < {w}; ++mulo_l) scratch[{off} + mulo_l * {n} + p] = {e};"
+        );
+        return Ok(());
+    }
+    if let Op::Dense { matrix, x } = &node.op {
+        // A rolled loop over the rows, straight into scratch; its users in this region
+        // read it back (this thread wrote it).
+        let m = ir.matrix(*matrix);
+        let mut decl = String::new();
+        let row = dense_row_ptr(m, "mulo_wr", "mulo_r", &mut decl, |c| {
+            operand(ir, *x, c as u32)
+        });
+        let _ = writeln!(out, "        #pragma unroll 1");
+        let _ = writeln!(
+            out,
+            "        for (int mulo_r = 0; mulo_r < {w}; ++mulo_r) {{ {decl}scratch[{off} + mulo_r * {n} + p] = {row}; }}"
+        );
+        return Ok(());
+    }
+    compute_node(ir, v, "        ", out)?;
+    in_registers.insert(v);
+    for l in 0..w {
+        let _ = writeln!(
+            out,
+            "        scratch[{off} + {l} * {n} + p] = {};",
+            operand(ir, v, l as u32)
+        );
+    }
+    Ok(())
 }
 
 /// One region computing the pointwise small nodes `group` (all on one domain) for every
-/// point: operands of the group come from registers, the others from scratch; every node is
-/// also written to scratch.
+/// point. Two forms, the smaller kept: operands of the group in registers, the others from
+/// scratch, every node also written to scratch; or each node a block of its own reading its
+/// operands from scratch (this thread wrote them), so that runs of the same nodes up to
+/// constants are rolled into loops ([`roll`], tables named after `tag`, declared in `tables`).
 fn small_group(
     ir: &StepIr,
     s: &Schedule,
     group: &[ValueId],
     spread: Spread,
+    tag: &str,
     out: &mut String,
+    tables: &mut String,
 ) -> Result<()> {
     let layout = &ir.layout;
     let d = ir.node(group[0]).domain;
@@ -1521,41 +1708,23 @@ fn small_group(
     out.push_str(&open_points(n, spread));
     let coords = decompose(layout, &layout.domain_axes(d), "p");
     let mut in_registers: BTreeSet<ValueId> = BTreeSet::new();
+    let mut shared = String::new();
     for &v in group {
-        let node = ir.node(v);
-        let w = node.width as usize;
-        let off = s.scratch_offset[v.index()]
-            .ok_or_else(|| Error::Verify(format!("{v}: small node without a scratch slot")))?;
-        for o in node.op.operands() {
-            if s.scratch_offset[o.index()].is_some() && in_registers.insert(o) {
-                let idx = compose(layout, ir.node(o).domain, &coords);
-                read_scratch(ir, s, o, &idx, "        ", out);
-            }
-        }
-        if let Op::Dense { matrix, x } = &node.op {
-            // A rolled loop over the rows, straight into scratch; its users in this region
-            // read it back (this thread wrote it).
-            let m = ir.matrix(*matrix);
-            let mut decl = String::new();
-            let row = dense_row_ptr(m, "mulo_wr", "mulo_r", &mut decl, |c| {
-                operand(ir, *x, c as u32)
-            });
-            let _ = writeln!(out, "        #pragma unroll 1");
-            let _ = writeln!(
-                out,
-                "        for (int mulo_r = 0; mulo_r < {w}; ++mulo_r) {{ {decl}scratch[{off} + mulo_r * {n} + p] = {row}; }}"
-            );
-            continue;
-        }
-        compute_node(ir, v, "        ", out)?;
-        in_registers.insert(v);
-        for l in 0..w {
-            let _ = writeln!(
-                out,
-                "        scratch[{off} + {l} * {n} + p] = {};",
-                operand(ir, v, l as u32)
-            );
-        }
+        group_node(ir, s, v, &coords, n, &mut in_registers, &mut shared)?;
+    }
+    let mut blocks = Vec::new();
+    for &v in group {
+        let mut b = String::from("        {\n");
+        group_node(ir, s, v, &coords, n, &mut BTreeSet::new(), &mut b)?;
+        b.push_str("        }\n");
+        blocks.push(b);
+    }
+    let (rolled, decls) = roll(Some(tag), "mulo_j", &blocks);
+    if rolled.contains("for (int mulo_j") && rolled.len() + decls.len() < shared.len() {
+        out.push_str(&rolled);
+        tables.push_str(&decls);
+    } else {
+        out.push_str(&shared);
     }
     let _ = writeln!(out, "    }}");
     Ok(())

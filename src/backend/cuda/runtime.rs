@@ -203,6 +203,7 @@ impl CudaStepProgram {
             ));
         }
         let module = Module::load(stream.context(), image, program)?;
+        module.fill_constants(&manifest.constants)?;
         let kernels = manifest
             .kernels
             .iter()
