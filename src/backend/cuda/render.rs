@@ -1229,19 +1229,21 @@ fn fused_dense(
             cn.note.as_deref().unwrap_or("")
         );
     }
-    // Column `mulo_r` of the weights, contiguous in the transposed copy.
-    let mut decl = String::new();
-    let column = const_floats(
-        &format!("{} + mulo_r * {}", transposed_name(m), m.rows),
-        m.rows,
-        &format!("{d}_w"),
-        &mut decl,
+    // Column `mulo_r` of the weights, contiguous in the transposed copy, one float at a time:
+    // read as `float4` quads (all 32 up front), they gave the rank-4 plan of a packed
+    // program's update a 56 B stack frame with spills in the runtime's CUBIN (sm_90).
+    let _ = writeln!(
+        out,
+        "{ind}    const float* {d}_w = {} + mulo_r * {};",
+        transposed_name(m),
+        m.rows
     );
-    if !decl.is_empty() {
-        let _ = writeln!(out, "{ind}    {decl}");
-    }
-    for (k, w) in column.iter().enumerate() {
-        let _ = writeln!(out, "{ind}    {d}[{k}] = {d}[{k}] + {w} * {};", lane(x));
+    for k in 0..m.rows {
+        let _ = writeln!(
+            out,
+            "{ind}    {d}[{k}] = {d}[{k}] + {d}_w[{k}] * {};",
+            lane(x)
+        );
     }
     let _ = writeln!(out, "{ind}}}");
     Ok(())
