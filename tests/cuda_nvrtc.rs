@@ -486,6 +486,42 @@ fn cli_writes_the_cubin_beside_the_ptx() {
         cubin,
         "the CLI's CUBIN is not the runtime's"
     );
+    // --ptxas-report: ptxas's report of that CUBIN on stdout, every kernel with its registers.
+    let report_dir = dir.join("report");
+    let out = run(&[
+        "--shape",
+        "6x4",
+        "--target",
+        "cuda",
+        "--arch",
+        "sm_80",
+        "--cubin",
+        "--ptxas-report",
+        "--weights",
+        weights.to_str().unwrap(),
+        "-o",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let manifest = std::fs::read_to_string(report_dir.join("mulo_step.json")).unwrap();
+    let manifest: Manifest = serde_json::from_str(&manifest).unwrap();
+    for k in &manifest.kernels {
+        assert!(
+            report.contains(&format!(
+                "Compiling entry function '{}' for 'sm_80'",
+                k.name
+            )),
+            "{}: {report}",
+            k.name
+        );
+    }
+    let out = run(&["--shape", "6x4", "--target", "cuda", "--ptxas-report"]);
+    assert!(!out.status.success(), "--ptxas-report without --cubin");
     let out = run(&["--shape", "6x4", "--target", "ir", "--cubin"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cubin needs --target cuda"));
