@@ -2,10 +2,12 @@
 # Compile-time benchmark of the CUDA target (no GPU needed), for one shape and for a 12-shape
 # packed model (GPT-2-small's nine distinct shapes plus three others), each from a cold disk
 # cache and then cached. For each case, `mulo-compile --target cuda --cubin`:
-#   - compiles the portable PTX (`--target cuda`'s output; NVRTC for compute_XY, no ptxas);
+#   - compiles the portable PTX (`--target cuda`'s output; NVRTC for compute_XY, no ptxas; at
+#     full optimization for one tensor, at the CUBIN's --Ofast-compile=min for a packed model);
 #   - compiles the CUBIN the runtime loads (NVRTC for sm_XY, which runs ptxas itself), with
 #     NVRTC's own `--time` report splitting its time into the C++ front end, NVVM (to PTX) and
 #     ptxas ("PTX Translation").
+# Then the portable PTX's size per shape (the #12.1 target: at most 100 KB each).
 # Writes a markdown report to stdout (bench/results/cuda-compile-time.md is one).
 #
 #   bench/cuda_compile_time.sh [ARCH] > bench/results/cuda-compile-time.md
@@ -77,5 +79,17 @@ run "768x3072, cold cache" "$c1" --shape 768x3072
 run "768, cold cache" "$c1" --shape 768
 run "12-shape packed model, cold cache" "$c2" "${packed_args[@]}"
 run "12-shape packed model, cached" "$c2" "${packed_args[@]}"
+echo
+echo "Portable PTX per shape for $arch (bytes; \`mulo-compile --target cuda\`):"
+echo
+echo "| shape | PTX bytes | kernels |"
+echo "|---|---|---|"
+for s in 50257x768 4096x1024 768x3072 3072x768 1024x512 768x768 16x8x3x3 1x300 3072 768 37 scalar; do
+    out="$work/ptx-$s"
+    MULO_CACHE_DIR="$c1" "$bin" --target cuda --arch "$arch" --weights "$weights" -o "$out" \
+        --shape "$s" >"$work/log" 2>&1 || { cat "$work/log" >&2; exit 1; }
+    kernels=$(grep -c '^\.visible \.entry' "$out/mulo_step.ptx")
+    echo "| $s | $(wc -c <"$out/mulo_step.ptx") | $kernels |"
+done
 echo
 echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."

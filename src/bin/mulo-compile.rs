@@ -116,6 +116,12 @@ struct CompileArgs {
     /// (mulo_step.cubin or mulo_model.cubin); reports NVRTC's and ptxas's times apart.
     #[arg(long)]
     cubin: bool,
+    /// With --cubin: also print ptxas's resource report of that CUBIN to stdout (registers,
+    /// spills and stack frame per function, as `ptxas -v` prints them): NVRTC compiles it once
+    /// more, uncached, with the same options plus `--ptxas-options=-v`, which changes no code
+    /// (`.ci/steps/ptxas.sh` reads this).
+    #[arg(long, requires = "cubin")]
+    ptxas_report: bool,
 }
 
 /// Backends that can execute steps.
@@ -290,6 +296,9 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
             );
             if args.cubin {
                 write_cubin(&compiled.source, &arch, &dir.join("mulo_step.cubin"))?;
+                if args.ptxas_report {
+                    print_ptxas_report(&compiled.source, &arch)?;
+                }
             }
         }
         CompileTarget::Onnx => write_onnx(&ir, args.output.clone(), started)?,
@@ -390,8 +399,20 @@ fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
     );
     if args.cubin {
         write_cubin(&compiled.source, &arch, &dir.join("mulo_model.cubin"))?;
+        if args.ptxas_report {
+            print_ptxas_report(&compiled.source, &arch)?;
+        }
     }
     Ok(0)
+}
+
+/// `--ptxas-report`: prints ptxas's resource report of the CUBIN of `source` for `arch`.
+fn print_ptxas_report(source: &str, arch: &str) -> Result<()> {
+    print!(
+        "{}",
+        mulo::backend::cuda::nvrtc::cubin_ptxas_report(source, arch)?
+    );
+    Ok(())
 }
 
 /// `--cubin`: compiles `source` to a CUBIN for `arch` (through the disk cache), writes it to

@@ -25,6 +25,8 @@ static double mulo_shfl[256];
 #define __restrict__ __restrict
 #define __shared__ static
 #define __constant__ static
+#define __align__(n) __attribute__((aligned(n)))
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
 static inline void __syncthreads() { mulo_bar->arrive_and_wait(); }
 static inline double __shfl_xor_sync(unsigned, double v, int o, int) {
     mulo_bar->arrive_and_wait();

@@ -325,7 +325,12 @@ pub struct CompiledPtx {
 pub enum Output {
     /// PTX for the virtual architecture `compute_XY` of `sm_XY`: portable (the driver compiles
     /// it for any GPU of that architecture or newer when it is loaded), and NVRTC skips ptxas.
+    /// NVRTC's full optimization (a single tensor's program, [`compile`]).
     Ptx,
+    /// [`Output::Ptx`] at the CUBIN's fast-compile level (a packed model's program,
+    /// [`compile_fast`]: NVRTC's full optimization of a dozen shapes' code would cost seconds):
+    /// the PTX NVRTC makes on the way to the runtime's CUBIN.
+    PtxFast,
     /// A CUBIN (ELF) for the real architecture `sm_XY`: NVRTC runs ptxas, the driver loads it
     /// without compiling. It runs on GPUs of that architecture (and, within a major version,
     /// newer minor ones: sm_80 code on sm_86).
@@ -336,24 +341,28 @@ impl Output {
     /// The cache file extension.
     pub fn extension(self) -> &'static str {
         match self {
-            Output::Ptx => "ptx",
+            Output::Ptx | Output::PtxFast => "ptx",
             Output::Cubin => "cubin",
         }
     }
 }
 
 /// The NVRTC options of every compilation by NVRTC `version` for `output`: the architecture
-/// (`compute_XY` for PTX, `sm_XY` for a CUBIN), C++17, and from NVRTC 12.9 on
-/// `--Ofast-compile=min`, the lowest fast-compile level (the one meant to keep runtime
+/// (`compute_XY` for PTX, `sm_XY` for a CUBIN), C++17, and for a CUBIN from NVRTC 12.9 on
+/// `--Ofast-compile=min` (also for [`Output::PtxFast`]), the lowest fast-compile level (the one meant to keep runtime
 /// performance; NVRTC 12.8 knows only `0` and `max`). It cut NVRTC's time about threefold on
-/// mulo's programs (`bench/results/cuda-compile-time.md`); its effect on kernel speed is not
-/// measured yet (no GPU). Floating-point semantics stay NVRTC's defaults (`--fmad=true`, IEEE
+/// mulo's programs (`bench/results/cuda-compile-time.md`: the packed model's 3 s to a CUBIN
+/// needs it); its effect on kernel speed is not measured yet (no GPU). The portable PTX
+/// (written for other hosts, whose driver compiles it at load) gets NVRTC's full
+/// optimization instead: 15–20 % less PTX for ~0.1 s more per shape, and the driver's JIT
+/// starts from optimized code (a packed model's PTX keeps the fast level: [`Output::PtxFast`]). The code the runtime runs is the CUBIN's, which
+/// `.ci/steps/ptxas.sh` checks ([`cubin_ptxas_report`]). Floating-point semantics stay NVRTC's defaults (`--fmad=true`, IEEE
 /// division and square root, no flush-to-zero). `-D`[`UPLOAD_MACRO`](super::render::UPLOAD_MACRO)
 /// keeps the values of the program's `__constant__` weight arrays out of the PTX and CUBIN:
 /// the host fills them after loading (the manifest's `constants`).
 pub fn nvrtc_options(arch: &str, version: (i32, i32), output: Output) -> Vec<String> {
     let target = match output {
-        Output::Ptx => arch.replacen("sm_", "compute_", 1),
+        Output::Ptx | Output::PtxFast => arch.replacen("sm_", "compute_", 1),
         Output::Cubin => arch.to_string(),
     };
     let mut options = vec![
@@ -361,19 +370,50 @@ pub fn nvrtc_options(arch: &str, version: (i32, i32), output: Output) -> Vec<Str
         "--std=c++17".to_string(),
         format!("-D{}", super::render::UPLOAD_MACRO),
     ];
-    if version >= (12, 9) {
+    if output != Output::Ptx && version >= (12, 9) {
         options.push("--Ofast-compile=min".to_string());
     }
     options
+}
+
+/// ptxas's resource report for the CUBIN [`compile_cubin`] makes of `source` for `arch`:
+/// registers, barriers and shared memory per kernel, stack frame and spills per function
+/// (`ptxas info : …` lines, as `ptxas -v` prints them). NVRTC compiles the CUBIN again,
+/// without the cache, with the same options plus `--ptxas-options=-v` (which changes no
+/// code), and this is the ptxas part of its log.
+pub fn cubin_ptxas_report(source: &str, arch: &str) -> Result<String> {
+    check_arch(arch)?;
+    let version = nvrtc_version()?;
+    let (_, log) = run_nvrtc(
+        source,
+        arch,
+        version,
+        Output::Cubin,
+        vec!["--ptxas-options=-v".to_string()],
+    )?;
+    Ok(log
+        .lines()
+        .filter(|l| l.starts_with("ptxas"))
+        .map(|l| format!("{l}\n"))
+        .collect())
 }
 
 /// Compiles `source` to PTX for `arch` with NVRTC (for the virtual architecture, no ptxas:
 /// see [`Output::Ptx`]), using the disk cache when `use_cache`. NVRTC's log is part of the
 /// error when compilation fails.
 pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx> {
+    compile_ptx(source, arch, use_cache, Output::Ptx)
+}
+
+/// [`compile`] at the fast-compile level of the runtime's CUBIN ([`Output::PtxFast`]).
+pub fn compile_fast(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx> {
+    compile_ptx(source, arch, use_cache, Output::PtxFast)
+}
+
+fn compile_ptx(source: &str, arch: &str, use_cache: bool, output: Output) -> Result<CompiledPtx> {
     check_arch(arch)?;
     let version = nvrtc_version()?;
-    let key = cache_key(source, arch, version, Output::Ptx);
+    let key = cache_key(source, arch, version, output);
     let cached = use_cache
         .then(cache_dir)
         .flatten()
@@ -387,7 +427,7 @@ pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx>
             from_cache: true,
         });
     }
-    let bytes = run_nvrtc(source, arch, version, Output::Ptx, None)?;
+    let (bytes, _) = run_nvrtc(source, arch, version, output, Vec::new())?;
     let ptx = String::from_utf8_lossy(&bytes)
         .trim_end_matches('\0')
         .to_string();
@@ -479,12 +519,13 @@ fn cubin_through_cache(
     let (cubin, phases) = if timed {
         let report = tempfile::NamedTempFile::new()
             .map_err(|e| Error::backend_from("cuda", "creating NVRTC's timing file", e))?;
-        let cubin = run_nvrtc(source, arch, version, Output::Cubin, Some(report.path()))?;
+        let time = format!("--time={}", report.path().display());
+        let (cubin, _) = run_nvrtc(source, arch, version, Output::Cubin, vec![time])?;
         let text = std::fs::read_to_string(report.path()).unwrap_or_default();
         (cubin, parse_time_report(&text))
     } else {
         (
-            run_nvrtc(source, arch, version, Output::Cubin, None)?,
+            run_nvrtc(source, arch, version, Output::Cubin, Vec::new())?.0,
             Vec::new(),
         )
     };
@@ -609,20 +650,19 @@ pub fn check_installed_driver_cubin(nvrtc: (i32, i32), program: &str) -> Result<
     }
 }
 
-/// One NVRTC compilation of `source` for `arch` (no cache): the PTX text or the CUBIN image.
-/// With `time_report`, NVRTC appends its per-phase timing CSV (`--time`) to that file.
+/// One NVRTC compilation of `source` for `arch` (no cache): the PTX text or the CUBIN image,
+/// and NVRTC's log. `extra` options follow [`nvrtc_options`] (`--time=FILE`: NVRTC appends
+/// its per-phase timing CSV to that file; `--ptxas-options=-v`).
 #[cfg(feature = "cuda")]
 fn run_nvrtc(
     source: &str,
     arch: &str,
     version: (i32, i32),
     output: Output,
-    time_report: Option<&Path>,
-) -> Result<Vec<u8>> {
+    extra: Vec<String>,
+) -> Result<(Vec<u8>, String)> {
     let mut options = nvrtc_options(arch, version, output);
-    if let Some(path) = time_report {
-        options.push(format!("--time={}", path.display()));
-    }
+    options.extend(extra);
     let src =
         std::ffi::CString::new(source).map_err(|_| backend("the CUDA source holds a NUL byte"))?;
     std::panic::catch_unwind(move || nvrtc_program(&src, arch, &options, output))
@@ -636,7 +676,7 @@ fn nvrtc_program(
     arch: &str,
     options: &[String],
     output: Output,
-) -> Result<Vec<u8>> {
+) -> Result<(Vec<u8>, String)> {
     use cudarc::nvrtc::{result, sys};
     let fail = |what: &str, e: result::NvrtcError| backend(format!("NVRTC {what} failed: {e:?}"));
     let prog = result::create_program(src, Some(c"mulo_step.cu"))
@@ -645,19 +685,19 @@ fn nvrtc_program(
     // to NVRTC is sized by NVRTC's own size query.
     let out = unsafe {
         let compiled = result::compile_program(prog, options);
+        let log = result::get_program_log(prog).unwrap_or_default();
+        let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+        let log = String::from_utf8_lossy(&log)
+            .trim_end_matches('\0')
+            .to_string();
         let out = match compiled {
-            Err(e) => {
-                let log = result::get_program_log(prog).unwrap_or_default();
-                let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
-                Err(backend(format!(
-                    "NVRTC failed ({:?}) compiling for {arch} with {}:\n{}",
-                    e.0,
-                    options.join(" "),
-                    String::from_utf8_lossy(&log).trim_end_matches('\0')
-                )))
-            }
+            Err(e) => Err(backend(format!(
+                "NVRTC failed ({:?}) compiling for {arch} with {}:\n{log}",
+                e.0,
+                options.join(" "),
+            ))),
             Ok(()) => match output {
-                Output::Ptx => result::get_ptx(prog)
+                Output::Ptx | Output::PtxFast => result::get_ptx(prog)
                     .map(|v| v.iter().map(|&c| c as u8).collect())
                     .map_err(|e| fail("nvrtcGetPTX", e)),
                 Output::Cubin => {
@@ -676,10 +716,10 @@ fn nvrtc_program(
             },
         };
         let _ = result::destroy_program(prog);
-        out
+        out.map(|bytes: Vec<u8>| (bytes, log))
     };
     match out {
-        Ok(bytes) if bytes.is_empty() => Err(backend(format!(
+        Ok((bytes, _)) if bytes.is_empty() => Err(backend(format!(
             "NVRTC returned no {} image for {arch}",
             output.extension()
         ))),
@@ -688,7 +728,13 @@ fn nvrtc_program(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_nvrtc(_: &str, _: &str, _: (i32, i32), _: Output, _: Option<&Path>) -> Result<Vec<u8>> {
+fn run_nvrtc(
+    _: &str,
+    _: &str,
+    _: (i32, i32),
+    _: Output,
+    _: Vec<String>,
+) -> Result<(Vec<u8>, String)> {
     Err(backend(NO_CUDA))
 }
 
@@ -791,6 +837,15 @@ mod tests {
         assert!(!has((12, 8)), "NVRTC 12.8 rejects the level `min`");
         assert!(has((12, 9)));
         assert!(has((13, 0)));
+        // The portable PTX of one tensor is fully optimized; a packed model's PTX is made at
+        // the CUBIN's level.
+        let ptx_has = |output| {
+            nvrtc_options("sm_80", (12, 9), output)
+                .iter()
+                .any(|o| o == "--Ofast-compile=min")
+        };
+        assert!(!ptx_has(Output::Ptx));
+        assert!(ptx_has(Output::PtxFast));
         assert_eq!(
             nvrtc_options("sm_90", (12, 4), Output::Cubin)[0],
             "--gpu-architecture=sm_90"

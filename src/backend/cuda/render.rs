@@ -214,8 +214,11 @@ fn compute_node(ir: &StepIr, v: ValueId, indent: &str, out: &mut String) -> Resu
         let m = ir.matrix(*matrix);
         let _ = writeln!(out, "{indent}float {v}[{}];{note}", m.rows);
         for r in 0..m.rows {
-            let line = dense_row_at(m, r, |c| operand(ir, *x, c as u32));
-            let _ = writeln!(out, "{indent}{v}[{r}] = {line};");
+            let mut decl = String::new();
+            let line = dense_row_at(m, r, &format!("{v}_w{r}"), &mut decl, |c| {
+                operand(ir, *x, c as u32)
+            });
+            let _ = writeln!(out, "{indent}{decl}{v}[{r}] = {line};");
         }
         return Ok(());
     }
@@ -270,19 +273,53 @@ fn dense_row(
     line
 }
 
-/// [`dense_row`] for row `r` of `m` known at compile time: constant-bank operands.
-fn dense_row_at(m: &Matrix, r: usize, x: impl Fn(usize) -> String) -> String {
+/// The alignment, in bytes, of every `__constant__` array of a program (`__align__`): a
+/// run of 4 floats starting at a multiple of 4 is one aligned `float4`.
+pub const CONSTANT_ALIGN: usize = 16;
+
+/// The `n` consecutive floats of `__constant__` memory at `base` (an address of an array
+/// element whose index is a multiple of 4) as C expressions: read as `float4` quads
+/// `{name}_q{k}` declared into `decl` when `n` is a multiple of 4 (one vector load of the
+/// constant bank per quad instead of four loads, each with its own address arithmetic, in
+/// NVRTC's fast-compile PTX), else element by element. Either way the values and the
+/// arithmetic that uses them are the same.
+fn const_floats(base: &str, n: usize, name: &str, decl: &mut String) -> Vec<String> {
+    if n == 0 || !n.is_multiple_of(4) {
+        return (0..n).map(|c| format!("{base}[{c}]")).collect();
+    }
+    for k in 0..n / 4 {
+        let _ = write!(
+            decl,
+            "const float4 {name}_q{k} = ((const float4*)({base}))[{k}]; "
+        );
+    }
+    (0..n)
+        .map(|c| format!("{name}_q{}.{}", c / 4, ['x', 'y', 'z', 'w'][c % 4]))
+        .collect()
+}
+
+/// [`dense_row`] for row `r` of `m` known at compile time: constant-bank operands (the
+/// row's weights as [`const_floats`] named `name`, declared into `decl`).
+fn dense_row_at(
+    m: &Matrix,
+    r: usize,
+    name: &str,
+    decl: &mut String,
+    x: impl Fn(usize) -> String,
+) -> String {
     let (w, b) = matrix_names(m);
+    let ws = const_floats(&format!("{w} + {}", r * m.cols), m.cols, name, decl);
     dense_row(
         m.bias.as_ref().map(|_| format!("{b}[{r}]")),
         m.cols,
-        |c| format!("{w}[{}]", r * m.cols + c),
+        |c| ws[c].clone(),
         x,
     )
 }
 
 /// Declares `{name}` pointing at row `row` (a loop variable) of `m`'s weights, and returns
-/// [`dense_row`] of that row (weights at constant offsets from one address).
+/// [`dense_row`] of that row (weights at constant offsets from one address, read as
+/// [`const_floats`]).
 fn dense_row_ptr(
     m: &Matrix,
     name: &str,
@@ -292,10 +329,11 @@ fn dense_row_ptr(
 ) -> String {
     let (w, b) = matrix_names(m);
     let _ = write!(decl, "const float* {name} = {w} + {row} * {}; ", m.cols);
+    let ws = const_floats(name, m.cols, name, decl);
     dense_row(
         m.bias.as_ref().map(|_| format!("{b}[{row}]")),
         m.cols,
-        |c| format!("{name}[{c}]"),
+        |c| ws[c].clone(),
         x,
     )
 }
@@ -388,7 +426,7 @@ pub fn matrix_constants<'a>(
     for a in constant_arrays(irs, kernels)? {
         let _ = writeln!(
             out,
-            "// {}\n__constant__ float {}[{}]\n#ifndef {UPLOAD_MACRO}\n= {{",
+            "// {}\n__constant__ float {}[{}] __align__({CONSTANT_ALIGN})\n#ifndef {UPLOAD_MACRO}\n= {{",
             a.label,
             a.name,
             a.values.len()
@@ -1127,13 +1165,19 @@ fn fused_dense(
             .join(" ")
     );
     let _ = writeln!(out, "{ind}float {d}[{}];", m.rows);
-    for k in 0..m.rows {
-        let init = if m.bias.is_some() {
-            format!("{b}[{k}]")
-        } else {
-            "0.0f".to_string()
-        };
+    let mut decl = String::new();
+    let bias = match m.bias {
+        Some(_) => const_floats(&b, m.rows, &format!("{d}_b"), &mut decl),
+        None => vec!["0.0f".to_string(); m.rows],
+    };
+    if !decl.is_empty() {
+        let _ = writeln!(out, "{ind}{{ {decl}");
+    }
+    for (k, init) in bias.iter().enumerate() {
         let _ = writeln!(out, "{ind}{d}[{k}] = {init};");
+    }
+    if !decl.is_empty() {
+        let _ = writeln!(out, "{ind}}}");
     }
     let lane = |o: &ValueId| -> String {
         let on = ir.node(*o);
@@ -1185,7 +1229,9 @@ fn fused_dense(
             cn.note.as_deref().unwrap_or("")
         );
     }
-    // Column `mulo_r` of the weights, contiguous in the transposed copy.
+    // Column `mulo_r` of the weights, contiguous in the transposed copy, one float at a time:
+    // read as `float4` quads (all 32 up front), they gave the rank-4 plan of a packed
+    // program's update a 56 B stack frame with spills in the runtime's CUBIN (sm_90).
     let _ = writeln!(
         out,
         "{ind}    const float* {d}_w = {} + mulo_r * {};",
@@ -1236,13 +1282,31 @@ fn block_sum_epilogue(sums: &[BlockSum], out: &mut String) {
         if g > 0 {
             let _ = writeln!(out, "    __syncthreads();");
         }
-        for &(b, base) in group {
-            let _ = writeln!(
-                out,
-                "    {{ const double s = mulo_warp_sum({acc}, {span}); if ((tid & 31) < {span}) mulo_smem[{base} + (tid >> 5) * {span} + (tid & 31)] = s; }}",
-                acc = b.acc,
-                span = b.span
-            );
+        // Four sums of one span at evenly spaced bases (consecutive in the group): one call.
+        let mut rest: &[(&BlockSum, usize)] = group;
+        while !rest.is_empty() {
+            let (b, base) = rest[0];
+            let stride = warps * b.span;
+            let four = rest.len() >= 4
+                && (1..4).all(|k| rest[k].0.span == b.span && rest[k].1 == base + k * stride);
+            if four {
+                let accs: Vec<&str> = rest[..4].iter().map(|(b, _)| b.acc.as_str()).collect();
+                let _ = writeln!(
+                    out,
+                    "    mulo_warp_sum4({}, {span}, mulo_smem + {base}, {stride});",
+                    accs.join(", "),
+                    span = b.span
+                );
+                rest = &rest[4..];
+            } else {
+                let _ = writeln!(
+                    out,
+                    "    mulo_warp_sum({acc}, {span}, mulo_smem + {base});",
+                    acc = b.acc,
+                    span = b.span
+                );
+                rest = &rest[1..];
+            }
         }
         let _ = writeln!(out, "    __syncthreads();");
         // The stores of evenly spaced sums are one loop ([`roll`], without tables).
@@ -1406,7 +1470,7 @@ fn small_body(
             for l in 0..w {
                 let base = (chunk_sums.len() % (BLOCK_THREADS / warps)) * warps;
                 let sum = format!(
-                    "    // {v}: chunk blk of its {k} values of lane {l} at point {p} ({g} chunks)\n    {{ const idx_t p = {p}; (void)p; const idx_t lo = blk * {k} / {g}, hi = (blk + 1) * {k} / {g}; double q = 0.0; for (idx_t k = lo + tid; k < hi; k += {t}) q += {}; const double s = mulo_warp_sum(q, 1); if ((tid & 31) < 1) mulo_smem[{base} + (tid >> 5) * 1 + (tid & 31)] = s; }}\n",
+                    "    // {v}: chunk blk of its {k} values of lane {l} at point {p} ({g} chunks)\n    {{ const idx_t p = {p}; (void)p; const idx_t lo = blk * {k} / {g}, hi = (blk + 1) * {k} / {g}; double q = 0.0; for (idx_t k = lo + tid; k < hi; k += {t}) q += {}; mulo_warp_sum(q, 1, mulo_smem + {base}); }}\n",
                     value(l)
                 );
                 let store = format!(
@@ -1793,6 +1857,24 @@ mod tests {
     }
 
     #[test]
+    fn constant_runs_of_four_are_read_as_float4() {
+        let mut decl = String::new();
+        let xs = const_floats("w + 8", 8, "v3_w", &mut decl);
+        assert_eq!(
+            decl,
+            "const float4 v3_w_q0 = ((const float4*)(w + 8))[0]; const float4 v3_w_q1 = ((const float4*)(w + 8))[1]; "
+        );
+        assert_eq!(xs[0], "v3_w_q0.x");
+        assert_eq!(xs[5], "v3_w_q1.y");
+        assert_eq!(xs[7], "v3_w_q1.w");
+        // Not a multiple of 4: element by element, nothing declared.
+        let mut decl = String::new();
+        let xs = const_floats("b", 6, "v4_b", &mut decl);
+        assert!(decl.is_empty());
+        assert_eq!(xs[5], "b[5]");
+    }
+
+    #[test]
     fn reduce_passes_have_at_most_two_barriers() {
         use crate::lopt::LearnedOptimizer;
         for shape in [
@@ -1821,7 +1903,8 @@ mod tests {
                         .collect();
                     if call[name.len()..].starts_with('(') && !name.ends_with("_reduce") {
                         assert!(
-                            ["warp_sum", "warps_total", "sum_x"].contains(&name.as_str()),
+                            ["warp_sum", "warp_sum4", "warps_total", "sum_x"]
+                                .contains(&name.as_str()),
                             "{shape}: calls mulo_{name}"
                         );
                     }
