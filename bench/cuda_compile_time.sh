@@ -3,8 +3,10 @@
 # packed model (GPT-2-small's nine distinct shapes plus three others), each from a cold disk
 # cache and then cached. For each case, `mulo-compile --target cuda --cubin`:
 #   - compiles the portable PTX (`--target cuda`'s output; NVRTC for compute_XY, no ptxas; at
-#     full optimization for one tensor, at the CUBIN's --Ofast-compile=min for a packed model);
-#   - compiles the CUBIN the runtime loads (NVRTC for sm_XY, which runs ptxas itself), with
+#     full optimization with --split-compile=0);
+#   - compiles the CUBIN the runtime loads (NVRTC for sm_XY, which runs ptxas itself; at
+#     --Ofast-compile=min for one tensor, full optimization with --split-compile=0 for a
+#     packed model: nvrtc::Level), with
 #     NVRTC's own `--time` report splitting its time into the C++ front end, NVVM (to PTX) and
 #     ptxas ("PTX Translation").
 # Then the portable PTX's size per shape (the #12.1 target: at most 100 KB each).

@@ -185,8 +185,12 @@ fn ptxas_report_covers_every_kernel_of_the_cubin() {
     }
     let ir = mulo::compile_step(&Shape::parse("48x48").unwrap(), &lopt()).unwrap();
     let compiled = cuda::compile(&ir, "sm_90", false).unwrap();
-    let report = mulo::backend::cuda::nvrtc::cubin_ptxas_report(&compiled.source, "sm_90")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = mulo::backend::cuda::nvrtc::cubin_ptxas_report(
+        &compiled.source,
+        "sm_90",
+        nvrtc::Level::Fast,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     for k in &compiled.manifest.kernels {
         assert!(
             report.contains(&format!(
@@ -417,7 +421,8 @@ fn packed_model_compiles_to_a_cubin_with_timed_phases() {
     let model = PackedModel::new(&lopt(), &shapes).unwrap();
     let source = model.source().unwrap();
     for arch in ARCHS {
-        let compiled = nvrtc::compile_cubin_timed(&source, arch, false).unwrap();
+        let compiled =
+            nvrtc::compile_cubin_timed(&source, arch, nvrtc::Level::Full, false).unwrap();
         let sm: u32 = arch[3..].parse().unwrap();
         assert_eq!(nvrtc::cubin_sm(&compiled.cubin), Some(sm), "{arch}");
         let missing = missing_kernels(&compiled.cubin, model.slots.iter().map(|s| s.name.as_str()));

@@ -3,12 +3,11 @@
 # any spill or stack frame in an element kernel (or a device function of one), or an update
 # kernel above 128 registers. Prints the resource table (bench/results/ptxas-resources.md is
 # this table as committed).
-# - Every shape class: ptxas's report (`-v`) of the CUBIN the runtime loads (NVRTC with the
-#   runtime's options, its own ptxas: `mulo-compile --cubin --ptxas-report`), not of the
-#   portable PTX, which NVRTC optimizes fully while the CUBIN is built at --Ofast-compile=min.
-# - A packed model: `ptxas -v` (from the PyPI wheel nvidia-cuda-nvcc-cu12, pinned) on its PTX,
-#   which NVRTC compiles at the CUBIN's fast-compile level (the NVVM output the runtime's
-#   CUBIN is made of; its ptxas step differs: see bench/results/ptxas-resources.md).
+# - Every shape class and a packed model: ptxas's report (`-v`) of the CUBIN the runtime
+#   loads (NVRTC with the runtime's options, its own ptxas: `mulo-compile --cubin
+#   --ptxas-report`).
+# - The packed model's portable PTX too: `ptxas -v` (from the PyPI wheel nvidia-cuda-nvcc-cu12,
+#   pinned) on it (`packed_ptx` rows; the runtime's CUBIN is the `packed` rows).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
@@ -29,8 +28,9 @@ for arch in sm_80 sm_90; do
             --cubin --ptxas-report >"$work/$s-$arch.log" 2>/dev/null
     done
     "$bin" --target cuda --arch "$arch" --weights "$weights" -o "$work/packed-$arch" \
-        --shape 64x32 --shape 37 --shape 16x8x3x3 --shape scalar --shape 1x300 >/dev/null 2>&1
-    "$ptxas" -v --gpu-name "$arch" -o /dev/null "$work/packed-$arch/mulo_model.ptx" 2>"$work/packed-$arch.log"
+        --shape 64x32 --shape 37 --shape 16x8x3x3 --shape scalar --shape 1x300 \
+        --cubin --ptxas-report >"$work/packed-$arch.log" 2>/dev/null
+    "$ptxas" -v --gpu-name "$arch" -o /dev/null "$work/packed-$arch/mulo_model.ptx" 2>"$work/packed_ptx-$arch.log"
 done
 
 echo "| program | arch | function | registers | spill stores (B) | spill loads (B) | stack frame (B) |"

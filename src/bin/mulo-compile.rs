@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mulo::backend::cuda::nvrtc::Level;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::TensorStepper;
 use mulo::lopt::LearnedOptimizer;
@@ -295,9 +296,14 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                 started.elapsed()
             );
             if args.cubin {
-                write_cubin(&compiled.source, &arch, &dir.join("mulo_step.cubin"))?;
+                write_cubin(
+                    &compiled.source,
+                    &arch,
+                    Level::Fast,
+                    &dir.join("mulo_step.cubin"),
+                )?;
                 if args.ptxas_report {
-                    print_ptxas_report(&compiled.source, &arch)?;
+                    print_ptxas_report(&compiled.source, &arch, Level::Fast)?;
                 }
             }
         }
@@ -398,19 +404,25 @@ fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
         started.elapsed()
     );
     if args.cubin {
-        write_cubin(&compiled.source, &arch, &dir.join("mulo_model.cubin"))?;
+        write_cubin(
+            &compiled.source,
+            &arch,
+            Level::Full,
+            &dir.join("mulo_model.cubin"),
+        )?;
         if args.ptxas_report {
-            print_ptxas_report(&compiled.source, &arch)?;
+            print_ptxas_report(&compiled.source, &arch, Level::Full)?;
         }
     }
     Ok(0)
 }
 
-/// `--ptxas-report`: prints ptxas's resource report of the CUBIN of `source` for `arch`.
-fn print_ptxas_report(source: &str, arch: &str) -> Result<()> {
+/// `--ptxas-report`: prints ptxas's resource report of the CUBIN of `source` for `arch` at
+/// `level` (the runtime's: [`Level::Fast`] for one tensor, [`Level::Full`] for a model).
+fn print_ptxas_report(source: &str, arch: &str, level: Level) -> Result<()> {
     print!(
         "{}",
-        mulo::backend::cuda::nvrtc::cubin_ptxas_report(source, arch)?
+        mulo::backend::cuda::nvrtc::cubin_ptxas_report(source, arch, level)?
     );
     Ok(())
 }
@@ -418,10 +430,10 @@ fn print_ptxas_report(source: &str, arch: &str) -> Result<()> {
 /// `--cubin`: compiles `source` to a CUBIN for `arch` (through the disk cache), writes it to
 /// `path`, and prints where the time went: NVRTC's own phases (its `--time` report) when it
 /// ran, the whole call's time either way (`bench/cuda_compile_time.sh` reads this line).
-fn write_cubin(source: &str, arch: &str, path: &Path) -> Result<()> {
+fn write_cubin(source: &str, arch: &str, level: Level, path: &Path) -> Result<()> {
     use mulo::backend::cuda::nvrtc;
     let started = Instant::now();
-    let cubin = nvrtc::compile_cubin_timed(source, arch, true)?;
+    let cubin = nvrtc::compile_cubin_timed(source, arch, level, true)?;
     let elapsed = started.elapsed();
     mulo::fsio::write_atomic(path, &cubin.cubin)?;
     eprintln!("wrote {}", path.display());

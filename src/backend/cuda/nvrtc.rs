@@ -327,68 +327,90 @@ pub enum Output {
     /// it for any GPU of that architecture or newer when it is loaded), and NVRTC skips ptxas.
     /// NVRTC's full optimization (a single tensor's program, [`compile`]).
     Ptx,
-    /// [`Output::Ptx`] at the CUBIN's fast-compile level (a packed model's program,
-    /// [`compile_fast`]: NVRTC's full optimization of a dozen shapes' code would cost seconds):
-    /// the PTX NVRTC makes on the way to the runtime's CUBIN.
-    PtxFast,
     /// A CUBIN (ELF) for the real architecture `sm_XY`: NVRTC runs ptxas, the driver loads it
     /// without compiling. It runs on GPUs of that architecture (and, within a major version,
     /// newer minor ones: sm_80 code on sm_86).
-    Cubin,
+    Cubin(Level),
 }
 
 impl Output {
     /// The cache file extension.
     pub fn extension(self) -> &'static str {
         match self {
-            Output::Ptx | Output::PtxFast => "ptx",
-            Output::Cubin => "cubin",
+            Output::Ptx => "ptx",
+            Output::Cubin(_) => "cubin",
         }
     }
 }
 
+/// How hard NVRTC optimizes a CUBIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Level {
+    /// `--Ofast-compile=min` from NVRTC 12.9 on (the lowest fast-compile level, meant to keep
+    /// runtime performance; NVRTC 12.8 knows only `0` and `max`): one tensor's program
+    /// ([`compile_cubin`]). At full optimization ptxas gives some of these kernels a spill
+    /// (16x8x3x3's `mulo_elem_1_reduce` on sm_80: 64 registers and an 8 B spill), which the
+    /// fast level does not.
+    Fast,
+    /// NVRTC's full optimization: a packed model's program ([`compile_packed_cubin`]). At the
+    /// fast level ptxas gives the plans' `__noinline__` device functions 8–32 B call frames
+    /// with spills and the update entry 253 registers; fully optimized they have no frame and
+    /// at most 122 registers, in the same time with `--split-compile=0`
+    /// (`bench/results/cuda-compile-time.md`).
+    Full,
+}
+
 /// The NVRTC options of every compilation by NVRTC `version` for `output`: the architecture
-/// (`compute_XY` for PTX, `sm_XY` for a CUBIN), C++17, and for a CUBIN from NVRTC 12.9 on
-/// `--Ofast-compile=min` (also for [`Output::PtxFast`]), the lowest fast-compile level (the one meant to keep runtime
-/// performance; NVRTC 12.8 knows only `0` and `max`). It cut NVRTC's time about threefold on
-/// mulo's programs (`bench/results/cuda-compile-time.md`: the packed model's 3 s to a CUBIN
-/// needs it); its effect on kernel speed is not measured yet (no GPU). The portable PTX
-/// (written for other hosts, whose driver compiles it at load) gets NVRTC's full
-/// optimization instead: 15–20 % less PTX for ~0.1 s more per shape, and the driver's JIT
-/// starts from optimized code (a packed model's PTX keeps the fast level: [`Output::PtxFast`]). The code the runtime runs is the CUBIN's, which
-/// `.ci/steps/ptxas.sh` checks ([`cubin_ptxas_report`]). Floating-point semantics stay NVRTC's defaults (`--fmad=true`, IEEE
-/// division and square root, no flush-to-zero). `-D`[`UPLOAD_MACRO`](super::render::UPLOAD_MACRO)
-/// keeps the values of the program's `__constant__` weight arrays out of the PTX and CUBIN:
-/// the host fills them after loading (the manifest's `constants`).
+/// (`compute_XY` for PTX, `sm_XY` for a CUBIN), C++17, the optimization of [`Level`] for a
+/// CUBIN (PTX, for other hosts whose driver compiles it at load, is fully optimized: 15–20 %
+/// smaller, 47–94 KB per shape), and from NVRTC 12.4 on, where a compilation is fully
+/// optimized, `--split-compile=0` (NVVM and ptxas optimize the functions concurrently, on
+/// every core: a 12-shape packed model's CUBIN in 2.2 s instead of 3.1 s on 2 cores). The code
+/// the runtime runs is the CUBIN's, which `.ci/steps/ptxas.sh` checks
+/// ([`cubin_ptxas_report`]). Floating-point semantics stay NVRTC's defaults (`--fmad=true`,
+/// IEEE division and square root, no flush-to-zero).
+/// `-D`[`UPLOAD_MACRO`](super::render::UPLOAD_MACRO) keeps the values of the program's
+/// `__constant__` weight arrays out of the PTX and CUBIN: the host fills them after loading
+/// (the manifest's `constants`).
 pub fn nvrtc_options(arch: &str, version: (i32, i32), output: Output) -> Vec<String> {
     let target = match output {
-        Output::Ptx | Output::PtxFast => arch.replacen("sm_", "compute_", 1),
-        Output::Cubin => arch.to_string(),
+        Output::Ptx => arch.replacen("sm_", "compute_", 1),
+        Output::Cubin(_) => arch.to_string(),
     };
     let mut options = vec![
         format!("--gpu-architecture={target}"),
         "--std=c++17".to_string(),
         format!("-D{}", super::render::UPLOAD_MACRO),
     ];
-    if output != Output::Ptx && version >= (12, 9) {
-        options.push("--Ofast-compile=min".to_string());
+    match output {
+        Output::Cubin(Level::Fast) => {
+            if version >= (12, 9) {
+                options.push("--Ofast-compile=min".to_string());
+            }
+        }
+        Output::Ptx | Output::Cubin(Level::Full) => {
+            if version >= (12, 4) {
+                options.push("--split-compile=0".to_string());
+            }
+        }
     }
     options
 }
 
-/// ptxas's resource report for the CUBIN [`compile_cubin`] makes of `source` for `arch`:
+/// ptxas's resource report for the CUBIN [`compile_cubin`] (or [`compile_packed_cubin`], with
+/// `level` [`Level::Full`]) makes of `source` for `arch`:
 /// registers, barriers and shared memory per kernel, stack frame and spills per function
 /// (`ptxas info : …` lines, as `ptxas -v` prints them). NVRTC compiles the CUBIN again,
 /// without the cache, with the same options plus `--ptxas-options=-v` (which changes no
 /// code), and this is the ptxas part of its log.
-pub fn cubin_ptxas_report(source: &str, arch: &str) -> Result<String> {
+pub fn cubin_ptxas_report(source: &str, arch: &str, level: Level) -> Result<String> {
     check_arch(arch)?;
     let version = nvrtc_version()?;
     let (_, log) = run_nvrtc(
         source,
         arch,
         version,
-        Output::Cubin,
+        Output::Cubin(level),
         vec!["--ptxas-options=-v".to_string()],
     )?;
     Ok(log
@@ -403,11 +425,6 @@ pub fn cubin_ptxas_report(source: &str, arch: &str) -> Result<String> {
 /// error when compilation fails.
 pub fn compile(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx> {
     compile_ptx(source, arch, use_cache, Output::Ptx)
-}
-
-/// [`compile`] at the fast-compile level of the runtime's CUBIN ([`Output::PtxFast`]).
-pub fn compile_fast(source: &str, arch: &str, use_cache: bool) -> Result<CompiledPtx> {
-    compile_ptx(source, arch, use_cache, Output::PtxFast)
 }
 
 fn compile_ptx(source: &str, arch: &str, use_cache: bool, output: Output) -> Result<CompiledPtx> {
@@ -479,28 +496,41 @@ impl CompiledCubin {
 /// The phase of NVRTC's `--time` report that is ptxas (PTX → SASS).
 pub const PTXAS_PHASE: &str = "PTX Translation";
 
-/// Compiles `source` to a CUBIN for `arch` (NVRTC, then ptxas inside NVRTC; see
-/// [`Output::Cubin`]), using the disk cache when `use_cache`. NVRTC's log is part of the
-/// error when compilation fails. The runtime loads this image without driver JIT.
+/// Compiles one tensor's program `source` to a CUBIN for `arch` (NVRTC, then ptxas inside
+/// NVRTC; see [`Output::Cubin`], at [`Level::Fast`]), using the disk cache when `use_cache`.
+/// NVRTC's log is part of the error when compilation fails. The runtime loads this image
+/// without driver JIT.
 pub fn compile_cubin(source: &str, arch: &str, use_cache: bool) -> Result<CompiledCubin> {
-    cubin_through_cache(source, arch, use_cache, false)
+    cubin_through_cache(source, arch, Level::Fast, use_cache, false)
 }
 
-/// [`compile_cubin`], and when NVRTC runs, its `--time` report in
+/// [`compile_cubin`] for a packed model's program: at [`Level::Full`].
+pub fn compile_packed_cubin(source: &str, arch: &str, use_cache: bool) -> Result<CompiledCubin> {
+    cubin_through_cache(source, arch, Level::Full, use_cache, false)
+}
+
+/// [`compile_cubin`] at `level`, and when NVRTC runs, its `--time` report in
 /// [`CompiledCubin::phases`] (for the compile-time benchmark).
-pub fn compile_cubin_timed(source: &str, arch: &str, use_cache: bool) -> Result<CompiledCubin> {
-    cubin_through_cache(source, arch, use_cache, true)
+pub fn compile_cubin_timed(
+    source: &str,
+    arch: &str,
+    level: Level,
+    use_cache: bool,
+) -> Result<CompiledCubin> {
+    cubin_through_cache(source, arch, level, use_cache, true)
 }
 
 fn cubin_through_cache(
     source: &str,
     arch: &str,
+    level: Level,
     use_cache: bool,
     timed: bool,
 ) -> Result<CompiledCubin> {
     check_arch(arch)?;
     let version = nvrtc_version()?;
-    let key = cache_key(source, arch, version, Output::Cubin);
+    let output = Output::Cubin(level);
+    let key = cache_key(source, arch, version, output);
     let cached = use_cache
         .then(cache_dir)
         .flatten()
@@ -520,12 +550,12 @@ fn cubin_through_cache(
         let report = tempfile::NamedTempFile::new()
             .map_err(|e| Error::backend_from("cuda", "creating NVRTC's timing file", e))?;
         let time = format!("--time={}", report.path().display());
-        let (cubin, _) = run_nvrtc(source, arch, version, Output::Cubin, vec![time])?;
+        let (cubin, _) = run_nvrtc(source, arch, version, output, vec![time])?;
         let text = std::fs::read_to_string(report.path()).unwrap_or_default();
         (cubin, parse_time_report(&text))
     } else {
         (
-            run_nvrtc(source, arch, version, Output::Cubin, Vec::new())?.0,
+            run_nvrtc(source, arch, version, output, Vec::new())?.0,
             Vec::new(),
         )
     };
@@ -697,10 +727,10 @@ fn nvrtc_program(
                 options.join(" "),
             ))),
             Ok(()) => match output {
-                Output::Ptx | Output::PtxFast => result::get_ptx(prog)
+                Output::Ptx => result::get_ptx(prog)
                     .map(|v| v.iter().map(|&c| c as u8).collect())
                     .map_err(|e| fail("nvrtcGetPTX", e)),
-                Output::Cubin => {
+                Output::Cubin(_) => {
                     let mut size = 0usize;
                     sys::nvrtcGetCUBINSize(prog, &mut size)
                         .result()
@@ -795,7 +825,14 @@ mod tests {
         assert_ne!(k, cache_key("src2", "sm_80", (12, 9), Output::Ptx));
         assert_ne!(k, cache_key("src", "sm_90", (12, 9), Output::Ptx));
         assert_ne!(k, cache_key("src", "sm_80", (12, 8), Output::Ptx));
-        assert_ne!(k, cache_key("src", "sm_80", (12, 9), Output::Cubin));
+        assert_ne!(
+            k,
+            cache_key("src", "sm_80", (12, 9), Output::Cubin(Level::Fast))
+        );
+        assert_ne!(
+            cache_key("src", "sm_80", (12, 9), Output::Cubin(Level::Fast)),
+            cache_key("src", "sm_80", (12, 9), Output::Cubin(Level::Full))
+        );
     }
 
     #[test]
@@ -827,27 +864,28 @@ mod tests {
     }
 
     #[test]
-    fn fast_compile_only_where_nvrtc_has_it() {
-        let has = |v| {
-            nvrtc_options("sm_80", v, Output::Cubin)
+    fn fast_compile_for_one_tensor_full_optimization_elsewhere() {
+        let has = |v, output, option: &str| {
+            nvrtc_options("sm_80", v, output)
                 .iter()
-                .any(|o| o == "--Ofast-compile=min")
+                .any(|o| o == option)
         };
-        assert!(!has((12, 4)));
-        assert!(!has((12, 8)), "NVRTC 12.8 rejects the level `min`");
-        assert!(has((12, 9)));
-        assert!(has((13, 0)));
-        // The portable PTX of one tensor is fully optimized; a packed model's PTX is made at
-        // the CUBIN's level.
-        let ptx_has = |output| {
-            nvrtc_options("sm_80", (12, 9), output)
-                .iter()
-                .any(|o| o == "--Ofast-compile=min")
-        };
-        assert!(!ptx_has(Output::Ptx));
-        assert!(ptx_has(Output::PtxFast));
+        let fast = Output::Cubin(Level::Fast);
+        assert!(!has((12, 4), fast, "--Ofast-compile=min"));
+        assert!(
+            !has((12, 8), fast, "--Ofast-compile=min"),
+            "NVRTC 12.8 rejects `min`"
+        );
+        assert!(has((12, 9), fast, "--Ofast-compile=min"));
+        assert!(has((13, 0), fast, "--Ofast-compile=min"));
+        for full in [Output::Ptx, Output::Cubin(Level::Full)] {
+            assert!(!has((12, 9), full, "--Ofast-compile=min"));
+            assert!(!has((12, 3), full, "--split-compile=0"));
+            assert!(has((12, 4), full, "--split-compile=0"));
+            assert!(has((13, 0), full, "--split-compile=0"));
+        }
         assert_eq!(
-            nvrtc_options("sm_90", (12, 4), Output::Cubin)[0],
+            nvrtc_options("sm_90", (12, 4), Output::Cubin(Level::Fast))[0],
             "--gpu-architecture=sm_90"
         );
         // PTX is compiled for the virtual architecture: NVRTC then skips ptxas.

@@ -884,11 +884,11 @@ impl CompiledModel {
 }
 
 impl PackedModel {
-    /// Renders the model and compiles it for `arch` (through the disk cache when `use_cache`),
-    /// at the fast-compile level of the runtime's CUBIN ([`super::nvrtc::compile_fast`]).
+    /// Renders the model and compiles it to PTX for `arch` (through the disk cache when
+    /// `use_cache`; [`super::nvrtc::compile`]).
     pub fn compile(&self, arch: &str, use_cache: bool) -> Result<CompiledModel> {
         let source = self.source()?;
-        let ptx = super::nvrtc::compile_fast(&source, arch, use_cache)?;
+        let ptx = super::nvrtc::compile(&source, arch, use_cache)?;
         let mut manifest = self.manifest_of(arch, ptx.nvrtc_version, &source)?;
         (manifest.ptx_isa, manifest.min_driver) = super::manifest::ptx_requirements(&ptx.ptx);
         Ok(CompiledModel {

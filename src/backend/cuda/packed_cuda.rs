@@ -51,7 +51,7 @@ impl PackedLaunches {
     /// allocates the table and the starts.
     pub(super) fn load(stream: &Arc<CudaStream>, model: &PackedModel, arch: &str) -> Result<Self> {
         let source = model.source()?;
-        let cubin = nvrtc::compile_cubin(&source, arch, true)?;
+        let cubin = nvrtc::compile_packed_cubin(&source, arch, true)?;
         let program = format!(
             "mulo_model.cubin ({} tensors, {} shapes, {arch})",
             model.tensors.len(),
