@@ -15,9 +15,10 @@ use mulo::backend::interp::InterpStepper;
 use mulo::backend::{check_step_args, Hyper, TensorStepper};
 use mulo::error::Result;
 use mulo::ir::{Buffer, StepIr};
-use mulo::shape::{Layout, Shape};
+use mulo::shape::{FactoredAxes, Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, replay, Trajectory, DEFAULT_TOLERANCE};
+use proptest::prelude::*;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -217,6 +218,71 @@ fn emulated_kernels_match_the_interpreter_on_odd_shapes() {
                 .max(f64::MIN_POSITIVE);
             let e = max_abs_diff(se.get(b), want) / s;
             assert!(e <= DEFAULT_TOLERANCE, "{shape}: state {b}: {e:e}");
+        }
+    }
+}
+
+fn emulation_shapes() -> impl Strategy<Value = Vec<usize>> {
+    prop_oneof![
+        Just(vec![]),
+        (1usize..400).prop_map(|n| vec![n]),
+        (1usize..40, 1usize..40).prop_map(|(a, b)| vec![a, b]),
+        proptest::collection::vec(1usize..7, 3..=4),
+    ]
+}
+
+proptest! {
+    // Each case compiles a program with g++ (~2 s): few cases, every shape class among them
+    // over the runs.
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// Random shapes (rank 0 to 4, dimensions of 1, any valid choice of factored axes when
+    /// the largest axes tie), parameters, gradients and starting steps: two steps of the
+    /// emulated kernels are bitwise those of the interpreter, parameters and state.
+    #[test]
+    fn emulated_kernels_match_the_interpreter_on_random_shapes(
+        dims in emulation_shapes(),
+        axes_pick in any::<usize>(),
+        seed in any::<u64>(),
+        start in prop_oneof![Just(0u64), Just(150u64)],
+        wd in prop_oneof![Just(0.0f32), Just(0.01f32)],
+    ) {
+        if !gxx_or_skip("emulated_kernels_match_the_interpreter_on_random_shapes") {
+            return Ok(());
+        }
+        let rank = dims.len();
+        let valid: Vec<FactoredAxes> = (0..rank)
+            .flat_map(|d0| (0..rank).map(move |d1| FactoredAxes { d0, d1 }))
+            .filter(|a| a.check(&dims).is_ok())
+            .collect();
+        let axes = (!valid.is_empty()).then(|| valid[axes_pick % valid.len()]);
+        let shape = Shape::new(dims).unwrap();
+        let layout = Layout::with_axes(shape.clone(), axes).unwrap();
+        let ir = Arc::new(mulo::compile_layout(&layout, &common::fixture_lopt()).unwrap());
+        let mut emu = EmulatedStepper::new(&ir, &format!("prop{seed:x}"));
+        emu.set_state(TensorState::zeros(&ir.layout, start)).unwrap();
+        let mut interp = InterpStepper::new(ir.clone(), start);
+        let n = shape.numel();
+        let mut pe = common::spread_values(n, seed, 0);
+        let mut pi = pe.clone();
+        let hyper = Hyper { lr: 0.1, weight_decay: wd };
+        for k in 1..=2 {
+            let g = common::spread_values(n, seed ^ 0xABCD, k);
+            emu.step(&mut pe, &g, hyper).unwrap();
+            interp.step(&mut pi, &g, hyper).unwrap();
+            prop_assert!(
+                pe.iter().zip(&pi).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{shape} (axes {axes:?}) step {k}: parameters differ by {:e}",
+                max_abs_diff(&pe, &pi)
+            );
+        }
+        let (se, si) = (emu.state().unwrap(), interp.state().unwrap());
+        prop_assert_eq!(se.step, si.step);
+        for (b, want) in si.iter() {
+            prop_assert!(
+                se.get(b).iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{shape} (axes {axes:?}): state {b} differs"
+            );
         }
     }
 }
