@@ -23,8 +23,10 @@
 //! dense layers, sums grouped by slice).
 
 use super::exec::Scratch;
-use super::program::{build_pass, CpuProgram, Instr, MeanSpec, Opnd, Pass};
-use super::stepper::{run_pass, store_small, write_lane_major, PassData, SmallInputs};
+use super::program::{build_pass, CpuProgram, MeanSpec, Pass};
+use super::stepper::{
+    lane_major_nodes, run_pass, store_small, write_lane_major, PassData, SmallInputs,
+};
 use super::Isa;
 use crate::backend::interp::{at, eval_node};
 use crate::backend::Hyper;
@@ -160,27 +162,7 @@ impl CpuStaged {
             slots.push(s);
             round_len.push(len);
         }
-        let mut lane_major = vec![false; ir.nodes.len()];
-        for instr in passes.iter().flat_map(|p| &p.instrs) {
-            let read: Vec<usize> = match instr {
-                Instr::Gather { node, .. } => vec![*node],
-                Instr::Binary { a, b, .. }
-                | Instr::MulMul { a, b, .. }
-                | Instr::Dense {
-                    pair: Some((a, b)), ..
-                } => [a, b]
-                    .into_iter()
-                    .filter_map(|o| match o {
-                        Opnd::Small(node) => Some(*node),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            for node in read {
-                lane_major[node] |= ir.nodes[node].width > 1;
-            }
-        }
+        let lane_major = lane_major_nodes(&passes, &ir);
         let threads = threads.clamp(1, prog.slices);
         Ok(CpuStaged {
             global: ir,

@@ -12,6 +12,34 @@ use crate::state::TensorState;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// Which small-domain nodes `passes` read lane-major (a transposed copy, so that the lanes of
+/// one point are contiguous): those of width > 1 that an element instruction gathers or uses
+/// as a small operand.
+pub(super) fn lane_major_nodes(passes: &[Pass], ir: &StepIr) -> Vec<bool> {
+    let mut lane_major = vec![false; ir.nodes.len()];
+    for instr in passes.iter().flat_map(|p| &p.instrs) {
+        let read: Vec<usize> = match instr {
+            Instr::Gather { node, .. } => vec![*node],
+            Instr::Binary { a, b, .. }
+            | Instr::MulMul { a, b, .. }
+            | Instr::Dense {
+                pair: Some((a, b)), ..
+            } => [a, b]
+                .into_iter()
+                .filter_map(|o| match o {
+                    Opnd::Small(node) => Some(*node),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for node in read {
+            lane_major[node] |= ir.nodes[node].width > 1;
+        }
+    }
+    lane_major
+}
+
 /// The thread count steppers use unless told otherwise: `MULO_CPU_THREADS` if it is set to a
 /// positive integer, else the available cores (`std::thread::available_parallelism`). Results
 /// are bitwise the same for any thread count.
@@ -84,31 +112,11 @@ impl CpuStepper {
                 d => vec![0.0; layout.domain_len(d) * node.width as usize],
             })
             .collect();
-        let mut small_t: Vec<Vec<f32>> = vec![Vec::new(); prog.ir.nodes.len()];
-        for pass in &prog.passes {
-            for instr in &pass.instrs {
-                let gathered: Vec<usize> = match instr {
-                    Instr::Gather { node, .. } => vec![*node],
-                    Instr::Binary { a, b, .. }
-                    | Instr::MulMul { a, b, .. }
-                    | Instr::Dense {
-                        pair: Some((a, b)), ..
-                    } => [a, b]
-                        .into_iter()
-                        .filter_map(|o| match o {
-                            Opnd::Small(node) => Some(*node),
-                            _ => None,
-                        })
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                for node in gathered {
-                    if prog.ir.nodes[node].width > 1 {
-                        small_t[node] = small[node].clone();
-                    }
-                }
-            }
-        }
+        let small_t = lane_major_nodes(&prog.passes, &prog.ir)
+            .into_iter()
+            .zip(&small)
+            .map(|(t, v)| if t { v.clone() } else { Vec::new() })
+            .collect();
         let partial_len = prog.passes.iter().map(|p| p.partial_len).max().unwrap_or(0);
         let threads = threads.clamp(1, prog.slices);
         CpuStepper {
