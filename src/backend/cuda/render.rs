@@ -133,9 +133,25 @@ fn decompose(layout: &Layout, axes: &[usize], var: &str) -> BTreeMap<usize, Stri
 
 /// The index in `domain` of the point with the given coordinates.
 fn compose(layout: &Layout, domain: Domain, coords: &BTreeMap<usize, String>) -> String {
-    let terms: Vec<String> = domain_strides(layout, domain)
+    let terms = stride_terms(layout, domain, coords, |_| true);
+    if terms.is_empty() {
+        "0".to_string()
+    } else {
+        terms.join(" + ")
+    }
+}
+
+/// The terms `coordinate * stride` of the index in `domain`, for the axes of more than one
+/// point that `keep` accepts, in axis order.
+fn stride_terms(
+    layout: &Layout,
+    domain: Domain,
+    coords: &BTreeMap<usize, String>,
+    keep: impl Fn(usize) -> bool,
+) -> Vec<String> {
+    domain_strides(layout, domain)
         .into_iter()
-        .filter(|&(a, _)| layout.dims()[a] > 1)
+        .filter(|&(a, _)| keep(a) && layout.dims()[a] > 1)
         .map(|(a, s)| {
             let c = &coords[&a];
             if s == 1 {
@@ -144,12 +160,7 @@ fn compose(layout: &Layout, domain: Domain, coords: &BTreeMap<usize, String>) ->
                 format!("{c} * {s}")
             }
         })
-        .collect();
-    if terms.is_empty() {
-        "0".to_string()
-    } else {
-        terms.join(" + ")
-    }
+        .collect()
 }
 
 /// How a value is referred to in C: a literal, a kernel argument, or a register `vN`/`vN[l]`.
@@ -774,18 +785,9 @@ fn elem_compose(
     if t.inner_len == 1 || !t.inner_axes.iter().all(|a| axes.contains(a)) {
         return compose(layout, domain, coords);
     }
-    let mut terms: Vec<String> = domain_strides(layout, domain)
-        .into_iter()
-        .filter(|&(a, _)| a != x && !t.inner_axes.contains(&a) && layout.dims()[a] > 1)
-        .map(|(a, s)| {
-            let c = &coords[&a];
-            if s == 1 {
-                c.clone()
-            } else {
-                format!("{c} * {s}")
-            }
-        })
-        .collect();
+    let mut terms = stride_terms(layout, domain, coords, |a| {
+        a != x && !t.inner_axes.contains(&a)
+    });
     terms.push(if axes.contains(&x) {
         xp.to_string()
     } else {
