@@ -459,20 +459,26 @@ fn cli_writes_the_cubin_beside_the_ptx() {
             .output()
             .expect("mulo-compile runs")
     };
+    // `--target cuda --cubin` of 6x4 for sm_80 into `out`, plus `extra`.
+    let cubin_of_6x4 = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--shape",
+            "6x4",
+            "--target",
+            "cuda",
+            "--arch",
+            "sm_80",
+            "--cubin",
+            "--weights",
+            weights.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        run(&args)
+    };
     let out_dir = dir.join("out");
-    let out = run(&[
-        "--shape",
-        "6x4",
-        "--target",
-        "cuda",
-        "--arch",
-        "sm_80",
-        "--cubin",
-        "--weights",
-        weights.to_str().unwrap(),
-        "-o",
-        out_dir.to_str().unwrap(),
-    ]);
+    let out = cubin_of_6x4(&out_dir, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let line = stderr.lines().find(|l| l.starts_with("cubin:")).unwrap();
@@ -493,20 +499,7 @@ fn cli_writes_the_cubin_beside_the_ptx() {
     );
     // --ptxas-report: ptxas's report of that CUBIN on stdout, every kernel with its registers.
     let report_dir = dir.join("report");
-    let out = run(&[
-        "--shape",
-        "6x4",
-        "--target",
-        "cuda",
-        "--arch",
-        "sm_80",
-        "--cubin",
-        "--ptxas-report",
-        "--weights",
-        weights.to_str().unwrap(),
-        "-o",
-        report_dir.to_str().unwrap(),
-    ]);
+    let out = cubin_of_6x4(&report_dir, &["--ptxas-report"]);
     assert!(
         out.status.success(),
         "{}",
