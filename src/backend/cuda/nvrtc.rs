@@ -355,8 +355,8 @@ pub enum Level {
     /// NVRTC's full optimization: a packed model's program ([`compile_packed_cubin`]). At the
     /// fast level ptxas gives the plans' `__noinline__` device functions 8–32 B call frames
     /// with spills and the update entry 253 registers; fully optimized they have no frame and
-    /// at most 122 registers, in the same time with `--split-compile=0`
-    /// (`bench/results/cuda-compile-time.md`).
+    /// at most 122 registers, for 0.1–0.4 s more on 12 shapes with `--split-compile=0`
+    /// (`bench/results/nvrtc-levels.md`).
     Full,
 }
 
@@ -365,7 +365,8 @@ pub enum Level {
 /// CUBIN (PTX, for other hosts whose driver compiles it at load, is fully optimized: 15–20 %
 /// smaller, 47–94 KB per shape), and from NVRTC 12.4 on, where a compilation is fully
 /// optimized, `--split-compile=0` (NVVM and ptxas optimize the functions concurrently, on
-/// every core: a 12-shape packed model's CUBIN in 2.2 s instead of 3.1 s on 2 cores). The code
+/// every core: a 12-shape packed model's CUBIN in 1.8–2.3 s instead of 2.5–3.0 s on 2 cores,
+/// `bench/results/nvrtc-levels.md`). The code
 /// the runtime runs is the CUBIN's, which `.ci/steps/ptxas.sh` checks
 /// ([`cubin_ptxas_report`]). Floating-point semantics stay NVRTC's defaults (`--fmad=true`,
 /// IEEE division and square root, no flush-to-zero).
