@@ -15,7 +15,7 @@ loss per epoch is printed and must fall. Without --weights, mulo-compile uses bt
 if present, else its bundled demo network.
 
 The host protocol (mulo_model.json's `protocol`): per step, write gradients into the grad
-arena, write a table (one 88-byte entry per tensor: the device addresses of its buffers, here
+arena, write a table (one 104-byte entry per tensor: the device addresses of its buffers, here
 arena base + offset, lr, weight decay, step counter, plan) and the block starts of every
 launch, then launch each slot in order. `build_table` and `block_starts` below are that
 protocol in numpy; `--dump-table` writes their output (with stand-in arena addresses, see
@@ -63,8 +63,10 @@ def compile_model(mulo, out_dir, shapes, weights=None, arch=None):
 def load_manifest(model_dir):
     path = Path(model_dir) / "mulo_model.json"
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != "mulo-cuda-model" or manifest.get("format_version") != 3:
-        sys.exit(f"{path}: not a mulo-cuda-model manifest of format version 3 (recompile it)")
+    if manifest.get("format") != "mulo-cuda-model" or manifest.get("format_version") != 4:
+        sys.exit(f"{path}: not a mulo-cuda-model manifest of format version 4 (recompile it)")
+    if manifest.get("stages", 1) != 1:
+        sys.exit(f"{path}: a staged (sharded) program; this example runs whole-tensor steps only")
     return manifest
 
 

@@ -417,6 +417,18 @@ impl Layout {
         self.domain_shape(domain).iter().product()
     }
 
+    /// The number of terms a mean from `from` onto `to` sums per point: the product of the
+    /// axes `from` keeps and `to` drops (`domain_len(from) / domain_len(to)`, and still the
+    /// right count when one of the other axes is empty, as on an empty shard).
+    pub fn mean_count(&self, from: Domain, to: Domain) -> usize {
+        let kept = self.domain_axes(to);
+        self.domain_axes(from)
+            .into_iter()
+            .filter(|a| !kept.contains(a))
+            .map(|a| self.dims[a])
+            .product()
+    }
+
     /// For every point of `big` (row-major), the index of the point of `small` it broadcasts from.
     /// `small` must be contained in `big`.
     pub fn broadcast_index(&self, big: Domain, small: Domain) -> Vec<usize> {

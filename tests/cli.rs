@@ -225,6 +225,66 @@ fn factored_axes_are_an_argument_of_compile_and_bench() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
 }
 
+/// `--shard-rows` (a rank's staged program) is checked before anything is compiled: one per
+/// `--shape`, a row count or `whole`, at most the tensor's rows, `--target cuda` only.
+#[test]
+fn shard_rows_are_checked_before_compiling() {
+    for (args, words) in [
+        (
+            &[
+                "--shape",
+                "8x4",
+                "--shape",
+                "5",
+                "--shard-rows",
+                "4",
+                "--target",
+                "cuda",
+            ][..],
+            "one per --shape",
+        ),
+        (
+            &["--shape", "8x4", "--shard-rows", "half", "--target", "cuda"][..],
+            "expected a row count or `whole`",
+        ),
+        (
+            &[
+                "--shape",
+                "8x4",
+                "--shard-rows",
+                "9",
+                "--target",
+                "cuda",
+                "--arch",
+                "sm_80",
+            ][..],
+            "9 rows is not a shard of a 8x4 tensor",
+        ),
+        (
+            &[
+                "--shape",
+                "scalar",
+                "--shard-rows",
+                "1",
+                "--target",
+                "cuda",
+                "--arch",
+                "sm_80",
+            ][..],
+            "not a shard",
+        ),
+        (
+            &["--shape", "8x4", "--shard-rows", "4", "--target", "onnx"][..],
+            "--shard-rows",
+        ),
+    ] {
+        let out = mulo(args);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(words), "{args:?}: {stderr}");
+    }
+}
+
 /// `replay` takes the axes from the trajectory's `factored_axes` metadata: the tied case
 /// replays within tolerance, and the 0-d case too.
 #[test]

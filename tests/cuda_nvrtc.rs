@@ -442,6 +442,116 @@ fn packed_model_compiles_to_a_cubin_with_timed_phases() {
     }
 }
 
+/// A rank's **staged** program (tensors split by rows of axis 0, some rows empty, a 0-d tensor
+/// whole) compiles to PTX and to the runtime's CUBIN for sm_80 and sm_90: every slot of every
+/// stage is an entry with the table's argument list, and the round-out kernels are there.
+#[test]
+fn staged_model_program_compiles_to_ptx_and_cubin() {
+    if !nvrtc_or_skip("staged_model_program_compiles_to_ptx_and_cubin") {
+        return;
+    }
+    use mulo::backend::cuda::packed::PackedModel;
+    let tensors: Vec<(mulo::shape::Layout, Option<usize>)> = [
+        ("64x32", Some(32)),
+        ("37", Some(19)),
+        ("16x8x3x3", Some(8)),
+        ("scalar", None),
+        ("1x300", Some(0)),
+        ("4096x1024", Some(2048)),
+    ]
+    .iter()
+    .map(|(s, rows)| (mulo::shape::Layout::new(Shape::parse(s).unwrap()), *rows))
+    .collect();
+    let model = PackedModel::staged(&lopt(), &tensors).unwrap();
+    assert_eq!(model.stages(), 3);
+    let source = model.source().unwrap();
+    assert!(source.contains("round0_out") && source.contains("round1_out"));
+    for arch in ARCHS {
+        let compiled = nvrtc::compile(&source, arch, false).unwrap();
+        let entries = nvrtc::ptx_entries(&compiled.ptx);
+        let slots: Vec<&str> = model.slots.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(entries.len(), slots.len());
+        for (name, types) in &entries {
+            assert!(slots.contains(&name.as_str()), "{name} is not a slot");
+            assert_eq!(types, &[".u64", ".u64", ".u32"], "{name}");
+        }
+        let cubin = nvrtc::compile_cubin_timed(&source, arch, nvrtc::Level::Full, false).unwrap();
+        let missing = missing_kernels(&cubin.cubin, slots.iter().copied());
+        assert!(missing.is_empty(), "staged/{arch}: CUBIN lacks {missing:?}");
+        eprintln!(
+            "staged {arch}: {} slots in {} stages, {} B of PTX, {} B of CUBIN",
+            slots.len(),
+            model.stages(),
+            compiled.ptx.len(),
+            cubin.cubin.len()
+        );
+    }
+}
+
+/// `mulo-compile --target cuda --shard-rows` writes a rank's staged program whose manifest
+/// states the stages, each slot's stage, the round buffers (arenas `mulo_round<r>`) and each
+/// tensor's rows and offsets in them.
+#[test]
+fn cli_writes_a_staged_program_with_its_rounds_in_the_manifest() {
+    if !nvrtc_or_skip("cli_writes_a_staged_program_with_its_rounds_in_the_manifest") {
+        return;
+    }
+    let dir = common::temp_dir("cli-staged");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mulo-compile"))
+        .args([
+            "--target",
+            "cuda",
+            "--arch",
+            "sm_80",
+            "--shape",
+            "64x32",
+            "--shape",
+            "scalar",
+            "--shape",
+            "37",
+            "--shard-rows",
+            "20,whole,0",
+            "-o",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("3 stages"), "{stderr}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("mulo_model.json")).unwrap()).unwrap();
+    assert_eq!(m["format_version"], 4);
+    assert_eq!(m["stages"], 3);
+    let stages: Vec<u64> = m["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_u64().unwrap())
+        .collect();
+    assert!(stages.windows(2).all(|w| w[0] <= w[1]) && stages.last() == Some(&2));
+    let arena = |name: &str| {
+        m["arenas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .map(|a| a["len"].as_u64().unwrap())
+    };
+    let t = &m["tensors"];
+    assert_eq!(t[0]["local_rows"], 20);
+    assert!(
+        t[1].get("local_rows").is_none(),
+        "the 0-d tensor is stepped whole"
+    );
+    assert_eq!(t[2]["local_rows"], 0);
+    let len = |i: usize, r: usize| t[i]["round_len"][r].as_u64().unwrap();
+    assert_eq!(arena("mulo_round0"), Some(len(0, 0) + len(2, 0)));
+    assert_eq!(arena("mulo_round1"), Some(len(0, 1)));
+    assert_eq!(t[2]["offsets"]["mulo_round0"].as_u64(), Some(len(0, 0)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `mulo-compile --target cuda --cubin` writes the CUBIN beside the PTX (the same image the
 /// runtime compiles for that shape and arch) and reports NVRTC's phases; `--cubin` is refused
 /// for other targets, and a packed bench (several shapes) for targets other than cuda.

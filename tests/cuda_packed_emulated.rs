@@ -11,10 +11,9 @@
 
 mod common;
 
-use common::emulation::{compile, gxx_or_skip, run, EMULATION, LAUNCH};
-use mulo::backend::cuda::packed::{
-    ArenaBases, PackedModel, TensorAddrs, ARENAS, TABLE_ENTRY_BYTES,
-};
+use common::emulation::gxx_or_skip;
+use common::packed_program::{reloc, EmulatedProgram};
+use mulo::backend::cuda::packed::{ArenaBases, PackedModel, TensorAddrs, ARENAS};
 use mulo::backend::cuda::packed_runtime::{PackedBackend, PackedExecutor};
 use mulo::backend::Hyper;
 use mulo::backend::{BackendFactory, ModelBackend, TensorStep};
@@ -26,124 +25,8 @@ use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, Trajectory};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-/// The generated model program compiled for the CPU. A step runs it in a subprocess on
-/// *regions* (each its own `malloc`): the table's addresses are relocatable, `(r + 1) << 40 |
-/// byte offset` for region `r` ([`reloc`]), and the program turns them into pointers into its
-/// regions before the launches, so the kernels see nothing but the table's pointers.
-struct EmulatedProgram {
-    dir: PathBuf,
-    exe: PathBuf,
-    n_tensors: usize,
-    n_slots: usize,
-}
-
-static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
-
-/// The relocatable address of byte `offset` of region `region`.
-fn reloc(region: usize, offset: u64) -> u64 {
-    ((region as u64 + 1) << 40) | offset
-}
-
-impl EmulatedProgram {
-    fn new(model: &PackedModel) -> Self {
-        let dir = common::temp_dir(&format!(
-            "packed-emu-{}",
-            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::write(dir.join("mulo_model.cu"), model.source().unwrap()).unwrap();
-        let n = model.tensors.len();
-        let mut main = String::from(EMULATION);
-        main.push_str("#include \"mulo_model.cu\"\n");
-        main.push_str(LAUNCH);
-        main.push_str("struct Args { const MuloTensor* table; const idx_t* starts; int n; };\n");
-        for (s, slot) in model.slots.iter().enumerate() {
-            main.push_str(&format!(
-                "static void call_{s}(void* p) {{ Args* x = (Args*)p; {}(x->table, x->starts, x->n); }}\n",
-                slot.name
-            ));
-        }
-        let slots = model.slots.len();
-        main.push_str(&format!(
-            r#"static unsigned long long rd(FILE* f) {{ unsigned long long v; if (fread(&v, 8, 1, f) != 1) exit(3); return v; }}
-int main(int argc, char** argv) {{
-    FILE* f = fopen(argv[1], "rb");
-    const unsigned long long nr = rd(f);
-    std::vector<char*> region(nr); std::vector<unsigned long long> size(nr);
-    for (unsigned long long r = 0; r < nr; ++r) {{
-        size[r] = rd(f); region[r] = (char*)malloc(size[r] ? size[r] : 1);
-        if (fread(region[r], 1, size[r], f) != size[r]) return 3;
-    }}
-    const int n = {n};
-    MuloTensor* table = (MuloTensor*)malloc({tb}); if (fread(table, 1, {tb}, f) != {tb}) return 3;
-    idx_t* starts = (idx_t*)malloc({sb} * 8); if (fread(starts, 8, {sb}, f) != {sb}) return 3;
-    fclose(f);
-    for (int t = 0; t < n; ++t) {{
-        unsigned long long* addr = (unsigned long long*)&table[t];
-        for (int k = 0; k < 9; ++k) {{
-            if (addr[k] == 0) continue;
-            const unsigned long long r = (addr[k] >> 40) - 1, off = addr[k] & ((1ull << 40) - 1);
-            if (r >= nr || off > size[r]) return 4;
-            addr[k] = (unsigned long long)(region[r] + off);
-        }}
-    }}
-    Args a; a.table = table; a.starts = starts; a.n = n;
-"#,
-            tb = (n * mulo::backend::cuda::packed::TABLE_ENTRY_BYTES).max(1),
-            sb = slots * (n + 1),
-        ));
-        for s in 0..slots {
-            main.push_str(&format!(
-                "    {{ const idx_t grid = starts[{s} * ({n} + 1) + {n}]; if (grid > 0) mulo_launch((unsigned)grid, call_{s}, &a); }}\n"
-            ));
-        }
-        main.push_str(
-            "    FILE* o = fopen(argv[2], \"wb\");\n    for (unsigned long long r = 0; r < nr; ++r) fwrite(region[r], 1, size[r], o);\n    fclose(o);\n    return 0;\n}\n",
-        );
-        std::fs::write(dir.join("main.cpp"), main).unwrap();
-        let exe = compile(&dir);
-        EmulatedProgram {
-            dir,
-            exe,
-            n_tensors: n,
-            n_slots: slots,
-        }
-    }
-
-    /// Runs one step on `regions` (f32 values), updating them in place; after them come
-    /// zeroed regions of the byte sizes in `extra` (scratch, partials), not returned.
-    fn run(&self, regions: &mut [Vec<f32>], extra: &[usize], table: &[u8], starts: &[i64]) {
-        assert_eq!(table.len(), self.n_tensors * TABLE_ENTRY_BYTES);
-        assert_eq!(starts.len(), self.n_slots * (self.n_tensors + 1));
-        let mut bytes = Vec::new();
-        bytes.extend(((regions.len() + extra.len()) as u64).to_le_bytes());
-        for r in regions.iter() {
-            bytes.extend((4 * r.len() as u64).to_le_bytes());
-            r.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
-        }
-        for &len in extra {
-            bytes.extend((len as u64).to_le_bytes());
-            bytes.extend(std::iter::repeat_n(0u8, len));
-        }
-        bytes.extend_from_slice(table);
-        starts.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
-        let mut vals = run(&self.exe, &self.dir, &bytes).into_iter();
-        for r in regions.iter_mut() {
-            let len = r.len();
-            *r = vals.by_ref().take(len).collect();
-            assert_eq!(r.len(), len, "the program wrote back every region");
-        }
-    }
-}
-
-impl Drop for EmulatedProgram {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The arenas in host memory (arena mode: every tensor at its offsets in shared arenas).
 struct EmulatedExecutor {
@@ -190,6 +73,7 @@ impl PackedExecutor for EmulatedExecutor {
             arenas: std::array::from_fn(|k| reloc(k, 0)),
             scratch: reloc(7, 0),
             partials: reloc(8, 0),
+            rounds: [0; mulo::backend::cuda::packed::MAX_ROUNDS],
         };
         let table = self.model.table(&self.model.arena_addrs(&bases), steps);
         let mut regions: Vec<Vec<f32>> = ARENAS

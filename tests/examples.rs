@@ -120,6 +120,7 @@ fn pytorch_ptx_host_protocol_matches_the_rust_host() {
         arenas: std::array::from_fn(|k| (k as u64 + 1) << 40),
         scratch: 8 << 40,
         partials: 9 << 40,
+        rounds: [0; mulo::backend::cuda::packed::MAX_ROUNDS],
     };
     let mut want = model.table(
         &model.arena_addrs(&bases),

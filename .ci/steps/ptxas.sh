@@ -3,7 +3,7 @@
 # any spill or stack frame in an element kernel (or a device function of one), or an update
 # kernel above 128 registers. Prints the resource table (bench/results/ptxas-resources.md is
 # this table as committed).
-# - Every shape class and a packed model: ptxas's report (`-v`) of the CUBIN the runtime
+# - Every shape class, a packed model and a rank's staged program of it: ptxas's report (`-v`) of the CUBIN the runtime
 #   loads (NVRTC with the runtime's options, its own ptxas: `mulo-compile --cubin
 #   --ptxas-report`).
 # - The packed model's portable PTX too: `ptxas -v` (from the PyPI wheel nvidia-cuda-nvcc-cu12,
@@ -30,6 +30,10 @@ for arch in sm_80 sm_90; do
     "$bin" --target cuda --arch "$arch" --weights "$weights" -o "$work/packed-$arch" \
         --shape 64x32 --shape 37 --shape 16x8x3x3 --shape scalar --shape 1x300 \
         --cubin --ptxas-report >"$work/packed-$arch.log" 2>/dev/null
+    # One rank's staged program of the same model (rows of axis 0 split: docs/cuda.md).
+    "$bin" --target cuda --arch "$arch" --weights "$weights" -o "$work/staged-$arch" \
+        --shape 64x32 --shape 37 --shape 16x8x3x3 --shape scalar --shape 1x300 \
+        --shard-rows 32,19,8,whole,0 --cubin --ptxas-report >"$work/staged-$arch.log" 2>/dev/null
     "$ptxas" -v --gpu-name "$arch" -o /dev/null "$work/packed-$arch/mulo_model.ptx" 2>"$work/packed_ptx-$arch.log"
 done
 

@@ -101,6 +101,13 @@ struct CompileArgs {
     /// With --target cuda: write the packed model program even for a single --shape.
     #[arg(long)]
     packed: bool,
+    /// With --target cuda: one rank's **staged** packed program, for tensors split by rows of
+    /// axis 0 over several ranks (FSDP's `Shard(0)`): the rows of axis 0 this rank holds of
+    /// each --shape, once per --shape in order or comma-separated (`whole` for a tensor every
+    /// rank steps whole, e.g. a 0-d one). Its manifest gives the stages and the round buffers to all-reduce
+    /// between them (docs/cuda.md, "Staged programs").
+    #[arg(long, value_name = "ROWS", value_delimiter = ',')]
+    shard_rows: Vec<String>,
     /// What to produce.
     #[arg(long, value_enum, default_value = "ir")]
     target: CompileTarget,
@@ -237,16 +244,23 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
     if args.cubin && args.target != CompileTarget::Cuda {
         bail!("--cubin needs --target cuda");
     }
+    if !args.shard_rows.is_empty() && args.shard_rows.len() != args.shape.len() {
+        bail!(
+            "{} --shard-rows for {} --shape: give one per --shape, in order (`whole` for a tensor stepped whole)",
+            args.shard_rows.len(),
+            args.shape.len()
+        );
+    }
     let layouts = args
         .shape
         .iter()
         .enumerate()
         .map(|(i, s)| layout_arg(s, args.factored_axes.get(i).map(String::as_str)))
         .collect::<Result<Vec<_>>>()?;
-    if layouts.len() > 1 || args.packed {
+    if layouts.len() > 1 || args.packed || !args.shard_rows.is_empty() {
         if args.target != CompileTarget::Cuda {
             bail!(
-                "several --shape values (or --packed) make a packed whole-model program, which only --target cuda produces; compile one shape at a time for --target {}",
+                "several --shape values (or --packed, --shard-rows) make a packed whole-model program, which only --target cuda produces; compile one shape at a time for --target {}",
                 match args.target {
                     CompileTarget::Ir => "ir",
                     CompileTarget::Onnx => "onnx",
@@ -380,7 +394,29 @@ fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
     let arch = args.arch.clone().unwrap_or_else(nvrtc::default_arch);
     nvrtc::check_arch(&arch)?;
     let started = Instant::now();
-    let model = PackedModel::new(&lopt, layouts)?;
+    let model = if args.shard_rows.is_empty() {
+        PackedModel::new(&lopt, layouts)?
+    } else {
+        let tensors = layouts
+            .iter()
+            .zip(&args.shard_rows)
+            .enumerate()
+            .map(|(i, (layout, rows))| {
+                let rows = match rows.trim() {
+                    "whole" => None,
+                    r => Some(r.parse::<usize>().map_err(|_| {
+                        anyhow::anyhow!(
+                            "--shard-rows {rows:?} (for --shape {}, number {}): expected a row count or `whole`",
+                            layout.shape(),
+                            i + 1
+                        )
+                    })?),
+                };
+                Ok((layout.clone(), rows))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        PackedModel::staged(&lopt, &tensors)?
+    };
     eprintln!(
         "packing {} tensors of {} distinct shapes; compiling for {arch} (NVRTC runs the first time only; the result is cached)",
         model.tensors.len(),
@@ -390,6 +426,18 @@ fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
     let dir = args.output.clone().unwrap_or_else(|| PathBuf::from("."));
     for path in compiled.write_to(&dir)? {
         eprintln!("wrote {}", path.display());
+    }
+    if model.stages() > 1 {
+        eprintln!(
+            "staged: {} stages; all-reduce (sum, f64) the round buffers between them: {} values",
+            model.stages(),
+            model
+                .round_len
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(" + ")
+        );
     }
     eprintln!(
         "{} launches per step, {} bytes of PTX (NVRTC {}{}) in {:.1?}",

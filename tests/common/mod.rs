@@ -3,6 +3,7 @@
 
 pub mod emulation;
 pub mod model;
+pub mod packed_program;
 
 use mulo::lopt::LearnedOptimizer;
 use std::path::PathBuf;

@@ -35,8 +35,16 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// Bytes of one `MuloTensor` entry of the table: 9 × 64-bit addresses, 3 × f32, 1 × i32.
-pub const TABLE_ENTRY_BYTES: usize = 88;
+/// Bytes of one `MuloTensor` entry of the table: 9 × 64-bit addresses, 3 × f32, 1 × i32,
+/// then the [`MAX_ROUNDS`] round-buffer addresses of a staged program.
+pub const TABLE_ENTRY_BYTES: usize = 88 + 8 * MAX_ROUNDS;
+
+/// The most rounds (combines of partial sums across shards) a staged plan may have: μLO's
+/// step has at most 2 ([`crate::plan::StagePlan`]).
+pub const MAX_ROUNDS: usize = 2;
+
+/// Byte offset of the round-buffer addresses in a table entry.
+const ROUNDS_AT: usize = 88;
 
 /// Byte offset of the step's scalars (`lr`, `weight_decay`, `step`) in a table entry.
 const SCALARS_AT: usize = 72;
@@ -59,6 +67,9 @@ pub struct TensorAddrs {
     pub scratch: u64,
     /// The tensor's f64 partial sums ([`Schedule::partials_len`] values of its plan).
     pub partials: u64,
+    /// Staged programs: the tensor's slice of each round's buffer (f64,
+    /// [`Schedule::round_len`] values of its plan; 0 past its rounds).
+    pub rounds: [u64; MAX_ROUNDS],
 }
 
 impl TensorAddrs {
@@ -112,6 +123,9 @@ pub struct ArenaBases {
     pub scratch: u64,
     /// Base of the partials arena (f64).
     pub partials: u64,
+    /// Staged programs: base of each round's buffer (f64, [`PackedModel::round_len`] values);
+    /// 0 for the rounds a program does not have.
+    pub rounds: [u64; MAX_ROUNDS],
 }
 
 /// One compiled shape of the model.
@@ -121,8 +135,13 @@ pub struct ModelPlan {
     pub ir: Arc<StepIr>,
     /// Its kernels.
     pub schedule: Schedule,
-    /// Levels its kernels are moved by to end on the model's last level.
+    /// Levels its kernels are moved by to end on the model's last level (0 in a staged
+    /// model, which aligns plans by stage).
     pub shift: u32,
+    /// Staged models: the rows of axis 0 the tensors of this plan hold (its `ir` has that
+    /// layout; its schedule is [`schedule_staged`](super::schedule::schedule_staged)), `None`
+    /// for a tensor stepped whole.
+    pub local_rows: Option<usize>,
 }
 
 impl ModelPlan {
@@ -148,6 +167,8 @@ pub struct PackedTensor {
     pub scratch: usize,
     /// Offset of its f64 partial sums.
     pub partials: usize,
+    /// Staged models: offset of its sums in the buffer of each of its plan's rounds.
+    pub rounds: Vec<usize>,
 }
 
 /// What one model step uploads and launches: the table, the block starts and every slot's
@@ -169,6 +190,8 @@ pub struct Slot {
     pub name: String,
     /// `small` (small-domain work of every tensor) or `elem` (a pass over every tensor's elements).
     pub kind: &'static str,
+    /// The stage it belongs to (0 in a model that is not staged).
+    pub stage: u32,
     /// For every plan, the index of its kernel run by this launch, if any.
     pub kernels: Vec<Option<usize>>,
 }
@@ -188,6 +211,9 @@ pub struct PackedModel {
     pub scratch_len: usize,
     /// f64 values of the partials arena.
     pub partials_len: usize,
+    /// Staged models: f64 values of each round's buffer (every tensor with that many rounds,
+    /// in tensor order). Empty otherwise.
+    pub round_len: Vec<usize>,
     /// Fingerprint of the learned optimizer.
     pub lopt_fingerprint: String,
 }
@@ -205,38 +231,136 @@ impl PackedModel {
 
     /// Packs tensors stepped by `irs` (one per tensor; tensors of one layout share a plan).
     pub fn from_plans(irs: &[Arc<StepIr>], lopt_fingerprint: &str) -> Result<Self> {
+        let tensors: Vec<(Arc<StepIr>, Option<usize>)> =
+            irs.iter().map(|ir| (ir.clone(), None)).collect();
+        Self::pack(&tensors, lopt_fingerprint, None)
+    }
+
+    /// Compiles the **staged** step of a model whose tensors are split by rows of axis 0 over
+    /// several ranks (FSDP's `Shard(0)`): one rank's program. `tensors[i]` is tensor `i`'s
+    /// whole layout and the rows of axis 0 this rank holds (`None`: the tensor is stepped
+    /// whole, as a replicated 0-d tensor; its one stage is stage 0). Each sharded tensor is
+    /// stepped by the [`StagePlan`](crate::plan::StagePlan) of its whole program, rendered on
+    /// its rows ([`schedule_staged`](super::schedule::schedule_staged)); tensors of one layout
+    /// and row count share a plan.
+    ///
+    /// A step is [`stages`](Self::stages) stages, each the launches of
+    /// [`stage_slots`](Self::stage_slots). Stage `r` (before the last) leaves this rank's
+    /// partial sums of round `r` in that round's buffer ([`round_len`](Self::round_len) f64
+    /// values; per tensor with more than `r` rounds, in tensor order, its
+    /// [`StagedPlan::round_contents`](crate::shard::StagedPlan::round_contents)); the host
+    /// replaces them by their sum over every rank (an all-reduce, in place) before stage
+    /// `r + 1`, which reads them. The last stage writes parameters and state. The buffers
+    /// have the layout of [`ShardedModel`](crate::shard::ShardedModel)'s level rounds.
+    pub fn staged(lopt: &LearnedOptimizer, tensors: &[(Layout, Option<usize>)]) -> Result<Self> {
+        Self::staged_with(lopt, tensors, None)
+    }
+
+    /// [`staged`](Self::staged) with the sharded tensors' schedules made by
+    /// [`schedule_staged_with`](super::schedule::schedule_staged_with)`(chunk_threshold,
+    /// spread)` when `tuning` is given (the emulation tests force chunked and spread small
+    /// kernels on small tensors).
+    pub fn staged_with(
+        lopt: &LearnedOptimizer,
+        tensors: &[(Layout, Option<usize>)],
+        tuning: Option<(usize, usize)>,
+    ) -> Result<Self> {
+        let mut cache = crate::backend::PlanCache::new();
+        let items = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, (layout, rows))| {
+                if let Some(rows) = rows {
+                    if layout.is_scalar() || *rows > layout.dims()[0] {
+                        return Err(Error::argument(
+                            format!("tensor {i}"),
+                            format!("{rows} rows is not a shard of a {} tensor", layout.shape()),
+                        ));
+                    }
+                }
+                Ok((cache.get(lopt, layout)?, *rows))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::pack(&items, &lopt.fingerprint(), Some(tuning))
+    }
+
+    /// Packs `tensors` (whole programs, with the local rows of staged ones).
+    /// `staged`: `Some(tuning)` for a staged model (see [`staged_with`](Self::staged_with)).
+    fn pack(
+        tensors: &[(Arc<StepIr>, Option<usize>)],
+        lopt_fingerprint: &str,
+        staged: Option<Option<(usize, usize)>>,
+    ) -> Result<Self> {
         let mut plans: Vec<ModelPlan> = Vec::new();
-        let mut plan_of_layout: HashMap<Layout, usize> = HashMap::new();
-        let mut tensor_plan = Vec::with_capacity(irs.len());
-        for ir in irs {
+        let mut plan_of: HashMap<(Layout, Option<usize>), usize> = HashMap::new();
+        let mut tensor_plan = Vec::with_capacity(tensors.len());
+        for (ir, rows) in tensors {
             if ir.lopt_fingerprint != lopt_fingerprint {
                 return Err(Error::argument(
                     "plans",
                     "every tensor's program must come from the same learned optimizer",
                 ));
             }
-            let p = *plan_of_layout.entry(ir.layout.clone()).or_insert_with(|| {
-                plans.push(ModelPlan {
-                    ir: ir.clone(),
-                    schedule: super::schedule::schedule(ir),
-                    shift: 0,
+            let p = *plan_of
+                .entry((ir.layout.clone(), *rows))
+                .or_insert_with(|| {
+                    plans.push(match rows {
+                        Some(rows) => {
+                            let local = Arc::new(StepIr {
+                                layout: ir.layout.with_local_rows(*rows),
+                                nodes: ir.nodes.clone(),
+                                matrices: ir.matrices.clone(),
+                                lopt_fingerprint: ir.lopt_fingerprint.clone(),
+                            });
+                            ModelPlan {
+                                schedule: match staged.flatten() {
+                                    Some((chunk, spread)) => super::schedule::schedule_staged_with(
+                                        ir, &local, chunk, spread,
+                                    ),
+                                    None => super::schedule::schedule_staged(ir, &local),
+                                },
+                                ir: local,
+                                shift: 0,
+                                local_rows: Some(*rows),
+                            }
+                        }
+                        None => ModelPlan {
+                            ir: ir.clone(),
+                            schedule: super::schedule::schedule(ir),
+                            shift: 0,
+                            local_rows: None,
+                        },
+                    });
+                    plans.len() - 1
                 });
-                plans.len() - 1
-            });
             tensor_plan.push(p);
         }
-        let top = plans
-            .iter()
-            .filter_map(|p| p.schedule.kernels.last().map(|k| k.level))
-            .max()
-            .unwrap_or(0);
-        for p in &mut plans {
-            p.shift = top - p.schedule.kernels.last().map_or(top, |k| k.level);
+        if let Some(p) = plans.iter().find(|p| p.schedule.rounds() > MAX_ROUNDS) {
+            return Err(Error::argument(
+                "tensors",
+                format!(
+                    "a {} shard needs {} rounds; a packed program supports {MAX_ROUNDS}",
+                    p.ir.layout.shape(),
+                    p.schedule.rounds()
+                ),
+            ));
         }
-        let slots = Self::slots(&plans, top);
+        if staged.is_none() {
+            let top = plans
+                .iter()
+                .filter_map(|p| p.schedule.kernels.last().map(|k| k.level))
+                .max()
+                .unwrap_or(0);
+            for p in &mut plans {
+                p.shift = top - p.schedule.kernels.last().map_or(top, |k| k.level);
+            }
+        }
+        let slots = Self::slots(&plans, staged.is_some());
 
         let mut arena_len: BTreeMap<Buffer, usize> = ARENAS.iter().map(|&b| (b, 0)).collect();
         let (mut scratch_len, mut partials_len) = (0usize, 0usize);
+        let rounds = plans.iter().map(|p| p.schedule.rounds()).max().unwrap_or(0);
+        let mut round_len = vec![0usize; rounds];
         let tensors = tensor_plan
             .iter()
             .map(|&p| {
@@ -257,6 +381,17 @@ impl PackedModel {
                     offsets,
                     scratch: scratch_len,
                     partials: partials_len,
+                    rounds: plan
+                        .schedule
+                        .round_len
+                        .iter()
+                        .zip(&mut round_len)
+                        .map(|(&len, total)| {
+                            let at = *total;
+                            *total += len;
+                            at
+                        })
+                        .collect(),
                 };
                 scratch_len += plan.schedule.scratch_len;
                 partials_len += plan.schedule.partials_len;
@@ -271,11 +406,15 @@ impl PackedModel {
             arena_len,
             scratch_len,
             partials_len,
+            round_len,
             lopt_fingerprint: lopt_fingerprint.to_string(),
         })
     }
 
-    fn slots(plans: &[ModelPlan], top: u32) -> Vec<Slot> {
+    /// The launches: stage by stage, level by level, the small kernels of every phase then
+    /// the pass; a slot for every combination some plan has a kernel for. Each plan's kernels
+    /// keep their order.
+    fn slots(plans: &[ModelPlan], staged: bool) -> Vec<Slot> {
         let mut slots = Vec::new();
         // A stage may be several small kernels (phases): slot by level, then phase.
         let phases = plans
@@ -283,40 +422,86 @@ impl PackedModel {
             .flat_map(|p| p.schedule.kernels.iter().map(|k| k.phase + 1))
             .max()
             .unwrap_or(1);
-        for level in 0..=top {
-            let launches = (0..phases)
-                .map(|q| ("small", q))
-                .chain(std::iter::once(("elem", 0)));
-            for (kind, phase) in launches {
-                let kernels: Vec<Option<usize>> = plans
-                    .iter()
-                    .map(|p| {
-                        p.schedule.kernels.iter().position(|k| {
-                            k.level + p.shift == level
-                                && k.phase == phase
-                                && matches!(
-                                    (&k.kind, kind),
-                                    (KernelKind::Small { .. }, "small")
-                                        | (KernelKind::Elem { .. }, "elem")
-                                )
+        let stages = plans
+            .iter()
+            .flat_map(|p| p.schedule.kernels.iter().map(|k| k.stage + 1))
+            .max()
+            .unwrap_or(1);
+        for stage in 0..stages {
+            let top = plans
+                .iter()
+                .flat_map(|p| {
+                    p.schedule
+                        .kernels
+                        .iter()
+                        .filter(|k| k.stage == stage)
+                        .map(|k| k.level + p.shift)
+                })
+                .max()
+                .unwrap_or(0);
+            for level in 0..=top {
+                let launches = (0..phases)
+                    .map(|q| ("small", q))
+                    .chain(std::iter::once(("elem", 0)));
+                for (kind, phase) in launches {
+                    let kernels: Vec<Option<usize>> = plans
+                        .iter()
+                        .map(|p| {
+                            p.schedule.kernels.iter().position(|k| {
+                                k.stage == stage
+                                    && k.level + p.shift == level
+                                    && k.phase == phase
+                                    && matches!(
+                                        (&k.kind, kind),
+                                        (KernelKind::Small { .. }, "small")
+                                            | (KernelKind::Elem { .. }, "elem")
+                                    )
+                            })
                         })
-                    })
-                    .collect();
-                if kernels.iter().any(Option::is_some) {
-                    let name = if kind == "small" {
-                        format!("mulo_model_{}_small_{level}_{phase}", slots.len())
-                    } else {
-                        format!("mulo_model_{}_elem_{level}", slots.len())
-                    };
-                    slots.push(Slot {
-                        name,
-                        kind,
-                        kernels,
-                    });
+                        .collect();
+                    if kernels.iter().any(Option::is_some) {
+                        let n = slots.len();
+                        let pre = if staged {
+                            format!("mulo_model_{n}_s{stage}")
+                        } else {
+                            format!("mulo_model_{n}")
+                        };
+                        let name = if kind == "small" {
+                            format!("{pre}_small_{level}_{phase}")
+                        } else {
+                            format!("{pre}_elem_{level}")
+                        };
+                        slots.push(Slot {
+                            name,
+                            kind,
+                            stage,
+                            kernels,
+                        });
+                    }
                 }
             }
         }
         slots
+    }
+
+    /// Number of stages of a step: 1 + the most rounds of any plan (1 when not staged).
+    pub fn stages(&self) -> usize {
+        self.round_len.len() + 1
+    }
+
+    /// The slots stage `stage` launches, in order.
+    pub fn stage_slots(&self, stage: usize) -> std::ops::Range<usize> {
+        let first = self
+            .slots
+            .iter()
+            .position(|s| s.stage as usize >= stage)
+            .unwrap_or(self.slots.len());
+        let end = self
+            .slots
+            .iter()
+            .position(|s| s.stage as usize > stage)
+            .unwrap_or(self.slots.len());
+        first..end
     }
 
     /// The offset of tensor `index` in the `param` and `grad` arenas.
@@ -429,6 +614,9 @@ impl PackedModel {
                     partials: bases.partials + 8 * t.partials as u64,
                     ..Default::default()
                 };
+                for (r, &at) in t.rounds.iter().enumerate() {
+                    a.rounds[r] = bases.rounds[r] + 8 * at as u64;
+                }
                 for (k, &b) in ARENAS.iter().enumerate() {
                     let offset = match b {
                         Buffer::Grad => t.offsets.get(&Buffer::Param),
@@ -482,6 +670,7 @@ impl PackedModel {
             arenas: [0; 7],
             scratch,
             partials,
+            rounds: [0; MAX_ROUNDS],
         });
         let mut out = vec![TensorAddrs::default(); n];
         // (start, end, tensor, buffer, written) of every buffer, for the overlap check.
@@ -603,6 +792,10 @@ impl PackedModel {
                 out.extend(v.to_le_bytes());
             }
             out.extend((t.plan as i32).to_le_bytes());
+            debug_assert_eq!(out.len() % TABLE_ENTRY_BYTES, ROUNDS_AT);
+            for r in a.rounds {
+                out.extend(r.to_le_bytes());
+            }
         }
         debug_assert_eq!(
             out.len(),
@@ -676,6 +869,12 @@ impl PackedModel {
         let mut args = vec!["blk".to_string(), "mulo_smem".to_string()];
         for param in super::render::params(&plan.ir.layout) {
             args.push(format!("t.{}", param.name));
+        }
+        // Only small kernels take the round buffers (`render_kernels`).
+        if matches!(plan.schedule.kernels[k].kind, KernelKind::Small { .. }) {
+            for r in 0..plan.schedule.rounds() {
+                args.push(format!("t.{}", super::render::round_param(r)));
+            }
         }
         format!(
             "p{p}_{}({})",
@@ -752,6 +951,14 @@ pub struct TensorJson {
     pub state: Vec<crate::backend::cuda::manifest::BufferJson>,
     /// Blocks it runs on in every slot when stepped (0 in slots without a kernel of its plan).
     pub blocks: Vec<usize>,
+    /// Staged programs: the rows of axis 0 this rank holds (`numel`, `state` and the row
+    /// domains are the shard's; `shape` is the whole tensor's); absent for a tensor stepped
+    /// whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rows: Option<usize>,
+    /// Staged programs: its f64 sums in each round's buffer (at `offsets.mulo_round<r>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub round_len: Vec<usize>,
 }
 
 /// One arena.
@@ -772,6 +979,9 @@ pub struct SlotJson {
     pub name: String,
     /// `small` or `elem`.
     pub kind: String,
+    /// The stage it belongs to (always 0 unless the program is staged).
+    #[serde(default)]
+    pub stage: u32,
     /// What it runs.
     pub summary: String,
 }
@@ -781,9 +991,14 @@ pub struct SlotJson {
 pub struct ModelManifest {
     /// Always [`MODEL_FORMAT`].
     pub format: String,
-    /// Version of the format (3: the weights are in `constants`, not in the PTX; 2: the table
+    /// Version of the format (4: the table ends with the round-buffer addresses of staged
+    /// programs, 104 bytes; 3: the weights are in `constants`, not in the PTX; 2: the table
     /// holds addresses; 1 held arena offsets).
     pub format_version: u32,
+    /// Stages of a step: 1, or 1 + the rounds of a staged program (each round's buffer is the
+    /// arena `mulo_round<r>`).
+    #[serde(default = "one_stage")]
+    pub stages: usize,
     /// mulo's version.
     pub generator: String,
     /// The GPU architecture the PTX targets.
@@ -823,6 +1038,42 @@ pub struct ModelManifest {
     pub protocol: String,
 }
 
+/// How to run a step (the manifest's `protocol`).
+const PROTOCOL: &str = "Load mulo_model.ptx as a module and copy every array of `constants` into it \
+                       (the module's global of that name; `len` f32 values from `hex`). Allocate the scratch and partials arenas of \
+                       `arenas` once. Tensor i's buffers are wherever the host keeps them: the \
+                       parameter and gradient (numel f32 values each) and its `state` buffers (zero \
+                       before the first step), e.g. at offsets.<name> in arenas of `arenas` (grad at \
+                       offsets.param of the grad arena), or in separate allocations; its scratch and \
+                       partials are at offsets.scratch and offsets.partials of those arenas. For each \
+                       step: build the table (one entry of table_entry_bytes per tensor, fields at the \
+                       given byte offsets, little-endian: the device addresses of the tensor's buffers \
+                       (0 for those it has not), its lr (μP-scaled), weight_decay, step counter t \
+                       (steps taken before this one) and plan); build `starts`, an int64 array of \
+                       n_slots × (n_tensors + 1): for slot s, starts[s][i] is the sum of blocks[s] of \
+                       the stepped tensors before i (a tensor left out of this step counts 0) and \
+                       starts[s][n] the total; copy both to the device. Then launch every slot in \
+                       order on one stream, grid (starts[s][n], 1, 1), block (block_threads, 1, 1), no \
+                       dynamic shared memory, arguments: table pointer, starts pointer, n_tensors as \
+                       int32; skip a slot whose grid is 0. Increment the step counter of every stepped \
+                       tensor. Parameters and state are updated in place; no two written buffers may \
+                       overlap.";
+
+/// What a staged program adds to [`PROTOCOL`].
+const STAGED_PROTOCOL: &str = " Staged programs (a rank's shards of tensors split by rows of axis 0: `local_rows`): \
+                       also allocate every `mulo_round<r>` arena (f64) and write each tensor's \
+                       `mulo_round<r>` field as its address plus 8 × offsets.mulo_round<r> (0 for \
+                       rounds it has not). A step is `stages` stages, each launching, in order, the \
+                       slots of that `stage` (the table and starts are those of the step). After stage \
+                       r (before the last), replace arena mulo_round<r> by its sum over every rank (an \
+                       all-reduce, sum, f64, in place); stage r + 1 reads it. Every rank's program has \
+                       the same stages and round sizes; a rank holding no row of a tensor contributes \
+                       zeros. The last stage writes parameters and state.";
+
+fn one_stage() -> usize {
+    1
+}
+
 /// The table fields in entry order: the buffers' addresses, then the step's scalars, then
 /// the plan.
 pub fn table_fields() -> Vec<FieldJson> {
@@ -849,6 +1100,13 @@ pub fn table_fields() -> Vec<FieldJson> {
         dtype: "i32".into(),
         offset: SCALARS_AT + 12,
     });
+    for r in 0..MAX_ROUNDS {
+        fields.push(FieldJson {
+            name: super::render::round_param(r),
+            dtype: "ptr".into(),
+            offset: ROUNDS_AT + 8 * r,
+        });
+    }
     fields
 }
 
@@ -931,6 +1189,9 @@ impl PackedModel {
                     .collect();
                 offsets.insert("scratch".into(), t.scratch);
                 offsets.insert("partials".into(), t.partials);
+                for (r, &at) in t.rounds.iter().enumerate() {
+                    offsets.insert(super::render::round_param(r), at);
+                }
                 TensorJson {
                     shape: layout.shape().dims().to_vec(),
                     factored: layout.factored().map(|f| {
@@ -944,6 +1205,8 @@ impl PackedModel {
                         .map(|b| crate::backend::cuda::manifest::BufferJson::new(b, layout))
                         .collect(),
                     blocks: (0..self.slots.len()).map(|s| self.blocks(i, s)).collect(),
+                    local_rows: self.plans[t.plan].local_rows,
+                    round_len: self.plans[t.plan].schedule.round_len.clone(),
                 }
             })
             .collect();
@@ -965,9 +1228,21 @@ impl PackedModel {
             dtype: "f64".into(),
             len: self.partials_len.max(1),
         });
+        for (r, &len) in self.round_len.iter().enumerate() {
+            arenas.push(ArenaJson {
+                name: super::render::round_param(r),
+                dtype: "f64".into(),
+                len: len.max(1),
+            });
+        }
+        let mut protocol = PROTOCOL.to_string();
+        if self.stages() > 1 {
+            protocol.push_str(STAGED_PROTOCOL);
+        }
         Ok(ModelManifest {
             format: MODEL_FORMAT.into(),
-            format_version: 3,
+            format_version: 4,
+            stages: self.stages(),
             generator: format!("mulo {}", env!("CARGO_PKG_VERSION")),
             arch: arch.to_string(),
             nvrtc_version: format!("{}.{}", nvrtc_version.0, nvrtc_version.1),
@@ -987,29 +1262,11 @@ impl PackedModel {
                 .map(|s| SlotJson {
                     name: s.name.clone(),
                     kind: s.kind.into(),
+                    stage: s.stage,
                     summary: self.slot_summary(s),
                 })
                 .collect(),
-            protocol: "Load mulo_model.ptx as a module and copy every array of `constants` into it \
-                       (the module's global of that name; `len` f32 values from `hex`). Allocate the scratch and partials arenas of \
-                       `arenas` once. Tensor i's buffers are wherever the host keeps them: the \
-                       parameter and gradient (numel f32 values each) and its `state` buffers (zero \
-                       before the first step), e.g. at offsets.<name> in arenas of `arenas` (grad at \
-                       offsets.param of the grad arena), or in separate allocations; its scratch and \
-                       partials are at offsets.scratch and offsets.partials of those arenas. For each \
-                       step: build the table (one entry of table_entry_bytes per tensor, fields at the \
-                       given byte offsets, little-endian: the device addresses of the tensor's buffers \
-                       (0 for those it has not), its lr (μP-scaled), weight_decay, step counter t \
-                       (steps taken before this one) and plan); build `starts`, an int64 array of \
-                       n_slots × (n_tensors + 1): for slot s, starts[s][i] is the sum of blocks[s] of \
-                       the stepped tensors before i (a tensor left out of this step counts 0) and \
-                       starts[s][n] the total; copy both to the device. Then launch every slot in \
-                       order on one stream, grid (starts[s][n], 1, 1), block (block_threads, 1, 1), no \
-                       dynamic shared memory, arguments: table pointer, starts pointer, n_tensors as \
-                       int32; skip a slot whose grid is 0. Increment the step counter of every stepped \
-                       tensor. Parameters and state are updated in place; no two written buffers may \
-                       overlap."
-                .into(),
+            protocol,
             constants,
         })
     }
@@ -1154,6 +1411,7 @@ mod tests {
             ],
             scratch: 8 << 40,
             partials: 9 << 40,
+            rounds: [0; MAX_ROUNDS],
         };
         let addrs = m.arena_addrs(&bases);
         // Tensor 2 (the second 8x4): param and grad at offset 37, mom at 3 × 37, factored;
@@ -1207,7 +1465,77 @@ mod tests {
             ),
             0
         );
-        assert_eq!(at("plan") + 4, TABLE_ENTRY_BYTES);
+        assert_eq!(at("plan") + 4, at("mulo_round0"));
+        assert_eq!(
+            u64_at(e2 + at("mulo_round0")),
+            0,
+            "not staged: no round buffer"
+        );
+        assert_eq!(
+            at(&format!("mulo_round{}", MAX_ROUNDS - 1)) + 8,
+            TABLE_ENTRY_BYTES
+        );
+    }
+
+    /// A staged model: slots grouped by stage, plans aligned by stage (not shifted), round
+    /// buffers holding every tensor with that many rounds in tensor order, and the table's
+    /// round addresses pointing at each tensor's slice.
+    #[test]
+    fn staged_models_lay_out_stages_and_rounds() {
+        let layouts = ["64x32", "37", "scalar", "64x32", "1x30"]
+            .iter()
+            .map(|s| Layout::new(crate::shape::Shape::parse(s).unwrap()))
+            .collect::<Vec<_>>();
+        let rows = [Some(20), Some(13), None, Some(20), Some(0)];
+        let tensors: Vec<(Layout, Option<usize>)> = layouts.iter().cloned().zip(rows).collect();
+        let m = PackedModel::staged(&LearnedOptimizer::demo(), &tensors).unwrap();
+        assert_eq!(m.plans.len(), 4, "the two 64x32 shards share a plan");
+        assert!(m.plans.iter().all(|p| p.shift == 0));
+        assert_eq!(m.stages(), 3);
+        let mut covered = 0;
+        for stage in 0..m.stages() {
+            let range = m.stage_slots(stage);
+            assert_eq!(range.start, covered);
+            assert!(m.slots[range.clone()]
+                .iter()
+                .all(|s| s.stage as usize == stage));
+            covered = range.end;
+        }
+        assert_eq!(covered, m.slots.len());
+        // Round r: the tensors with more than r rounds, in order.
+        let len = |t: usize, r: usize| m.plans[m.tensors[t].plan].schedule.round_len[r];
+        assert_eq!(m.tensors[0].rounds, [0, 0]);
+        assert_eq!(m.tensors[1].rounds, [len(0, 0)]);
+        assert!(m.tensors[2].rounds.is_empty());
+        assert_eq!(m.tensors[3].rounds, [len(0, 0) + len(1, 0), len(0, 1)]);
+        assert_eq!(m.round_len[1], 2 * len(0, 1) + len(4, 1));
+        // The empty shard runs no element pass.
+        let elem = m.slots.iter().position(|s| s.kind == "elem").unwrap();
+        assert_eq!(m.blocks(4, elem), 0);
+        let bases = ArenaBases {
+            arenas: [1 << 40; 7],
+            scratch: 8 << 40,
+            partials: 9 << 40,
+            rounds: [10 << 40, 11 << 40],
+        };
+        let addrs = m.arena_addrs(&bases);
+        assert_eq!(
+            addrs[3].rounds,
+            [
+                (10 << 40) + 8 * m.tensors[3].rounds[0] as u64,
+                (11 << 40) + 8 * m.tensors[3].rounds[1] as u64
+            ]
+        );
+        assert_eq!(addrs[2].rounds, [0, 0]);
+        let table = m.table(&addrs, &[None; 5]);
+        let at = 3 * TABLE_ENTRY_BYTES + ROUNDS_AT;
+        assert_eq!(
+            u64::from_le_bytes(table[at + 8..at + 16].try_into().unwrap()),
+            addrs[3].rounds[1]
+        );
+        // Not a shard: refused, naming the tensor.
+        let bad = PackedModel::staged(&LearnedOptimizer::demo(), &[(layouts[0].clone(), Some(65))]);
+        assert!(bad.unwrap_err().to_string().contains("tensor 0"));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct CudaExecutor {
     arenas: BTreeMap<Buffer, CudaSlice<f32>>,
     scratch: CudaSlice<f32>,
     partials: CudaSlice<f64>,
+    /// A staged model's round buffers ([`PackedModel::round_len`]); none otherwise.
+    rounds: Vec<CudaSlice<f64>>,
 }
 
 /// What both packed executors ([`CudaExecutor`] on its arenas and
@@ -87,7 +89,8 @@ impl PackedLaunches {
     /// # Safety
     /// Every address in `table` is valid, for the length the model gives it, for the work
     /// queued on `stream` (allocations the caller keeps alive and ordered with `stream`), and
-    /// `starts` and `grids` are the model's ([`PackedModel::check_launch`]).
+    /// `starts` and `grids` are the model's ([`PackedModel::check_launch`]), except that a
+    /// slot's grid may be 0 (not launched: the slots of other stages of a staged model).
     pub(super) unsafe fn run(
         &mut self,
         stream: &Arc<CudaStream>,
@@ -144,11 +147,21 @@ impl CudaExecutor {
         for b in ARENAS {
             arenas.insert(b, alloc(model.arena_len[&b])?);
         }
+        let rounds = model
+            .round_len
+            .iter()
+            .map(|&len| {
+                stream
+                    .alloc_zeros::<f64>(len.max(1))
+                    .map_err(driver_err("allocating a round buffer"))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(CudaExecutor {
             scratch: alloc(model.scratch_len)?,
             partials: stream
                 .alloc_zeros::<f64>(model.partials_len.max(1))
                 .map_err(driver_err("allocating the partials arena"))?,
+            rounds,
             stream,
             launches,
             arenas,
@@ -194,6 +207,97 @@ impl CudaExecutor {
             .as_view_mut()
     }
 
+    /// Queues stage `stage` of a step of a **staged** model ([`PackedModel::staged`]) on
+    /// [`stream`](Self::stream): the launches of [`PackedModel::stage_slots`], for the
+    /// tensors with `steps[t]` (hyper-parameters and step counter; `None`: not stepped this
+    /// step; give the same for every stage of a step). Stage `r` (before the last) leaves this
+    /// rank's partial sums of round `r` in [`round_mut`](Self::round_mut)`(r)`: replace them by
+    /// their sum over every rank (e.g. NCCL's all-reduce in place, ordered with the stream)
+    /// before queuing stage `r + 1`. The last stage writes the parameters and state in their
+    /// arenas. With one rank (every row of every tensor), the stages one after the other are
+    /// the whole step. Stage 0 of a model that is not staged is the whole step.
+    ///
+    /// Not run on a GPU yet: its logic is the emulated one of `tests/cuda_staged_emulated.rs`.
+    pub fn run_stage(&mut self, stage: usize, steps: &[Option<(Hyper, u64)>]) -> Result<()> {
+        if stage >= self.model.stages() {
+            return Err(Error::argument(
+                "stage",
+                format!(
+                    "stage {stage} of a program of {} stages",
+                    self.model.stages()
+                ),
+            ));
+        }
+        let active: Vec<bool> = steps.iter().map(Option::is_some).collect();
+        let starts = self.model.block_starts(&active);
+        let mut grids = self.model.grids(&starts)?;
+        self.model.check_launch(&starts, &grids)?;
+        let slots = self.model.stage_slots(stage);
+        for (s, g) in grids.iter_mut().enumerate() {
+            if !slots.contains(&s) {
+                *g = 0;
+            }
+        }
+        self.queue(steps, &starts, &grids)
+    }
+
+    /// A mutable view of round `round`'s buffer of a staged model (f64,
+    /// [`PackedModel::round_len`] values): this rank's partial sums after stage `round`, to be
+    /// replaced by their sum over every rank before the next stage.
+    pub fn round_mut(&mut self, round: usize) -> Result<CudaViewMut<'_, f64>> {
+        let have = self.rounds.len();
+        self.rounds
+            .get_mut(round)
+            .map(|r| r.as_view_mut())
+            .ok_or_else(|| {
+                Error::argument(
+                    "round",
+                    format!("round {round} of a program of {have} rounds"),
+                )
+            })
+    }
+
+    /// Copies round `round`'s buffer to the host (waits for the stream).
+    pub fn read_round(&self, round: usize) -> Result<Vec<f64>> {
+        let buf = self.rounds.get(round).ok_or_else(|| {
+            Error::argument(
+                "round",
+                format!("round {round} of a program of {} rounds", self.rounds.len()),
+            )
+        })?;
+        let len = self.model.round_len[round];
+        let mut out = vec![0f64; len];
+        if len > 0 {
+            self.stream
+                .memcpy_dtoh(&buf.slice(0..len), &mut out)
+                .map_err(driver_err("downloading a round buffer"))?;
+        }
+        Ok(out)
+    }
+
+    /// Replaces round `round`'s buffer by `sums` (its sum over every rank), from the host.
+    pub fn write_round(&mut self, round: usize, sums: &[f64]) -> Result<()> {
+        let want = self.model.round_len.get(round).copied();
+        if want != Some(sums.len()) {
+            return Err(Error::argument(
+                "sums",
+                format!(
+                    "{} values for round {round}; the program's buffer has {}",
+                    sums.len(),
+                    want.map_or("no such round".to_string(), |w| w.to_string())
+                ),
+            ));
+        }
+        if sums.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream.clone();
+        let mut view = self.rounds[round].slice_mut(0..sums.len());
+        stream
+            .memcpy_htod(sums, &mut view)
+            .map_err(driver_err("uploading a round buffer"))
+    }
+
     /// Checks that every arena still has the length the model's offsets were computed for.
     fn check_arenas(&self) -> Result<()> {
         let lens = ARENAS
@@ -212,7 +316,23 @@ impl CudaExecutor {
                     self.partials.len(),
                     self.model.partials_len.max(1),
                 ),
-            ]);
+            ])
+            .chain(
+                self.rounds
+                    .iter()
+                    .zip(&self.model.round_len)
+                    .map(|(r, &len)| ("round buffer", r.len(), len.max(1))),
+            );
+        if self.rounds.len() != self.model.round_len.len() {
+            return Err(Error::argument(
+                "rounds",
+                format!(
+                    "{} round buffers; the program has {} rounds",
+                    self.rounds.len(),
+                    self.model.round_len.len()
+                ),
+            ));
+        }
         for (name, have, want) in lens {
             if have != want {
                 return Err(Error::argument(
@@ -273,6 +393,22 @@ impl PackedExecutor for CudaExecutor {
     fn run(&mut self, steps: &[Option<(Hyper, u64)>], starts: &[i64], grids: &[u32]) -> Result<()> {
         // Nothing reaches the device unless it stays inside the arenas.
         self.model.check_launch(starts, grids)?;
+        self.queue(steps, starts, grids)?;
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronizing after a packed step"))
+    }
+}
+
+impl CudaExecutor {
+    /// Queues the launches of `grids` (the model's, [`PackedModel::check_launch`], with the
+    /// slots not to run at 0) on the executor's arenas and round buffers.
+    fn queue(
+        &mut self,
+        steps: &[Option<(Hyper, u64)>],
+        starts: &[i64],
+        grids: &[u32],
+    ) -> Result<()> {
         self.check_arenas()?;
         let n = self.model.tensors.len();
         if steps.len() != n {
@@ -289,6 +425,7 @@ impl PackedExecutor for CudaExecutor {
             arenas: [0; 7],
             scratch: 0,
             partials: 0,
+            rounds: [0; super::packed::MAX_ROUNDS],
         };
         let mut guards = Vec::with_capacity(ARENAS.len() + 2);
         for (b, slice) in self.arenas.iter_mut() {
@@ -303,15 +440,19 @@ impl PackedExecutor for CudaExecutor {
         let (ptr, guard) = self.partials.device_ptr_mut(&stream);
         bases.partials = ptr;
         guards.push(guard);
+        for (r, slice) in self.rounds.iter_mut().enumerate() {
+            let (ptr, guard) = slice.device_ptr_mut(&stream);
+            bases.rounds[r] = ptr;
+            guards.push(guard);
+        }
         let table = self.model.table(&self.model.arena_addrs(&bases), steps);
-        // SAFETY: the table holds addresses inside the arenas this executor owns, each of the
-        // length the offsets were computed for (`check_arenas`), taken for `stream` by the
-        // guards; the starts and the grids are the model's (`check_launch`).
+        // SAFETY: the table holds addresses inside the arenas and round buffers this executor
+        // owns, each of the length the offsets were computed for (`check_arenas`), taken for
+        // `stream` by the guards; the starts are the model's and every grid is the model's or
+        // 0 (`check_launch`, checked by the callers).
         unsafe { self.launches.run(&stream, &table, starts, grids) }?;
         drop(guards);
-        stream
-            .synchronize()
-            .map_err(driver_err("synchronizing after a packed step"))
+        Ok(())
     }
 }
 

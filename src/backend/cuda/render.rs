@@ -573,22 +573,33 @@ pub fn render(ir: &StepIr, s: &Schedule) -> Result<String> {
     Ok(src)
 }
 
-/// The C parameter list of every kernel of `layout` (without the packed-form prefix).
-fn params_text(layout: &Layout) -> String {
+/// The C parameter list of every kernel of `layout` (without the packed-form prefix), then,
+/// for a staged schedule of `rounds` rounds, the round buffers `mulo_round<r>` (f64).
+fn params_text(layout: &Layout, rounds: usize) -> String {
     params(layout)
         .iter()
         .map(|p| format!("{} {}", p.c_type, p.name))
+        .chain((0..rounds).map(|r| format!("double* __restrict__ {}", round_param(r))))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The kernel parameter (and table field) holding round `r`'s buffer of a staged schedule.
+pub fn round_param(r: usize) -> String {
+    format!("mulo_round{r}")
 }
 
 /// Renders every kernel of `s` in `form`, in launch order (no prelude).
 pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<String> {
     let layout = &ir.layout;
     let env = template_env()?;
-    let params_text = params_text(layout);
+    // Only small kernels read or write the round buffers: elem kernels keep the unstaged
+    // argument list (two more pointers put a device function's arguments on the stack).
+    let small_params = params_text(layout, s.rounds());
+    let elem_params = params_text(layout, 0);
     let device = matches!(form, Form::Device { .. });
-    let signature = |name: &str| {
+    let signature = |name: &str, elem: bool| {
+        let params_text = if elem { &elem_params } else { &small_params };
         match form {
         Form::Global => format!(
             "extern \"C\" __global__ void __launch_bounds__({BLOCK_THREADS}) {name}({params_text})"
@@ -611,7 +622,7 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                     .map_err(template_error)?
                     .render(context! {
                         name => k.name.clone(),
-                        signature => signature(&k.name),
+                        signature => signature(&k.name, matches!(k.kind, KernelKind::Elem { .. })),
                         device => device,
                         block_index => block_index,
                         pass => pass,
@@ -650,18 +661,26 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                 stores,
                 blocks,
                 chunked,
+                round_out,
             } => {
                 let tag = match form {
                     Form::Global => k.name.clone(),
                     Form::Device { prefix } => format!("{prefix}{}", k.name),
                 };
-                let (body, tables) = small_body(ir, s, nodes, stores, *blocks, chunked, &tag)?;
+                let work = SmallWork {
+                    nodes,
+                    stores,
+                    blocks: *blocks,
+                    chunked,
+                    round_out: *round_out,
+                };
+                let (body, tables) = small_body(ir, s, &work, &tag)?;
                 src.push_str(&tables);
                 env.get_template("small")
                     .map_err(template_error)?
                     .render(context! {
                         name => k.name.clone(),
-                        signature => signature(&k.name),
+                        signature => signature(&k.name, matches!(k.kind, KernelKind::Elem { .. })),
                         device => device,
                         summary => summary(ir, k),
                         threads => BLOCK_THREADS,
@@ -708,6 +727,14 @@ pub fn summary(ir: &StepIr, k: &Kernel) -> String {
                 )
             }
         }
+        KernelKind::Small {
+            nodes,
+            round_out: Some(r),
+            ..
+        } => format!(
+            "Sums {} cross-shard means over this shard into round {r}'s buffer.",
+            nodes.len()
+        ),
         KernelKind::Small {
             nodes,
             stores,
@@ -1378,7 +1405,7 @@ fn small_mean_terms(
         .copied()
         .filter(|x| !to_axes.contains(x))
         .collect();
-    let count = layout.domain_len(from) / layout.domain_len(d);
+    let count = layout.mean_count(from, d);
     let mut coords = decompose(layout, &to_axes, "p");
     coords.extend(decompose(layout, &reduced, "k"));
     let aidx = compose(layout, from, &coords);
@@ -1406,17 +1433,64 @@ fn is_pointwise(ir: &StepIr, v: ValueId) -> bool {
     )
 }
 
+/// What one small kernel computes ([`KernelKind::Small`]).
+struct SmallWork<'a> {
+    nodes: &'a [ValueId],
+    stores: &'a [ValueId],
+    blocks: usize,
+    chunked: &'a [ValueId],
+    round_out: Option<usize>,
+}
+
+/// Where a mean's sums go: divided by the count into scratch (lane-major), or, in a round-out
+/// kernel, undivided into the round's buffer (`[point][lane]`). `p` is the point (`0` for a
+/// one-point domain); the statement assigns the f64 sum `s`.
+fn mean_sink(
+    ir: &StepIr,
+    s: &Schedule,
+    v: ValueId,
+    round_out: Option<usize>,
+    count: &str,
+) -> Result<impl Fn(usize, &str) -> String> {
+    let node = ir.node(v);
+    let (n, w) = (ir.layout.domain_len(node.domain), node.width as usize);
+    let off = s.scratch_offset[v.index()]
+        .ok_or_else(|| Error::Verify(format!("{v}: small node without a scratch slot")))?;
+    let round = match round_out {
+        Some(r) => {
+            let slot = s
+                .round_of
+                .get(&v)
+                .filter(|slot| slot.round == r)
+                .ok_or_else(|| Error::Verify(format!("{v}: not a mean of round {r}")))?;
+            Some((round_param(r), slot.offset))
+        }
+        None => None,
+    };
+    let count = count.to_string();
+    Ok(move |l: usize, p: &str| match &round {
+        Some((buf, ro)) if p == "0" => format!("{buf}[{ro} + {l}] = s"),
+        Some((buf, ro)) => format!("{buf}[{ro} + {p} * {w} + {l}] = s"),
+        None if p == "0" && n == 1 => format!("scratch[{off} + {l}] = (float)(s / {count})"),
+        None => format!("scratch[{off} + {l} * {n} + {p}] = (float)(s / {count})"),
+    })
+}
+
 /// The body of a small kernel, and the declarations of the `__constant__` tables its rolled
 /// regions read ([`roll`], named after `tag`).
 fn small_body(
     ir: &StepIr,
     s: &Schedule,
-    nodes: &[ValueId],
-    stores: &[ValueId],
-    blocks: usize,
-    chunked: &[ValueId],
+    work: &SmallWork<'_>,
     tag: &str,
 ) -> Result<(String, String)> {
+    let &SmallWork {
+        nodes,
+        stores,
+        blocks,
+        chunked,
+        round_out,
+    } = work;
     let layout = &ir.layout;
     let t = BLOCK_THREADS;
     let spread = if blocks > 1 {
@@ -1538,33 +1612,46 @@ fn small_body(
         let note = node.note.as_deref().unwrap_or("");
         let _ = writeln!(out, "    // {v} on {d} x{w}: {note}");
         match &node.op {
+            Op::Mean(_) if round_out.is_none() && s.round_of.contains_key(&v) => {
+                // A cross mean: the sums of every shard, combined by the host, over the whole
+                // tensor's count.
+                let slot = s.round_of[&v];
+                let (buf, ro) = (round_param(slot.round), slot.offset);
+                let count = f64_literal(slot.count as f64);
+                out.push_str(&open_points(n));
+                for l in 0..w {
+                    let _ = writeln!(out, "        scratch[{off} + {l} * {n} + p] = (float)({buf}[{ro} + p * {w} + {l}] / {count});");
+                }
+                let _ = writeln!(out, "    }}");
+            }
             Op::Mean(a) if ir.node(*a).domain == Domain::Elem => {
                 let m = elem_mean_of(s, v)?;
-                let count = f64_literal((layout.numel() / n) as f64);
+                let count = f64_literal(layout.mean_count(Domain::Elem, d) as f64);
+                let put = mean_sink(ir, s, v, round_out, &count)?;
                 let (po, k) = (m.partial_offset, m.partials_per_point);
                 match m.kind {
                     PartialKind::KeepX | PartialKind::KeepY | PartialKind::KeepInner => {
                         out.push_str(&open_points(n));
                         for l in 0..w {
-                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; scratch[{off} + {l} * {n} + p] = (float)(s / {count}); }}");
+                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (k * {n} + p) * {w} + {l}]; {}; }}", put(l, "p"));
                         }
                         let _ = writeln!(out, "    }}");
                     }
                     PartialKind::Blocks if n == 1 && s.chunks.contains_key(&v) => {
                         let (g, co) = s.chunks[&v];
                         for l in 0..w {
-                            let _ = writeln!(out, "    {{ double s = 0.0; for (idx_t k = tid; k < {g}; k += {t}) s += partials[{co} + k * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + {l}] = (float)(s / {count}); }}");
+                            let _ = writeln!(out, "    {{ double s = 0.0; for (idx_t k = tid; k < {g}; k += {t}) s += partials[{co} + k * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) {}; }}", put(l, "0"));
                         }
                     }
                     PartialKind::Blocks if n == 1 => {
                         for l in 0..w {
-                            let _ = writeln!(out, "    {{ double s = 0.0; for (idx_t k = tid; k < {k}; k += {t}) s += partials[{po} + k * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + {l}] = (float)(s / {count}); }}");
+                            let _ = writeln!(out, "    {{ double s = 0.0; for (idx_t k = tid; k < {k}; k += {t}) s += partials[{po} + k * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) {}; }}", put(l, "0"));
                         }
                     }
                     PartialKind::Blocks => {
                         out.push_str(&open_points(n));
                         for l in 0..w {
-                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (p * {k} + k) * {w} + {l}]; scratch[{off} + {l} * {n} + p] = (float)(s / {count}); }}");
+                            let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {k}; ++k) s += partials[{po} + (p * {k} + k) * {w} + {l}]; {}; }}", put(l, "p"));
                         }
                         let _ = writeln!(out, "    }}");
                     }
@@ -1573,10 +1660,11 @@ fn small_body(
             Op::Mean(a) => {
                 let (count, aoff, nfrom, aidx) = small_mean_terms(ir, s, v, *a)?;
                 let cnt = f64_literal(count as f64);
+                let put = mean_sink(ir, s, v, round_out, &cnt)?;
                 if let Some(&(g, co)) = s.chunks.get(&v) {
                     let _ = writeln!(out, "    for (idx_t p = 0; p < {n}; ++p) {{");
                     for l in 0..w {
-                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {g}; k += {t}) s += partials[{co} + (k * {n} + p) * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + {l} * {n} + p] = (float)(s / {cnt}); }}");
+                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {g}; k += {t}) s += partials[{co} + (k * {n} + p) * {w} + {l}]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) {}; }}", put(l, "p"));
                     }
                     let _ = writeln!(out, "    }}");
                     out.push_str(barrier);
@@ -1585,13 +1673,13 @@ fn small_body(
                 if n >= 64 {
                     out.push_str(&open_points(n));
                     for l in 0..w {
-                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {count}; ++k) s += (double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]; scratch[{off} + {l} * {n} + p] = (float)(s / {cnt}); }}");
+                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = 0; k < {count}; ++k) s += (double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]; {}; }}", put(l, "p"));
                     }
                     let _ = writeln!(out, "    }}");
                 } else {
                     let _ = writeln!(out, "    for (idx_t p = 0; p < {n}; ++p) {{");
                     for l in 0..w {
-                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {count}; k += {t}) s += (double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) scratch[{off} + {l} * {n} + p] = (float)(s / {cnt}); }}");
+                        let _ = writeln!(out, "        {{ double s = 0.0; for (idx_t k = tid; k < {count}; k += {t}) s += (double)scratch[{aoff} + {l} * {nfrom} + ({aidx})]; s = mulo_block_sum(s, mulo_smem); if (tid == 0) {}; }}", put(l, "p"));
                     }
                     let _ = writeln!(out, "    }}");
                 }

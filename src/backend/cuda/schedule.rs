@@ -17,7 +17,7 @@
 //! - Constants and runtime scalars are inlined where they are used.
 
 use crate::ir::{Op, StepIr, ValueId};
-pub use crate::plan::{elem_closure, is_elem_mean, levels, PassPlan};
+pub use crate::plan::{elem_closure, is_elem_mean, is_inlined, levels, PassPlan, StagePlan};
 use crate::shape::Domain;
 use std::collections::BTreeMap;
 
@@ -291,6 +291,9 @@ pub enum KernelKind {
         /// Means whose chunk sums this kernel computes (one chunk per block), finished by the
         /// next kernel of the stage ([`CHUNK_THRESHOLD`]).
         chunked: Vec<ValueId>,
+        /// A round-out kernel of a staged schedule: `nodes` are cross means, summed over the
+        /// shard into this round's buffer instead of divided into scratch.
+        round_out: Option<usize>,
     },
 }
 
@@ -299,7 +302,9 @@ pub enum KernelKind {
 pub struct Kernel {
     /// Entry name in the PTX.
     pub name: String,
-    /// The level it belongs to.
+    /// The stage it belongs to (0 unless the schedule is staged: [`schedule_staged`]).
+    pub stage: u32,
+    /// The level it belongs to (within its stage).
     pub level: u32,
     /// Its place among the small kernels of its stage (0 for elem kernels).
     pub phase: u32,
@@ -328,6 +333,19 @@ pub struct Schedule {
     pub chunks: BTreeMap<ValueId, (usize, usize)>,
     /// Number of passes over the element data.
     pub elem_passes: usize,
+    /// Staged schedules ([`schedule_staged`]): the length (f64 values) of this shard's buffer
+    /// of every round. Empty otherwise.
+    pub round_len: Vec<usize>,
+    /// Staged schedules: every cross mean's slot in its round's buffer.
+    pub round_of: BTreeMap<ValueId, RoundSlot>,
+}
+
+impl Schedule {
+    /// Number of rounds (combines of partial sums across shards) of a staged schedule; 0 for
+    /// an unstaged one.
+    pub fn rounds(&self) -> usize {
+        self.round_len.len()
+    }
 }
 
 /// Schedules `ir` into kernels (see the module documentation).
@@ -346,19 +364,204 @@ pub fn schedule(ir: &StepIr) -> Schedule {
 /// emulation tests chunk small tensors' means, and spread their points over a few blocks, to
 /// check those paths).
 pub fn schedule_with(ir: &StepIr, chunk_threshold: usize, spread: usize) -> Schedule {
+    let plan = PassPlan::of(ir);
+    let max_level = plan.last;
+    let groups: Vec<Group> = (0..=max_level)
+        .map(|k| {
+            let last = k == max_level;
+            Group {
+                stage: 0,
+                level: k,
+                small: plan.stage_nodes(ir, k),
+                stores: if last {
+                    plan.small_stores.clone()
+                } else {
+                    Vec::new()
+                },
+                pass: (last || !plan.pass_means[k as usize].is_empty())
+                    .then(|| plan.pass_means[k as usize].clone()),
+                last,
+                round_out: None,
+            }
+        })
+        .collect();
+    build(
+        ir,
+        groups,
+        Rounds::default(),
+        plan.levels,
+        chunk_threshold,
+        spread,
+    )
+}
+
+/// The staged schedule of one rank's shard of a tensor split by rows of axis 0 (FSDP's
+/// `Shard(0)`), rendering the [`StagePlan`] of `global` (the whole tensor's program) on
+/// `local` (the same program with the shard's layout: [`crate::shape::Layout`]'s local rows).
+///
+/// The kernels run stage by stage ([`Kernel::stage`]). Within a stage they are those of
+/// [`schedule`] for the stage's levels: small kernels of `(stage, level)`, then its pass over
+/// the shard's elements. A stage before the last ends with **round-out** kernels
+/// ([`KernelKind::Small::round_out`]): every cross mean of the round (a mean over axis 0)
+/// summed over the shard, as the mean would be computed but not divided, into the round's
+/// buffer (`mulo_round<r>`, f64, [`Schedule::round_of`]: `[point][lane]` at the mean's
+/// offset). The host adds every rank's buffer of that round; the next stage finishes each
+/// cross mean from the combined sums, divided by the **whole** tensor's count. Every other mean
+/// keeps its local count, which is the whole tensor's: it does not sum along axis 0.
+pub fn schedule_staged(global: &StepIr, local: &StepIr) -> Schedule {
+    let spread = if global.layout.numel() >= SPREAD_NUMEL {
+        SPREAD_BLOCKS
+    } else {
+        1
+    };
+    schedule_staged_with(global, local, CHUNK_THRESHOLD, spread)
+}
+
+/// [`schedule_staged`] with the chunking and spread of [`schedule_with`].
+pub fn schedule_staged_with(
+    global: &StepIr,
+    local: &StepIr,
+    chunk_threshold: usize,
+    spread: usize,
+) -> Schedule {
+    let stages = StagePlan::of(global, Some(0));
+    let rounds = stages.rounds() as u32;
+    let small_stores: Vec<ValueId> = local
+        .ids()
+        .filter(|&v| {
+            let node = local.node(v);
+            node.domain != Domain::Elem && matches!(node.op, Op::Store { .. })
+        })
+        .collect();
+    let mut groups = Vec::new();
+    for s in 0..=rounds {
+        let top = stages.max_level(s);
+        for l in 0..=top {
+            let pass = stages
+                .passes
+                .iter()
+                .find(|p| p.stage == s && p.level == l)
+                .map(|p| p.means.clone());
+            let last = s == rounds && l == top;
+            groups.push(Group {
+                stage: s,
+                level: l,
+                small: stages
+                    .small_nodes(local, s, l)
+                    .into_iter()
+                    .filter(|&v| !is_inlined(&local.node(v).op))
+                    .collect(),
+                stores: if last {
+                    small_stores.clone()
+                } else {
+                    Vec::new()
+                },
+                pass,
+                last,
+                round_out: None,
+            });
+        }
+        if s < rounds {
+            groups.push(Group {
+                stage: s,
+                level: top + 1,
+                small: stages.round_means[s as usize].clone(),
+                stores: Vec::new(),
+                pass: None,
+                last: false,
+                round_out: Some(s as usize),
+            });
+        }
+    }
+    let mut round_of = BTreeMap::new();
+    let mut round_len = Vec::with_capacity(stages.rounds());
+    for r in 0..stages.rounds() {
+        let (slots, len) = stages.round_slots(global, r);
+        for (m, offset) in slots {
+            let node = global.node(m);
+            let from = global.node(node.op.operands()[0]).domain;
+            let layout = &global.layout;
+            round_of.insert(
+                m,
+                RoundSlot {
+                    round: r,
+                    offset,
+                    count: layout.mean_count(from, node.domain),
+                },
+            );
+        }
+        round_len.push(len);
+    }
+    build(
+        local,
+        groups,
+        Rounds {
+            len: round_len,
+            of: round_of,
+        },
+        levels(local),
+        chunk_threshold,
+        spread,
+    )
+}
+
+/// A cross mean's place in a round buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundSlot {
+    /// The round whose buffer holds its sums.
+    pub round: usize,
+    /// Offset of its `[point][lane]` sums in that buffer (f64 values).
+    pub offset: usize,
+    /// The whole tensor's count of terms per point: the combined sums are divided by it.
+    pub count: usize,
+}
+
+/// The rounds of a staged schedule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rounds {
+    len: Vec<usize>,
+    of: BTreeMap<ValueId, RoundSlot>,
+}
+
+/// The work of one `(stage, level)` of a plan, before it is split into kernels.
+struct Group {
+    stage: u32,
+    level: u32,
+    /// Small-domain nodes, topological order (not inlined, not stores).
+    small: Vec<ValueId>,
+    /// Small-domain stores.
+    stores: Vec<ValueId>,
+    /// The pass after the small kernels, with the element means it reduces (`None`: no pass).
+    pass: Option<Vec<ValueId>>,
+    /// Whether the pass is the last, performing the element stores.
+    last: bool,
+    /// A round-out group: `small` are the cross means of this round, summed into its buffer.
+    round_out: Option<usize>,
+}
+
+/// Lays out scratch and partials and splits `groups` into kernels.
+fn build(
+    ir: &StepIr,
+    groups: Vec<Group>,
+    rounds: Rounds,
+    node_levels: Vec<u32>,
+    chunk_threshold: usize,
+    spread: usize,
+) -> Schedule {
     let layout = &ir.layout;
     let tiling = Tiling::of(layout);
-    let plan = PassPlan::of(ir);
-    let n = ir.nodes.len();
-    let max_level = plan.last;
-    let slot = &plan.stage;
-    let elem_means = &plan.pass_means;
 
-    // Scratch offsets for the materialized small nodes.
-    let mut scratch_offset = vec![None; n];
+    // Scratch offsets for the materialized small nodes: every small node a group computes.
+    let mut computed = vec![false; ir.nodes.len()];
+    for g in &groups {
+        for &v in &g.small {
+            computed[v.index()] = true;
+        }
+    }
+    let mut scratch_offset = vec![None; ir.nodes.len()];
     let mut scratch_len = 0usize;
     for (i, node) in ir.nodes.iter().enumerate() {
-        if slot[i].is_some() && !matches!(node.op, Op::Store { .. }) {
+        if computed[i] && !matches!(node.op, Op::Store { .. }) {
             scratch_offset[i] = Some(scratch_len);
             scratch_len += layout.domain_len(node.domain) * node.width as usize;
         }
@@ -366,7 +569,7 @@ pub fn schedule_with(ir: &StepIr, chunk_threshold: usize, spread: usize) -> Sche
     // Partials for the element means, in pass order.
     let mut partials_len = 0usize;
     let mut means: BTreeMap<ValueId, ElemMean> = BTreeMap::new();
-    for &m in elem_means.iter().flatten() {
+    for &m in groups.iter().filter_map(|g| g.pass.as_ref()).flatten() {
         let node = ir.node(m);
         let axes = layout.domain_axes(node.domain);
         let keeps = |a: Option<usize>| a.is_some_and(|a| axes.contains(&a));
@@ -399,26 +602,24 @@ pub fn schedule_with(ir: &StepIr, chunk_threshold: usize, spread: usize) -> Sche
         partials_len += count * node.width as usize;
     }
 
-    // The small kernels of every stage, then the chunk sums they need.
-    let stages: Vec<Vec<SmallPhase>> = (0..=max_level)
-        .map(|k| {
-            let stores = if k == max_level {
-                plan.small_stores.clone()
-            } else {
-                Vec::new()
-            };
-            stage_phases(
+    // The small kernels of every group, then the chunk sums they need.
+    let phases: Vec<Vec<SmallPhase>> = groups
+        .iter()
+        .map(|g| {
+            let ctx = Ctx {
                 ir,
-                &means,
-                &plan.stage_nodes(ir, k),
-                &stores,
-                chunk_threshold,
-                spread,
-            )
+                means: &means,
+                from_round: if g.round_out.is_some() {
+                    None
+                } else {
+                    Some(&rounds.of)
+                },
+            };
+            stage_phases(&ctx, &g.small, &g.stores, chunk_threshold, spread)
         })
         .collect();
     let mut chunks = BTreeMap::new();
-    for phase in stages.iter().flatten() {
+    for phase in phases.iter().flatten() {
         for &m in &phase.chunked {
             let node = ir.node(m);
             chunks.insert(m, (phase.blocks, partials_len));
@@ -426,12 +627,25 @@ pub fn schedule_with(ir: &StepIr, chunk_threshold: usize, spread: usize) -> Sche
         }
     }
 
+    let staged = !rounds.len.is_empty();
+    let prefix = |stage: u32| {
+        if staged {
+            format!("mulo_s{stage}_")
+        } else {
+            "mulo_".to_string()
+        }
+    };
     let mut kernels = Vec::new();
     let mut elem_passes = 0;
-    for (k, phases) in (0..=max_level).zip(stages) {
-        for (i, phase) in phases.into_iter().enumerate() {
+    for (g, group_phases) in groups.iter().zip(phases) {
+        let (k, pre) = (g.level, prefix(g.stage));
+        for (i, phase) in group_phases.into_iter().enumerate() {
             kernels.push(Kernel {
-                name: format!("mulo_small_{k}_{i}"),
+                name: match g.round_out {
+                    Some(r) => format!("{pre}round{r}_out_{i}"),
+                    None => format!("{pre}small_{k}_{i}"),
+                },
+                stage: g.stage,
                 level: k,
                 phase: i as u32,
                 kind: KernelKind::Small {
@@ -439,41 +653,41 @@ pub fn schedule_with(ir: &StepIr, chunk_threshold: usize, spread: usize) -> Sche
                     stores: phase.stores,
                     blocks: phase.blocks,
                     chunked: phase.chunked,
+                    round_out: g.round_out,
                 },
             });
         }
-        let last = k == max_level;
-        if !last && elem_means[k as usize].is_empty() {
+        let Some(pass) = &g.pass else {
             continue;
-        }
-        let pass_means: Vec<ElemMean> = elem_means[k as usize]
-            .iter()
-            .map(|m| means[m].clone())
-            .collect();
+        };
+        let pass_means: Vec<ElemMean> = pass.iter().map(|m| means[m].clone()).collect();
         kernels.push(Kernel {
-            name: if last {
-                format!("mulo_elem_{k}_update")
+            name: if g.last {
+                format!("{pre}elem_{k}_update")
             } else {
-                format!("mulo_elem_{k}_reduce")
+                format!("{pre}elem_{k}_reduce")
             },
+            stage: g.stage,
             level: k,
             phase: 0,
             kind: KernelKind::Elem {
                 means: pass_means,
-                stores: last,
+                stores: g.last,
             },
         });
         elem_passes += 1;
     }
     Schedule {
         kernels,
-        levels: plan.levels,
+        levels: node_levels,
         tiling,
         scratch_offset,
         scratch_len,
         partials_len,
         chunks,
         elem_passes,
+        round_len: rounds.len,
+        round_of: rounds.of,
     }
 }
 
@@ -496,9 +710,32 @@ enum Mode {
     Either,
 }
 
-fn mode(ir: &StepIr, means: &BTreeMap<ValueId, ElemMean>, v: ValueId) -> Mode {
+/// What the kernel split of a group needs to know about its nodes.
+struct Ctx<'a> {
+    ir: &'a StepIr,
+    means: &'a BTreeMap<ValueId, ElemMean>,
+    /// Cross means finished from a round's combined sums (not in a round-out group).
+    from_round: Option<&'a BTreeMap<ValueId, RoundSlot>>,
+}
+
+impl Ctx<'_> {
+    /// Whether `v` is finished from its round's combined sums: read and divided point by point.
+    fn finishes_from_round(&self, v: ValueId) -> bool {
+        self.from_round.is_some_and(|r| r.contains_key(&v))
+    }
+}
+
+fn mode(ctx: &Ctx<'_>, v: ValueId) -> Mode {
+    let (ir, means) = (ctx.ir, ctx.means);
     let node = ir.node(v);
     let n = ir.layout.domain_len(node.domain);
+    if ctx.finishes_from_round(v) {
+        return if n > BLOCK_POINTS {
+            Mode::Points
+        } else {
+            Mode::Either
+        };
+    }
     match &node.op {
         Op::Mean(a) if ir.node(*a).domain == Domain::Elem => match means.get(&v).map(|m| m.kind) {
             Some(PartialKind::Blocks) if n == 1 => Mode::Block,
@@ -516,16 +753,15 @@ fn mode(ir: &StepIr, means: &BTreeMap<ValueId, ElemMean>, v: ValueId) -> Mode {
 /// Whether the one-block mean `v` is finished in two levels: more than `threshold` values
 /// per lane and point to sum (the partials of a step mean, or the operand points of a small
 /// mean onto fewer than 64 points).
-fn chunked(ir: &StepIr, means: &BTreeMap<ValueId, ElemMean>, v: ValueId, threshold: usize) -> bool {
-    if mode(ir, means, v) != Mode::Block {
+fn chunked(ctx: &Ctx<'_>, v: ValueId, threshold: usize) -> bool {
+    if mode(ctx, v) != Mode::Block {
         return false;
     }
+    let ir = ctx.ir;
     let layout = &ir.layout;
-    match (&ir.node(v).op, means.get(&v)) {
+    match (&ir.node(v).op, ctx.means.get(&v)) {
         (_, Some(m)) => m.partials_per_point > threshold,
-        (Op::Mean(a), None) => {
-            layout.domain_len(ir.node(*a).domain) / layout.domain_len(ir.node(v).domain) > threshold
-        }
+        (Op::Mean(a), None) => layout.mean_count(ir.node(*a).domain, ir.node(v).domain) > threshold,
         _ => false,
     }
 }
@@ -543,20 +779,20 @@ fn reads_across(ir: &StepIr, v: ValueId, o: ValueId) -> bool {
 /// thread). Stores come after the loads of their buffer. A step mean with more than
 /// `chunk_threshold` partials per lane is chunked by the multi-block phase before its own.
 fn stage_phases(
-    ir: &StepIr,
-    means: &BTreeMap<ValueId, ElemMean>,
+    ctx: &Ctx<'_>,
     nodes: &[ValueId],
     stores: &[ValueId],
     chunk_threshold: usize,
     spread: usize,
 ) -> Vec<SmallPhase> {
+    let ir = ctx.ir;
     let layout = &ir.layout;
     let mut phase: BTreeMap<ValueId, usize> = BTreeMap::new();
     let is_block = |q: usize| q % 2 == 1;
     let place = |v: ValueId, deps: &[ValueId], phase: &BTreeMap<ValueId, usize>| -> usize {
-        let m = mode(ir, means, v);
+        let m = mode(ctx, v);
         // Its chunks are summed by the phase before its own, across points.
-        let lead = usize::from(chunked(ir, means, v, chunk_threshold));
+        let lead = usize::from(chunked(ctx, v, chunk_threshold));
         let deps: Vec<(ValueId, usize)> = deps
             .iter()
             .filter_map(|o| phase.get(o).map(|&q| (*o, q)))
@@ -597,7 +833,7 @@ fn stage_phases(
     }
     let mut chunk_at: BTreeMap<usize, Vec<ValueId>> = BTreeMap::new();
     for (&v, &q) in &phase {
-        if chunked(ir, means, v, chunk_threshold) {
+        if chunked(ctx, v, chunk_threshold) {
             chunk_at.entry(q - 1).or_default().push(v);
         }
     }
@@ -742,6 +978,71 @@ mod tests {
                 ["mulo_elem_0_reduce", "mulo_small_1", "mulo_elem_1_update"],
                 "{shape}"
             );
+        }
+    }
+
+    /// The staged schedule of a shard: the stages of the plan, every cross mean summed into
+    /// its round by a round-out kernel at the end of the stage before its own and finished from
+    /// the round in its own stage; no pass over the elements beyond the unsharded step's.
+    #[test]
+    fn staged_schedules_sum_cross_means_into_rounds() {
+        let lopt = LearnedOptimizer::demo();
+        for (shape, rows) in [("64x32", 20), ("37", 5), ("16x8x3x3", 3), ("64x32", 0)] {
+            let global = crate::compile_step(&Shape::parse(shape).unwrap(), &lopt).unwrap();
+            let local = StepIr {
+                layout: global.layout.with_local_rows(rows),
+                ..global.clone()
+            };
+            let plan = StagePlan::of(&global, Some(0));
+            let s = schedule_staged(&global, &local);
+            assert_eq!(s.rounds(), plan.rounds(), "{shape}");
+            assert_eq!(s.elem_passes, schedule(&global).elem_passes, "{shape}");
+            // Kernels run stage by stage; each stage before the last ends with its round-out.
+            let stages: Vec<u32> = s.kernels.iter().map(|k| k.stage).collect();
+            assert!(
+                stages.windows(2).all(|w| w[0] <= w[1]),
+                "{shape}: {stages:?}"
+            );
+            assert_eq!(*stages.last().unwrap() as usize, plan.rounds());
+            for r in 0..plan.rounds() {
+                let (slots, len) = plan.round_slots(&global, r);
+                assert_eq!(s.round_len[r], len, "{shape} round {r}");
+                let outs: Vec<&Kernel> = s
+                    .kernels
+                    .iter()
+                    .filter(|k| matches!(k.kind, KernelKind::Small { round_out: Some(q), .. } if q == r))
+                    .collect();
+                assert!(outs.iter().all(|k| k.stage as usize == r));
+                let last_of_stage = s
+                    .kernels
+                    .iter()
+                    .rposition(|k| k.stage as usize == r)
+                    .unwrap();
+                assert_eq!(s.kernels[last_of_stage].name, outs.last().unwrap().name);
+                for (m, offset) in slots {
+                    assert_eq!(s.round_of[&m].offset, offset);
+                    assert_eq!(s.round_of[&m].round, r);
+                    let summed = outs
+                        .iter()
+                        .filter(|k| matches!(&k.kind, KernelKind::Small { nodes, .. } if nodes.contains(&m)))
+                        .count();
+                    assert_eq!(summed, 1, "{shape}: {m} summed into round {r} once");
+                    let finished: Vec<&Kernel> = s
+                        .kernels
+                        .iter()
+                        .filter(|k| matches!(&k.kind, KernelKind::Small { nodes, round_out: None, .. } if nodes.contains(&m)))
+                        .collect();
+                    assert_eq!(finished.len(), 1, "{shape}: {m} finished once");
+                    assert_eq!(finished[0].stage as usize, r + 1);
+                    // Divided by the whole tensor's count, not the shard's.
+                    let node = global.node(m);
+                    let from = global.node(node.op.operands()[0]).domain;
+                    assert_eq!(
+                        s.round_of[&m].count,
+                        global.layout.mean_count(from, node.domain)
+                    );
+                }
+            }
         }
     }
 
