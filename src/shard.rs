@@ -20,6 +20,9 @@
 //! kernels of the CPU backend, on the shard's rows; the default of [`ShardedModel`]), or the
 //! reference evaluator with the interpreter's semantics (f32 values, f64 sums), bitwise equal
 //! to the unsharded interpreter step and slow ([`StagedPlan::new`]).
+//! The packed CUDA program renders the same plan for a whole model's shards on a GPU
+//! (`backend::cuda::packed::PackedModel::staged`, feature `cuda`): its round buffers have the
+//! layout of [`ShardedModel`]'s level rounds.
 //!
 //! [`ShardedModel`] drives a whole model's shards with the optimizer's policies (per-tensor
 //! clipping, non-finite gradients, the guard) and batches every tensor's partials into **one
