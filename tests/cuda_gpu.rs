@@ -557,3 +557,144 @@ fn external_pointer_mode_is_bitwise_the_arena_mode() {
         }
     }
 }
+
+/// The **staged** program on the device (a rank's shards, `CudaExecutor::run_stage`): two
+/// ranks simulated in one process, each its own program and arenas for its rows of every
+/// tensor (uneven, one empty), the round buffers summed through the host between stages
+/// (`read_round`, `write_round`), as an all-reduce would. Three steps stay within the golden
+/// tolerance of the unsharded interpreter, parameters and state (the emulation,
+/// `tests/cuda_staged_emulated.rs`, shows them bitwise on the CPU).
+#[test]
+fn staged_programs_on_two_simulated_ranks_match_the_interpreter() {
+    use mulo::backend::cuda::packed::PackedModel;
+    use mulo::backend::cuda::packed_cuda::CudaExecutor;
+    use mulo::backend::cuda::packed_runtime::PackedExecutor;
+    use mulo::ir::Buffer;
+    let test = "staged_programs_on_two_simulated_ranks_match_the_interpreter";
+    let Some(rt) = runtime(test) else {
+        return;
+    };
+    let lopt = common::fixture_lopt();
+    let layouts: Vec<Layout> = ["96x40", "40x96", "37", "scalar", "1x30", "16x8x3x3"]
+        .iter()
+        .map(|s| Layout::new(Shape::parse(s).unwrap()))
+        .collect();
+    // torch.chunk's split over 2 ranks; the 0-d tensor whole on both.
+    let rows = |l: &Layout, r: usize| -> Option<(usize, usize)> {
+        let total = *l.dims().first()?;
+        let size = total.div_ceil(2);
+        let offset = (r * size).min(total);
+        Some((offset, total.saturating_sub(r * size).min(size)))
+    };
+    let mut ranks: Vec<(PackedModel, CudaExecutor)> = (0..2)
+        .map(|r| {
+            let tensors: Vec<(Layout, Option<usize>)> = layouts
+                .iter()
+                .map(|l| (l.clone(), rows(l, r).map(|(_, n)| n)))
+                .collect();
+            let model = PackedModel::staged(&lopt, &tensors).unwrap();
+            let exec = CudaExecutor::new(rt, &model).unwrap();
+            (model, exec)
+        })
+        .collect();
+    // The part of a whole buffer a rank holds: its rows of each lane where the buffer's
+    // domain keeps axis 0, all of it otherwise.
+    let part = |l: &Layout, b: Buffer, r: usize, whole: &[f32]| -> Vec<f32> {
+        let Some((offset, n)) = rows(l, r) else {
+            return whole.to_vec();
+        };
+        if !l.domain_axes(b.domain()).contains(&0) {
+            return whole.to_vec();
+        }
+        let lane = l.domain_len(b.domain());
+        let row = lane / l.dims()[0];
+        whole
+            .chunks_exact(lane)
+            .flat_map(|c| c[offset * row..(offset + n) * row].to_vec())
+            .collect()
+    };
+    let irs: Vec<_> = layouts
+        .iter()
+        .map(|l| Arc::new(mulo::compile_layout(l, &lopt).unwrap()))
+        .collect();
+    let mut interp: Vec<InterpStepper> = irs
+        .iter()
+        .map(|ir| InterpStepper::new(ir.clone(), 0))
+        .collect();
+    let mut whole: Vec<Vec<f32>> = layouts
+        .iter()
+        .enumerate()
+        .map(|(i, l)| data(l.numel(), i as u64, 1.0))
+        .collect();
+    let p0 = whole.clone();
+    for (r, (model, exec)) in ranks.iter_mut().enumerate() {
+        for (t, l) in layouts.iter().enumerate() {
+            let o = model.param_offset(t);
+            exec.write(Buffer::Param, o, &part(l, Buffer::Param, r, &whole[t]))
+                .unwrap();
+        }
+    }
+    let hyper = Hyper {
+        lr: 0.3,
+        weight_decay: 0.01,
+    };
+    let stages = ranks[0].0.stages();
+    for step in 0..3u64 {
+        let grads: Vec<Vec<f32>> = layouts
+            .iter()
+            .enumerate()
+            .map(|(i, l)| data(l.numel(), 100 + 10 * step + i as u64, 0.1))
+            .collect();
+        for (r, (model, exec)) in ranks.iter_mut().enumerate() {
+            for (t, l) in layouts.iter().enumerate() {
+                let o = model.param_offset(t);
+                exec.write(Buffer::Grad, o, &part(l, Buffer::Grad, r, &grads[t]))
+                    .unwrap();
+            }
+        }
+        let steps = vec![Some((hyper, step)); layouts.len()];
+        for stage in 0..stages {
+            for (_, exec) in ranks.iter_mut() {
+                exec.run_stage(stage, &steps).unwrap();
+            }
+            if stage + 1 == stages {
+                break;
+            }
+            let mut sums = ranks[0].1.read_round(stage).unwrap();
+            for (s, x) in sums.iter_mut().zip(ranks[1].1.read_round(stage).unwrap()) {
+                *s += x;
+            }
+            for (_, exec) in ranks.iter_mut() {
+                exec.write_round(stage, &sums).unwrap();
+            }
+        }
+        for (t, stepper) in interp.iter_mut().enumerate() {
+            stepper.step(&mut whole[t], &grads[t], hyper).unwrap();
+        }
+    }
+    for (t, l) in layouts.iter().enumerate() {
+        let displacement = max_abs_diff(&p0[t], &whole[t]).max(f64::MIN_POSITIVE);
+        let state = interp[t].state().unwrap();
+        for (r, (model, exec)) in ranks.iter().enumerate() {
+            let mut got = vec![0f32; model.buffer_len(t, Buffer::Param)];
+            exec.read(Buffer::Param, model.param_offset(t), &mut got)
+                .unwrap();
+            let want = part(l, Buffer::Param, r, &whole[t]);
+            let err = max_abs_diff(&got, &want) / displacement;
+            eprintln!("staged {l} rank {r}: param error {err:.3e} of the displacement");
+            assert!(err <= DEFAULT_TOLERANCE, "{l} rank {r}: {err:e}");
+            for (b, values) in state.iter() {
+                let want = part(l, b, r, values);
+                let mut got = vec![0f32; want.len()];
+                let o = model.tensors[t].offsets[&b];
+                exec.read(b, o, &mut got).unwrap();
+                let scale = want
+                    .iter()
+                    .fold(0f64, |m, v| m.max(v.abs() as f64))
+                    .max(f64::MIN_POSITIVE);
+                let e = max_abs_diff(&got, &want) / scale;
+                assert!(e <= DEFAULT_TOLERANCE, "{l} rank {r}: state {b}: {e:e}");
+            }
+        }
+    }
+}
