@@ -15,7 +15,7 @@ use mulo::backend::interp::InterpStepper;
 use mulo::backend::{check_step_args, Hyper, TensorStepper};
 use mulo::error::Result;
 use mulo::ir::{Buffer, StepIr};
-use mulo::shape::{FactoredAxes, Layout, Shape};
+use mulo::shape::{Layout, Shape};
 use mulo::state::TensorState;
 use mulo::trajectory::{max_abs_diff, replay, Trajectory, DEFAULT_TOLERANCE};
 use proptest::prelude::*;
@@ -222,15 +222,6 @@ fn emulated_kernels_match_the_interpreter_on_odd_shapes() {
     }
 }
 
-fn emulation_shapes() -> impl Strategy<Value = Vec<usize>> {
-    prop_oneof![
-        Just(vec![]),
-        (1usize..400).prop_map(|n| vec![n]),
-        (1usize..40, 1usize..40).prop_map(|(a, b)| vec![a, b]),
-        proptest::collection::vec(1usize..7, 3..=4),
-    ]
-}
-
 proptest! {
     // Each case compiles a program with g++ (~2 s): few cases, every shape class among them
     // over the runs.
@@ -241,7 +232,7 @@ proptest! {
     /// emulated kernels are bitwise those of the interpreter, parameters and state.
     #[test]
     fn emulated_kernels_match_the_interpreter_on_random_shapes(
-        dims in emulation_shapes(),
+        dims in common::random_shapes(400, 40, 7),
         axes_pick in any::<usize>(),
         seed in any::<u64>(),
         start in prop_oneof![Just(0u64), Just(150u64)],
@@ -250,14 +241,8 @@ proptest! {
         if !gxx_or_skip("emulated_kernels_match_the_interpreter_on_random_shapes") {
             return Ok(());
         }
-        let rank = dims.len();
-        let valid: Vec<FactoredAxes> = (0..rank)
-            .flat_map(|d0| (0..rank).map(move |d1| FactoredAxes { d0, d1 }))
-            .filter(|a| a.check(&dims).is_ok())
-            .collect();
-        let axes = (!valid.is_empty()).then(|| valid[axes_pick % valid.len()]);
-        let shape = Shape::new(dims).unwrap();
-        let layout = Layout::with_axes(shape.clone(), axes).unwrap();
+        let layout = common::layout_with_axes_pick(dims, axes_pick);
+        let (shape, axes) = (layout.shape().clone(), layout.factored());
         let ir = Arc::new(mulo::compile_layout(&layout, &common::fixture_lopt()).unwrap());
         eprintln!("{shape}, factored axes {axes:?}");
         let emu = EmulatedStepper::new(&ir, &format!("prop{seed:x}"));

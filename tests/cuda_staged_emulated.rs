@@ -42,15 +42,6 @@ fn layout(dims: &[usize], axes: Option<(usize, usize)>) -> Layout {
     .unwrap()
 }
 
-/// torch.chunk's split of `total` rows over `ranks` (FSDP2's): ceil-sized, the last ones
-/// smaller or empty.
-fn chunk_sizes(total: usize, ranks: usize) -> Vec<usize> {
-    let size = total.div_ceil(ranks);
-    (0..ranks)
-        .map(|r| total.saturating_sub(r * size).min(size))
-        .collect()
-}
-
 fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(4)
@@ -70,7 +61,7 @@ fn shard_of(layout: &Layout, ranks: usize, r: usize) -> Option<RowShard> {
     if layout.is_scalar() {
         return None;
     }
-    let sizes = chunk_sizes(layout.dims()[0], ranks);
+    let sizes = common::chunk_sizes(layout.dims()[0], ranks);
     Some(RowShard {
         offset: sizes[..r].iter().sum(),
         rows: sizes[r],
@@ -423,15 +414,6 @@ fn staged_program_with_chunked_and_spread_small_kernels() {
     assert_staged_program_is_the_unsharded_step(&layouts, 2, Some((0, 4)), 13, &[]);
 }
 
-fn staged_shapes() -> impl Strategy<Value = Vec<usize>> {
-    prop_oneof![
-        Just(vec![]),
-        (1usize..200).prop_map(|n| vec![n]),
-        (1usize..24, 1usize..24).prop_map(|(a, b)| vec![a, b]),
-        proptest::collection::vec(1usize..6, 3..=4),
-    ]
-}
-
 proptest! {
     // Each case compiles one program per rank with g++: few cases, every kind of shard among
     // them over the runs.
@@ -443,7 +425,7 @@ proptest! {
     /// unsharded interpreter's, parameters and state.
     #[test]
     fn staged_programs_match_the_interpreter_on_random_models(
-        shapes in proptest::collection::vec((staged_shapes(), any::<usize>()), 1..=3),
+        shapes in proptest::collection::vec((common::random_shapes(200, 24, 6), any::<usize>()), 1..=3),
         ranks in 2usize..=4,
         seed in any::<u64>(),
     ) {
@@ -452,15 +434,7 @@ proptest! {
         }
         let layouts: Vec<Layout> = shapes
             .into_iter()
-            .map(|(dims, pick)| {
-                let rank = dims.len();
-                let valid: Vec<FactoredAxes> = (0..rank)
-                    .flat_map(|d0| (0..rank).map(move |d1| FactoredAxes { d0, d1 }))
-                    .filter(|a| a.check(&dims).is_ok())
-                    .collect();
-                let axes = (!valid.is_empty()).then(|| valid[pick % valid.len()]);
-                Layout::with_axes(Shape::new(dims).unwrap(), axes).unwrap()
-            })
+            .map(|(dims, pick)| common::layout_with_axes_pick(dims, pick))
             .collect();
         eprintln!("{ranks} ranks: {}", layouts.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "));
         assert_staged_program_is_the_unsharded_step(&layouts, ranks, None, seed, &[]);

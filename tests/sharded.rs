@@ -27,15 +27,6 @@ fn shards(sizes: &[usize]) -> Vec<RowShard> {
         .collect()
 }
 
-/// torch.chunk's split of `total` rows over `ranks` (FSDP2's): ceil-sized, the last ones
-/// smaller or empty.
-fn chunk_sizes(total: usize, ranks: usize) -> Vec<usize> {
-    let size = total.div_ceil(ranks);
-    (0..ranks)
-        .map(|r| total.saturating_sub(r * size).min(size))
-        .collect()
-}
-
 /// The values of rows `s` of a row-major tensor whose rows hold `row_len` values.
 fn rows_of(data: &[f32], s: RowShard, row_len: usize) -> Vec<f32> {
     data[s.offset * row_len..(s.offset + s.rows) * row_len].to_vec()
@@ -550,7 +541,7 @@ impl Ranks {
                 continue;
             }
             row_lens.push(p.shape[1..].iter().product());
-            for (r, s) in shards(&chunk_sizes(p.shape[0], ranks))
+            for (r, s) in shards(&common::chunk_sizes(p.shape[0], ranks))
                 .into_iter()
                 .enumerate()
             {

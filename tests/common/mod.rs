@@ -195,3 +195,41 @@ pub fn relative_state_error(
         })
         .fold(0f64, f64::max)
 }
+
+/// torch.chunk's split of `total` rows over `ranks` (FSDP2's): ceil-sized, the last ones
+/// smaller or empty.
+pub fn chunk_sizes(total: usize, ranks: usize) -> Vec<usize> {
+    let size = total.div_ceil(ranks);
+    (0..ranks)
+        .map(|r| total.saturating_sub(r * size).min(size))
+        .collect()
+}
+
+/// Random shapes for the emulation property tests: 0-d, 1-d below `n1`, 2-d below `n2` per
+/// axis, rank 3 and 4 below `n4` per axis (dimensions of 1 included).
+pub fn random_shapes(
+    n1: usize,
+    n2: usize,
+    n4: usize,
+) -> impl proptest::strategy::Strategy<Value = Vec<usize>> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(vec![]),
+        (1usize..n1).prop_map(|n| vec![n]),
+        (1usize..n2, 1usize..n2).prop_map(|(a, b)| vec![a, b]),
+        proptest::collection::vec(1usize..n4, 3..=4),
+    ]
+}
+
+/// The layout of `dims` with its `pick`-th valid choice of factored axes (modulo their
+/// number; none for rank ≤ 1): any choice the largest axes' ties allow.
+pub fn layout_with_axes_pick(dims: Vec<usize>, pick: usize) -> mulo::shape::Layout {
+    use mulo::shape::{FactoredAxes, Layout, Shape};
+    let rank = dims.len();
+    let valid: Vec<FactoredAxes> = (0..rank)
+        .flat_map(|d0| (0..rank).map(move |d1| FactoredAxes { d0, d1 }))
+        .filter(|a| a.check(&dims).is_ok())
+        .collect();
+    let axes = (!valid.is_empty()).then(|| valid[pick % valid.len()]);
+    Layout::with_axes(Shape::new(dims).unwrap(), axes).unwrap()
+}
