@@ -649,7 +649,8 @@ impl PackedModel {
     /// must give every buffer its plan uses, non-null and aligned for f32, and no buffer it
     /// does not use; no buffer that is written (parameters, state) may overlap another buffer.
     /// The error names the tensor and the buffer. What it cannot check, that each address is
-    /// valid for [`buffer_len`](Self::buffer_len) values, is the caller's to guarantee.
+    /// valid for [`buffer_len`](Self::buffer_len) values, is the caller's to guarantee. A staged
+    /// program ([`staged`](Self::staged)) is refused: pointer mode has no round buffers.
     pub fn external_addrs(
         &self,
         tensors: &[TensorAddrs],
@@ -657,6 +658,14 @@ impl PackedModel {
         scratch: u64,
         partials: u64,
     ) -> Result<Vec<TensorAddrs>> {
+        if !self.round_len.is_empty() {
+            // Its round-out kernels would write through null round addresses.
+            return Err(Error::argument(
+                "model",
+                "a staged program runs in arena mode (`CudaExecutor::run_stage`, which owns its \
+                 round buffers); pointer mode steps whole tensors only",
+            ));
+        }
         let n = self.tensors.len();
         for (what, len) in [("tensors", tensors.len()), ("active", active.len())] {
             if len != n {
@@ -1533,6 +1542,11 @@ mod tests {
             u64::from_le_bytes(table[at + 8..at + 16].try_into().unwrap()),
             addrs[3].rounds[1]
         );
+        // Pointer mode has no round buffers: refused before any table is built.
+        let err = m
+            .external_launch(&vec![TensorAddrs::default(); 5], &[None; 5], 64, 128)
+            .unwrap_err();
+        assert!(err.to_string().contains("arena mode"), "{err}");
         // Not a shard: refused, naming the tensor.
         let bad = PackedModel::staged(&LearnedOptimizer::demo(), &[(layouts[0].clone(), Some(65))]);
         assert!(bad.unwrap_err().to_string().contains("tensor 0"));
