@@ -59,7 +59,9 @@ def test_one_program_per_group_for_the_groups_layouts():
     with pytest.raises(ValueError, match="no tensor 6"):
         model.state_buffers(6)
     manifest = json.loads(model.manifest_json("sm_90"))
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
+    # Whole tensors (not a rank's shards): one stage, no round buffer.
+    assert manifest["stages"] == 1 and not any("round" in a["name"] for a in manifest["arenas"])
     # The weights the PTX declares without values, one array per distinct matrix.
     assert manifest["constants"] and all(len(c["hex"]) == 8 * c["len"] for c in manifest["constants"])
     assert len({c["name"] for c in manifest["constants"]}) == len(manifest["constants"])
