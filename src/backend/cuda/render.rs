@@ -622,7 +622,7 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                     .map_err(template_error)?
                     .render(context! {
                         name => k.name.clone(),
-                        signature => signature(&k.name, matches!(k.kind, KernelKind::Elem { .. })),
+                        signature => signature(&k.name, true),
                         device => device,
                         block_index => block_index,
                         pass => pass,
@@ -680,7 +680,7 @@ pub fn render_kernels(ir: &StepIr, s: &Schedule, form: Form<'_>) -> Result<Strin
                     .map_err(template_error)?
                     .render(context! {
                         name => k.name.clone(),
-                        signature => signature(&k.name, matches!(k.kind, KernelKind::Elem { .. })),
+                        signature => signature(&k.name, false),
                         device => device,
                         summary => summary(ir, k),
                         threads => BLOCK_THREADS,
