@@ -1,7 +1,7 @@
 //! Running a [`PackedModel`]: the whole model's step as a fixed number of launches.
 //!
-//! - [`PackedExecutor`] is where the arenas live and how the launches run: [`CudaExecutor`]
-//!   on a GPU (cudarc), or, in the tests, the generated source compiled for the CPU. It knows
+//! - [`PackedExecutor`] is where the arenas live and how the launches run: `CudaExecutor`
+//!   on a GPU (cudarc, feature `cuda`: `packed_cuda::CudaExecutor`), or, in the tests, the generated source compiled for the CPU. It knows
 //!   nothing of tensors.
 //! - [`PackedBackend`] is the host logic on top of any executor: it validates a batch, packs
 //!   parameters and gradients, computes the block starts, keeps the step counters (the
@@ -9,7 +9,7 @@
 //!   and implements [`ModelBackend`] for [`MuloOptimizer`](crate::optimizer::MuloOptimizer).
 //!   [`PackedBackend::step_in_place`] steps parameters and gradients already in the device
 //!   arenas (a training loop on the GPU).
-//! - [`PackedCuda`] is the [`BackendFactory`](crate::backend::BackendFactory) to put in
+//! - `PackedCuda` (feature `cuda`) is the [`BackendFactory`](crate::backend::BackendFactory) to put in
 //!   [`OptimizerOptions::backend`](crate::optimizer::OptimizerOptions::backend).
 //!
 //! Tensors that are not in arenas (a framework's) are stepped through
