@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-time benchmark of the CUDA target (no GPU needed), for one shape and for a 12-shape
 # packed model (GPT-2-small's nine distinct shapes plus three others), each from a cold disk
-# cache and then cached. For each case, `mulo-compile --target cuda --cubin`:
+# cache and then cached, and for one rank's staged program of that model (--shard-rows). For each case, `mulo-compile --target cuda --cubin`:
 #   - compiles the portable PTX (`--target cuda`'s output; NVRTC for compute_XY, no ptxas; at
 #     full optimization with --split-compile=0);
 #   - compiles the CUBIN the runtime loads (NVRTC for sm_XY, which runs ptxas itself; at
@@ -30,6 +30,9 @@ gpt2=(50257x768 1024x768 768 768x2304 2304 768x768 768x3072 3072 3072x768)
 others=(16x8x3x3 scalar 1x300)
 packed_args=()
 for s in "${gpt2[@]}" "${others[@]}"; do packed_args+=(--shape "$s"); done
+# Rank 0's staged program of the same model over 8 ranks (torch.chunk's rows of axis 0: 50257
+# rows give 6283 per rank; the 0-d tensor whole).
+staged_args=("${packed_args[@]}" --shard-rows 6283,128,96,96,288,96,96,384,384,2,whole,1)
 
 # run NAME CACHE ARGS...: one table row.
 run() {
@@ -63,7 +66,7 @@ echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load average $(cut -d' ' -f1-3 /proc/loadavg) at start"
 echo "- NVRTC: $nvrtc_version (wheel nvidia-cuda-nvrtc-cu12), arch $arch"
 echo "- command: \`${MULO_COMPILE:+MULO_COMPILE=$bin }bench/cuda_compile_time.sh $arch\` (\`mulo-compile --target cuda --cubin\`, $(basename "$(dirname "$bin")") build, fixture weights)"
-echo "- packed model: ${gpt2[*]} ${others[*]}"
+echo "- packed model: ${gpt2[*]} ${others[*]}; staged program: ${staged_args[*]: -1}"
 echo
 echo "Columns: the time to the portable PTX (mulo-compile's own figure: IR, rendering, NVRTC for"
 echo "compute_XY or the cache); then the CUBIN for $arch the runtime loads, compiled (or read"
@@ -81,6 +84,8 @@ run "768x3072, cold cache" "$c1" --shape 768x3072
 run "768, cold cache" "$c1" --shape 768
 run "12-shape packed model, cold cache" "$c2" "${packed_args[@]}"
 run "12-shape packed model, cached" "$c2" "${packed_args[@]}"
+c3="$work/cache3"
+run "12-shape staged program (rank 0 of 8), cold cache" "$c3" "${staged_args[@]}"
 echo
 echo "Portable PTX per shape for $arch (bytes; \`mulo-compile --target cuda\`):"
 echo
