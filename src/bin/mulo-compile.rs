@@ -315,10 +315,8 @@ fn run_compile(args: &CompileArgs) -> Result<i32> {
                     &arch,
                     Level::Fast,
                     &dir.join("mulo_step.cubin"),
+                    args.ptxas_report,
                 )?;
-                if args.ptxas_report {
-                    print_ptxas_report(&compiled.source, &arch, Level::Fast)?;
-                }
             }
         }
         CompileTarget::Onnx => write_onnx(&ir, args.output.clone(), started)?,
@@ -457,28 +455,25 @@ fn compile_packed(args: &CompileArgs, layouts: &[Layout]) -> Result<i32> {
             &arch,
             Level::Full,
             &dir.join("mulo_model.cubin"),
+            args.ptxas_report,
         )?;
-        if args.ptxas_report {
-            print_ptxas_report(&compiled.source, &arch, Level::Full)?;
-        }
     }
     Ok(0)
 }
 
-/// `--ptxas-report`: prints ptxas's resource report of the CUBIN of `source` for `arch` at
-/// `level` (the runtime's: [`Level::Fast`] for one tensor, [`Level::Full`] for a model).
-fn print_ptxas_report(source: &str, arch: &str, level: Level) -> Result<()> {
-    print!(
-        "{}",
-        mulo::backend::cuda::nvrtc::cubin_ptxas_report(source, arch, level)?
-    );
-    Ok(())
-}
-
-/// `--cubin`: compiles `source` to a CUBIN for `arch` (through the disk cache), writes it to
-/// `path`, and prints where the time went: NVRTC's own phases (its `--time` report) when it
-/// ran, the whole call's time either way (`bench/cuda_compile_time.sh` reads this line).
-fn write_cubin(source: &str, arch: &str, level: Level, path: &Path) -> Result<()> {
+/// `--cubin`: compiles `source` to a CUBIN for `arch` at `level` (the runtime's:
+/// [`Level::Fast`] for one tensor, [`Level::Full`] for a model; through the disk cache), writes
+/// it to `path`, and prints where the time went: NVRTC's own phases (its `--time` report) when
+/// it ran, the whole call's time either way (`bench/cuda_compile_time.sh` reads this line).
+/// With `ptxas_report` (`--ptxas-report`), then prints ptxas's resource report of that CUBIN
+/// on standard output.
+fn write_cubin(
+    source: &str,
+    arch: &str,
+    level: Level,
+    path: &Path,
+    ptxas_report: bool,
+) -> Result<()> {
     use mulo::backend::cuda::nvrtc;
     let started = Instant::now();
     let cubin = nvrtc::compile_cubin_timed(source, arch, level, true)?;
@@ -503,6 +498,9 @@ fn write_cubin(source: &str, arch: &str, level: Level, path: &Path) -> Result<()
         ms("NVVM Optimizer"),
         ms(nvrtc::PTXAS_PHASE),
     );
+    if ptxas_report {
+        print!("{}", nvrtc::cubin_ptxas_report(source, arch, level)?);
+    }
     Ok(())
 }
 
