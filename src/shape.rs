@@ -341,12 +341,25 @@ impl Layout {
     /// The layout of a shard holding `rows` consecutive rows of axis 0 of this tensor (0 allowed):
     /// the same shape and factored axes, with `dims()[0] = rows`, so that its domain lengths,
     /// buffer lengths and broadcast maps are the shard's local ones. The factored axes stay
-    /// those of the whole tensor. Only [`crate::shard`] builds these: they index a shard's local
-    /// buffers and are never compiled.
+    /// those of the whole tensor. Only the staged steps build these (the CPU's
+    /// [`crate::backend::cpu::CpuStaged`], the packed CUDA program's staged plans), after
+    /// [`check_local_rows`](Self::check_local_rows).
     pub(crate) fn with_local_rows(&self, rows: usize) -> Layout {
         let mut local = self.clone();
         local.dims[0] = rows;
         local
+    }
+
+    /// Checks that `rows` rows of axis 0 can be a shard of this tensor: at most its rows, and
+    /// the tensor not 0-d.
+    pub(crate) fn check_local_rows(&self, rows: usize) -> std::result::Result<(), String> {
+        if self.is_scalar() || rows > self.dims[0] {
+            return Err(format!(
+                "{rows} rows is not a shard of a {} tensor",
+                self.shape()
+            ));
+        }
+        Ok(())
     }
 
     /// Whether the tensor is 0-d: stepped as one element, its 28 features normalized together

@@ -637,7 +637,7 @@ impl InterpStep {
                     }
                 }
                 let global = &ir.layout;
-                let count = (global.domain_len(from) / global.domain_len(node.domain)) as f64;
+                let count = global.mean_count(from, node.domain) as f64;
                 Some(sums.into_iter().map(|s| (s / count) as f32).collect())
             }
             Op::Pack(xs) => {

@@ -81,12 +81,9 @@ impl CpuStaged {
         let global = &ir.layout;
         let local: Layout = match local_rows {
             Some(rows) => {
-                if global.is_scalar() || rows > global.dims()[0] {
-                    return Err(Error::argument(
-                        "local_rows",
-                        format!("{rows} rows is not a shard of a {} tensor", global.shape()),
-                    ));
-                }
+                global
+                    .check_local_rows(rows)
+                    .map_err(|e| Error::argument("local_rows", e))?;
                 global.with_local_rows(rows)
             }
             None => global.clone(),

@@ -271,12 +271,9 @@ impl PackedModel {
             .enumerate()
             .map(|(i, (layout, rows))| {
                 if let Some(rows) = rows {
-                    if layout.is_scalar() || *rows > layout.dims()[0] {
-                        return Err(Error::argument(
-                            format!("tensor {i}"),
-                            format!("{rows} rows is not a shard of a {} tensor", layout.shape()),
-                        ));
-                    }
+                    layout
+                        .check_local_rows(*rows)
+                        .map_err(|e| Error::argument(format!("tensor {i}"), e))?;
                 }
                 Ok((cache.get(lopt, layout)?, *rows))
             })
