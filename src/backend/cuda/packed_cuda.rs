@@ -245,31 +245,30 @@ impl CudaExecutor {
     /// [`PackedModel::round_len`] values): this rank's partial sums after stage `round`, to be
     /// replaced by their sum over every rank before the next stage.
     pub fn round_mut(&mut self, round: usize) -> Result<CudaViewMut<'_, f64>> {
-        let have = self.rounds.len();
-        self.rounds
-            .get_mut(round)
-            .map(|r| r.as_view_mut())
-            .ok_or_else(|| {
-                Error::argument(
-                    "round",
-                    format!("round {round} of a program of {have} rounds"),
-                )
-            })
+        self.round_len(round)?;
+        Ok(self.rounds[round].as_view_mut())
+    }
+
+    /// The length of round `round`'s buffer, or an error naming the program's rounds.
+    fn round_len(&self, round: usize) -> Result<usize> {
+        self.model.round_len.get(round).copied().ok_or_else(|| {
+            Error::argument(
+                "round",
+                format!(
+                    "round {round} of a program of {} rounds",
+                    self.model.round_len.len()
+                ),
+            )
+        })
     }
 
     /// Copies round `round`'s buffer to the host (waits for the stream).
     pub fn read_round(&self, round: usize) -> Result<Vec<f64>> {
-        let buf = self.rounds.get(round).ok_or_else(|| {
-            Error::argument(
-                "round",
-                format!("round {round} of a program of {} rounds", self.rounds.len()),
-            )
-        })?;
-        let len = self.model.round_len[round];
+        let len = self.round_len(round)?;
         let mut out = vec![0f64; len];
         if len > 0 {
             self.stream
-                .memcpy_dtoh(&buf.slice(0..len), &mut out)
+                .memcpy_dtoh(&self.rounds[round].slice(0..len), &mut out)
                 .map_err(driver_err("downloading a round buffer"))?;
         }
         Ok(out)
@@ -277,14 +276,13 @@ impl CudaExecutor {
 
     /// Replaces round `round`'s buffer by `sums` (its sum over every rank), from the host.
     pub fn write_round(&mut self, round: usize, sums: &[f64]) -> Result<()> {
-        let want = self.model.round_len.get(round).copied();
-        if want != Some(sums.len()) {
+        let want = self.round_len(round)?;
+        if want != sums.len() {
             return Err(Error::argument(
                 "sums",
                 format!(
-                    "{} values for round {round}; the program's buffer has {}",
-                    sums.len(),
-                    want.map_or("no such round".to_string(), |w| w.to_string())
+                    "{} values for round {round}; the program's buffer has {want}",
+                    sums.len()
                 ),
             ));
         }
