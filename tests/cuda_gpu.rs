@@ -580,38 +580,20 @@ fn staged_programs_on_two_simulated_ranks_match_the_interpreter() {
         .map(|s| Layout::new(Shape::parse(s).unwrap()))
         .collect();
     // torch.chunk's split over 2 ranks; the 0-d tensor whole on both.
-    let rows = |l: &Layout, r: usize| -> Option<(usize, usize)> {
-        let total = *l.dims().first()?;
-        let size = total.div_ceil(2);
-        let offset = (r * size).min(total);
-        Some((offset, total.saturating_sub(r * size).min(size)))
-    };
+    let shard = |l: &Layout, r: usize| common::chunk_shard(l, 2, r);
     let mut ranks: Vec<(PackedModel, CudaExecutor)> = (0..2)
         .map(|r| {
             let tensors: Vec<(Layout, Option<usize>)> = layouts
                 .iter()
-                .map(|l| (l.clone(), rows(l, r).map(|(_, n)| n)))
+                .map(|l| (l.clone(), shard(l, r).map(|s| s.rows)))
                 .collect();
             let model = PackedModel::staged(&lopt, &tensors).unwrap();
             let exec = CudaExecutor::new(rt, &model).unwrap();
             (model, exec)
         })
         .collect();
-    // The part of a whole buffer a rank holds: its rows of each lane where the buffer's
-    // domain keeps axis 0, all of it otherwise.
-    let part = |l: &Layout, b: Buffer, r: usize, whole: &[f32]| -> Vec<f32> {
-        let Some((offset, n)) = rows(l, r) else {
-            return whole.to_vec();
-        };
-        if !l.domain_axes(b.domain()).contains(&0) {
-            return whole.to_vec();
-        }
-        let lane = l.domain_len(b.domain());
-        let row = lane / l.dims()[0];
-        whole
-            .chunks_exact(lane)
-            .flat_map(|c| c[offset * row..(offset + n) * row].to_vec())
-            .collect()
+    let part = |l: &Layout, b: Buffer, r: usize, whole: &[f32]| {
+        common::local_part(l, b, shard(l, r), whole)
     };
     let irs: Vec<_> = layouts
         .iter()

@@ -56,42 +56,6 @@ fn f64s(bytes: &[u8]) -> Vec<f64> {
         .collect()
 }
 
-/// Which rows of tensor `t` rank `r` holds (`None`: the whole tensor, replicated).
-fn shard_of(layout: &Layout, ranks: usize, r: usize) -> Option<RowShard> {
-    if layout.is_scalar() {
-        return None;
-    }
-    let sizes = common::chunk_sizes(layout.dims()[0], ranks);
-    Some(RowShard {
-        offset: sizes[..r].iter().sum(),
-        rows: sizes[r],
-    })
-}
-
-/// The part of a whole-tensor buffer (`values`, one lane after the other over `domain_len`
-/// points of `buffer`'s domain) that a shard holds: the shard's rows of each lane where the
-/// domain keeps axis 0, everything otherwise.
-fn local_part(
-    layout: &Layout,
-    buffer: Buffer,
-    shard: Option<RowShard>,
-    values: &[f32],
-) -> Vec<f32> {
-    let Some(s) = shard else {
-        return values.to_vec();
-    };
-    let d = buffer.domain();
-    if !layout.domain_axes(d).contains(&0) {
-        return values.to_vec();
-    }
-    let lane_len = layout.domain_len(d);
-    let row = lane_len / layout.dims()[0];
-    values
-        .chunks_exact(lane_len)
-        .flat_map(|lane| lane[s.offset * row..(s.offset + s.rows) * row].to_vec())
-        .collect()
-}
-
 /// One rank: its staged program, emulated, on its regions.
 struct Rank {
     model: PackedModel,
@@ -108,7 +72,10 @@ impl Rank {
         r: usize,
         tuning: Option<(usize, usize)>,
     ) -> Self {
-        let shards: Vec<Option<RowShard>> = layouts.iter().map(|l| shard_of(l, ranks, r)).collect();
+        let shards: Vec<Option<RowShard>> = layouts
+            .iter()
+            .map(|l| common::chunk_shard(l, ranks, r))
+            .collect();
         let tensors: Vec<(Layout, Option<usize>)> = layouts
             .iter()
             .zip(&shards)
@@ -222,7 +189,7 @@ fn assert_staged_program_is_the_unsharded_step(
             irs.iter()
                 .zip(layouts)
                 .map(|(ir, l)| {
-                    let s = shard_of(l, ranks, r)?;
+                    let s = common::chunk_shard(l, ranks, r)?;
                     let plan = Arc::new(StagedPlan::new(ir.clone(), Some(s)).unwrap());
                     let st = TensorState::zeros(plan.local_layout(), 0);
                     Some((plan, st))
@@ -232,7 +199,7 @@ fn assert_staged_program_is_the_unsharded_step(
         .collect();
     for (t, p) in whole.iter().enumerate() {
         for rank in &mut ranks_ {
-            let part = local_part(&layouts[t], Buffer::Param, rank.shards[t], p);
+            let part = common::local_part(&layouts[t], Buffer::Param, rank.shards[t], p);
             rank.write(t, Buffer::Param, &part);
         }
     }
@@ -251,7 +218,7 @@ fn assert_staged_program_is_the_unsharded_step(
             .collect();
         for (t, g) in grads.iter().enumerate() {
             for rank in &mut ranks_ {
-                let part = local_part(&layouts[t], Buffer::Grad, rank.shards[t], g);
+                let part = common::local_part(&layouts[t], Buffer::Grad, rank.shards[t], g);
                 rank.write(t, Buffer::Grad, &part);
             }
         }
@@ -264,7 +231,8 @@ fn assert_staged_program_is_the_unsharded_step(
                         Some((plan, st)) if plan.rounds() > 0 => {
                             let s = rank_shard(&ranks_[r], t);
                             let row = layouts[t].numel() / layouts[t].dims()[0];
-                            let p = local_part(&layouts[t], Buffer::Param, Some(s), &whole[t]);
+                            let p =
+                                common::local_part(&layouts[t], Buffer::Param, Some(s), &whole[t]);
                             let g = grads[t][s.offset * row..(s.offset + s.rows) * row].to_vec();
                             plan.begin(&p, &g, st, hypers[t])
                                 .unwrap()
@@ -327,7 +295,8 @@ fn assert_staged_program_is_the_unsharded_step(
                 taken[t] += 1;
             }
             for (r, rank) in ranks_.iter().enumerate() {
-                let want = local_part(&layouts[t], Buffer::Param, rank.shards[t], &whole[t]);
+                let want =
+                    common::local_part(&layouts[t], Buffer::Param, rank.shards[t], &whole[t]);
                 let got = rank.read(t, Buffer::Param);
                 let same = got.len() == want.len()
                     && got
@@ -342,7 +311,7 @@ fn assert_staged_program_is_the_unsharded_step(
                 );
                 let state = stepper.state().unwrap();
                 for (b, values) in state.iter() {
-                    let want = local_part(&layouts[t], b, rank.shards[t], values);
+                    let want = common::local_part(&layouts[t], b, rank.shards[t], values);
                     let got = rank.read(t, b);
                     assert!(
                         got.iter()

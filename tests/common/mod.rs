@@ -205,6 +205,47 @@ pub fn chunk_sizes(total: usize, ranks: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The rows of axis 0 that rank `r` of `ranks` holds of a tensor of `layout`, split as
+/// [`chunk_sizes`] does (`None` for a 0-d tensor: stepped whole on every rank).
+pub fn chunk_shard(
+    layout: &mulo::shape::Layout,
+    ranks: usize,
+    r: usize,
+) -> Option<mulo::shard::RowShard> {
+    if layout.is_scalar() {
+        return None;
+    }
+    let sizes = chunk_sizes(layout.dims()[0], ranks);
+    Some(mulo::shard::RowShard {
+        offset: sizes[..r].iter().sum(),
+        rows: sizes[r],
+    })
+}
+
+/// The part of a whole-tensor buffer (`values`, one lane after the other over `domain_len`
+/// points of `buffer`'s domain) that a shard holds: the shard's rows of each lane where the
+/// domain keeps axis 0, everything otherwise.
+pub fn local_part(
+    layout: &mulo::shape::Layout,
+    buffer: mulo::ir::Buffer,
+    shard: Option<mulo::shard::RowShard>,
+    values: &[f32],
+) -> Vec<f32> {
+    let Some(s) = shard else {
+        return values.to_vec();
+    };
+    let d = buffer.domain();
+    if !layout.domain_axes(d).contains(&0) {
+        return values.to_vec();
+    }
+    let lane_len = layout.domain_len(d);
+    let row = lane_len / layout.dims()[0];
+    values
+        .chunks_exact(lane_len)
+        .flat_map(|lane| lane[s.offset * row..(s.offset + s.rows) * row].to_vec())
+        .collect()
+}
+
 /// Random shapes for the emulation property tests: 0-d, 1-d below `n1`, 2-d below `n2` per
 /// axis, rank 3 and 4 below `n4` per axis (dimensions of 1 included).
 pub fn random_shapes(
