@@ -30,7 +30,7 @@ pub fn f32_values(what: &str, bytes: &[u8]) -> PyResult<Vec<f32>> {
     whole(what, bytes.len(), 4, "f32")?;
     Ok(bytes
         .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect())
 }
 
@@ -40,7 +40,7 @@ pub fn f64_values(what: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
     whole(what, bytes.len(), 8, "f64")?;
     Ok(bytes
         .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect())
 }
 

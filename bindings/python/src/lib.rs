@@ -140,7 +140,12 @@ impl PyLearnedOptimizer {
 
 /// The tensors of one parameter group, stepped together by one `MuloOptimizer` (one step
 /// counter: PyLO's group `step`).
-#[pyclass(name = "Group", module = "mulo._native", unsendable)]
+///
+/// Usable from any thread (not `unsendable`: that made a call from another thread than the
+/// creator's a `PanicException`). Methods hold the GIL throughout, since the buffers are raw
+/// addresses of tensors that another Python thread could free, so calls are serialized;
+/// pyo3's borrow flag would refuse an overlapping one with a `RuntimeError`.
+#[pyclass(name = "Group", module = "mulo._native")]
 struct PyGroup {
     opt: MuloOptimizer,
     numels: Vec<usize>,
@@ -583,8 +588,8 @@ impl PyCudaModel {
 }
 
 /// A [`CudaModel`] loaded on a device: steps PyTorch's CUDA tensors in place on PyTorch's
-/// stream.
-#[pyclass(name = "CudaStepper", module = "mulo._native", unsendable)]
+/// stream. Usable from any thread, one call at a time, as `Group`.
+#[pyclass(name = "CudaStepper", module = "mulo._native")]
 struct PyCudaStepper {
     inner: ExternalCuda,
 }
@@ -720,6 +725,37 @@ fn state_from_pylo<'py>(
         .collect())
 }
 
+/// The first conflict among the buffers of one whole step, every parameter group's together
+/// (each group's native step checks only its own buffers, after the groups before it have
+/// stepped; this lets `mulo.torch` refuse a step before any group changes). `params` and
+/// `grads` are flat `[address, values, ...]` lists of f32 buffers (address 0: no gradient);
+/// buffers are numbered parameters first, then gradients, by position in their list. Returns
+/// `(a, b)` for two overlapping buffers one of which is written (a parameter), `(k, k)` for a
+/// buffer with a null or misaligned address, or None.
+#[pyfunction]
+fn buffer_conflict(params: Vec<usize>, grads: Vec<usize>) -> PyResult<Option<(usize, usize)>> {
+    let params = pairs("params", &params)?;
+    let grads = pairs("grads", &grads)?;
+    let mut index = Vec::new();
+    let mut bufs = Vec::new();
+    for (k, (b, written)) in params
+        .iter()
+        .map(|b| (b, true))
+        .chain(grads.iter().map(|b| (b, false)))
+        .enumerate()
+    {
+        if let Some((addr, len)) = b {
+            index.push(k);
+            bufs.push((*addr, *len, written));
+        }
+    }
+    Ok(match check_buffers(&bufs) {
+        Ok(()) => None,
+        Err(BufferError::Address(k, _)) => Some((index[k], index[k])),
+        Err(BufferError::Overlap(a, b)) => Some((index[a], index[b])),
+    })
+}
+
 /// # Safety
 /// `ptr` is null-free, aligned and valid for `len` f32 reads while the slice lives.
 unsafe fn slice<'a>(ptr: usize, len: usize) -> &'a [f32] {
@@ -749,6 +785,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCudaStepper>()?;
     m.add_function(wrap_pyfunction!(state_to_pylo, m)?)?;
     m.add_function(wrap_pyfunction!(state_from_pylo, m)?)?;
+    m.add_function(wrap_pyfunction!(buffer_conflict, m)?)?;
     m.add_class::<sharded::PyShardedGroup>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -12,8 +12,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-/// The local shards of one parameter group on this rank (one step counter).
-#[pyclass(name = "ShardedGroup", module = "mulo._native", unsendable)]
+/// The local shards of one parameter group on this rank (one step counter). Usable from any
+/// thread, one call at a time, as `Group`.
+#[pyclass(name = "ShardedGroup", module = "mulo._native")]
 pub struct PyShardedGroup {
     model: ShardedModel,
     numels: Vec<usize>,
