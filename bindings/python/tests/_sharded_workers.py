@@ -382,6 +382,112 @@ def fsdp2(mesh, rank, world, out):
     )
 
 
+def refusals(mesh, rank, world, out):
+    """Every refusal cause of the sharded step, applied alike on every rank to the first, the
+    middle and the last of 3 parameter groups (a NaN gradient only in rank 0's shard, with
+    nonfinite='error'), and a load of bf16 state in the last group: each must raise, and leave
+    every local parameter, gradient, state tensor and group ``step`` bitwise as they were."""
+    from mulo.torch import AdafacLO
+
+    torch.manual_seed(7)
+    fulls = [(torch.randn(6 + gi, 5), torch.randn(4 + gi)) for gi in range(3)]
+    groups = []
+    for gi, (w, b) in enumerate(fulls):
+        named = [(f"w{gi}", torch.nn.Parameter(dtensor(w, mesh, rank, world))), (f"b{gi}", torch.nn.Parameter(dtensor(b, mesh, rank, world)))]
+        groups.append({"params": named, "lr": 0.1 * (gi + 1), "weight_decay": 0.01 * gi})
+    opt = AdafacLO(groups, hf_key=WEIGHTS, nonfinite="error")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    gen = torch.Generator().manual_seed(8)  # the same gradients on every rank
+
+    def new_grads():
+        for p in params:
+            p.grad = dtensor(torch.randn(tuple(p.shape), generator=gen), mesh, rank, world)
+
+    for _ in range(2):
+        new_grads()
+        opt.step()
+    new_grads()
+
+    def snapshot():
+        sd = opt.state_dict()
+        state = {(i, k): (v.clone() if isinstance(v, torch.Tensor) else v) for i, st in sd["state"].items() for k, v in st.items()}
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+        tensors = [(p.to_local().clone(), p.grad.to_local().clone()) for p in params]
+        return state, hyper, tensors
+
+    def same(a, b):
+        if a[0].keys() != b[0].keys() or a[1] != b[1]:
+            return False
+        for k in a[0]:
+            x, y = a[0][k], b[0][k]
+            if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+                return False
+            if isinstance(x, torch.Tensor) and not (x.dtype == y.dtype and torch.equal(x, y)):
+                return False
+            if not isinstance(x, torch.Tensor) and x != y:
+                return False
+        return all(torch.equal(p, q) and torch.equal(g, h) for (p, g), (q, h) in zip(a[2], b[2]))
+
+    def hyper(key, value):
+        def cause(gi):
+            group = opt.param_groups[gi]
+            old = group[key]
+            group[key] = value
+            return lambda: group.__setitem__(key, old)
+
+        return cause
+
+    def grad_is_param(gi):
+        p = opt.param_groups[gi]["params"][0]
+        old = p.grad
+        p.grad = p.detach()
+        return lambda: setattr(p, "grad", old)
+
+    def nan_on_rank0(gi):
+        p = opt.param_groups[gi]["params"][0]
+        old = p.grad
+        p.grad = dtensor(old.full_tensor().clone(), mesh, rank, world)
+        if rank == 0:
+            p.grad.to_local().view(-1)[0] = float("nan")
+        return lambda: setattr(p, "grad", old)
+
+    causes = {
+        "lr=1e39": hyper("lr", 1e39),
+        "lr=True": hyper("lr", True),
+        "weight_decay=nan": hyper("weight_decay", float("nan")),
+        "max_grad_norm=1e39": hyper("max_grad_norm", 1e39),
+        "grad is the param": grad_is_param,
+        "nan gradient on rank 0 (nonfinite='error')": nan_on_rank0,
+    }
+    results = []
+    for name, cause in causes.items():
+        for gi in (0, 1, 2):
+            before = snapshot()
+            undo = cause(gi)
+            err = None
+            try:
+                opt.step()
+            except ValueError as e:
+                err = str(e)
+            undo()
+            results.append((name, gi, err, same(before, snapshot())))
+    # A refused load (bf16 state in the last group) changes nothing either.
+    saved = opt.state_dict()
+    bad = {"state": {i: dict(st) for i, st in saved["state"].items()}, "param_groups": saved["param_groups"]}
+    index = bad["param_groups"][-1]["params"][0]
+    bad["state"][index]["mom"] = bad["state"][index]["mom"].bfloat16()
+    before = snapshot()
+    err = None
+    try:
+        opt.load_state_dict(bad)
+    except ValueError as e:
+        err = str(e)
+    results.append(("load bf16 mom", 2, err, same(before, snapshot())))
+    # Still steps.
+    opt.step()
+    torch.save(dict(results=results, step=[g["step"] for g in opt.param_groups]), os.path.join(out, f"refusals{rank}.pt"))
+
+
 def finish():
     """Leaves a rank whose checks all passed and whose results are written.
 
@@ -401,11 +507,12 @@ def finish():
 
 def two_ranks(rank, world, port, out):
     """One process group for the 2-process checks (one spawn: process start-up is most of the
-    time): the mismatched layouts, strided shards staged through host copies, then the golden
-    model."""
+    time): the mismatched layouts, refused steps and loads, strided shards staged through host
+    copies, then the golden model."""
     faulthandler.enable()
     mesh = init(rank, world, port)
     mismatch(mesh, rank, world, out)
+    refusals(mesh, rank, world, out)
     staged_copies(mesh, rank, world, out)
     golden(mesh, rank, world, out)
     finish()

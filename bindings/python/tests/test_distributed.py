@@ -90,6 +90,22 @@ def test_mismatched_shard_layouts_are_a_clear_error_not_a_hang(two):
     assert res[0]["error"] == res[1]["error"]
 
 
+def test_a_refused_sharded_step_or_load_changes_nothing_in_any_group(two):
+    res = results(two, "refusals", 2)
+    for r in res:
+        assert len(r["results"]) == 6 * 3 + 1
+        for cause, gi, err, unchanged in r["results"]:
+            assert err is not None, f"{cause} in group {gi} was not refused"
+            assert unchanged, f"{cause} in group {gi} changed something: {err}"
+        assert r["step"] == [3, 3, 3]
+    errors = {(c, gi): e for c, gi, e, _ in res[0]["results"]}
+    assert "param_groups[2]: lr=1e+39" in errors[("lr=1e39", 2)]
+    assert "lr=True" in errors[("lr=True", 1)]
+    assert "non-finite" in errors[("nan gradient on rank 0 (nonfinite='error')", 2)]
+    assert "overlaps" in errors[("grad is the param", 1)]
+    assert "param_groups[2], parameter `w2`, state `mom`: dtype torch.bfloat16" in errors[("load bf16 mom", 2)]
+
+
 def test_strided_shards_are_staged_through_host_copies_bitwise(two):
     res = results(two, "staged", 2)
     for r in res:

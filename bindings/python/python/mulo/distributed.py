@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from mulo import _state
 from mulo._native import ShardedGroup as _ShardedGroup
+from mulo._native import buffer_conflict as _buffer_conflict
 
 __all__ = ["has_dtensors", "shard_of", "ShardedSteps"]
 
@@ -329,14 +330,23 @@ class ShardedSteps:
     def step(self, opt) -> Dict[str, list]:
         groups = opt.param_groups
         self.ensure_built(opt)
-        work = []
+        # Every group's tensors are checked (and staged) before any group changes.
+        work = [self._local(self.rts[gi], group) for gi, group in enumerate(groups)]
+        if len(groups) > 1:
+            conflict = _buffer_conflict([a for w in work for a in w.ptrs], [a for w in work for a in w.grads])
+            if conflict is not None:
+                names = [n for gi in range(len(groups)) for n in self.rts[gi].names]
+                what = [f"`{n}`" for n in names] + [f"the gradient of `{n}`" for n in names]
+                raise ValueError(
+                    f"sharded step: the memory of {what[conflict[0]]} and {what[conflict[1]]} "
+                    "overlaps (a parameter must not share storage with another parameter or a gradient)"
+                )
         for gi, group in enumerate(groups):
             rt = self.rts[gi]
             if group["max_grad_norm"] != rt.max_grad_norm:
                 # Changes the number of rounds: every rank's group must change alike.
                 rt.native.set_max_grad_norm(group["max_grad_norm"])
                 rt.max_grad_norm = group["max_grad_norm"]
-            work.append(self._local(rt, group))
         bufs = []
         for gi, group in enumerate(groups):
             rt = self.rts[gi]
@@ -430,7 +440,8 @@ class ShardedSteps:
                         t = st.get(key)
                         if t is None:
                             continue
-                        t = t.detach().to("cpu", torch.float32).contiguous()
+                        # float32 already (checked by _state.check_state_dict): moved, never cast.
+                        t = t.detach().to("cpu").contiguous()
                         tensors.append((key, list(t.shape), t.numpy().tobytes()))
                     rt.native.import_state(j, tensors)
         except Exception:

@@ -19,8 +19,12 @@ packed program's launches on torch's current stream (see its docstring).
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import re
+import struct
+import threading
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -32,6 +36,7 @@ from mulo._native import CudaModel as _CudaModel
 from mulo import _state
 from mulo import distributed as _distributed
 from mulo._native import Group as _Group
+from mulo._native import buffer_conflict as _buffer_conflict
 from mulo._native import LearnedOptimizer
 from mulo._native import state_from_pylo as _state_from_pylo
 from mulo._native import state_to_pylo as _state_to_pylo
@@ -107,17 +112,30 @@ def _load_lopt(hf_key: Any, meta: Dict[str, Any]) -> LearnedOptimizer:
     )
 
 
+def _f32_value(where: str, key: str, value: Any, rule: str, positive: bool = False) -> None:
+    """Refuses ``value`` unless it is a number (not a bool) that is finite as the f32 the native
+    step receives (``1e39`` is a finite Python float but rounds to f32 infinity) and ``>= 0``
+    (``> 0`` when ``positive``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        try:
+            # struct rounds as the f64 -> f32 conversion does and raises exactly when the
+            # result overflows to infinity.
+            struct.pack("<f", value)
+            ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+        except (OverflowError, struct.error):
+            ok = False
+    if not ok:
+        raise ValueError(f"{where}: {key}={value!r} must be {rule}")
+
+
 def _check_hyper(where: str, lr: Any, weight_decay: Any, max_grad_norm: Any) -> None:
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"{where}: lr={lr!r} must be a finite number >= 0")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"{where}: weight_decay={weight_decay!r} must be a finite number >= 0")
-    if max_grad_norm is not None and (
-        not isinstance(max_grad_norm, (int, float))
-        or not math.isfinite(max_grad_norm)
-        or max_grad_norm <= 0
-    ):
-        raise ValueError(f"{where}: max_grad_norm={max_grad_norm!r} must be None or a finite number > 0")
+    _f32_value(where, "lr", lr, "a number >= 0, finite in float32 (not a bool)")
+    _f32_value(where, "weight_decay", weight_decay, "a number >= 0, finite in float32 (not a bool)")
+    if max_grad_norm is not None:
+        _f32_value(
+            where, "max_grad_norm", max_grad_norm, "None or a number > 0, finite in float32 (not a bool)", True
+        )
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -329,6 +347,19 @@ class _CudaGroup:
         return report
 
 
+def _one_call_at_a_time(method):
+    """Runs ``method`` holding the optimizer's lock: a step, ``state_dict``,
+    ``load_state_dict`` or copy may come from any thread, and concurrent calls are serialized
+    (a step that waited runs after the other has finished, on its results)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class _Runtime:
     """A built parameter group: its native group, and the shapes and axes fixed at build."""
 
@@ -368,6 +399,13 @@ class AdafacLO(Optimizer):
     parameter, before anything changes. On CUDA the optimizer's tensors are one packed program
     compiled by NVRTC at the first step (libnvrtc must be loadable; the PTX is cached on disk),
     and the state lives in device memory.
+
+    A step checks every group's hyper-parameters (as the float32 values the native step gets),
+    tensors and gradients before any group steps, so a refused step changes nothing;
+    ``load_state_dict`` checks what it loads the same way. The optimizer may be used from any
+    thread: a step, ``state_dict``, ``load_state_dict`` or ``copy.deepcopy`` runs one at a time
+    (concurrent calls wait for each other). ``copy.deepcopy`` gives an independent optimizer
+    with the same state; pickling is refused (save its ``state_dict`` instead).
     """
 
     def __init__(
@@ -416,10 +454,58 @@ class AdafacLO(Optimizer):
         self._sharded: Optional[_distributed.ShardedSteps] = None
         #: What the last :meth:`step` did: lists of parameter names per event.
         self.last_report: Dict[str, list] = {}
+        # Reentrant: load_state_dict and __deepcopy__ call state_dict and _build.
+        self._lock = threading.RLock()
         defaults = dict(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         super().__init__(params, defaults)
         for p, axes in (factored_axes or {}).items():
             self.set_factored_axes(p, axes)
+
+    # ------------------------------------------------------------------------ copies
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "AdafacLO":
+        """An independent optimizer with the same state, as torch's optimizers deep-copy: the
+        parameters are deep-copied through ``memo`` (so ``copy.deepcopy((model, opt))`` steps
+        the copied model's parameters), the learned optimizer (immutable) is shared, and the
+        native state is carried by a ``state_dict`` round trip, so both continue bitwise as the
+        original would. Not supported with DTensor parameters (``TypeError``)."""
+        if self._sharded is not None or _distributed.has_dtensors(self.param_groups):
+            raise TypeError(
+                "copy.deepcopy of a mulo optimizer of DTensor parameters is not supported; "
+                "save and load its state_dict on each rank instead"
+            )
+        with self._lock:
+            saved = self.state_dict()
+            cls = type(self)
+            new = cls.__new__(cls)
+            memo[id(self)] = new
+            memo[id(self.lopt)] = self.lopt
+            # The native runtimes (rebuilt by load_state_dict), the lock, and what is keyed by
+            # the original parameters' ids are not copied.
+            fresh = ("_lock", "_rt", "_cuda_prog", "_sharded", "state", "_axes_override")
+            for key, value in self.__dict__.items():
+                if key not in fresh:
+                    new.__dict__[key] = copy.deepcopy(value, memo)
+            new._lock = threading.RLock()
+            new.state = defaultdict(dict)
+            new._rt = [None] * len(new.param_groups)
+            new._cuda_prog = None
+            new._sharded = None
+            new._axes_override = {
+                id(memo[id(p)]): (memo[id(p)], axes)
+                for p, axes in self._axes_override.values()
+                if id(p) in memo
+            }
+            new.load_state_dict(saved)
+            return new
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch's Optimizer.__getstate__ would pickle (and copy.copy would share) the native
+        # runtimes, which hold the optimizer state: refuse clearly instead.
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled or shallow-copied (its state lives in native "
+            "objects): save opt.state_dict() and load it into a new optimizer, or use copy.deepcopy(opt)"
+        )
 
     # ----------------------------------------------------------------- parameter groups
 
@@ -614,6 +700,37 @@ class AdafacLO(Optimizer):
             grads += (g.data_ptr(), g.numel())
         return ptrs, grads
 
+    def _check_across_groups(self, groups, work, device: torch.device) -> None:
+        """Refuses a step whose buffers overlap across groups (or within one): each group's
+        native step checks only its own buffers, after the groups before it have stepped."""
+        params: List[int] = []
+        grads: List[int] = []
+        if device.type == "cuda":
+            for ps, gs in work:
+                for p, g in zip(ps, gs):
+                    params += (p.data_ptr(), p.numel())
+                    grads += (g.data_ptr(), g.numel()) if g is not None else (0, 0)
+        else:
+            for ps, gs in work:
+                params += ps
+                grads += gs
+        conflict = _buffer_conflict(params, grads)
+        if conflict is None:
+            return
+        names = []
+        for gi, group in enumerate(groups):
+            rt = self._rt[gi]
+            names += rt.names if rt is not None else self._names(gi, group)
+        def what(k):
+            return f"`{names[k]}`" if k < len(names) else f"`{names[k - len(names)]}.grad`"
+        a, b = conflict
+        if a == b:
+            raise ValueError(f"step: {what(a)} has an address that is not that of float32 data")
+        raise ValueError(
+            f"step: the memory of {what(a)} and {what(b)} overlaps (a parameter must not share "
+            "storage with another parameter or a gradient)"
+        )
+
     def _refuse(self, name: str, p: torch.Tensor, g: Optional[torch.Tensor], shape, device: torch.device):
         if g is None:
             if p.device != device:
@@ -643,6 +760,7 @@ class AdafacLO(Optimizer):
             f"gradient of parameter `{name}` has shape {list(g.shape)}, the parameter {list(p.shape)}"
         )
 
+    @_one_call_at_a_time
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step over every parameter group (``closure`` as in torch)."""
@@ -659,14 +777,17 @@ class AdafacLO(Optimizer):
             self.last_report = self._sharded.step(self)
             return loss
         device = self._device()
+        # One group must not be stepped when another is refused: every group's
+        # hyper-parameters, tensors and gradients are checked before any group steps.
         work = []
         for gi, group in enumerate(groups):
             _check_hyper(f"param_groups[{gi}]", group["lr"], group["weight_decay"], group["max_grad_norm"])
             rt = self._rt[gi]
             names = rt.names if rt is not None else self._names(gi, group)
             work.append(self._check(gi, group, names, device))
+        if len(groups) > 1:
+            self._check_across_groups(groups, work, device)
         if self._nonfinite == "error" and len(groups) > 1:
-            # One group must not be stepped when another is refused: check them all first.
             for gi, group in enumerate(groups):
                 for j, p in enumerate(group["params"]):
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
@@ -674,9 +795,13 @@ class AdafacLO(Optimizer):
                         raise ValueError(
                             f"non-finite gradient in `{name}`; nothing was changed (nonfinite='error')"
                         )
+        # Built aside and kept only when every group builds: a refused first step leaves no
+        # runtime (so no state in state_dict) behind.
+        built = list(self._rt)
         for gi, group in enumerate(groups):
-            if self._rt[gi] is None:
-                self._rt[gi] = self._build(gi, group, device)
+            if built[gi] is None:
+                built[gi] = self._build(gi, group, device)
+        self._rt = built
         report: Dict[str, list] = {}
         for gi, group in enumerate(groups):
             rt = self._rt[gi]
@@ -694,6 +819,7 @@ class AdafacLO(Optimizer):
 
     # ------------------------------------------------------------------------ state dict
 
+    @_one_call_at_a_time
     def state_dict(self) -> Dict[str, Any]:
         """torch's ``state_dict`` with PyLO's per-tensor state (``mom``, ``rms``,
         ``fac_vec_row``/``fac_vec_col`` or ``fac_vec_v``, decay-last) plus ``factored_axes``,
@@ -703,10 +829,16 @@ class AdafacLO(Optimizer):
             return self._sharded.state_dict(self, super().state_dict)
         return _state.state_dict_with_runtimes(self, self._rt, super().state_dict)
 
+    @_one_call_at_a_time
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a ``state_dict`` of this class or of PyLO's ``AdafacLO_naive``/``MuLO_naive``
         (same parameter groups); the next step continues exactly where it stopped. With DTensor
-        parameters, each rank loads the ``state_dict`` it saved."""
+        parameters, each rank loads the ``state_dict`` it saved.
+
+        What is loaded is checked first (``_state.check_state_dict``: float32, finite,
+        second moments ``>= 0``, ``step`` in range); a refused load leaves the optimizer as it
+        was."""
+        _state.check_state_dict(self, state_dict)
         if self._sharded is not None or _distributed.has_dtensors(self.param_groups):
             if self._sharded is None:
                 self._sharded = _distributed.ShardedSteps()
@@ -744,7 +876,8 @@ class AdafacLO(Optimizer):
                         t = st.get(key)
                         if t is None or t.numel() == 0:
                             continue
-                        t = t.detach().to("cpu", torch.float32).contiguous()
+                        # float32 already (checked above): moved, never cast.
+                        t = t.detach().to("cpu").contiguous()
                         keep.append(t)
                         tensors.append((key, list(t.shape), (t.data_ptr(), t.numel())))
                     try:
@@ -777,6 +910,13 @@ class MuLO(AdafacLO):
             params = [p for _, p in params]
         rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
         lr = rest.get("lr", self.defaults["lr"])
+        # Before the split: lr / width_mult would turn a refused lr (True, 1e39) into another.
+        _check_hyper(
+            f"param_groups[{len(self.param_groups)}]",
+            lr,
+            rest.get("weight_decay", self.defaults["weight_decay"]),
+            rest.get("max_grad_norm", self.defaults["max_grad_norm"]),
+        )
 
         def new_group():
             g = dict(rest)
