@@ -505,3 +505,61 @@ def test_pickling_and_shallow_copies_are_refused_clearly():
     opt, _ = adafaclo_three_groups()
     with pytest.raises(TypeError, match="state_dict"):
         copy.copy(opt)
+
+
+# ------------------------------------------------------------------ zero-element tensors
+
+
+def test_zero_element_parameters_are_left_as_they_are_with_zero_size_state():
+    torch.manual_seed(6)
+
+    def make(with_empty):
+        a = torch.nn.Parameter(torch.randn(3, 4))
+        b = torch.nn.Parameter(torch.randn(5))
+        first = [("a", a), ("b", b)]
+        groups = [{"params": first}, {"params": [("c", torch.nn.Parameter(torch.randn(2, 3)))], "lr": 0.5}]
+        if with_empty:
+            first.insert(1, ("z", torch.nn.Parameter(torch.zeros(0, 4))))
+            first.append(("e", torch.nn.Parameter(torch.zeros(0))))
+            groups.append({"params": [("only", torch.nn.Parameter(torch.zeros(2, 0, 3)))], "lr": 0.2})
+        return AdafacLO(groups, hf_key="demo", max_grad_norm=1.0)
+
+    with_empty, plain = make(True), make(False)
+    a0 = [p.detach().clone() for g in plain.param_groups for p in g["params"]]
+    for q, p0 in zip([p for g in with_empty.param_groups for p in g["params"] if p.numel()], a0):
+        q.data.copy_(p0)
+    for step in range(3):
+        for p in (p for g in plain.param_groups for p in g["params"]):
+            p.grad = torch.randn_like(p)
+        full = [p for g in plain.param_groups for p in g["params"]]
+        it = iter(full)
+        for q in (q for g in with_empty.param_groups for q in g["params"]):
+            q.grad = next(it).grad.clone() if q.numel() else torch.zeros_like(q)
+        plain.step()
+        with_empty.step()
+    # The tensors with elements step as without the empty ones; every group counts its steps.
+    live = [q for g in with_empty.param_groups for q in g["params"] if q.numel()]
+    for p, q in zip((p for g in plain.param_groups for p in g["params"]), live):
+        assert torch.equal(p.detach(), q.detach())
+    assert [g["step"] for g in with_empty.param_groups] == [3, 3, 3]
+    sd = with_empty.state_dict()
+    for index in (1, 3, 5):  # z, e, only
+        st = sd["state"][index]
+        assert st["mom"].numel() == 0 and st["rms"].numel() == 0
+        assert all(t.count_nonzero() == 0 for k, t in st.items() if isinstance(t, torch.Tensor))
+    assert set(sd["state"][1]) == set(sd["state"][0])  # the keys of a factored tensor
+    assert set(sd["state"][3]) == set(sd["state"][2])  # of a vector
+    # It loads into a new optimizer (and deep-copies) and continues as the original.
+    other = make(True)
+    for q, p in zip((q for g in other.param_groups for q in g["params"]), (p for g in with_empty.param_groups for p in g["params"])):
+        q.data.copy_(p.detach())
+    other.load_state_dict(sd)
+    clone = copy.deepcopy(with_empty)
+    for opt in (other, clone):
+        for q, p in zip((q for g in opt.param_groups for q in g["params"]), (p for g in with_empty.param_groups for p in g["params"])):
+            q.grad = p.grad.clone()
+    for opt in (with_empty, other, clone):
+        opt.step()
+    for opt in (other, clone):
+        for q, p in zip((q for g in opt.param_groups for q in g["params"]), (p for g in with_empty.param_groups for p in g["params"])):
+            assert torch.equal(q.detach(), p.detach())

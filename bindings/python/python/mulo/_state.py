@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections import defaultdict
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -70,6 +70,22 @@ def _check_state_tensor(where: str, key: str, t: Any) -> None:
             )
 
 
+def empty_state(shape: Tuple[int, ...], axes: Optional[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
+    """The state of a zero-element tensor of ``shape`` (factored on ``axes``), in the keys and
+    PyLO shapes the native export gives a tensor with elements: ``mom`` and ``rms`` have zero
+    elements; a factored accumulator that drops the zero-length axis has some, all zeros
+    (PyLO's mean over an empty axis is never taken: the tensor is never stepped)."""
+    mom = shape + (3,)
+    st = {"mom": torch.zeros(mom), "rms": torch.zeros(shape + (1,))}
+    if axes is not None:
+        d0, d1 = axes
+        st["fac_vec_row"] = torch.zeros(tuple(s for i, s in enumerate(mom) if i != d0))
+        st["fac_vec_col"] = torch.zeros(tuple(s for i, s in enumerate(mom) if i != d1))
+    else:
+        st["fac_vec_v"] = torch.zeros(mom)
+    return st
+
+
 def state_dict_with_runtimes(
     opt,
     rts: Sequence[Any],
@@ -86,10 +102,15 @@ def state_dict_with_runtimes(
         rt = rts[gi] if gi < len(rts) else None
         if rt is None:
             continue
+        live = getattr(rt, "live", None)
         for j, p in enumerate(group["params"]):
             st: Dict[str, Any] = {}
-            for name, shape, data in rt.native.export_state(j):
-                st[name] = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+            if live is not None and j not in live:
+                st.update(empty_state(tuple(p.shape), rt.axes[j]))
+            else:
+                k = j if live is None else live[j]
+                for name, shape, data in rt.native.export_state(k):
+                    st[name] = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
             st["factored_axes"] = list(rt.axes[j]) if rt.axes[j] is not None else None
             if extra is not None:
                 st.update(extra(rt, j))

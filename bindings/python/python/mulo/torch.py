@@ -361,16 +361,45 @@ def _one_call_at_a_time(method):
 
 
 class _Runtime:
-    """A built parameter group: its native group, and the shapes and axes fixed at build."""
+    """A built parameter group: its native group, and the shapes and axes fixed at build.
 
-    __slots__ = ("native", "shapes", "axes", "names", "max_grad_norm")
+    ``live`` maps the group's tensor ``j`` to its index in the native group, which holds only
+    the tensors with elements (None: all of them, the common case). A zero-element parameter
+    is never passed to native code: it is left as it is and its state has zero size."""
 
-    def __init__(self, native, shapes, axes, names, max_grad_norm):
+    __slots__ = ("native", "shapes", "axes", "names", "max_grad_norm", "live")
+
+    def __init__(self, native, shapes, axes, names, max_grad_norm, live=None):
         self.native = native
         self.shapes = shapes
         self.axes = axes
         self.names = names
         self.max_grad_norm = max_grad_norm
+        self.live: Optional[Dict[int, int]] = live
+
+
+class _NoTensors:
+    """The native group of a parameter group whose tensors all have zero elements: nothing
+    to step, only PyLO's step counter."""
+
+    target = "none"
+    compiled_plans = 0
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.step_count = 0
+
+    def set_step_count(self, step: int) -> None:
+        self.step_count = int(step)
+
+    def set_max_grad_norm(self, max_grad_norm) -> None:
+        pass
+
+    def step(self, params, grads, lr: float, weight_decay: float) -> Dict[str, list]:
+        report: Dict[str, list] = {k: [] for k in ("skipped", "sanitized", "nonfinite", "clipped", "reverted", "without_grad")}
+        report["step"] = self.step_count
+        self.step_count += 1
+        return report
 
 
 class AdafacLO(Optimizer):
@@ -405,7 +434,8 @@ class AdafacLO(Optimizer):
     ``load_state_dict`` checks what it loads the same way. The optimizer may be used from any
     thread: a step, ``state_dict``, ``load_state_dict`` or ``copy.deepcopy`` runs one at a time
     (concurrent calls wait for each other). ``copy.deepcopy`` gives an independent optimizer
-    with the same state; pickling is refused (save its ``state_dict`` instead).
+    with the same state; pickling is refused (save its ``state_dict`` instead). A zero-element
+    parameter is accepted and left as it is (its state is all zeros).
     """
 
     def __init__(
@@ -577,17 +607,25 @@ class AdafacLO(Optimizer):
         shapes = [tuple(p.shape) for p in params]
         axes = [self._axes_for(p) for p in params]
         device = device if device is not None else self._device()
-        if device.type == "cuda":
+        # Zero-element parameters are left out of the native group (see _Runtime.live).
+        keep = [j for j, p in enumerate(params) if p.numel() > 0]
+        live = None if len(keep) == len(params) else {j: k for k, j in enumerate(keep)}
+        n_names = [names[j] for j in keep]
+        n_shapes = [shapes[j] for j in keep]
+        n_axes = [axes[j] for j in keep]
+        if not keep:
+            native = _NoTensors(device)
+        elif device.type == "cuda":
             native = _CudaGroup(
-                self.lopt, names, shapes, axes, group["max_grad_norm"], self._nonfinite, self._guard, device,
-                self._cuda_program(gi, shapes, axes, device), gi,
+                self.lopt, n_names, n_shapes, n_axes, group["max_grad_norm"], self._nonfinite, self._guard, device,
+                self._cuda_program(gi, n_shapes, n_axes, device), gi,
             )
         else:
             native = _Group(
                 self.lopt,
-                names,
-                [list(s) for s in shapes],
-                [tuple(a) if a is not None else None for a in axes],
+                n_names,
+                [list(s) for s in n_shapes],
+                [tuple(a) if a is not None else None for a in n_axes],
                 group["max_grad_norm"],
                 self._nonfinite,
                 self._guard,
@@ -595,7 +633,7 @@ class AdafacLO(Optimizer):
             )
         if group.get("step"):
             native.set_step_count(int(group["step"]))
-        return _Runtime(native, shapes, axes, names, group["max_grad_norm"])
+        return _Runtime(native, shapes, axes, names, group["max_grad_norm"], live)
 
     def _cuda_program(self, gi: int, shapes, axes, device: torch.device) -> "_CudaProgram":
         """The program stepping group ``gi``: one for every group of the optimizer, built
@@ -608,7 +646,8 @@ class AdafacLO(Optimizer):
                 if k == gi:
                     layouts[k] = (list(shapes), list(axes))
                 elif group["params"] and all(p.device == device for p in group["params"]):
-                    layouts[k] = ([tuple(p.shape) for p in group["params"]], [self._axes_for(p) for p in group["params"]])
+                    live = [p for p in group["params"] if p.numel() > 0]
+                    layouts[k] = ([tuple(p.shape) for p in live], [self._axes_for(p) for p in live])
             prog = self._cuda_prog = _CudaProgram(self.lopt, layouts, device)
         return prog
 
@@ -618,7 +657,7 @@ class AdafacLO(Optimizer):
         device = None
         for rt in self._rt:
             if rt is not None:
-                device = rt.native.device if isinstance(rt.native, _CudaGroup) else torch.device("cpu")
+                device = rt.native.device if isinstance(rt.native, (_CudaGroup, _NoTensors)) else torch.device("cpu")
                 break
         first = None
         if device is None:
@@ -661,6 +700,8 @@ class AdafacLO(Optimizer):
                     and (shapes is None or p.shape == shapes[j])
                 ):
                     self._refuse(names[j], p, None, shapes[j] if shapes else None, device)
+                if p.numel() == 0:
+                    continue  # zero elements: left as it is (_Runtime.live)
                 params.append(p)
                 g = p.grad
                 if g is not None and not (
@@ -684,7 +725,10 @@ class AdafacLO(Optimizer):
                 and (shapes is None or p.shape == shapes[j])
             ):
                 self._refuse(names[j], p, None, shapes[j] if shapes else None, device)
-            ptrs += (p.data_ptr(), p.numel())
+            n = p.numel()
+            if n == 0:
+                continue  # zero elements: left as it is (_Runtime.live)
+            ptrs += (p.data_ptr(), n)
             g = p.grad
             if g is None:
                 grads += (0, 0)
@@ -720,7 +764,8 @@ class AdafacLO(Optimizer):
         names = []
         for gi, group in enumerate(groups):
             rt = self._rt[gi]
-            names += rt.names if rt is not None else self._names(gi, group)
+            group_names = rt.names if rt is not None else self._names(gi, group)
+            names += [n for n, p in zip(group_names, group["params"]) if p.numel() > 0]
         def what(k):
             return f"`{names[k]}`" if k < len(names) else f"`{names[k - len(names)]}.grad`"
         a, b = conflict
@@ -868,8 +913,9 @@ class AdafacLO(Optimizer):
                 rt.native.set_step_count(int(group.get("step") or 0))
                 for j, p in enumerate(group["params"]):
                     st = loaded.get(p)
-                    if not st:
-                        continue
+                    if not st or (rt.live is not None and j not in rt.live):
+                        continue  # (a zero-element parameter's state has zero size)
+                    k = j if rt.live is None else rt.live[j]
                     tensors = []
                     keep = []
                     for key in _state.STATE_NAMES:
@@ -881,7 +927,7 @@ class AdafacLO(Optimizer):
                         keep.append(t)
                         tensors.append((key, list(t.shape), (t.data_ptr(), t.numel())))
                     try:
-                        rt.native.import_state(j, tensors)
+                        rt.native.import_state(k, tensors)
                     except ValueError as e:
                         raise ValueError(f"state of parameter `{names[j]}`: {e}") from None
                 rts.append(rt)
