@@ -198,6 +198,7 @@ CAUSES = {
     "max_grad_norm<0": (_hyper("max_grad_norm", -1.0), "max_grad_norm=-1.0"),
     "max_grad_norm=nan": (_hyper("max_grad_norm", float("nan")), "max_grad_norm=nan"),
     "max_grad_norm=1e39": (_hyper("max_grad_norm", 1e39), "max_grad_norm=1e\\+39"),
+    "max_grad_norm=1e-46 (0 in f32)": (_hyper("max_grad_norm", 1e-46), "max_grad_norm=1e-46"),
     "max_grad_norm=True": (_hyper("max_grad_norm", True), "max_grad_norm=True"),
     "param float64": (_on_param(_swap_data(lambda d: d.double())), "dtype torch.float64"),
     "param non-contiguous": (_on_param(_swap_data(lambda d: d.t().contiguous().t())), "not contiguous"),

@@ -113,16 +113,16 @@ def _load_lopt(hf_key: Any, meta: Dict[str, Any]) -> LearnedOptimizer:
 
 
 def _f32_value(where: str, key: str, value: Any, rule: str, positive: bool = False) -> None:
-    """Refuses ``value`` unless it is a number (not a bool) that is finite as the f32 the native
-    step receives (``1e39`` is a finite Python float but rounds to f32 infinity) and ``>= 0``
-    (``> 0`` when ``positive``)."""
+    """Refuses ``value`` unless it is a number (not a bool) whose f32 value, the one the native
+    step receives, is finite (``1e39`` is a finite Python float but rounds to f32 infinity)
+    and ``>= 0`` (``> 0`` when ``positive``: ``1e-46`` rounds to 0)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
         try:
             # struct rounds as the f64 -> f32 conversion does and raises exactly when the
             # result overflows to infinity.
-            struct.pack("<f", value)
-            ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+            (v,) = struct.unpack("<f", struct.pack("<f", value))
+            ok = math.isfinite(v) and (v > 0 if positive else v >= 0)
         except (OverflowError, struct.error):
             ok = False
     if not ok:
@@ -766,6 +766,7 @@ class AdafacLO(Optimizer):
             rt = self._rt[gi]
             group_names = rt.names if rt is not None else self._names(gi, group)
             names += [n for n, p in zip(group_names, group["params"]) if p.numel() > 0]
+
         def what(k):
             return f"`{names[k]}`" if k < len(names) else f"`{names[k - len(names)]}.grad`"
         a, b = conflict
