@@ -483,9 +483,20 @@ def refusals(mesh, rank, world, out):
     except ValueError as e:
         err = str(e)
     results.append(("load bf16 mom", 2, err, same(before, snapshot())))
+    # A deep copy is refused at copy time (not a broken copy).
+    import copy
+
+    try:
+        copy.deepcopy(opt)
+        copy_error = None
+    except TypeError as e:
+        copy_error = str(e)
     # Still steps.
     opt.step()
-    torch.save(dict(results=results, step=[g["step"] for g in opt.param_groups]), os.path.join(out, f"refusals{rank}.pt"))
+    torch.save(
+        dict(results=results, step=[g["step"] for g in opt.param_groups], copy_error=copy_error),
+        os.path.join(out, f"refusals{rank}.pt"),
+    )
 
 
 def finish():

@@ -98,6 +98,7 @@ def test_a_refused_sharded_step_or_load_changes_nothing_in_any_group(two):
             assert err is not None, f"{cause} in group {gi} was not refused"
             assert unchanged, f"{cause} in group {gi} changed something: {err}"
         assert r["step"] == [3, 3, 3]
+        assert r["copy_error"] is not None and "DTensor" in r["copy_error"]
     errors = {(c, gi): e for c, gi, e, _ in res[0]["results"]}
     assert "param_groups[2]: lr=1e+39" in errors[("lr=1e39", 2)]
     assert "lr=True" in errors[("lr=True", 1)]

@@ -7,6 +7,7 @@ Run from the repository root: `.venv/bin/python -m pytest bindings/python/tests`
 """
 
 import copy
+import pickle
 import threading
 
 import mup
@@ -506,6 +507,8 @@ def test_pickling_and_shallow_copies_are_refused_clearly():
     opt, _ = adafaclo_three_groups()
     with pytest.raises(TypeError, match="state_dict"):
         copy.copy(opt)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(opt)
 
 
 # ------------------------------------------------------------------ zero-element tensors
