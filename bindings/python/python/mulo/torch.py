@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -329,6 +329,105 @@ class _CudaGroup:
         return report
 
 
+#: The half-precision dtypes stepped on the CPU (by :class:`_PerTensorGroup`).
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _check_overlaps(names: List[str], params: List[torch.Tensor], grads: List[Optional[torch.Tensor]]) -> None:
+    """The native group's buffer check (no parameter sharing memory with another parameter or
+    a gradient) for a group stepped one tensor at a time, whose native groups each see one
+    tensor only. Raises the native check's error."""
+    spans = []
+    for j, p in enumerate(params):
+        spans.append((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), f"`{names[j]}`", True))
+        g = grads[j]
+        if g is not None:
+            spans.append((g.data_ptr(), g.data_ptr() + g.numel() * g.element_size(), f"`{names[j]}.grad`", False))
+    # Sorted by start (ties: a parameter before its gradient, as given); a span overlaps a
+    # later one iff that one starts before the furthest end seen so far.
+    order = sorted(range(len(spans)), key=lambda k: (spans[k][0], k))
+    reach = None  # (end, name, written) of the span reaching furthest so far
+    for start, end, name, written in (spans[k] for k in order):
+        if end == start:
+            continue
+        if reach is not None and start < reach[0] and (written or reach[2]):
+            raise ValueError(
+                f"step: the memory of {reach[1]} and {name} overlaps (a parameter must not share "
+                "storage with another parameter or a gradient)"
+            )
+        if reach is None or end > reach[0]:
+            reach = (end, name, written)
+
+
+class _PerTensorGroup:
+    """A CPU parameter group holding bfloat16 or float16 tensors: one native ``Group`` per
+    tensor (each with the group's step counter), so that a step needs float32 temporaries
+    for one tensor at a time, never a float32 copy of the group.
+
+    A half tensor's step: its parameter and gradient are upcast to float32 (exactly: every
+    bfloat16/float16 value is a float32 value), the float32 step runs on them with the
+    tensor's float32 state, and the parameter is written back rounded to nearest-even once
+    (torch's ``copy_`` into the half tensor). The result is bitwise the float32 step of the
+    upcast tensors, rounded. An update smaller than half an ulp of the parameter rounds back
+    to the old value and is lost (as in PyLO on bfloat16); the state keeps moving in float32.
+    float32 tensors of such a group are stepped in place, as in a plain group.
+    """
+
+    def __init__(self, groups: List[Any]):
+        self.groups = groups
+
+    # The interface of mulo._native.Group that AdafacLO uses.
+
+    @property
+    def target(self) -> str:
+        return self.groups[0].target
+
+    @property
+    def compiled_plans(self) -> int:
+        return sum(g.compiled_plans for g in self.groups)
+
+    @property
+    def step_count(self) -> int:
+        return self.groups[0].step_count
+
+    def set_step_count(self, step: int) -> None:
+        for g in self.groups:
+            g.set_step_count(step)
+
+    def set_max_grad_norm(self, max_grad_norm) -> None:
+        for g in self.groups:
+            g.set_max_grad_norm(max_grad_norm)
+
+    def export_state(self, j: int):
+        return self.groups[j].export_state(0)
+
+    def import_state(self, j: int, tensors) -> None:
+        self.groups[j].import_state(0, tensors)
+
+    def step(self, params, grads, lr: float, weight_decay: float) -> Dict[str, list]:
+        """Steps every tensor (``params``/``grads``: the tensors, None for no gradient). The
+        caller has checked them, and their gradients' finiteness when the policy is
+        ``"error"``, so that no tensor's step is refused after another's was written."""
+        report: Dict[str, list] = {}
+        for native, p, g in zip(self.groups, params, grads):
+            half = p.dtype is not torch.float32
+            # One tensor's float32 temporaries at a time (none for a float32 tensor).
+            work_p = p.detach().float() if half else p.detach()
+            work_g = None if g is None else (g.float() if half else g)
+            r = native.step(
+                [work_p.data_ptr(), work_p.numel()],
+                [0, 0] if work_g is None else [work_g.data_ptr(), work_g.numel()],
+                lr,
+                weight_decay,
+            )
+            if half and work_g is not None and not r["skipped"]:
+                p.detach().copy_(work_p)  # float32 -> half: rounded to nearest-even
+            for key, value in r.items():
+                if key != "step":
+                    report.setdefault(key, []).extend(value)
+        return report
+
+
 class _Runtime:
     """A built parameter group: its native group, and the shapes and axes fixed at build."""
 
@@ -497,16 +596,23 @@ class AdafacLO(Optimizer):
                 self._cuda_program(gi, shapes, axes, device), gi,
             )
         else:
-            native = _Group(
-                self.lopt,
-                names,
-                [list(s) for s in shapes],
-                [tuple(a) if a is not None else None for a in axes],
-                group["max_grad_norm"],
-                self._nonfinite,
-                self._guard,
-                "cpu" if self._backend == "auto" else self._backend,
-            )
+
+            def native_group(k: slice) -> Any:
+                return _Group(
+                    self.lopt,
+                    names[k],
+                    [list(s) for s in shapes[k]],
+                    [tuple(a) if a is not None else None for a in axes[k]],
+                    group["max_grad_norm"],
+                    self._nonfinite,
+                    self._guard,
+                    "cpu" if self._backend == "auto" else self._backend,
+                )
+
+            if any(p.dtype in _HALF for p in params):
+                native = _PerTensorGroup([native_group(slice(j, j + 1)) for j in range(len(params))])
+            else:
+                native = native_group(slice(None))
         if group.get("step"):
             native.set_step_count(int(group["step"]))
         return _Runtime(native, shapes, axes, names, group["max_grad_norm"])
@@ -587,6 +693,8 @@ class AdafacLO(Optimizer):
                     self._refuse(names[j], p, g, None, device)
                 grads.append(g)
             return params, grads
+        if (isinstance(rt.native, _PerTensorGroup) if rt is not None else any(p.dtype in _HALF for p in group["params"])):
+            return self._check_per_tensor(group, names, shapes, device)
         ptrs: List[int] = []
         grads: List[int] = []
         for j, p in enumerate(group["params"]):
@@ -614,17 +722,58 @@ class AdafacLO(Optimizer):
             grads += (g.data_ptr(), g.numel())
         return ptrs, grads
 
-    def _refuse(self, name: str, p: torch.Tensor, g: Optional[torch.Tensor], shape, device: torch.device):
+    def _check_per_tensor(self, group: Dict[str, Any], names: List[str], shapes, device: torch.device):
+        """:meth:`_check` for a CPU group holding bfloat16/float16 tensors (stepped by a
+        :class:`_PerTensorGroup`): the lists of parameters and of gradients (None where there
+        is none)."""
+        params: List[torch.Tensor] = []
+        grads: List[Optional[torch.Tensor]] = []
+        for j, p in enumerate(group["params"]):
+            if not (
+                p.is_cpu
+                and (p.dtype is torch.float32 or p.dtype in _HALF)
+                and p.is_contiguous()
+                and (shapes is None or p.shape == shapes[j])
+            ):
+                self._refuse(names[j], p, None, shapes[j] if shapes else None, device, half_group=True)
+            g = p.grad
+            if g is not None and not (
+                g.layout is torch.strided and g.is_cpu and g.dtype is p.dtype and g.is_contiguous() and g.shape == p.shape
+            ):
+                self._refuse(names[j], p, g, None, device, half_group=True)
+            params.append(p)
+            grads.append(g)
+        _check_overlaps(names, params, grads)
+        return params, grads
+
+    def _refuse(
+        self,
+        name: str,
+        p: torch.Tensor,
+        g: Optional[torch.Tensor],
+        shape,
+        device: torch.device,
+        half_group: bool = False,
+    ):
         if g is None:
             if p.device != device:
                 raise ValueError(
                     f"parameter `{name}` is on {p.device}, others on {device} (mixed devices); "
                     "put the model on one device"
                 )
-            if p.dtype != torch.float32:
-                raise ValueError(f"parameter `{name}` has dtype {p.dtype}; mulo steps float32 only")
+            if p.dtype not in (torch.float32,) + _HALF or (device.type == "cuda" and p.dtype != torch.float32):
+                raise ValueError(
+                    f"parameter `{name}` has dtype {p.dtype}; mulo steps float32, bfloat16 and "
+                    "float16 tensors on the CPU, float32 on CUDA"
+                )
             if not p.is_contiguous():
                 raise ValueError(f"parameter `{name}` is not contiguous (strides {p.stride()})")
+            if p.dtype != torch.float32 and not half_group:
+                raise ValueError(
+                    f"parameter `{name}` has dtype {p.dtype}, but its group's first step had "
+                    "float32 tensors only: whether a group steps half-precision tensors is fixed "
+                    "then (convert the model before its first step)"
+                )
             raise ValueError(
                 f"parameter `{name}` has shape {list(p.shape)}, but it was stepped with shape "
                 f"{list(shape)}: its optimizer state is for that shape"
@@ -635,8 +784,11 @@ class AdafacLO(Optimizer):
             raise ValueError(
                 f"parameter `{name}` is on {p.device} but its gradient on {g.device} (mixed devices)"
             )
-        if g.dtype != torch.float32:
-            raise ValueError(f"gradient of parameter `{name}` has dtype {g.dtype}; mulo steps float32 only")
+        if g.dtype != p.dtype:
+            raise ValueError(
+                f"gradient of parameter `{name}` has dtype {g.dtype}, the parameter {p.dtype} "
+                "(they must be the same)"
+            )
         if not g.is_contiguous():
             raise ValueError(f"gradient of parameter `{name}` is not contiguous (strides {g.stride()})")
         raise ValueError(
@@ -644,12 +796,31 @@ class AdafacLO(Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One optimizer step over every parameter group (``closure`` as in torch)."""
-        loss = None
+    def step(self, loss: Any = None, *, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One optimizer step over every parameter group; returns the loss.
+
+        ``loss`` is what PyLO's ``step(loss=None)`` takes and torch's ``step(closure=None)``
+        takes, told apart by whether it can be called:
+
+        - ``None`` (the default), a tensor or a number: returned as given, untouched (PyLO's
+          documented loop, ``loss.backward(); optimizer.step(loss)``). The step uses the
+          gradients already in ``.grad``; the value plays no part in it.
+        - a callable: torch's closure. It is called once, with gradients enabled, before the
+          step (it must compute the loss and call ``backward()``), and its result is returned.
+
+        ``closure`` (keyword only): torch's closure, for callers that name it
+        (``step(closure=f)``, as Lightning does); give ``loss`` or ``closure``, not both.
+        """
         if closure is not None:
+            if loss is not None:
+                raise TypeError("step: give `loss` or `closure`, not both")
+            if not callable(closure):
+                raise TypeError(f"step: closure={closure!r} is not callable")
+            loss = closure
+        if callable(loss):
+            # A tensor is never callable, so PyLO's `step(loss)` cannot land here.
             with torch.enable_grad():
-                loss = closure()
+                loss = loss()
         groups = self.param_groups
         if self._sharded is not None or _distributed.has_dtensors(groups):
             for gi, group in enumerate(groups):
@@ -665,8 +836,11 @@ class AdafacLO(Optimizer):
             rt = self._rt[gi]
             names = rt.names if rt is not None else self._names(gi, group)
             work.append(self._check(gi, group, names, device))
-        if self._nonfinite == "error" and len(groups) > 1:
-            # One group must not be stepped when another is refused: check them all first.
+        # A CPU group stepped one tensor at a time: its check returned tensors, not addresses.
+        per_tensor = device.type == "cpu" and any(w[0] and isinstance(w[0][0], torch.Tensor) for w in work)
+        if self._nonfinite == "error" and (len(groups) > 1 or per_tensor):
+            # One group (or, in a group stepped one tensor at a time, one tensor) must not be
+            # stepped when another is refused: check them all first.
             for gi, group in enumerate(groups):
                 for j, p in enumerate(group["params"]):
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
@@ -714,7 +888,14 @@ class AdafacLO(Optimizer):
         old = (self.param_groups, self.state, self._rt, dict(self._axes_override), self._cuda_prog)
         try:
             super().load_state_dict(state_dict)
-            loaded = self.state
+            # The saved tensors themselves, not torch's copies in self.state: torch casts a
+            # floating-point state to its parameter's dtype, which would round the float32
+            # state of a bfloat16/float16 parameter.
+            loaded = {
+                p: state_dict["state"].get(i, {})
+                for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                for i, p in zip(saved["params"], group["params"])
+            }
             self.state = defaultdict(dict)
             rts: List[Optional[_Runtime]] = []
             # Every saved axis first: a CUDA program is built for all groups at once.
