@@ -7,7 +7,10 @@ back to nearest-even once. The reference is a float32 optimizer stepping the upc
 """
 
 import copy
+import inspect
 import io
+import pydoc
+import re
 
 import pytest
 import torch
@@ -269,3 +272,40 @@ def test_half_after_a_float32_first_step_is_refused_and_float64_everywhere():
     opt2 = AdafacLO([("h", h), ("d", d)], hf_key="demo")
     with pytest.raises(ValueError, match="`d` has dtype torch.float64; mulo steps float32, bfloat16 and float16"):
         opt2.step()
+
+
+# ------------------------------------------------------------------------ help()
+
+
+def _public_callables():
+    import mulo.distributed
+    import mulo.torch
+
+    for mod in (mulo.torch, mulo.distributed):
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if inspect.isclass(obj):
+                if obj.__module__ != mod.__name__:
+                    continue  # re-exported (mulo.LearnedOptimizer: the native stub documents it)
+                for attr, member in vars(obj).items():
+                    if callable(member) and (not attr.startswith("_") or attr == "__init__"):
+                        yield f"{mod.__name__}.{name}.{attr}", member
+                # MuLO's arguments are AdafacLO's: help(MuLO) shows the inherited __init__.
+                if "__init__" not in vars(obj):
+                    yield f"{mod.__name__}.{name}.__init__", obj.__init__
+            elif callable(obj):
+                yield f"{mod.__name__}.{name}", obj
+
+
+@pytest.mark.parametrize("where,fn", list(_public_callables()), ids=lambda x: x if isinstance(x, str) else "")
+def test_help_documents_every_argument(where, fn):
+    doc = inspect.getdoc(fn) or ""
+    args = [
+        n for n, p in inspect.signature(fn).parameters.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    # Every argument in the docstring's "Args:" section, as `name: what it is`.
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    missing = [n for n in args if not re.search(rf"^\s+{n}: \S", section, re.M)]
+    assert not missing, f"{where}: help() does not document {missing}"
+    assert pydoc.render_doc(fn)  # and help() renders it

@@ -57,6 +57,9 @@ def pylo_factored_axes(shape: Sequence[int]) -> Optional[Tuple[int, int]]:
     PyLO sorts the axes with numpy's ``np.argsort`` (not stable: with tied largest axes the
     order depends on the host's SIMD, SPEC.md §2); d0 is the last of that order, d1 the one
     before. ``None`` for rank ≤ 1 (not factored).
+
+    Args:
+        shape: a tensor's shape.
     """
     if len(shape) < 2:
         return None
@@ -233,7 +236,8 @@ class _CudaGroup:
         n = len(params)
         report: Dict[str, list] = {k: [] for k in ("skipped", "sanitized", "nonfinite", "clipped", "reverted", "without_grad")}
         report["step"] = self.step_count
-        work: List[Optional[torch.Tensor]] = list(grads)
+        # Optional[Tensor] entries; Any because mypy cannot narrow those that `live` keeps.
+        work: List[Any] = list(grads)
         live = [j for j in range(n) if work[j] is not None]
         for j in range(n):
             if work[j] is None:
@@ -304,14 +308,14 @@ class _CudaGroup:
         if stepped:
             # As MuloOptimizer: with the guard, parameter and state must be finite; without,
             # a non-finite parameter is an error.
-            def finite(j):
+            def all_finite(j):
                 ok = torch.isfinite(params[j]).all()
                 if self.guard:
                     for t in self.state[j].values():
                         ok = ok & torch.isfinite(t).all()
                 return ok
 
-            ok = torch.stack([finite(j) for j in stepped]).tolist()
+            ok = torch.stack([all_finite(j) for j in stepped]).tolist()
             broken = [j for j, good in zip(stepped, ok) if not good]
             if broken and not self.guard:
                 names = ", ".join(f"`{self.names[j]}`" for j in broken)
@@ -321,8 +325,8 @@ class _CudaGroup:
             for j in broken:
                 old_p, old_state = snapshots[j]
                 params[j].detach().copy_(old_p)
-                for k, t in self.state[j].items():
-                    t.copy_(old_state[k])
+                for key, t in self.state[j].items():
+                    t.copy_(old_state[key])
                 report["reverted"].append(self.names[j])
                 report["skipped"].append(self.names[j])
         self.step_count += 1
@@ -461,10 +465,13 @@ class AdafacLO(Optimizer):
     and ``factored_axes`` (``{param: (d0, d1)}`` overriding PyLO's numpy argsort for those
     tensors; see :meth:`set_factored_axes`).
 
-    Every parameter with a gradient must be a contiguous float32 tensor with a dense
-    contiguous float32 gradient, all of them on one device (the CPU, or one CUDA device), of
-    the shape it had at its first step; anything else is refused with an error naming the
-    parameter, before anything changes. On CUDA the optimizer's tensors are one packed program
+    Every parameter with a gradient must be a contiguous tensor with a dense contiguous
+    gradient of its dtype, all of them on one device (the CPU, or one CUDA device), of the
+    shape it had at its first step; anything else is refused with an error naming the
+    parameter, before anything changes. The dtype is float32, or on the CPU also bfloat16 or
+    float16 (the state stays float32; a half tensor is stepped in float32 on the exact upcast
+    of its parameter and gradient, the parameter rounded back to nearest-even once, one tensor
+    at a time; an update smaller than half an ulp of the parameter is lost, as in PyLO). On CUDA the optimizer's tensors are one packed program
     compiled by NVRTC at the first step (libnvrtc must be loadable; the PTX is cached on disk),
     and the state lives in device memory.
     """
@@ -489,6 +496,36 @@ class AdafacLO(Optimizer):
         backend: str = "auto",
         factored_axes: Optional[Dict[torch.Tensor, Tuple[int, int]]] = None,
     ):
+        """Builds the optimizer; nothing is compiled or stepped before the first :meth:`step`.
+
+        Args:
+            params: the parameters (tensors, ``(name, tensor)`` pairs, whose names then appear
+                in errors and reports, or parameter-group dicts as torch's).
+            lr: learning rate (default 1.0, PyLO's); per group, read at every step.
+            weight_decay: decoupled weight decay, ``P ← P − lr·wd·P`` after the update (mulo's
+                addition; default 0); per group.
+            max_grad_norm: per-tensor gradient clipping norm (None: no clipping); per group.
+            hf_key: the weights: a Hub key looked up in the local Hugging Face cache (default
+                ``btherien/mulo``), a directory in the Hub layout, a ``.safetensors`` file,
+                ``"demo"`` (the bundled demo network) or a ``mulo.LearnedOptimizer``.
+            exp_mult: μLO_M's exponent multiplier of the update (PyLO's, default 0.001).
+            step_mult: μLO_M's step multiplier of the update (PyLO's, default 0.01).
+            momentum_decays: offsets of the 3 momentum decays (PyLO's parameterization).
+            rms_decays: offset of the second-moment decay (one value).
+            adafactor_decays: offsets of the 3 Adafactor decays.
+            initial_momentum_decays: the 3 momentum decays the offsets apply to.
+            initial_rms_decays: the second-moment decay its offset applies to (one value).
+            initial_adafactor_decays: the 3 Adafactor decays their offsets apply to.
+            nonfinite: a gradient with NaN/Inf: ``"skip"`` (default) leaves its tensor
+                unchanged, ``"zero"`` replaces them as JAX μLO's ``nan_to_num``, ``"error"``
+                refuses the step and changes nothing.
+            guard: undo any tensor whose step came out non-finite (default True).
+            backend: ``"auto"`` (default: the native CPU backend for CPU tensors, the packed
+                CUDA program for CUDA tensors), ``"cpu"``, ``"cuda"`` or ``"interp"`` (the
+                reference interpreter, CPU tensors).
+            factored_axes: ``{param: (d0, d1)}`` overriding PyLO's numpy argsort for those
+                tensors (see :meth:`set_factored_axes`).
+        """
         _check_hyper(type(self).__name__, lr, weight_decay, max_grad_norm)
         if nonfinite not in ("skip", "zero", "error"):
             raise ValueError(f"nonfinite={nonfinite!r}: expected 'skip', 'zero' or 'error'")
@@ -523,6 +560,12 @@ class AdafacLO(Optimizer):
     # ----------------------------------------------------------------- parameter groups
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a parameter group, as torch's.
+
+        Args:
+            param_group: a dict with ``params`` and any of ``lr``, ``weight_decay`` and
+                ``max_grad_norm`` (the optimizer's defaults otherwise).
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_hyper(
@@ -547,6 +590,10 @@ class AdafacLO(Optimizer):
 
         The axes are fixed at the first step of the parameter's group (and saved in its
         state); they can only be set before.
+
+        Args:
+            param: a parameter of this optimizer, of rank ≥ 2.
+            axes: two different axes ``(d0, d1)`` of it.
         """
         for gi, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
@@ -568,7 +615,11 @@ class AdafacLO(Optimizer):
         raise ValueError("set_factored_axes: the tensor is not a parameter of this optimizer")
 
     def factored_axes(self, param: torch.Tensor) -> Optional[Tuple[int, int]]:
-        """The factored axes ``param`` is (or will be) stepped with; None for rank ≤ 1."""
+        """The factored axes ``param`` is (or will be) stepped with; None for rank ≤ 1.
+
+        Args:
+            param: a parameter of this optimizer.
+        """
         for gi, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
                 if p is param:
@@ -590,6 +641,7 @@ class AdafacLO(Optimizer):
         shapes = [tuple(p.shape) for p in params]
         axes = [self._axes_for(p) for p in params]
         device = device if device is not None else self._device()
+        native: Any  # a _CudaGroup, _PerTensorGroup or native Group: the same interface
         if device.type == "cuda":
             native = _CudaGroup(
                 self.lopt, names, shapes, axes, group["max_grad_norm"], self._nonfinite, self._guard, device,
@@ -602,7 +654,7 @@ class AdafacLO(Optimizer):
                     self.lopt,
                     names[k],
                     [list(s) for s in shapes[k]],
-                    [tuple(a) if a is not None else None for a in axes[k]],
+                    list(axes[k]),
                     group["max_grad_norm"],
                     self._nonfinite,
                     self._guard,
@@ -671,6 +723,7 @@ class AdafacLO(Optimizer):
         rt = self._rt[gi]
         shapes = rt.shapes if rt is not None else None
         f32, strided = torch.float32, torch.strided
+        grads: List[Any]  # the gradients (CUDA) or their addresses (CPU)
         if device.type == "cuda":
             params, grads = [], []
             for j, p in enumerate(group["params"]):
@@ -696,7 +749,7 @@ class AdafacLO(Optimizer):
         if (isinstance(rt.native, _PerTensorGroup) if rt is not None else any(p.dtype in _HALF for p in group["params"])):
             return self._check_per_tensor(group, names, shapes, device)
         ptrs: List[int] = []
-        grads: List[int] = []
+        grads = []
         for j, p in enumerate(group["params"]):
             # The common case in one expression; the reasons are spelled out only on failure.
             if not (
@@ -796,7 +849,8 @@ class AdafacLO(Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, loss: Any = None, *, closure: Optional[Callable[[], Any]] = None) -> Any:
+    # PyLO's signature, step(loss=None), on purpose not torch's step(closure=None) (see below).
+    def step(self, loss: Any = None, *, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """One optimizer step over every parameter group; returns the loss.
 
         ``loss`` is what PyLO's ``step(loss=None)`` takes and torch's ``step(closure=None)``
@@ -808,8 +862,10 @@ class AdafacLO(Optimizer):
         - a callable: torch's closure. It is called once, with gradients enabled, before the
           step (it must compute the loss and call ``backward()``), and its result is returned.
 
-        ``closure`` (keyword only): torch's closure, for callers that name it
-        (``step(closure=f)``, as Lightning does); give ``loss`` or ``closure``, not both.
+        Args:
+            loss: the loss (returned as given) or a closure (called), or None.
+            closure: keyword only: torch's closure, for callers that name it
+                (``step(closure=f)``, as Lightning does); give ``loss`` or ``closure``, not both.
         """
         if closure is not None:
             if loss is not None:
@@ -854,6 +910,7 @@ class AdafacLO(Optimizer):
         report: Dict[str, list] = {}
         for gi, group in enumerate(groups):
             rt = self._rt[gi]
+            assert rt is not None  # built above
             if group["max_grad_norm"] != rt.max_grad_norm:
                 rt.native.set_max_grad_norm(group["max_grad_norm"])
                 rt.max_grad_norm = group["max_grad_norm"]
@@ -880,7 +937,11 @@ class AdafacLO(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a ``state_dict`` of this class or of PyLO's ``AdafacLO_naive``/``MuLO_naive``
         (same parameter groups); the next step continues exactly where it stopped. With DTensor
-        parameters, each rank loads the ``state_dict`` it saved."""
+        parameters, each rank loads the ``state_dict`` it saved.
+
+        Args:
+            state_dict: what :meth:`state_dict` (or PyLO's) returned, e.g. through ``torch.load``.
+        """
         if self._sharded is not None or _distributed.has_dtensors(self.param_groups):
             if self._sharded is None:
                 self._sharded = _distributed.ShardedSteps()
@@ -903,7 +964,7 @@ class AdafacLO(Optimizer):
                 for p in group["params"]:
                     axes = loaded.get(p, {}).get("factored_axes")
                     if axes is not None:
-                        self._axes_override[id(p)] = (p, tuple(int(a) for a in axes))
+                        self._axes_override[id(p)] = (p, (int(axes[0]), int(axes[1])))
             for gi, group in enumerate(self.param_groups):
                 for key, value in self.defaults.items():
                     group.setdefault(key, value)
@@ -950,6 +1011,12 @@ class MuLO(AdafacLO):
     """
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a parameter group, split by width multiplier as ``MuLO_naive`` does.
+
+        Args:
+            param_group: a dict with ``params`` (each with mup's ``infshape``) and any of
+                ``lr``, ``weight_decay`` and ``max_grad_norm``.
+        """
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         names = param_group.get("param_names")
