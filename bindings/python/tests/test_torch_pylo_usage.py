@@ -151,7 +151,9 @@ def _step_both(params, ref, opt, ropt, seed):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("kw", [{"lr": 1.0}, {"lr": 0.5, "max_grad_norm": 1.0, "weight_decay": 0.1}], ids=["plain", "clip_wd"])
+@pytest.mark.parametrize(
+    "kw", [{"lr": 1.0}, {"lr": 0.5, "max_grad_norm": 1.0, "weight_decay": 0.1}], ids=["plain", "clip_wd"]
+)
 def test_half_step_is_the_float32_step_of_the_upcast_rounded_once(dtype, kw):
     params, ref, opt, ropt = _stepped_pair([dtype] * len(SHAPES), **kw)
     start = [p.detach().clone() for p in params]
@@ -309,3 +311,65 @@ def test_help_documents_every_argument(where, fn):
     missing = [n for n in args if not re.search(rf"^\s+{n}: \S", section, re.M)]
     assert not missing, f"{where}: help() does not document {missing}"
     assert pydoc.render_doc(fn)  # and help() renders it
+
+
+# ------------------------------------------------------------------ half on the CUDA path
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "zero"])
+def test_cuda_path_steps_half_tensors_as_the_cpu_path_on_host_memory(monkeypatch, nonfinite):
+    """The CUDA path's Python side (_CudaGroup) with bfloat16/float16 tensors, run on CPU
+    tensors with the program replaced by test_torch_cuda's HostPointerStepper (no GPU here):
+    one launch for the float32 tensors and one per half tensor, on float32 temporaries, never
+    at the half tensors' own addresses; parameters and state bitwise those of the CPU path
+    (itself bitwise the float32 step of the upcasts, rounded), with a NaN gradient skipped or
+    sanitized and a tensor without gradient. (HostPointerStepper steps without a guard, so
+    no gradient here may make a parameter non-finite.)"""
+    from test_torch_cuda import WEIGHTS, HostPointerStepper
+
+    from mulo._native import LearnedOptimizer
+    from mulo.torch import _CudaGroup, _CudaProgram, pylo_factored_axes
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 1})())
+    shapes = [(6, 4), (5,), (3, 3), ()]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.bfloat16]
+    axes = [pylo_factored_axes(s) for s in shapes]
+    names = [f"t{i}" for i in range(len(shapes))]
+    lopt = LearnedOptimizer.load(WEIGHTS)
+    cpu = torch.device("cpu")
+    program = _CudaProgram(lopt, {0: (shapes, axes)}, cpu)
+    stepper = program._stepper = HostPointerStepper(lopt, shapes, axes, program.model)
+    group = _CudaGroup(lopt, names, shapes, axes, None, nonfinite, True, cpu, program, 0)
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, dtypes)]
+    ref = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = AdafacLO(list(zip(names, ref)), lr=0.3, weight_decay=0.01, hf_key=lopt, backend="cpu", nonfinite=nonfinite)
+    for step in range(3):
+        grads = [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, dtypes)]
+        if step == 1:
+            grads[0][2, 1] = float("nan")
+            grads[3] = None
+        calls = len(stepper.calls)
+        report = group.step(params, [None if x is None else x.clone() for x in grads], 0.3, 0.01)
+        launched = stepper.calls[calls:]
+        skipped = step == 1 and nonfinite == "skip"
+        half = [j for j in (0, 1, 3) if grads[j] is not None and not (skipped and j == 0)]
+        assert len(launched) == 1 + len(half), step
+        for _, addrs, hypers, _ in launched:
+            for j in range(len(shapes)):
+                if hypers[j] is not None and dtypes[j] is not torch.float32:
+                    assert addrs[7 * j] != params[j].data_ptr()  # a float32 temporary
+        for p, x in zip(ref, grads):
+            p.grad = None if x is None else x.clone()
+        opt.step()
+        assert group.step_count == opt.param_groups[0]["step"] == step + 1
+        for key in ("skipped", "without_grad", "sanitized"):
+            assert report[key] == opt.last_report.get(key, []), (step, key)
+        for i, (a, b) in enumerate(zip(params, ref)):
+            assert a.dtype is dtypes[i]
+            assert torch.equal(_bits(a), _bits(b)), (step, i)
+    sd = opt.state_dict()["state"]
+    for i in range(len(shapes)):
+        for name, shape, data in group.export_state(i):
+            got = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+            assert torch.equal(got, sd[i][name]), (i, name)

@@ -176,6 +176,11 @@ class _CudaGroup:
     launches are queued on ``torch.cuda.current_stream()``: parameters and state are updated in
     place, with no host copy. Without the guard and without those policies' needs (no
     non-finite gradient, no clipping), a step waits for nothing but the finiteness check.
+
+    bfloat16/float16 tensors are stepped as on the CPU (see :class:`_PerTensorGroup`): one
+    launch per such tensor on float32 temporaries of its parameter and gradient (exact upcasts;
+    a sanitized or clipped gradient is computed in float32), the parameter rounded back to
+    nearest-even; the guard then checks the rounded parameter (a float16 overflow is undone).
     """
 
     def __init__(self, lopt, names, shapes, axes, max_grad_norm, nonfinite, guard, device, program=None, gi=0):
@@ -262,7 +267,8 @@ class _CudaGroup:
                     report["skipped"].append(self.names[j])
                     work[j] = None
                 else:
-                    work[j] = torch.nan_to_num(work[j], nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
+                    # In float32 (a half gradient's upcast): float32's largest value replaces ±inf.
+                    work[j] = torch.nan_to_num(work[j].float(), nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
                     report["sanitized"].append(self.names[j])
             if self.max_grad_norm is not None:
                 max_norm = float(np.float32(self.max_grad_norm))
@@ -274,37 +280,57 @@ class _CudaGroup:
                         norm = float(torch.linalg.vector_norm(work[j], dtype=torch.float64))
                     coef = max_norm / (norm + 1e-6)
                     if coef < 1.0:
-                        work[j] = work[j] * float(np.float32(coef))
+                        # In float32 (a half gradient's upcast), as the CPU path scales.
+                        work[j] = work[j].float() * float(np.float32(coef))
                         report["clipped"].append((self.names[j], norm))
         stepped = [j for j in range(n) if work[j] is not None]
         snapshots = {}
         if self.guard:
             for j in stepped:
                 snapshots[j] = (params[j].detach().clone(), {k: t.clone() for k, t in self.state[j].items()})
-        # The program's other tensors (other groups') are not stepped by this call.
-        addrs: List[int] = [0] * (7 * self.first)
-        hypers: List[Any] = [None] * self.first
-        for j in range(n):
-            if work[j] is None:
-                addrs += [0] * 7
-                hypers.append(None)
-                continue
-            st = list(self.state[j].values())
-            addrs += [params[j].data_ptr(), work[j].data_ptr()] + [t.data_ptr() for t in st] + [0] * (5 - len(st))
-            hypers.append((lr, weight_decay))
-        rest = self.program.n - self.first - n
-        addrs += [0] * (7 * rest)
-        hypers += [None] * rest
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        try:
-            stepper.step(stream, addrs, hypers, [self.step_count] * self.program.n)
-        except ValueError as e:
-            # The Rust checks name tensors by index and buffers by kind: name the parameters.
-            def named(m):
-                name = self.names[int(m.group(1)) - self.first]
-                return f"`{name}`" if m.group(2) == "param" else f"`{name}.{m.group(2)}`"
 
-            raise ValueError(re.sub(r"tensor (\d+) `(\w+)`", named, str(e))) from None
+        def launch(js: List[int], ptrs: Dict[int, Tuple[int, int]]) -> None:
+            """Queues the program for this group's tensors ``js`` ((parameter, gradient)
+            addresses ``ptrs[j]``); the program's other tensors (other groups') are not
+            stepped by this call."""
+            addrs: List[int] = [0] * (7 * self.first)
+            hypers: List[Any] = [None] * self.first
+            for j in range(n):
+                if j not in ptrs:
+                    addrs += [0] * 7
+                    hypers.append(None)
+                    continue
+                st = list(self.state[j].values())
+                addrs += list(ptrs[j]) + [t.data_ptr() for t in st] + [0] * (5 - len(st))
+                hypers.append((lr, weight_decay))
+            rest = self.program.n - self.first - n
+            addrs += [0] * (7 * rest)
+            hypers += [None] * rest
+            try:
+                stepper.step(stream, addrs, hypers, [self.step_count] * self.program.n)
+            except ValueError as e:
+                # The Rust checks name tensors by index and buffers by kind: name the parameters.
+                def named(m):
+                    name = self.names[int(m.group(1)) - self.first]
+                    return f"`{name}`" if m.group(2) == "param" else f"`{name}.{m.group(2)}`"
+
+                raise ValueError(re.sub(r"tensor (\d+) `(\w+)`", named, str(e))) from None
+
+        # float32 tensors: one launch for all, in place.
+        whole = [j for j in stepped if params[j].dtype is torch.float32]
+        if whole or not stepped:
+            launch(whole, {j: (params[j].data_ptr(), work[j].data_ptr()) for j in whole})
+        # bfloat16/float16 tensors (as on the CPU): one launch each, on float32 temporaries of
+        # that tensor only (its exact upcasts), the parameter rounded back to nearest-even by
+        # copy_ on the same stream, so the temporaries' memory is reused only after the launch.
+        for j in stepped:
+            if params[j].dtype is torch.float32:
+                continue
+            p32 = params[j].detach().float()
+            g32 = work[j] if work[j].dtype is torch.float32 else work[j].float()
+            launch([j], {j: (p32.data_ptr(), g32.data_ptr())})
+            params[j].detach().copy_(p32)
         if stepped:
             # As MuloOptimizer: with the guard, parameter and state must be finite; without,
             # a non-finite parameter is an error.
@@ -333,7 +359,8 @@ class _CudaGroup:
         return report
 
 
-#: The half-precision dtypes stepped on the CPU (by :class:`_PerTensorGroup`).
+#: The half-precision dtypes stepped (on the CPU by :class:`_PerTensorGroup`, on CUDA by
+#: :class:`_CudaGroup`), in float32 on their exact upcasts.
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -468,12 +495,12 @@ class AdafacLO(Optimizer):
     Every parameter with a gradient must be a contiguous tensor with a dense contiguous
     gradient of its dtype, all of them on one device (the CPU, or one CUDA device), of the
     shape it had at its first step; anything else is refused with an error naming the
-    parameter, before anything changes. The dtype is float32, or on the CPU also bfloat16 or
-    float16 (the state stays float32; a half tensor is stepped in float32 on the exact upcast
-    of its parameter and gradient, the parameter rounded back to nearest-even once, one tensor
-    at a time; an update smaller than half an ulp of the parameter is lost, as in PyLO). On CUDA the optimizer's tensors are one packed program
-    compiled by NVRTC at the first step (libnvrtc must be loadable; the PTX is cached on disk),
-    and the state lives in device memory.
+    parameter, before anything changes. The dtype is float32, bfloat16 or float16 (the state
+    stays float32; a half tensor is stepped in float32 on the exact upcast of its parameter and
+    gradient, the parameter rounded back to nearest-even once, one tensor at a time; an update
+    smaller than half an ulp of the parameter is lost, as in PyLO). On CUDA the optimizer's
+    tensors are one packed program compiled by NVRTC at the first step (libnvrtc must be
+    loadable; the PTX is cached on disk), and the state lives in device memory.
     """
 
     def __init__(
@@ -729,24 +756,29 @@ class AdafacLO(Optimizer):
             for j, p in enumerate(group["params"]):
                 if not (
                     p.device == device
-                    and p.dtype is f32
+                    and (p.dtype is f32 or p.dtype in _HALF)
                     and p.is_contiguous()
                     and (shapes is None or p.shape == shapes[j])
                 ):
-                    self._refuse(names[j], p, None, shapes[j] if shapes else None, device)
+                    self._refuse(names[j], p, None, shapes[j] if shapes else None, device, half_group=True)
                 params.append(p)
                 g = p.grad
                 if g is not None and not (
                     g.layout is strided
                     and g.device == device
-                    and g.dtype is f32
+                    and g.dtype is p.dtype
                     and g.is_contiguous()
                     and g.shape == p.shape
                 ):
-                    self._refuse(names[j], p, g, None, device)
+                    self._refuse(names[j], p, g, None, device, half_group=True)
                 grads.append(g)
             return params, grads
-        if (isinstance(rt.native, _PerTensorGroup) if rt is not None else any(p.dtype in _HALF for p in group["params"])):
+        # A group holding half tensors at its first step is stepped one tensor at a time.
+        if rt is not None:
+            per_tensor = isinstance(rt.native, _PerTensorGroup)
+        else:
+            per_tensor = any(p.dtype in _HALF for p in group["params"])
+        if per_tensor:
             return self._check_per_tensor(group, names, shapes, device)
         ptrs: List[int] = []
         grads = []
@@ -791,7 +823,11 @@ class AdafacLO(Optimizer):
                 self._refuse(names[j], p, None, shapes[j] if shapes else None, device, half_group=True)
             g = p.grad
             if g is not None and not (
-                g.layout is torch.strided and g.is_cpu and g.dtype is p.dtype and g.is_contiguous() and g.shape == p.shape
+                g.layout is torch.strided
+                and g.is_cpu
+                and g.dtype is p.dtype
+                and g.is_contiguous()
+                and g.shape == p.shape
             ):
                 self._refuse(names[j], p, g, None, device, half_group=True)
             params.append(p)
@@ -814,10 +850,10 @@ class AdafacLO(Optimizer):
                     f"parameter `{name}` is on {p.device}, others on {device} (mixed devices); "
                     "put the model on one device"
                 )
-            if p.dtype not in (torch.float32,) + _HALF or (device.type == "cuda" and p.dtype != torch.float32):
+            if p.dtype not in (torch.float32,) + _HALF:
                 raise ValueError(
                     f"parameter `{name}` has dtype {p.dtype}; mulo steps float32, bfloat16 and "
-                    "float16 tensors on the CPU, float32 on CUDA"
+                    "float16 tensors"
                 )
             if not p.is_contiguous():
                 raise ValueError(f"parameter `{name}` is not contiguous (strides {p.stride()})")
