@@ -41,14 +41,18 @@ __all__ = ["has_dtensors", "shard_of", "ShardedSteps"]
 try:  # torch ≥ 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch
-    DTensor = None  # type: ignore[assignment]
+    DTensor = None  # type: ignore[assignment,misc]
 
 # An aligned non-null address for empty local shards (never dereferenced: 0 values).
 _EMPTY_ADDRESS = 16
 
 
 def has_dtensors(param_groups) -> bool:
-    """Whether any parameter of ``param_groups`` is a DTensor."""
+    """Whether any parameter of ``param_groups`` is a DTensor.
+
+    Args:
+        param_groups: an optimizer's ``param_groups`` (dicts with ``params``).
+    """
     if DTensor is None:
         return False
     return any(isinstance(p, DTensor) for g in param_groups for p in g["params"])
@@ -57,7 +61,12 @@ def has_dtensors(param_groups) -> bool:
 def shard_of(p, name: str) -> Tuple[Tuple[int, ...], Optional[Tuple[int, int]], Any]:
     """``(global shape, (row offset, rows) or None for a replicated tensor, process group)`` of
     a DTensor parameter on this rank; anything else than ``Shard(0)``/``Replicate()`` on a 1-d
-    mesh is refused with an error naming the parameter."""
+    mesh is refused with an error naming the parameter.
+
+    Args:
+        p: the parameter.
+        name: its name, for errors.
+    """
     if DTensor is None or not isinstance(p, DTensor):
         raise ValueError(
             f"parameter `{name}` is a plain tensor among DTensor parameters: shard every "
@@ -256,7 +265,23 @@ class ShardedSteps:
             native.set_step_count(int(group["step"]))
         return _Runtime(native, shapes, shards, axes, names, group["max_grad_norm"])
 
+    def built(self, gi: int) -> "_Runtime":
+        """Group ``gi``'s runtime, which :meth:`ensure_built` has made.
+
+        Args:
+            gi: the parameter group's index.
+        """
+        rt = self.rts[gi]
+        assert rt is not None, "ensure_built builds every group before it is used"
+        return rt
+
     def ensure_built(self, opt) -> None:
+        """Builds the runtime of every group of ``opt`` not built yet (at the first one, after
+        checking every rank's shard layout: a collective, so every rank must call it).
+
+        Args:
+            opt: the ``mulo.torch`` optimizer whose DTensor parameters this steps.
+        """
         if all(rt is not None for rt in self.rts) and len(self.rts) == len(opt.param_groups):
             return
         layouts = self._layouts(opt)
@@ -328,6 +353,12 @@ class ShardedSteps:
         return torch.device("cpu")
 
     def step(self, opt) -> Dict[str, list]:
+        """One sharded step of every group of ``opt`` (collective: every rank calls it);
+        returns the report (lists of parameter names per event).
+
+        Args:
+            opt: the ``mulo.torch`` optimizer whose DTensor parameters this steps.
+        """
         groups = opt.param_groups
         self.ensure_built(opt)
         # Every group's tensors are checked (and staged) before any group changes.
@@ -342,14 +373,14 @@ class ShardedSteps:
                     "overlaps (a parameter must not share storage with another parameter or a gradient)"
                 )
         for gi, group in enumerate(groups):
-            rt = self.rts[gi]
+            rt = self.built(gi)
             if group["max_grad_norm"] != rt.max_grad_norm:
                 # Changes the number of rounds: every rank's group must change alike.
                 rt.native.set_max_grad_norm(group["max_grad_norm"])
                 rt.max_grad_norm = group["max_grad_norm"]
         bufs = []
         for gi, group in enumerate(groups):
-            rt = self.rts[gi]
+            rt = self.built(gi)
             n = len(group["params"])
             bufs.append(
                 rt.native.begin(
@@ -359,7 +390,7 @@ class ShardedSteps:
                     [float(group["weight_decay"])] * n,
                 )
             )
-        rounds = [self.rts[gi].native.rounds for gi in range(len(groups))]
+        rounds = [self.built(gi).native.rounds for gi in range(len(groups))]
         report: Dict[str, list] = {}
         self.last_collectives = 0
         self.last_bytes = 0
@@ -385,7 +416,7 @@ class ShardedSteps:
             for gi in live:
                 part = raw[at : at + len(bufs[gi])]
                 at += len(bufs[gi])
-                rt = self.rts[gi]
+                rt = self.built(gi)
                 if r + 1 < rounds[gi]:
                     bufs[gi] = rt.native.advance(part)
                 else:
@@ -401,13 +432,24 @@ class ShardedSteps:
 
     def state_dict(self, opt, base_state_dict) -> Dict[str, Any]:
         """This rank's ``state_dict``: per tensor its local rows of PyLO's state, the factored
-        axes and ``shard`` = [row offset, rows, *whole shape] (empty for a replicated tensor)."""
+        axes and ``shard`` = [row offset, rows, *whole shape] (empty for a replicated tensor).
+
+        Args:
+            opt: the ``mulo.torch`` optimizer.
+            base_state_dict: torch's ``Optimizer.state_dict`` of ``opt``, bound.
+        """
         return _state.state_dict_with_runtimes(
             opt, self.rts, base_state_dict, extra=lambda rt, j: {"shard": _shard_entry(rt, j)}
         )
 
     def load_state_dict(self, opt, state_dict, base_load_state_dict) -> None:
-        """Loads a ``state_dict`` this rank saved (same parameters, same shards)."""
+        """Loads a ``state_dict`` this rank saved (same parameters, same shards).
+
+        Args:
+            opt: the ``mulo.torch`` optimizer.
+            state_dict: what this rank's :meth:`state_dict` returned.
+            base_load_state_dict: torch's ``Optimizer.load_state_dict`` of ``opt``, bound.
+        """
         from collections import defaultdict
 
         old = (opt.param_groups, opt.state, list(self.rts), dict(opt._axes_override))
@@ -422,7 +464,7 @@ class ShardedSteps:
             self.rts = []
             self.ensure_built(opt)
             for gi, group in enumerate(opt.param_groups):
-                rt = self.rts[gi]
+                rt = self.built(gi)
                 rt.native.set_step_count(int(group.get("step") or 0))
                 for j, p in enumerate(group["params"]):
                     st = loaded.get(p)

@@ -26,7 +26,7 @@ import re
 import struct
 import threading
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ def pylo_factored_axes(shape: Sequence[int]) -> Optional[Tuple[int, int]]:
     PyLO sorts the axes with numpy's ``np.argsort`` (not stable: with tied largest axes the
     order depends on the host's SIMD, SPEC.md §2); d0 is the last of that order, d1 the one
     before. ``None`` for rank ≤ 1 (not factored).
+
+    Args:
+        shape: a tensor's shape.
     """
     if len(shape) < 2:
         return None
@@ -191,6 +194,11 @@ class _CudaGroup:
     launches are queued on ``torch.cuda.current_stream()``: parameters and state are updated in
     place, with no host copy. Without the guard and without those policies' needs (no
     non-finite gradient, no clipping), a step waits for nothing but the finiteness check.
+
+    bfloat16/float16 tensors are stepped as on the CPU (see :class:`_PerTensorGroup`): one
+    launch per such tensor on float32 temporaries of its parameter and gradient (exact upcasts;
+    a sanitized or clipped gradient is computed in float32), the parameter rounded back to
+    nearest-even; the guard then checks the rounded parameter (a float16 overflow is undone).
     """
 
     def __init__(self, lopt, names, shapes, axes, max_grad_norm, nonfinite, guard, device, program=None, gi=0):
@@ -251,7 +259,8 @@ class _CudaGroup:
         n = len(params)
         report: Dict[str, list] = {k: [] for k in ("skipped", "sanitized", "nonfinite", "clipped", "reverted", "without_grad")}
         report["step"] = self.step_count
-        work: List[Optional[torch.Tensor]] = list(grads)
+        # Optional[Tensor] entries; Any because mypy cannot narrow those that `live` keeps.
+        work: List[Any] = list(grads)
         live = [j for j in range(n) if work[j] is not None]
         for j in range(n):
             if work[j] is None:
@@ -276,7 +285,8 @@ class _CudaGroup:
                     report["skipped"].append(self.names[j])
                     work[j] = None
                 else:
-                    work[j] = torch.nan_to_num(work[j], nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
+                    # In float32 (a half gradient's upcast): float32's largest value replaces ±inf.
+                    work[j] = torch.nan_to_num(work[j].float(), nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
                     report["sanitized"].append(self.names[j])
             if self.max_grad_norm is not None:
                 max_norm = float(np.float32(self.max_grad_norm))
@@ -288,48 +298,68 @@ class _CudaGroup:
                         norm = float(torch.linalg.vector_norm(work[j], dtype=torch.float64))
                     coef = max_norm / (norm + 1e-6)
                     if coef < 1.0:
-                        work[j] = work[j] * float(np.float32(coef))
+                        # In float32 (a half gradient's upcast), as the CPU path scales.
+                        work[j] = work[j].float() * float(np.float32(coef))
                         report["clipped"].append((self.names[j], norm))
         stepped = [j for j in range(n) if work[j] is not None]
         snapshots = {}
         if self.guard:
             for j in stepped:
                 snapshots[j] = (params[j].detach().clone(), {k: t.clone() for k, t in self.state[j].items()})
-        # The program's other tensors (other groups') are not stepped by this call.
-        addrs: List[int] = [0] * (7 * self.first)
-        hypers: List[Any] = [None] * self.first
-        for j in range(n):
-            if work[j] is None:
-                addrs += [0] * 7
-                hypers.append(None)
-                continue
-            st = list(self.state[j].values())
-            addrs += [params[j].data_ptr(), work[j].data_ptr()] + [t.data_ptr() for t in st] + [0] * (5 - len(st))
-            hypers.append((lr, weight_decay))
-        rest = self.program.n - self.first - n
-        addrs += [0] * (7 * rest)
-        hypers += [None] * rest
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        try:
-            stepper.step(stream, addrs, hypers, [self.step_count] * self.program.n)
-        except ValueError as e:
-            # The Rust checks name tensors by index and buffers by kind: name the parameters.
-            def named(m):
-                name = self.names[int(m.group(1)) - self.first]
-                return f"`{name}`" if m.group(2) == "param" else f"`{name}.{m.group(2)}`"
 
-            raise ValueError(re.sub(r"tensor (\d+) `(\w+)`", named, str(e))) from None
+        def launch(js: List[int], ptrs: Dict[int, Tuple[int, int]]) -> None:
+            """Queues the program for this group's tensors ``js`` ((parameter, gradient)
+            addresses ``ptrs[j]``); the program's other tensors (other groups') are not
+            stepped by this call."""
+            addrs: List[int] = [0] * (7 * self.first)
+            hypers: List[Any] = [None] * self.first
+            for j in range(n):
+                if j not in ptrs:
+                    addrs += [0] * 7
+                    hypers.append(None)
+                    continue
+                st = list(self.state[j].values())
+                addrs += list(ptrs[j]) + [t.data_ptr() for t in st] + [0] * (5 - len(st))
+                hypers.append((lr, weight_decay))
+            rest = self.program.n - self.first - n
+            addrs += [0] * (7 * rest)
+            hypers += [None] * rest
+            try:
+                stepper.step(stream, addrs, hypers, [self.step_count] * self.program.n)
+            except ValueError as e:
+                # The Rust checks name tensors by index and buffers by kind: name the parameters.
+                def named(m):
+                    name = self.names[int(m.group(1)) - self.first]
+                    return f"`{name}`" if m.group(2) == "param" else f"`{name}.{m.group(2)}`"
+
+                raise ValueError(re.sub(r"tensor (\d+) `(\w+)`", named, str(e))) from None
+
+        # float32 tensors: one launch for all, in place.
+        whole = [j for j in stepped if params[j].dtype is torch.float32]
+        if whole or not stepped:
+            launch(whole, {j: (params[j].data_ptr(), work[j].data_ptr()) for j in whole})
+        # bfloat16/float16 tensors (as on the CPU): one launch each, on float32 temporaries of
+        # that tensor only (its exact upcasts), the parameter rounded back to nearest-even by
+        # copy_ on the same stream, so the temporaries' memory is reused only after the launch.
+        for j in stepped:
+            if params[j].dtype is torch.float32:
+                continue
+            p32 = params[j].detach().float()
+            g32 = work[j] if work[j].dtype is torch.float32 else work[j].float()
+            launch([j], {j: (p32.data_ptr(), g32.data_ptr())})
+            params[j].detach().copy_(p32)
         if stepped:
             # As MuloOptimizer: with the guard, parameter and state must be finite; without,
             # a non-finite parameter is an error.
-            def finite(j):
+            def all_finite(j):
                 ok = torch.isfinite(params[j]).all()
                 if self.guard:
                     for t in self.state[j].values():
                         ok = ok & torch.isfinite(t).all()
                 return ok
 
-            ok = torch.stack([finite(j) for j in stepped]).tolist()
+            ok = torch.stack([all_finite(j) for j in stepped]).tolist()
             broken = [j for j, good in zip(stepped, ok) if not good]
             if broken and not self.guard:
                 names = ", ".join(f"`{self.names[j]}`" for j in broken)
@@ -339,8 +369,8 @@ class _CudaGroup:
             for j in broken:
                 old_p, old_state = snapshots[j]
                 params[j].detach().copy_(old_p)
-                for k, t in self.state[j].items():
-                    t.copy_(old_state[k])
+                for key, t in self.state[j].items():
+                    t.copy_(old_state[key])
                 report["reverted"].append(self.names[j])
                 report["skipped"].append(self.names[j])
         self.step_count += 1
@@ -358,6 +388,106 @@ def _one_call_at_a_time(method):
             return method(self, *args, **kwargs)
 
     return locked
+
+
+#: The half-precision dtypes stepped (on the CPU by :class:`_PerTensorGroup`, on CUDA by
+#: :class:`_CudaGroup`), in float32 on their exact upcasts.
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _check_overlaps(names: List[str], params: List[torch.Tensor], grads: List[Optional[torch.Tensor]]) -> None:
+    """The native group's buffer check (no parameter sharing memory with another parameter or
+    a gradient) for a group stepped one tensor at a time, whose native groups each see one
+    tensor only. Raises the native check's error."""
+    spans = []
+    for j, p in enumerate(params):
+        spans.append((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), f"`{names[j]}`", True))
+        g = grads[j]
+        if g is not None:
+            spans.append((g.data_ptr(), g.data_ptr() + g.numel() * g.element_size(), f"`{names[j]}.grad`", False))
+    # Sorted by start (ties: a parameter before its gradient, as given); a span overlaps a
+    # later one iff that one starts before the furthest end seen so far.
+    order = sorted(range(len(spans)), key=lambda k: (spans[k][0], k))
+    reach = None  # (end, name, written) of the span reaching furthest so far
+    for start, end, name, written in (spans[k] for k in order):
+        if end == start:
+            continue
+        if reach is not None and start < reach[0] and (written or reach[2]):
+            raise ValueError(
+                f"step: the memory of {reach[1]} and {name} overlaps (a parameter must not share "
+                "storage with another parameter or a gradient)"
+            )
+        if reach is None or end > reach[0]:
+            reach = (end, name, written)
+
+
+class _PerTensorGroup:
+    """A CPU parameter group holding bfloat16 or float16 tensors: one native ``Group`` per
+    tensor (each with the group's step counter), so that a step needs float32 temporaries
+    for one tensor at a time, never a float32 copy of the group.
+
+    A half tensor's step: its parameter and gradient are upcast to float32 (exactly: every
+    bfloat16/float16 value is a float32 value), the float32 step runs on them with the
+    tensor's float32 state, and the parameter is written back rounded to nearest-even once
+    (torch's ``copy_`` into the half tensor). The result is bitwise the float32 step of the
+    upcast tensors, rounded. An update smaller than half an ulp of the parameter rounds back
+    to the old value and is lost (as in PyLO on bfloat16); the state keeps moving in float32.
+    float32 tensors of such a group are stepped in place, as in a plain group.
+    """
+
+    def __init__(self, groups: List[Any]):
+        self.groups = groups
+
+    # The interface of mulo._native.Group that AdafacLO uses.
+
+    @property
+    def target(self) -> str:
+        return self.groups[0].target
+
+    @property
+    def compiled_plans(self) -> int:
+        return sum(g.compiled_plans for g in self.groups)
+
+    @property
+    def step_count(self) -> int:
+        return self.groups[0].step_count
+
+    def set_step_count(self, step: int) -> None:
+        for g in self.groups:
+            g.set_step_count(step)
+
+    def set_max_grad_norm(self, max_grad_norm) -> None:
+        for g in self.groups:
+            g.set_max_grad_norm(max_grad_norm)
+
+    def export_state(self, j: int):
+        return self.groups[j].export_state(0)
+
+    def import_state(self, j: int, tensors) -> None:
+        self.groups[j].import_state(0, tensors)
+
+    def step(self, params, grads, lr: float, weight_decay: float) -> Dict[str, list]:
+        """Steps every tensor (``params``/``grads``: the tensors, None for no gradient). The
+        caller has checked them, and their gradients' finiteness when the policy is
+        ``"error"``, so that no tensor's step is refused after another's was written."""
+        report: Dict[str, list] = {}
+        for native, p, g in zip(self.groups, params, grads):
+            half = p.dtype is not torch.float32
+            # One tensor's float32 temporaries at a time (none for a float32 tensor).
+            work_p = p.detach().float() if half else p.detach()
+            work_g = None if g is None else (g.float() if half else g)
+            r = native.step(
+                [work_p.data_ptr(), work_p.numel()],
+                [0, 0] if work_g is None else [work_g.data_ptr(), work_g.numel()],
+                lr,
+                weight_decay,
+            )
+            if half and work_g is not None and not r["skipped"]:
+                p.detach().copy_(work_p)  # float32 -> half: rounded to nearest-even
+            for key, value in r.items():
+                if key != "step":
+                    report.setdefault(key, []).extend(value)
+        return report
 
 
 class _Runtime:
@@ -422,12 +552,15 @@ class AdafacLO(Optimizer):
     and ``factored_axes`` (``{param: (d0, d1)}`` overriding PyLO's numpy argsort for those
     tensors; see :meth:`set_factored_axes`).
 
-    Every parameter with a gradient must be a contiguous float32 tensor with a dense
-    contiguous float32 gradient, all of them on one device (the CPU, or one CUDA device), of
-    the shape it had at its first step; anything else is refused with an error naming the
-    parameter, before anything changes. On CUDA the optimizer's tensors are one packed program
-    compiled by NVRTC at the first step (libnvrtc must be loadable; the PTX is cached on disk),
-    and the state lives in device memory.
+    Every parameter with a gradient must be a contiguous tensor with a dense contiguous
+    gradient of its dtype, all of them on one device (the CPU, or one CUDA device), of the
+    shape it had at its first step; anything else is refused with an error naming the
+    parameter, before anything changes. The dtype is float32, bfloat16 or float16 (the state
+    stays float32; a half tensor is stepped in float32 on the exact upcast of its parameter and
+    gradient, the parameter rounded back to nearest-even once, one tensor at a time; an update
+    smaller than half an ulp of the parameter is lost, as in PyLO). On CUDA the optimizer's
+    tensors are one packed program compiled by NVRTC at the first step (libnvrtc must be
+    loadable; the PTX is cached on disk), and the state lives in device memory.
 
     A step checks every group's hyper-parameters (as the float32 values the native step gets),
     tensors and gradients before any group steps, so a refused step changes nothing;
@@ -458,6 +591,36 @@ class AdafacLO(Optimizer):
         backend: str = "auto",
         factored_axes: Optional[Dict[torch.Tensor, Tuple[int, int]]] = None,
     ):
+        """Builds the optimizer; nothing is compiled or stepped before the first :meth:`step`.
+
+        Args:
+            params: the parameters (tensors, ``(name, tensor)`` pairs, whose names then appear
+                in errors and reports, or parameter-group dicts as torch's).
+            lr: learning rate (default 1.0, PyLO's); per group, read at every step.
+            weight_decay: decoupled weight decay, ``P ← P − lr·wd·P`` after the update (mulo's
+                addition; default 0); per group.
+            max_grad_norm: per-tensor gradient clipping norm (None: no clipping); per group.
+            hf_key: the weights: a Hub key looked up in the local Hugging Face cache (default
+                ``btherien/mulo``), a directory in the Hub layout, a ``.safetensors`` file,
+                ``"demo"`` (the bundled demo network) or a ``mulo.LearnedOptimizer``.
+            exp_mult: μLO_M's exponent multiplier of the update (PyLO's, default 0.001).
+            step_mult: μLO_M's step multiplier of the update (PyLO's, default 0.01).
+            momentum_decays: offsets of the 3 momentum decays (PyLO's parameterization).
+            rms_decays: offset of the second-moment decay (one value).
+            adafactor_decays: offsets of the 3 Adafactor decays.
+            initial_momentum_decays: the 3 momentum decays the offsets apply to.
+            initial_rms_decays: the second-moment decay its offset applies to (one value).
+            initial_adafactor_decays: the 3 Adafactor decays their offsets apply to.
+            nonfinite: a gradient with NaN/Inf: ``"skip"`` (default) leaves its tensor
+                unchanged, ``"zero"`` replaces them as JAX μLO's ``nan_to_num``, ``"error"``
+                refuses the step and changes nothing.
+            guard: undo any tensor whose step came out non-finite (default True).
+            backend: ``"auto"`` (default: the native CPU backend for CPU tensors, the packed
+                CUDA program for CUDA tensors), ``"cpu"``, ``"cuda"`` or ``"interp"`` (the
+                reference interpreter, CPU tensors).
+            factored_axes: ``{param: (d0, d1)}`` overriding PyLO's numpy argsort for those
+                tensors (see :meth:`set_factored_axes`).
+        """
         _check_hyper(type(self).__name__, lr, weight_decay, max_grad_norm)
         if nonfinite not in ("skip", "zero", "error"):
             raise ValueError(f"nonfinite={nonfinite!r}: expected 'skip', 'zero' or 'error'")
@@ -540,6 +703,12 @@ class AdafacLO(Optimizer):
     # ----------------------------------------------------------------- parameter groups
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a parameter group, as torch's.
+
+        Args:
+            param_group: a dict with ``params`` and any of ``lr``, ``weight_decay`` and
+                ``max_grad_norm`` (the optimizer's defaults otherwise).
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_hyper(
@@ -564,6 +733,10 @@ class AdafacLO(Optimizer):
 
         The axes are fixed at the first step of the parameter's group (and saved in its
         state); they can only be set before.
+
+        Args:
+            param: a parameter of this optimizer, of rank ≥ 2.
+            axes: two different axes ``(d0, d1)`` of it.
         """
         for gi, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
@@ -585,7 +758,11 @@ class AdafacLO(Optimizer):
         raise ValueError("set_factored_axes: the tensor is not a parameter of this optimizer")
 
     def factored_axes(self, param: torch.Tensor) -> Optional[Tuple[int, int]]:
-        """The factored axes ``param`` is (or will be) stepped with; None for rank ≤ 1."""
+        """The factored axes ``param`` is (or will be) stepped with; None for rank ≤ 1.
+
+        Args:
+            param: a parameter of this optimizer.
+        """
         for gi, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
                 if p is param:
@@ -613,6 +790,7 @@ class AdafacLO(Optimizer):
         n_names = [names[j] for j in keep]
         n_shapes = [shapes[j] for j in keep]
         n_axes = [axes[j] for j in keep]
+        native: Any  # a _CudaGroup, _PerTensorGroup, _NoTensors or native Group: the same interface
         if not keep:
             native = _NoTensors(device)
         elif device.type == "cuda":
@@ -621,16 +799,23 @@ class AdafacLO(Optimizer):
                 self._cuda_program(gi, n_shapes, n_axes, device), gi,
             )
         else:
-            native = _Group(
-                self.lopt,
-                n_names,
-                [list(s) for s in n_shapes],
-                [tuple(a) if a is not None else None for a in n_axes],
-                group["max_grad_norm"],
-                self._nonfinite,
-                self._guard,
-                "cpu" if self._backend == "auto" else self._backend,
-            )
+
+            def native_group(k: List[int]) -> Any:
+                return _Group(
+                    self.lopt,
+                    [n_names[j] for j in k],
+                    [list(n_shapes[j]) for j in k],
+                    [tuple(a) if a is not None else None for a in (n_axes[j] for j in k)],
+                    group["max_grad_norm"],
+                    self._nonfinite,
+                    self._guard,
+                    "cpu" if self._backend == "auto" else self._backend,
+                )
+
+            if any(params[j].dtype in _HALF for j in keep):
+                native = _PerTensorGroup([native_group([k]) for k in range(len(keep))])
+            else:
+                native = native_group(list(range(len(keep))))
         if group.get("step"):
             native.set_step_count(int(group["step"]))
         return _Runtime(native, shapes, axes, names, group["max_grad_norm"], live)
@@ -690,16 +875,17 @@ class AdafacLO(Optimizer):
         rt = self._rt[gi]
         shapes = rt.shapes if rt is not None else None
         f32, strided = torch.float32, torch.strided
+        grads: List[Any]  # the gradients (CUDA) or their addresses (CPU)
         if device.type == "cuda":
             params, grads = [], []
             for j, p in enumerate(group["params"]):
                 if not (
                     p.device == device
-                    and p.dtype is f32
+                    and (p.dtype is f32 or p.dtype in _HALF)
                     and p.is_contiguous()
                     and (shapes is None or p.shape == shapes[j])
                 ):
-                    self._refuse(names[j], p, None, shapes[j] if shapes else None, device)
+                    self._refuse(names[j], p, None, shapes[j] if shapes else None, device, half_group=True)
                 if p.numel() == 0:
                     continue  # zero elements: left as it is (_Runtime.live)
                 params.append(p)
@@ -707,15 +893,22 @@ class AdafacLO(Optimizer):
                 if g is not None and not (
                     g.layout is strided
                     and g.device == device
-                    and g.dtype is f32
+                    and g.dtype is p.dtype
                     and g.is_contiguous()
                     and g.shape == p.shape
                 ):
-                    self._refuse(names[j], p, g, None, device)
+                    self._refuse(names[j], p, g, None, device, half_group=True)
                 grads.append(g)
             return params, grads
+        # A group holding half tensors at its first step is stepped one tensor at a time.
+        if rt is not None:
+            per_tensor = isinstance(rt.native, _PerTensorGroup)
+        else:
+            per_tensor = any(p.dtype in _HALF for p in group["params"])
+        if per_tensor:
+            return self._check_per_tensor(group, names, shapes, device)
         ptrs: List[int] = []
-        grads: List[int] = []
+        grads = []
         for j, p in enumerate(group["params"]):
             # The common case in one expression; the reasons are spelled out only on failure.
             if not (
@@ -747,25 +940,25 @@ class AdafacLO(Optimizer):
     def _check_across_groups(self, groups, work, device: torch.device) -> None:
         """Refuses a step whose buffers overlap across groups (or within one): each group's
         native step checks only its own buffers, after the groups before it have stepped."""
-        params: List[int] = []
-        grads: List[int] = []
-        if device.type == "cuda":
-            for ps, gs in work:
-                for p, g in zip(ps, gs):
-                    params += (p.data_ptr(), p.numel())
-                    grads += (g.data_ptr(), g.numel()) if g is not None else (0, 0)
-        else:
-            for ps, gs in work:
-                params += ps
-                grads += gs
-        conflict = _buffer_conflict(params, grads)
-        if conflict is None:
-            return
         names = []
         for gi, group in enumerate(groups):
             rt = self._rt[gi]
             group_names = rt.names if rt is not None else self._names(gi, group)
             names += [n for n, p in zip(group_names, group["params"]) if p.numel() > 0]
+        if device.type == "cuda" or any(ps and isinstance(ps[0], torch.Tensor) for ps, _ in work):
+            # Tensors (CUDA, or a CPU group stepped one tensor at a time): spans in bytes, as
+            # bfloat16/float16 tensors need (the native check counts float32 values).
+            tensors = [p for group in groups for p in group["params"] if p.numel() > 0]
+            _check_overlaps(names, tensors, [p.grad for p in tensors])
+            return
+        params: List[int] = []
+        grads: List[int] = []
+        for ps, gs in work:
+            params += ps
+            grads += gs
+        conflict = _buffer_conflict(params, grads)
+        if conflict is None:
+            return
 
         def what(k):
             return f"`{names[k]}`" if k < len(names) else f"`{names[k - len(names)]}.grad`"
@@ -777,17 +970,64 @@ class AdafacLO(Optimizer):
             "storage with another parameter or a gradient)"
         )
 
-    def _refuse(self, name: str, p: torch.Tensor, g: Optional[torch.Tensor], shape, device: torch.device):
+    def _check_per_tensor(self, group: Dict[str, Any], names: List[str], shapes, device: torch.device):
+        """:meth:`_check` for a CPU group holding bfloat16/float16 tensors (stepped by a
+        :class:`_PerTensorGroup`): the lists of parameters and of gradients (None where there
+        is none)."""
+        params: List[torch.Tensor] = []
+        grads: List[Optional[torch.Tensor]] = []
+        for j, p in enumerate(group["params"]):
+            if not (
+                p.is_cpu
+                and (p.dtype is torch.float32 or p.dtype in _HALF)
+                and p.is_contiguous()
+                and (shapes is None or p.shape == shapes[j])
+            ):
+                self._refuse(names[j], p, None, shapes[j] if shapes else None, device, half_group=True)
+            if p.numel() == 0:
+                continue  # zero elements: left as it is (_Runtime.live)
+            g = p.grad
+            if g is not None and not (
+                g.layout is torch.strided
+                and g.is_cpu
+                and g.dtype is p.dtype
+                and g.is_contiguous()
+                and g.shape == p.shape
+            ):
+                self._refuse(names[j], p, g, None, device, half_group=True)
+            params.append(p)
+            grads.append(g)
+        _check_overlaps([n for n, p in zip(names, group["params"]) if p.numel() > 0], params, grads)
+        return params, grads
+
+    def _refuse(
+        self,
+        name: str,
+        p: torch.Tensor,
+        g: Optional[torch.Tensor],
+        shape,
+        device: torch.device,
+        half_group: bool = False,
+    ):
         if g is None:
             if p.device != device:
                 raise ValueError(
                     f"parameter `{name}` is on {p.device}, others on {device} (mixed devices); "
                     "put the model on one device"
                 )
-            if p.dtype != torch.float32:
-                raise ValueError(f"parameter `{name}` has dtype {p.dtype}; mulo steps float32 only")
+            if p.dtype not in (torch.float32,) + _HALF:
+                raise ValueError(
+                    f"parameter `{name}` has dtype {p.dtype}; mulo steps float32, bfloat16 and "
+                    "float16 tensors"
+                )
             if not p.is_contiguous():
                 raise ValueError(f"parameter `{name}` is not contiguous (strides {p.stride()})")
+            if p.dtype != torch.float32 and not half_group:
+                raise ValueError(
+                    f"parameter `{name}` has dtype {p.dtype}, but its group's first step had "
+                    "float32 tensors only: whether a group steps half-precision tensors is fixed "
+                    "then (convert the model before its first step)"
+                )
             raise ValueError(
                 f"parameter `{name}` has shape {list(p.shape)}, but it was stepped with shape "
                 f"{list(shape)}: its optimizer state is for that shape"
@@ -798,8 +1038,11 @@ class AdafacLO(Optimizer):
             raise ValueError(
                 f"parameter `{name}` is on {p.device} but its gradient on {g.device} (mixed devices)"
             )
-        if g.dtype != torch.float32:
-            raise ValueError(f"gradient of parameter `{name}` has dtype {g.dtype}; mulo steps float32 only")
+        if g.dtype != p.dtype:
+            raise ValueError(
+                f"gradient of parameter `{name}` has dtype {g.dtype}, the parameter {p.dtype} "
+                "(they must be the same)"
+            )
         if not g.is_contiguous():
             raise ValueError(f"gradient of parameter `{name}` is not contiguous (strides {g.stride()})")
         raise ValueError(
@@ -808,12 +1051,34 @@ class AdafacLO(Optimizer):
 
     @_one_call_at_a_time
     @torch.no_grad()
-    def step(self, closure=None):
-        """One optimizer step over every parameter group (``closure`` as in torch)."""
-        loss = None
+    # PyLO's signature, step(loss=None), on purpose not torch's step(closure=None) (see below).
+    def step(self, loss: Any = None, *, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """One optimizer step over every parameter group; returns the loss.
+
+        ``loss`` is what PyLO's ``step(loss=None)`` takes and torch's ``step(closure=None)``
+        takes, told apart by whether it can be called:
+
+        - ``None`` (the default), a tensor or a number: returned as given, untouched (PyLO's
+          documented loop, ``loss.backward(); optimizer.step(loss)``). The step uses the
+          gradients already in ``.grad``; the value plays no part in it.
+        - a callable: torch's closure. It is called once, with gradients enabled, before the
+          step (it must compute the loss and call ``backward()``), and its result is returned.
+
+        Args:
+            loss: the loss (returned as given) or a closure (called), or None.
+            closure: keyword only: torch's closure, for callers that name it
+                (``step(closure=f)``, as Lightning does); give ``loss`` or ``closure``, not both.
+        """
         if closure is not None:
+            if loss is not None:
+                raise TypeError("step: give `loss` or `closure`, not both")
+            if not callable(closure):
+                raise TypeError(f"step: closure={closure!r} is not callable")
+            loss = closure
+        if callable(loss):
+            # A tensor is never callable, so PyLO's `step(loss)` cannot land here.
             with torch.enable_grad():
-                loss = closure()
+                loss = loss()
         groups = self.param_groups
         if self._sharded is not None or _distributed.has_dtensors(groups):
             for gi, group in enumerate(groups):
@@ -833,7 +1098,11 @@ class AdafacLO(Optimizer):
             work.append(self._check(gi, group, names, device))
         if len(groups) > 1:
             self._check_across_groups(groups, work, device)
-        if self._nonfinite == "error" and len(groups) > 1:
+        # A CPU group stepped one tensor at a time: its check returned tensors, not addresses.
+        per_tensor = device.type == "cpu" and any(w[0] and isinstance(w[0][0], torch.Tensor) for w in work)
+        if self._nonfinite == "error" and (len(groups) > 1 or per_tensor):
+            # One group (or, in a group stepped one tensor at a time, one tensor) must not be
+            # stepped when another is refused: check them all first.
             for gi, group in enumerate(groups):
                 for j, p in enumerate(group["params"]):
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
@@ -851,6 +1120,7 @@ class AdafacLO(Optimizer):
         report: Dict[str, list] = {}
         for gi, group in enumerate(groups):
             rt = self._rt[gi]
+            assert rt is not None  # built above
             if group["max_grad_norm"] != rt.max_grad_norm:
                 rt.native.set_max_grad_norm(group["max_grad_norm"])
                 rt.max_grad_norm = group["max_grad_norm"]
@@ -883,7 +1153,11 @@ class AdafacLO(Optimizer):
 
         What is loaded is checked first (``_state.check_state_dict``: float32, finite,
         second moments ``>= 0``, ``step`` in range); a refused load leaves the optimizer as it
-        was."""
+        was.
+
+        Args:
+            state_dict: what :meth:`state_dict` (or PyLO's) returned, e.g. through ``torch.load``.
+        """
         _state.check_state_dict(self, state_dict)
         if self._sharded is not None or _distributed.has_dtensors(self.param_groups):
             if self._sharded is None:
@@ -892,7 +1166,14 @@ class AdafacLO(Optimizer):
         old = (self.param_groups, self.state, self._rt, dict(self._axes_override), self._cuda_prog)
         try:
             super().load_state_dict(state_dict)
-            loaded = self.state
+            # The saved tensors themselves, not torch's copies in self.state: torch casts a
+            # floating-point state to its parameter's dtype, which would round the float32
+            # state of a bfloat16/float16 parameter.
+            loaded = {
+                p: state_dict["state"].get(i, {})
+                for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                for i, p in zip(saved["params"], group["params"])
+            }
             self.state = defaultdict(dict)
             rts: List[Optional[_Runtime]] = []
             # Every saved axis first: a CUDA program is built for all groups at once.
@@ -900,7 +1181,7 @@ class AdafacLO(Optimizer):
                 for p in group["params"]:
                     axes = loaded.get(p, {}).get("factored_axes")
                     if axes is not None:
-                        self._axes_override[id(p)] = (p, tuple(int(a) for a in axes))
+                        self._axes_override[id(p)] = (p, (int(axes[0]), int(axes[1])))
             for gi, group in enumerate(self.param_groups):
                 for key, value in self.defaults.items():
                     group.setdefault(key, value)
@@ -949,6 +1230,12 @@ class MuLO(AdafacLO):
     """
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a parameter group, split by width multiplier as ``MuLO_naive`` does.
+
+        Args:
+            param_group: a dict with ``params`` (each with mup's ``infshape``) and any of
+                ``lr``, ``weight_decay`` and ``max_grad_norm``.
+        """
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         names = param_group.get("param_names")
