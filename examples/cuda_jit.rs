@@ -27,6 +27,7 @@
 mod train_mlp;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use mulo::backend::cuda::loader::{check_block_threads, check_launch_resources};
 use mulo::backend::cuda::nvrtc;
 use mulo::backend::cuda::packed::PackedModel;
 use mulo::backend::cuda::packed_runtime::{
@@ -45,6 +46,9 @@ const KERNELS: &str = r#"
 #define INPUTS {inputs}
 #define HIDDEN {hidden}
 #define CLASSES {classes}
+// Threads per block of every launch (`THREADS`): ptxas keeps the registers within what a block
+// of that many threads can have.
+#define THREADS {threads}
 
 // Logits of sample x; returns the hidden activations in h.
 __device__ void mlp_forward(const float* p, long long w1, long long b1, long long w2, long long b2,
@@ -65,7 +69,7 @@ __device__ void mlp_forward(const float* p, long long w1, long long b1, long lon
 // One thread per parameter element: the gradient of the batch's mean cross-entropy with
 // respect to it (every thread replays the batch's forward pass: the model is tiny, and each
 // gradient is a fixed-order sum, so the result is deterministic).
-extern "C" __global__ void mlp_grads(const float* __restrict__ p, float* __restrict__ g,
+extern "C" __global__ void __launch_bounds__(THREADS) mlp_grads(const float* __restrict__ p, float* __restrict__ g,
                                      const float* __restrict__ xs, const int* __restrict__ ys,
                                      int first, int batch,
                                      long long w1, long long b1, long long w2, long long b2)
@@ -104,7 +108,7 @@ extern "C" __global__ void mlp_grads(const float* __restrict__ p, float* __restr
 }
 
 // One thread per sample: its cross-entropy and whether it is classified correctly.
-extern "C" __global__ void mlp_eval(const float* __restrict__ p, const float* __restrict__ xs,
+extern "C" __global__ void __launch_bounds__(THREADS) mlp_eval(const float* __restrict__ p, const float* __restrict__ xs,
                                     const int* __restrict__ ys, int n,
                                     long long w1, long long b1, long long w2, long long b2,
                                     float* __restrict__ loss, int* __restrict__ correct)
@@ -123,11 +127,47 @@ extern "C" __global__ void mlp_eval(const float* __restrict__ p, const float* __
 }
 "#;
 
+/// Threads of every block of the training kernels (their `__launch_bounds__`).
+const THREADS: u32 = 256;
+
+/// Where the training kernels are named in errors.
+const PROGRAM: &str = "examples/cuda_jit.rs (training kernels)";
+
+/// A launch of `n` threads, one per item, in blocks of [`THREADS`].
+fn launch_config(n: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Compiles the training kernels to CUBINs for sm_80 and sm_90 and checks that blocks of
+/// [`THREADS`] fit their registers and shared memory (issue #25: `mlp_grads` got 247 registers
+/// and was launched with 1,024 threads, which no GPU can run). Runs without a GPU, so that CI
+/// (`.ci/steps/cuda_training.sh` runs this example) fails on a kernel that could not launch.
+fn check_training_kernels(source: &str) -> AnyResult<()> {
+    for arch in ["sm_80", "sm_90"] {
+        let report = nvrtc::cubin_ptxas_report(source, arch, nvrtc::Level::Full)?;
+        let kernels = check_launch_resources(PROGRAM, &report, THREADS)?;
+        let summary: Vec<String> = kernels
+            .iter()
+            .map(|k| format!("{} {} registers", k.name, k.registers))
+            .collect();
+        println!(
+            "launch resources for {arch}, {THREADS} threads per block: {}",
+            summary.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn kernels_source() -> String {
     KERNELS
         .replace("{inputs}", &INPUTS.to_string())
         .replace("{hidden}", &HIDDEN.to_string())
         .replace("{classes}", &CLASSES.to_string())
+        .replace("{threads}", &THREADS.to_string())
 }
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -155,6 +195,7 @@ fn run() -> AnyResult<()> {
         return Ok(());
     }
     let started = Instant::now();
+    check_training_kernels(&kernels_source())?;
     let training_ptx = cudarc::nvrtc::compile_ptx(kernels_source())
         .map_err(|e| format!("NVRTC rejected the training kernels: {e:?}"))?;
     let factory = match PackedCuda::new(0) {
@@ -181,6 +222,10 @@ fn run() -> AnyResult<()> {
         module.load_function("mlp_grads")?,
         module.load_function("mlp_eval")?,
     );
+    // What this device allows each kernel, checked once before the first launch.
+    for (name, f) in [("mlp_grads", &grads_fn), ("mlp_eval", &eval_fn)] {
+        check_block_threads(PROGRAM, name, f.max_threads_per_block()?, (THREADS, 1, 1))?;
+    }
     println!(
         "compiled on {}: {} launches per μLO step for {} tensors, in {:.1?}",
         factory.runtime().arch(),
@@ -214,7 +259,7 @@ fn run() -> AnyResult<()> {
         }
         b.arg(&mut loss).arg(&mut correct);
         // SAFETY: the arguments match mlp_eval's signature; every buffer holds `n` samples.
-        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }?;
+        unsafe { b.launch(launch_config(n as u32)) }?;
         let (l, c) = (stream.clone_dtoh(&loss)?, stream.clone_dtoh(&correct)?);
         Ok((
             l.iter().sum::<f32>() / n as f32,
@@ -252,7 +297,7 @@ fn run() -> AnyResult<()> {
                 }
                 // SAFETY: the arguments match mlp_grads's signature; the offsets are those of
                 // the packed model's param and grad arenas.
-                unsafe { b.launch(LaunchConfig::for_num_elems(n_params)) }?;
+                unsafe { b.launch(launch_config(n_params)) }?;
             }
             let progress = step as f32 / total_steps as f32;
             let lr =

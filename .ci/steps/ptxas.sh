@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Register and spill guard of the generated CUDA, without a GPU, for sm_80 and sm_90. Fails on
 # any spill or stack frame in an element kernel (or a device function of one), or an update
-# kernel above 128 registers. Prints the resource table (bench/results/ptxas-resources.md is
-# this table as committed).
+# kernel above 128 registers, and on any kernel that could not be launched with the block size
+# of its manifest: registers (allocated in units of 8 per thread, over whole warps) × threads
+# above the 65,536 of a block, or static shared memory above 48 KiB (the same rule as
+# `mulo::backend::cuda::loader::check_launch_resources`, which `examples/cuda_jit.rs` applies to
+# its own kernels in `.ci/steps/cuda_training.sh`). Prints the resource table
+# (bench/results/ptxas-resources.md is this table as committed).
 # - Every shape class, a packed model and a rank's staged program of it: ptxas's report (`-v`) of the CUBIN the runtime
 #   loads (NVRTC with the runtime's options, its own ptxas: `mulo-compile --cubin
 #   --ptxas-report`).
@@ -49,12 +53,25 @@ for report in "$work"/*.log; do
         fail=1
         continue
     fi
-    python3 - "$report" "$prog" "$arch" <<'PY' || fail=1
-import re, sys
-log, prog, arch = sys.argv[1:]
+    case "$prog" in
+        packed | packed_ptx) manifest="$work/packed-$arch/mulo_model.json" ;;
+        staged) manifest="$work/staged-$arch/mulo_model.json" ;;
+        *) manifest="$work/$prog-$arch/mulo_step.json" ;;
+    esac
+    python3 - "$report" "$prog" "$arch" "$manifest" <<'PY' || fail=1
+import json, math, re, sys
+log, prog, arch, manifest = sys.argv[1:]
 func = None
 frames = {}
 bad = []
+# Threads per block of every launch: the packed program's block_threads, or each kernel's
+# block of a single-tensor manifest.
+m = json.load(open(manifest))
+if "block_threads" in m:
+    threads = {None: m["block_threads"]}
+else:
+    threads = {k["name"]: math.prod(k["block"]) for k in m["kernels"]}
+    threads[None] = max(threads.values())
 for line in open(log):
     m = re.search(r"Compiling entry function '(\w+)'|Function properties for (\w+)", line)
     if m:
@@ -66,6 +83,13 @@ for line in open(log):
     m = re.search(r"Used (\d+) registers", line)
     if m and func:
         regs = int(m.group(1))
+        block = threads.get(func, threads[None])
+        allocated = math.ceil(regs / 8) * 8 * 32 * math.ceil(block / 32)
+        if allocated > 65536:
+            bad.append(f"{prog}/{arch}: {func} uses {regs} registers: {allocated} for a block of {block} threads (> 65536)")
+        smem = re.search(r"(\d+) bytes smem", line)
+        if smem and int(smem.group(1)) > 48 * 1024:
+            bad.append(f"{prog}/{arch}: {func} declares {smem.group(1)} bytes of shared memory (> 49152)")
         frame, stores, loads = frames.get(func, (0, 0, 0))
         print(f"| {prog} | {arch} | {func} | {regs} | {stores} | {loads} | {frame} |")
         if "elem_" in func and (stores or loads or frame):

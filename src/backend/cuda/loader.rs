@@ -233,10 +233,26 @@ impl Module {
                 format!("{}: no kernel `{name}` ({r:?})", self.program),
             ));
         }
+        // What the driver allows this kernel (its registers and shared memory per thread on
+        // this device, its `__launch_bounds__`): read once here, checked at every launch, so
+        // that a block too large fails naming the kernel instead of with
+        // CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES.
+        // SAFETY: `raw` is a function of the module loaded in the bound context.
+        let max_threads = unsafe {
+            cudarc::driver::result::function::get_function_attribute(
+                raw,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+            )
+        }
+        .map_err(driver_err(&format!(
+            "reading the maximum threads per block of {name} in {}",
+            self.program
+        )))?;
         Ok(Kernel {
             raw,
             name: name.to_string(),
             module: self.clone(),
+            max_threads,
         })
     }
 }
@@ -247,6 +263,7 @@ pub struct Kernel {
     raw: sys::CUfunction,
     name: String,
     module: Arc<Module>,
+    max_threads: i32,
 }
 
 // SAFETY: a CUfunction is a driver handle valid while its module is loaded (the Arc keeps it).
@@ -263,6 +280,12 @@ impl Kernel {
     /// The module it belongs to.
     pub fn module(&self) -> &Arc<Module> {
         &self.module
+    }
+
+    /// The most threads a block of it may have on this device
+    /// (`CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK`); [`Launch::launch`] refuses larger blocks.
+    pub fn max_threads(&self) -> i32 {
+        self.max_threads
     }
 }
 
@@ -327,6 +350,12 @@ impl<'a> Launch<'a> {
     /// be as long as the kernel indexes it for `cfg`, and the kernel must write only buffers
     /// passed with [`write`](Self::write): the driver checks none of this.
     pub unsafe fn launch(mut self, kernel: &Kernel, cfg: LaunchConfig) -> Result<()> {
+        check_block_threads(
+            &kernel.module.program,
+            &kernel.name,
+            kernel.max_threads,
+            cfg.block_dim,
+        )?;
         self.stream
             .context()
             .bind_to_thread()
@@ -358,5 +387,240 @@ impl<'a> Launch<'a> {
             "launching {} of {}",
             kernel.name, kernel.module.program
         )))
+    }
+}
+
+/// Registers one block may use on every architecture mulo targets (sm_70 to sm_90: 64 K
+/// 32-bit registers per block).
+pub const BLOCK_REGISTERS: u64 = 65_536;
+
+/// Static `__shared__` memory one block may declare (48 KiB; more needs dynamic shared memory
+/// and an opt-in attribute, which no launch of the repository sets).
+pub const STATIC_SHARED_BYTES: u64 = 48 * 1024;
+
+/// Refuses a launch of `kernel` (of `program`) with blocks of `block_dim` when they hold more
+/// threads than `max_threads`, the kernel's `CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK`: the
+/// driver would fail it with `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES`, which names nothing.
+pub fn check_block_threads(
+    program: &str,
+    kernel: &str,
+    max_threads: i32,
+    block_dim: (u32, u32, u32),
+) -> Result<()> {
+    let threads = u64::from(block_dim.0) * u64::from(block_dim.1) * u64::from(block_dim.2);
+    if threads > u64::try_from(max_threads).unwrap_or(0) {
+        return Err(Error::backend(
+            "cuda",
+            format!(
+                "{program}: kernel `{kernel}` launched with {threads} threads per block \
+                 ({} x {} x {}), but this device runs at most {max_threads} per block of it \
+                 (its registers, shared memory or __launch_bounds__): launch smaller blocks \
+                 or give the kernel __launch_bounds__",
+                block_dim.0, block_dim.1, block_dim.2
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One entry function's resources in a ptxas report (`ptxas -v`, or NVRTC's log with
+/// `--ptxas-options=-v`: [`cubin_ptxas_report`](super::nvrtc::cubin_ptxas_report)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    /// The entry function.
+    pub name: String,
+    /// The architecture it was compiled for (`sm_XY`).
+    pub arch: String,
+    /// Registers per thread.
+    pub registers: u64,
+    /// Static shared memory per block, bytes.
+    pub shared_bytes: u64,
+}
+
+/// The entry functions of a ptxas report with their registers and static shared memory.
+pub fn ptxas_kernel_resources(report: &str) -> Vec<KernelResources> {
+    let mut out: Vec<KernelResources> = Vec::new();
+    let mut entry: Option<(String, String)> = None;
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            let arch = rest
+                .split("for '")
+                .nth(1)
+                .and_then(|a| a.split('\'').next())
+                .unwrap_or_default()
+                .to_string();
+            entry = Some((name, arch));
+        } else if let Some(used) = line.split("Used ").nth(1) {
+            let Some((name, arch)) = entry.take() else {
+                continue;
+            };
+            // `Used 82 registers, used 1 barriers, 8 bytes cumulative stack size, 2048 bytes
+            // smem, 420 bytes cmem[0]`: the number before `registers` and before `bytes smem`.
+            let number_before = |what: &str| -> u64 {
+                used.split(',')
+                    .find_map(|part| part.trim().strip_suffix(what)?.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            out.push(KernelResources {
+                name,
+                arch,
+                registers: number_before(" registers"),
+                shared_bytes: number_before(" bytes smem"),
+            });
+        }
+    }
+    out
+}
+
+/// Checks every entry function of a ptxas `report` (of `program`) against blocks of `threads`
+/// threads: its registers, allocated per thread in units of 8 (the register file's
+/// granularity: 256 per warp) over whole warps, must fit [`BLOCK_REGISTERS`], and its static
+/// shared memory [`STATIC_SHARED_BYTES`]. An error names every kernel that does not fit; a
+/// report without an entry function is an error too (nothing would have been checked).
+/// Returns the kernels checked.
+pub fn check_launch_resources(
+    program: &str,
+    report: &str,
+    threads: u32,
+) -> Result<Vec<KernelResources>> {
+    let kernels = ptxas_kernel_resources(report);
+    if kernels.is_empty() {
+        return Err(Error::backend(
+            "cuda",
+            format!("{program}: the ptxas report names no entry function with its registers"),
+        ));
+    }
+    let warps = u64::from(threads).div_ceil(32);
+    let bad: Vec<String> = kernels
+        .iter()
+        .filter_map(|k| {
+            let registers = k.registers.div_ceil(8) * 8 * 32 * warps;
+            if registers > BLOCK_REGISTERS {
+                Some(format!(
+                    "kernel `{}` ({}) uses {} registers per thread: {registers} for a block of \
+                     {threads} threads, over the {BLOCK_REGISTERS} of a block (launch smaller \
+                     blocks, or bound its registers with __launch_bounds__({threads}))",
+                    k.name, k.arch, k.registers
+                ))
+            } else if k.shared_bytes > STATIC_SHARED_BYTES {
+                Some(format!(
+                    "kernel `{}` ({}) declares {} bytes of shared memory, over the \
+                     {STATIC_SHARED_BYTES} a block may declare",
+                    k.name, k.arch, k.shared_bytes
+                ))
+            } else {
+                None
+            }
+        })
+        .collect();
+    if !bad.is_empty() {
+        return Err(Error::backend(
+            "cuda",
+            format!("{program}: {}", bad.join("; ")),
+        ));
+    }
+    Ok(kernels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ptxas 12.9's report of `examples/cuda_jit.rs`'s kernels before they had
+    /// `__launch_bounds__` (the issue #25 case), and a kernel with shared memory.
+    const REPORT: &str = "\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'mlp_grads' for 'sm_80'
+ptxas info    : Function properties for mlp_grads
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 247 registers, used 0 barriers, 436 bytes cmem[0]
+ptxas info    : Compile time = 54.743 ms
+ptxas info    : Compiling entry function 'mulo_elem_0_reduce' for 'sm_90'
+ptxas info    : Function properties for mulo_elem_0_reduce
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 82 registers, used 1 barriers, 8 bytes cumulative stack size, 2048 bytes smem, 420 bytes cmem[0]
+";
+
+    #[test]
+    fn the_report_gives_each_kernel_its_registers_and_shared_memory() {
+        let k = ptxas_kernel_resources(REPORT);
+        assert_eq!(
+            k,
+            vec![
+                KernelResources {
+                    name: "mlp_grads".into(),
+                    arch: "sm_80".into(),
+                    registers: 247,
+                    shared_bytes: 0
+                },
+                KernelResources {
+                    name: "mulo_elem_0_reduce".into(),
+                    arch: "sm_90".into(),
+                    registers: 82,
+                    shared_bytes: 2048
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn blocks_past_the_register_file_are_refused_naming_the_kernel() {
+        // 247 registers (248 allocated) x 256 threads = 63,488: fits.
+        check_launch_resources("p", REPORT, 256).unwrap();
+        // x 1,024 threads (cuda_jit's launch before #25): does not, and says which kernel.
+        let e = check_launch_resources("examples/cuda_jit.rs", REPORT, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("examples/cuda_jit.rs"), "{e}");
+        assert!(e.contains("`mlp_grads` (sm_80) uses 247 registers"), "{e}");
+        // x 512: only mlp_grads is over (88 allocated x 512 = 45,056 fits), and only it is named.
+        let e = check_launch_resources("p", REPORT, 512)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`mlp_grads`"), "{e}");
+        assert!(!e.contains("mulo_elem_0_reduce"), "{e}");
+        // Allocation granularity: 249 registers are 256 allocated, so 256 threads fit exactly
+        // (65,536) and 257 (9 warps: 73,728) do not, though 249 x 257 = 63,993 would.
+        let r = "ptxas info    : Compiling entry function 'k' for 'sm_90'\nptxas info    : Used 249 registers\n";
+        check_launch_resources("p", r, 256).unwrap();
+        assert!(check_launch_resources("p", r, 257).is_err());
+        let r = "ptxas info    : Compiling entry function 'k' for 'sm_90'\nptxas info    : Used 224 registers\n";
+        check_launch_resources("p", r, 288).unwrap();
+        assert!(check_launch_resources("p", r, 289).is_err());
+    }
+
+    #[test]
+    fn shared_memory_past_48_kib_is_refused() {
+        let r = "ptxas info    : Compiling entry function 'k' for 'sm_90'\nptxas info    : Used 8 registers, used 1 barriers, 49153 bytes smem\n";
+        let e = check_launch_resources("p", r, 32).unwrap_err().to_string();
+        assert!(
+            e.contains("`k` (sm_90) declares 49153 bytes of shared memory"),
+            "{e}"
+        );
+        let r = r.replace("49153", "49152");
+        check_launch_resources("p", &r, 32).unwrap();
+    }
+
+    #[test]
+    fn a_report_without_kernels_is_an_error() {
+        assert!(check_launch_resources("p", "ptxas info    : 0 bytes gmem\n", 256).is_err());
+    }
+
+    #[test]
+    fn a_block_larger_than_the_kernel_allows_is_refused_naming_it() {
+        check_block_threads("prog", "mlp_grads", 256, (256, 1, 1)).unwrap();
+        check_block_threads("prog", "mlp_grads", 256, (16, 16, 1)).unwrap();
+        let e = check_block_threads("prog", "mlp_grads", 256, (1024, 1, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("prog: kernel `mlp_grads` launched with 1024 threads"),
+            "{e}"
+        );
+        assert!(e.contains("at most 256"), "{e}");
+        assert!(check_block_threads("prog", "k", 256, (16, 16, 2)).is_err());
+        // A negative attribute (never returned by a driver) allows nothing.
+        assert!(check_block_threads("prog", "k", -1, (1, 1, 1)).is_err());
     }
 }

@@ -2,8 +2,9 @@
 
 use super::render::params;
 use super::schedule::{grid_dim, KernelKind, Schedule, BLOCK_DIM_X};
+use crate::backend::Hyper;
 use crate::error::Result;
-use crate::ir::{Buffer, StepIr};
+use crate::ir::{Buffer, RuntimeScalar, StepIr};
 use serde::{Deserialize, Serialize};
 
 /// Format tag of the manifest.
@@ -244,11 +245,6 @@ impl Manifest {
             .collect();
         let scratch_len = s.scratch_len.max(1);
         let partials_len = s.partials_len.max(1);
-        let meanings = [
-            "learning rate (after any μP scaling)",
-            "weight decay (≥ 0), applied as P − lr·wd·P after the update",
-            "step counter t: steps taken before this one, as f32 (0 on the first step); the host increments it after each step",
-        ];
         let all_params = params(layout);
         let kernels = s
             .kernels
@@ -308,13 +304,12 @@ impl Manifest {
                     bytes: partials_len * 8,
                 },
             ],
-            scalars: crate::ir::RuntimeScalar::ALL
+            scalars: RuntimeScalar::ALL
                 .iter()
-                .zip(meanings)
-                .map(|(sc, m)| ScalarJson {
+                .map(|&sc| ScalarJson {
                     name: sc.name().into(),
                     dtype: "f32".into(),
-                    meaning: m.into(),
+                    meaning: scalar_meaning(sc).into(),
                 })
                 .collect(),
             args: all_params
@@ -347,6 +342,27 @@ impl Manifest {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// What a runtime scalar is, for the manifest's `scalars`.
+fn scalar_meaning(s: RuntimeScalar) -> &'static str {
+    match s {
+        RuntimeScalar::Lr => "learning rate (after any μP scaling)",
+        RuntimeScalar::WeightDecay => "weight decay (≥ 0), applied as P − lr·wd·P after the update",
+        RuntimeScalar::StepCount => "step counter t: steps taken before this one, as f32 (0 on the first step); the host increments it after each step",
+    }
+}
+
+/// The runtime scalars' values for one step, in [`RuntimeScalar::ALL`]'s order: the one
+/// order of the kernels' scalar arguments ([`params`]), the packed table's scalar fields
+/// ([`table_fields`](super::packed::table_fields)) and both manifests, so that no launch or
+/// table writes them in an order of its own.
+pub fn scalar_values(hyper: Hyper, step: f32) -> [f32; 3] {
+    RuntimeScalar::ALL.map(|s| match s {
+        RuntimeScalar::Lr => hyper.lr,
+        RuntimeScalar::WeightDecay => hyper.weight_decay,
+        RuntimeScalar::StepCount => step,
+    })
 }
 
 /// The PTX ISA version of `ptx` and the oldest driver that loads it, as manifest strings.

@@ -23,7 +23,7 @@
 //! The table and starts are computed here, without a GPU, so that the CUDA runtime and the
 //! CPU emulation of the generated source in the tests share them.
 
-use super::render::{matrix_constants, render_kernels, render_template, summary, Form};
+use super::render::{matrix_constants, render_kernels, render_template, Form};
 use super::schedule::{grid_dim, KernelKind, Schedule, BLOCK_THREADS};
 use crate::backend::Hyper;
 use crate::error::{Error, Result};
@@ -794,7 +794,7 @@ impl PackedModel {
                 },
                 0,
             ));
-            for v in [hyper.lr, hyper.weight_decay, count as f32] {
+            for v in super::manifest::scalar_values(hyper, count as f32) {
                 out.extend(v.to_le_bytes());
             }
             out.extend((t.plan as i32).to_le_bytes());
@@ -823,6 +823,7 @@ impl PackedModel {
                 plans => self.plans.iter().enumerate().map(|(i, p)| format!("p{i}: shape {}, {} kernels, {} element passes", p.ir.layout.shape(), p.schedule.kernels.len(), p.schedule.elem_passes)).collect::<Vec<_>>(),
                 threads => BLOCK_THREADS,
                 table_bytes => TABLE_ENTRY_BYTES,
+                scalars => crate::ir::RuntimeScalar::ALL.map(|s| s.name()).join(", "),
             },
         )?;
         let mut kernels = String::new();
@@ -907,20 +908,6 @@ impl PackedModel {
             "a pass over the elements"
         };
         format!("{what}; {}", parts.join(", "))
-    }
-
-    /// One line per plan kernel describing what it does (for the manifest).
-    pub fn kernel_summaries(&self) -> Vec<String> {
-        self.plans
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| {
-                p.schedule
-                    .kernels
-                    .iter()
-                    .map(move |k| format!("p{i}_{}: {}", k.name, summary(&p.ir, k)))
-            })
-            .collect()
     }
 }
 
@@ -1094,9 +1081,9 @@ pub fn table_fields() -> Vec<FieldJson> {
             offset: 8 * i,
         });
     }
-    for (i, name) in ["lr", "weight_decay", "step"].iter().enumerate() {
+    for (i, scalar) in crate::ir::RuntimeScalar::ALL.iter().enumerate() {
         fields.push(FieldJson {
-            name: name.to_string(),
+            name: scalar.name().to_string(),
             dtype: "f32".into(),
             offset: SCALARS_AT + 4 * i,
         });
@@ -1104,7 +1091,7 @@ pub fn table_fields() -> Vec<FieldJson> {
     fields.push(FieldJson {
         name: "plan".into(),
         dtype: "i32".into(),
-        offset: SCALARS_AT + 12,
+        offset: SCALARS_AT + 4 * crate::ir::RuntimeScalar::ALL.len(),
     });
     for r in 0..MAX_ROUNDS {
         fields.push(FieldJson {

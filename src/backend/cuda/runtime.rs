@@ -312,9 +312,9 @@ impl CudaStepper {
             }
             b.write(&mut self.scratch);
             b.write(&mut self.partials);
-            b.f32(hyper.lr);
-            b.f32(hyper.weight_decay);
-            b.f32(step_f);
+            for v in super::manifest::scalar_values(hyper, step_f) {
+                b.f32(v);
+            }
             // SAFETY: the argument list matches the kernels' signature (every kernel takes
             // the buffers of `render::params` in order, checked against the PTX by the tests),
             // and every buffer has the length the kernels were compiled for.

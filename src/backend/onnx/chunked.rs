@@ -17,7 +17,7 @@
 //! [`ChunkedOnnxStepper::threads`] threads. The partition is by domain only: the renderer walks
 //! IR nodes, as for the whole graph.
 
-use super::render::{render_graph, value_name, GraphSpec};
+use super::render::{render_graph, GraphSpec};
 use super::runtime::f32_slice;
 use super::runtime::optimized_model;
 use crate::backend::{check_step_args, Hyper, TensorStepper};
@@ -449,9 +449,4 @@ impl TensorStepper for ChunkedOnnxStepper {
         self.state = state;
         Ok(())
     }
-}
-
-/// The name under which the statistics graph exports IR value `i` (for tests and tools).
-pub fn statistic_name(i: usize) -> String {
-    value_name(i)
 }
