@@ -683,6 +683,16 @@ fn forged_checkpoints_with_bad_values_or_dtypes_are_refused_naming_the_tensor() 
             &format!("{dtype:?}"),
         );
     }
+    // A step counter out of range (over u64::MAX, negative, not an integer).
+    for step in ["18446744073709551616", "-1", "2.5"] {
+        let (tensors, mut meta) = parts(&bytes);
+        meta.insert("step".into(), step.into());
+        refused_bytes(
+            &forge((tensors, meta)),
+            &["`step`", step, "not a step count"],
+            &format!("step {step}"),
+        );
+    }
     // An extra tensor, even with a valid checksum, is not silently ignored.
     let (mut tensors, meta) = parts(&bytes);
     tensors.insert("w9/mom".into(), (Dtype::F32, vec![1], vec![0; 4]));

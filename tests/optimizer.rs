@@ -929,9 +929,13 @@ fn imported_states_are_checked_by_every_rule_and_a_refusal_changes_nothing() {
             );
         }
     }
-    // The bounds themselves are accepted: the largest |mom| below 2^64 and a -0 accumulator.
+    // The bounds themselves are accepted: the largest |mom| below 2^64 (the largest f32
+    // whose square is finite) and a -0 accumulator.
+    let largest = f32::from_bits(mulo::state::MOM_LIMIT.to_bits() - 1);
+    let limit = mulo::state::MOM_LIMIT;
+    assert!((largest * largest).is_finite() && !(limit * limit).is_finite());
     let mut edge = before[0].clone();
-    edge.get_mut(Buffer::Mom)[0] = -f32::from_bits(mulo::state::MOM_LIMIT.to_bits() - 1);
+    edge.get_mut(Buffer::Mom)[0] = -largest;
     edge.get_mut(Buffer::Rms)[0] = -0.0;
     opt.set_state("w", edge.clone()).unwrap();
     assert_eq!(opt.state("w").unwrap(), edge);
@@ -1035,4 +1039,67 @@ fn a_step_counter_at_its_limit_refuses_the_step_and_changes_nothing() {
         assert_eq!(model.state(i).unwrap(), s);
     }
     assert_eq!(model.step_count(), u64::MAX);
+}
+
+/// A stepper with a bug the step guard cannot see: its steps leave a finite but negative
+/// `rms` value.
+struct NegativeRms(InterpStepper);
+
+impl TensorStepper for NegativeRms {
+    fn target(&self) -> &'static str {
+        "negative-rms"
+    }
+    fn layout(&self) -> &Layout {
+        self.0.layout()
+    }
+    fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> mulo::Result<()> {
+        self.0.step(param, grad, hyper)?;
+        let mut state = self.0.state()?;
+        state.get_mut(Buffer::Rms)[0] = -1.0;
+        self.0.set_state(state)
+    }
+    fn state(&self) -> mulo::Result<TensorState> {
+        self.0.state()
+    }
+    fn set_state(&mut self, state: TensorState) -> mulo::Result<()> {
+        self.0.set_state(state)
+    }
+}
+
+struct NegativeRmsFactory;
+
+impl StepperFactory for NegativeRmsFactory {
+    fn target(&self) -> &'static str {
+        "negative-rms"
+    }
+    fn stepper(
+        &self,
+        ir: Arc<mulo::ir::StepIr>,
+        start_step: u64,
+    ) -> mulo::Result<Box<dyn TensorStepper>> {
+        Ok(Box::new(NegativeRms(InterpStepper::new(ir, start_step))))
+    }
+}
+
+/// A checkpoint that a load would refuse is never written: saving a state that breaks a
+/// rule of imported state is an error naming the tensor and the rule, and the file at the
+/// path is left as it was.
+#[test]
+fn a_state_that_could_not_be_loaded_back_is_not_saved() {
+    let options = OptimizerOptions {
+        backend: Arc::new(PerTensor(NegativeRmsFactory)),
+        ..Default::default()
+    };
+    let mut opt =
+        MuloOptimizer::new(&common::fixture_lopt(), specs(&[("w", &[4, 3])]), options).unwrap();
+    let dir = common::temp_dir("unloadable");
+    let path = dir.join("ckpt.safetensors");
+    opt.save_checkpoint(&path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let mut p = vec![0.5f32; 12];
+    opt.step(&mut [p.as_mut_slice()], &[&[0.1f32; 12]], 1e-2, 0.0)
+        .unwrap();
+    let err = opt.save_checkpoint(&path).unwrap_err().to_string();
+    assert!(err.contains("`w/rms`") && err.contains("negative"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
 }
