@@ -9,7 +9,7 @@
 //! | the parameters, in order | metadata `params`: JSON `[{"name": …, "shape": […], "factored_axes": [d0, d1] or null}, …]` |
 //! | SHA-256 of the two above | metadata `fingerprint` |
 //! | SHA-256 of every tensor's data bytes | metadata `tensor_sha256`: JSON `{"{name}/{buffer}": hex, …}` |
-//! | SHA-256 of every other metadata entry (the step counter and `tensor_sha256` included) | metadata `checksum` |
+//! | SHA-256 of every other metadata entry (the step counter and `tensor_sha256` included), in key order, each key and value prefixed by its byte length as a little-endian u64 | metadata `checksum` |
 //!
 //! Loading checks all of it before anything is replaced, and refuses a checkpoint of another
 //! learned optimizer or of other parameters (names, shapes, or factored axes: a tensor's
