@@ -348,13 +348,15 @@ impl StagedPlan {
                 ),
             ));
         }
+        // At the counter's limit the step is refused before any stage runs (on either engine).
+        let next = crate::state::next_step(state.step)?;
         if let Some(cpu) = &self.cpu {
             return Ok(StagedStep(StepOn::Cpu(
                 cpu.begin(param, grad, state, hyper)?,
             )));
         }
         let mut new_state = state.clone();
-        new_state.step = state.step + 1;
+        new_state.step = next;
         let mut step = InterpStep {
             plan: self.clone(),
             values: vec![None; self.ir.nodes.len()],
@@ -928,7 +930,10 @@ impl ShardedModel {
             .ok_or_else(|| Error::argument("index", format!("no tensor {index}")))
     }
 
-    /// Replaces tensor `index`'s local state; it must be for the shard's local layout.
+    /// Replaces tensor `index`'s local state; it must be for the shard's local layout, and its
+    /// values a state stepping can reach ([`TensorState::validate`]: finite, accumulators
+    /// ≥ 0, |mom| < 2^64). Refused, naming the tensor and the rule, with nothing changed.
+    /// Its step counter is replaced by the model's.
     pub fn set_state(&mut self, index: usize, mut state: TensorState) -> Result<()> {
         let plan = self
             .plans
@@ -946,6 +951,12 @@ impl ShardedModel {
                 ),
             ));
         }
+        state.validate().map_err(|why| {
+            Error::argument(
+                format!("state of `{}`", self.params[index].name),
+                format!("refused, nothing was changed: {why}"),
+            )
+        })?;
         state.step = self.step;
         self.states[index] = state;
         Ok(())
@@ -1004,6 +1015,8 @@ impl ShardedModel {
         hypers: &[Hyper],
     ) -> Result<Vec<f64>> {
         self.pending = None;
+        // At the counter's limit the step is refused before anything starts.
+        crate::state::next_step(self.step)?;
         let t = self.params.len();
         for (what, len) in [
             ("params", params.len()),
@@ -1272,6 +1285,8 @@ impl ShardedModel {
                 ));
             }
         }
+        // Checked again: the counter may have been set (set_step_count) since `begin`.
+        let next = crate::state::next_step(self.step)?;
         let mut report = pending.report;
         let mut results = Vec::with_capacity(t);
         for (i, step) in pending.steps.into_iter().enumerate() {
@@ -1288,7 +1303,7 @@ impl ShardedModel {
                 _ => results.push(None),
             }
         }
-        self.step += 1;
+        self.step = next;
         for (i, r) in results.into_iter().enumerate() {
             if let Some((p, s)) = r {
                 params[i].copy_from_slice(&p);

@@ -116,9 +116,86 @@ pub fn pylo_shape(buffer: Buffer, layout: &Layout) -> Vec<usize> {
     shape
 }
 
+/// The bound on `mom` ([`check_values`]): |mom| < 2^64, the f32 values whose square is finite.
+/// (The largest f32 below 2^64 squares to 2^128 − 2^105 + 2^80, which rounds to a finite
+/// f32; 2^64 squares to 2^128, which is +Inf.)
+pub const MOM_LIMIT: f32 = 18_446_744_073_709_551_616.0;
+
+/// Checks one state buffer's values against what a state reached by stepping can hold; the
+/// error says which value breaks which rule (flat index in `values`' own order).
+///
+/// The rules, and why they hold for every state mulo or PyLO can reach (SPEC.md §3.1):
+/// every accumulator starts at zero and is a running average `β·old + (1 − β)·new` of
+/// - `mom`: the gradient g,
+/// - `rms`: g²,
+/// - `fac_row`, `fac_col`, `fac_v`: means of g² + 1e-30.
+///
+/// So every value is **finite**, `rms` and the factored accumulators are **≥ 0**, and
+/// **|mom| < [`MOM_LIMIT`]** (2^64): a step whose g² is not finite makes `rms` infinite, and
+/// mulo's step guard undoes it (PyLO keeps the Inf, which this refuses as non-finite), so
+/// every g averaged into `mom` had |g| < 2^64. A value outside these rules is damage or a
+/// foreign state, and it would freeze the tensor: a negative accumulator's square root is
+/// NaN, and a finite but huge `mom` (3e38) makes the step's features infinite
+/// (`mom·rsqrt(rms + 1e-6)` alone is up to 1000·mom), so the guard undoes every later step
+/// of that tensor.
+pub fn check_values(buffer: Buffer, values: &[f32]) -> std::result::Result<(), String> {
+    let first = |bad: &dyn Fn(f32) -> bool| values.iter().position(|&v| bad(v));
+    if let Some(i) = first(&|v: f32| !v.is_finite()) {
+        return Err(format!(
+            "holds a non-finite value ({}) at flat index {i}: every state value must be finite",
+            values[i]
+        ));
+    }
+    match buffer {
+        Buffer::Mom => {
+            if let Some(i) = first(&|v: f32| v.abs() >= MOM_LIMIT) {
+                return Err(format!(
+                    "holds {:e} at flat index {i}: a momentum is an average of gradients, and \
+                     |mom| must be below 2^64 ({MOM_LIMIT:e}, where its square overflows f32)",
+                    values[i]
+                ));
+            }
+        }
+        Buffer::Rms | Buffer::FacRow | Buffer::FacCol | Buffer::FacV => {
+            if let Some(i) = first(&|v: f32| v < 0.0) {
+                return Err(format!(
+                    "holds a negative value ({:e}) at flat index {i}: a second-moment \
+                     accumulator is an average of squares and must be ≥ 0",
+                    values[i]
+                ));
+            }
+        }
+        Buffer::Param | Buffer::Grad => {}
+    }
+    Ok(())
+}
+
+/// The step counter after one more step; refused at `u64::MAX` (where it would wrap to 0),
+/// so that a caller checks it before changing anything.
+pub fn next_step(step: u64) -> Result<u64> {
+    step.checked_add(1).ok_or_else(|| {
+        Error::argument(
+            "step",
+            format!(
+                "the step counter is at its limit ({step}): one more step would wrap it to 0, \
+                 so the step is refused and nothing was changed"
+            ),
+        )
+    })
+}
+
 impl TensorState<f32> {
+    /// Checks every buffer with [`check_values`]; the error names the buffer and the rule.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (buffer, values) in self.iter() {
+            check_values(buffer, values).map_err(|why| format!("`{}` {why}", buffer.name()))?;
+        }
+        Ok(())
+    }
+
     /// Reads a PyLO state (decay-last tensors named `mom`, `rms`, `fac_vec_row`, … as
     /// [`pylo_name`] gives); `lookup` returns a tensor's shape and values, or `None` if absent.
+    /// Every buffer is checked with [`check_values`] (the error names its PyLO name).
     pub fn from_pylo(
         layout: &Layout,
         step: u64,
@@ -143,6 +220,7 @@ impl TensorState<f32> {
                     ),
                 ));
             }
+            check_values(buffer, &values).map_err(|why| Error::argument(name, why))?;
             state.set(buffer, transpose(&values, buffer.lanes()))?;
         }
         Ok(state)

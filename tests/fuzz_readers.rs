@@ -6,7 +6,9 @@
 //! For every case: the reader returns (no panic, caught with `catch_unwind` on a worker
 //! thread; no hang, the case fails after [`CASE_TIMEOUT`]); a rejected input's error names
 //! the file; an accepted input is checked to be valid (shapes, finite values, and what was
-//! read equals what the file holds).
+//! read equals what the file holds). An accepted optimizer state is valid by the rules of
+//! every state import ([`valid_state`], written out here independently of mulo's check):
+//! finite, second moments and factored accumulators ≥ 0, momenta whose square is finite.
 //!
 //! `MULO_FUZZ_CASES` sets the number of cases per reader (default 256, the CI size; the
 //! nightly-style run is `MULO_FUZZ_CASES=10000`). Every test prints its counts (accepted,
@@ -15,8 +17,10 @@
 mod common;
 
 use common::{fixture_lopt, golden_dir};
+use mulo::ir::Buffer;
 use mulo::lopt::{LearnedOptimizer, MetaParams};
 use mulo::optimizer::{MuloOptimizer, OptimizerOptions, ParamSpec};
+use mulo::state::TensorState;
 use mulo::trajectory::Trajectory;
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -552,6 +556,24 @@ fn finite(what: &str, values: &[f32]) -> Result<(), String> {
     }
 }
 
+/// An imported state is valid: every value finite, `rms` and the factored accumulators
+/// ≥ 0 (averages of squares), every `mom` value's square finite in f32 (an average of
+/// gradients whose squares were finite).
+fn valid_state(name: &str, state: &TensorState) -> Result<(), String> {
+    for (buffer, values) in state.iter() {
+        let what = format!("{name}/{}", buffer.name());
+        finite(&what, values)?;
+        let bad = match buffer {
+            Buffer::Mom => values.iter().position(|m| !(m * m).is_finite()),
+            _ => values.iter().position(|v| *v < 0.0),
+        };
+        if let Some(i) = bad {
+            return Err(format!("{what} holds {:e} at {i}", values[i]));
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // The readers
 // ---------------------------------------------------------------------------------------
@@ -695,7 +717,8 @@ fn fuzz_checkpoints() {
             let path = dir.join(name);
             outcome(opt.load_checkpoint(&path), |()| {
                 // Accepted: what the optimizer now holds is what the file holds, bit for bit
-                // (saved again it is the same tensors), and every state value is finite.
+                // (saved again it is the same tensors, at the file's step), and every state
+                // is valid.
                 let file = std::fs::read(&path).unwrap();
                 let file = SafeTensors::deserialize(&file).map_err(|e| e.to_string())?;
                 let again = opt.checkpoint_bytes().map_err(|e| e.to_string())?;
@@ -706,11 +729,21 @@ fn fuzz_checkpoints() {
                         return Err(format!("tensor `{key}` differs from the file"));
                     }
                 }
+                let (_, header) = SafeTensors::read_metadata(&std::fs::read(&path).unwrap())
+                    .map_err(|e| e.to_string())?;
+                let step = header
+                    .metadata()
+                    .as_ref()
+                    .and_then(|m| m.get("step").cloned());
+                if step != Some(opt.step_count().to_string()) {
+                    return Err(format!(
+                        "step {} loaded, the file says {step:?}",
+                        opt.step_count()
+                    ));
+                }
                 for spec in fuzz_specs() {
                     let state = opt.state(&spec.name).map_err(|e| e.to_string())?;
-                    for (b, v) in state.iter() {
-                        finite(&format!("{}/{b:?}", spec.name), v)?;
-                    }
+                    valid_state(&spec.name, &state)?;
                     if state.step != opt.step_count() {
                         return Err("a tensor's step differs from the optimizer's".into());
                     }
@@ -753,9 +786,7 @@ fn fuzz_pylo_state_files() {
                 |()| {
                     for spec in fuzz_specs() {
                         let state = opt.state(&spec.name).map_err(|e| e.to_string())?;
-                        for (b, v) in state.iter() {
-                            finite(&format!("{}/{b:?}", spec.name), v)?;
-                        }
+                        valid_state(&spec.name, &state)?;
                     }
                     if opt.step_count() != 3 {
                         return Err("the step counter was not set".into());
@@ -840,8 +871,9 @@ fn the_harness_catches_panics_hangs_unnamed_errors_and_invalid_acceptances() {
 }
 
 /// Inputs the fuzzing found accepted and invalid, kept as regression tests: a NaN or ±Inf in
-/// a checkpoint, a PyLO state file or a trajectory is refused, naming the file, the tensor and
-/// the index.
+/// a PyLO state file or a trajectory is refused, naming the file, the tensor and the index;
+/// in a checkpoint, its data no longer matches its checksum (the value rules on checksummed
+/// checkpoints are tested in `tests/checkpoint.rs`).
 #[test]
 fn non_finite_values_in_state_and_trajectory_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -862,7 +894,14 @@ fn non_finite_values_in_state_and_trajectory_files_are_refused() {
         let ckpt = dir.path().join("bad.ckpt");
         std::fs::write(&ckpt, poison(&opt.checkpoint_bytes().unwrap(), value)).unwrap();
         let before = opt.state("w").unwrap();
-        expect(opt.load_checkpoint(&ckpt), "bad.ckpt");
+        let msg = opt
+            .load_checkpoint(&ckpt)
+            .expect_err("a non-finite value was accepted")
+            .to_string();
+        assert!(
+            msg.contains("bad.ckpt") && msg.contains("tensor `") && msg.contains("checksum"),
+            "{msg}"
+        );
         assert_eq!(
             opt.state("w").unwrap(),
             before,

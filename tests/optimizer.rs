@@ -8,6 +8,7 @@ use common::Rng;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::{BackendFactory, InterpFactory, PerTensor, StepperFactory};
 use mulo::backend::{Hyper, TensorStepper};
+use mulo::ir::Buffer;
 use mulo::lopt::LearnedOptimizer;
 use mulo::optimizer::{MuloOptimizer, NonFinitePolicy, OptimizerOptions, ParamSpec};
 use mulo::shape::{Layout, Shape};
@@ -809,4 +810,296 @@ fn guard_restores_the_state_just_before_the_faulty_step_after_several_steps() {
         check_revert(&mut opt, &mut params, 0);
         check_revert(&mut opt, &mut params, 1);
     }
+}
+
+/// A model with a factored (`w`), an unfactored (`b`) and a 0-d (`s`) tensor, stepped twice
+/// so that every accumulator holds non-zero values.
+fn stepped_model(backend: &Arc<dyn BackendFactory>) -> (MuloOptimizer, Vec<Vec<f32>>) {
+    let lopt = common::fixture_lopt();
+    let shapes: &[(&str, &[usize])] = &[("w", &[6, 5]), ("b", &[7]), ("s", &[])];
+    let mut opt = MuloOptimizer::new(&lopt, specs(shapes), on(backend)).unwrap();
+    let mut rng = Rng(31);
+    let mut params: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|(_, d)| rng.gradient(d.iter().product()))
+        .collect();
+    for _ in 0..2 {
+        let grads: Vec<Vec<f32>> = params.iter().map(|p| rng.gradient(p.len())).collect();
+        opt.step(&mut refs(&mut params), &crefs(&grads), 1e-2, 0.0)
+            .unwrap();
+    }
+    (opt, params)
+}
+
+fn all_states(opt: &MuloOptimizer) -> Vec<TensorState> {
+    opt.params()
+        .iter()
+        .map(|p| opt.state(&p.name).unwrap())
+        .collect()
+}
+
+/// One bad value per rule of an imported state: (tensor, buffer, flat index, value, words
+/// the error must hold besides the tensor and the buffer).
+fn bad_state_values() -> Vec<(&'static str, Buffer, usize, f32, &'static str)> {
+    vec![
+        ("w", Buffer::Mom, 4, f32::NAN, "non-finite"),
+        ("w", Buffer::Mom, 0, f32::NEG_INFINITY, "non-finite"),
+        ("b", Buffer::Rms, 2, f32::INFINITY, "non-finite"),
+        ("w", Buffer::Rms, 7, -1.0, "negative"),
+        ("s", Buffer::Rms, 0, -1e-30, "negative"),
+        ("w", Buffer::FacRow, 3, -2.5, "negative"),
+        ("w", Buffer::FacCol, 1, -1e-3, "negative"),
+        ("b", Buffer::FacV, 5, -f32::MIN_POSITIVE, "negative"),
+        ("w", Buffer::Mom, 9, 3e38, "2^64"),
+        ("b", Buffer::Mom, 1, -18_446_744_073_709_551_616.0, "2^64"),
+    ]
+}
+
+/// Every rule of an imported state (finite; `rms`, `fac_*` ≥ 0; |mom| < 2^64) is enforced by
+/// `set_state`, `set_states`, `import_pylo_state` and `ShardedModel::set_state`: the error
+/// names the tensor, the buffer and the rule, and nothing changes.
+#[test]
+fn imported_states_are_checked_by_every_rule_and_a_refusal_changes_nothing() {
+    let (mut opt, _) = stepped_model(&backends()[0]);
+    let lopt = common::fixture_lopt();
+    let sharded_params = opt
+        .params()
+        .iter()
+        .map(|p| mulo::shard::ShardedParam::new(&p.name, &p.shape, None, None).unwrap())
+        .collect();
+    let mut sharded =
+        mulo::shard::ShardedModel::new(&lopt, sharded_params, None, NonFinitePolicy::Skip).unwrap();
+    sharded.set_step_count(opt.step_count());
+    for (i, s) in all_states(&opt).into_iter().enumerate() {
+        sharded.set_state(i, s).unwrap();
+    }
+    let before = all_states(&opt);
+    let sharded_before: Vec<TensorState> =
+        (0..3).map(|i| sharded.state(i).unwrap().clone()).collect();
+    let expect = |r: mulo::Result<()>, words: &[&str], how: &str| {
+        let msg = r
+            .expect_err(&format!("{how}: a bad state was accepted"))
+            .to_string();
+        for w in words {
+            assert!(msg.contains(w), "{how}: `{w}` not in: {msg}");
+        }
+    };
+    for (name, buffer, at, value, rule) in bad_state_values() {
+        let i = opt.index_of(name).unwrap();
+        let mut bad = before[i].clone();
+        bad.get_mut(buffer)[at] = value;
+        let how = format!("{name}/{} = {value}", buffer.name());
+        let words = [&format!("`{name}`"), buffer.name(), rule];
+        expect(opt.set_state(name, bad.clone()), &words, &how);
+        // All or nothing: a good state given before the bad one is not applied either.
+        let other = opt.params()[(i + 1) % 3].name.clone();
+        let zeros = TensorState::zeros(before[(i + 1) % 3].layout(), opt.step_count());
+        expect(
+            opt.set_states(vec![(other, zeros), (name.to_string(), bad.clone())]),
+            &words,
+            &format!("{how} (set_states)"),
+        );
+        // The same state in PyLO's layout (the error names its PyLO buffer name).
+        let pylo = bad.to_pylo();
+        let pylo_name = mulo::state::pylo_name(buffer);
+        expect(
+            opt.import_pylo_state(name, |n| {
+                pylo.iter()
+                    .find(|t| t.0 == n)
+                    .map(|t| (t.1.clone(), t.2.clone()))
+            }),
+            &[&format!("`{name}`"), pylo_name, rule],
+            &format!("{how} (PyLO)"),
+        );
+        assert_eq!(
+            all_states(&opt),
+            before,
+            "{how}: a refused import changed a state"
+        );
+        expect(
+            sharded.set_state(i, bad),
+            &words,
+            &format!("{how} (sharded)"),
+        );
+        for (j, s) in sharded_before.iter().enumerate() {
+            assert_eq!(
+                sharded.state(j).unwrap(),
+                s,
+                "{how}: the sharded state changed"
+            );
+        }
+    }
+    // The bounds themselves are accepted: the largest |mom| below 2^64 (the largest f32
+    // whose square is finite) and a -0 accumulator.
+    let largest = f32::from_bits(mulo::state::MOM_LIMIT.to_bits() - 1);
+    let limit = mulo::state::MOM_LIMIT;
+    assert!((largest * largest).is_finite() && !(limit * limit).is_finite());
+    let mut edge = before[0].clone();
+    edge.get_mut(Buffer::Mom)[0] = -largest;
+    edge.get_mut(Buffer::Rms)[0] = -0.0;
+    opt.set_state("w", edge.clone()).unwrap();
+    assert_eq!(opt.state("w").unwrap(), edge);
+}
+
+/// At `u64::MAX` the step counter cannot grow: the step is refused with an error and
+/// changes nothing (parameters, states, counter), on every backend, in the whole-model
+/// optimizer, a per-tensor stepper and the sharded model.
+#[test]
+fn a_step_counter_at_its_limit_refuses_the_step_and_changes_nothing() {
+    for backend in backends() {
+        let (mut opt, mut params) = stepped_model(&backend);
+        let mut rng = Rng(7);
+        let grads: Vec<Vec<f32>> = params.iter().map(|p| rng.gradient(p.len())).collect();
+        // The last step that fits; ONNX takes the counter as an i64 and refuses a larger one
+        // by itself, so there the optimizer is put at the limit directly.
+        if backend.target() == "onnx" {
+            opt.set_step_count(u64::MAX).unwrap();
+        } else {
+            opt.set_step_count(u64::MAX - 1).unwrap();
+            opt.step(&mut refs(&mut params), &crefs(&grads), 1e-2, 0.0)
+                .unwrap();
+        }
+        assert_eq!(opt.step_count(), u64::MAX);
+        let (p_before, s_before) = (params.clone(), all_states(&opt));
+        let err = opt
+            .step(&mut refs(&mut params), &crefs(&grads), 1e-2, 0.0)
+            .expect_err("a step past u64::MAX was taken")
+            .to_string();
+        assert!(err.contains("limit") && err.contains("step"), "{err}");
+        let target = backend.target();
+        assert_eq!(
+            params, p_before,
+            "{target}: a refused step changed a parameter"
+        );
+        assert_eq!(all_states(&opt), s_before, "{target}: ... changed a state");
+        assert_eq!(opt.step_count(), u64::MAX, "{target}");
+        // A checkpoint at the limit is in range: it saves and loads (and still cannot step).
+        let bytes = opt.checkpoint_bytes().unwrap();
+        opt.restore_checkpoint(&bytes, std::path::Path::new("limit.ckpt"))
+            .unwrap();
+        assert_eq!(opt.step_count(), u64::MAX);
+    }
+
+    // A per-tensor stepper used on its own.
+    let lopt = common::fixture_lopt();
+    let mut stepper = reference(&lopt, &[6, 5], u64::MAX);
+    let mut p = vec![0.5f32; 30];
+    let err = stepper
+        .step(
+            &mut p,
+            &[0.1; 30],
+            Hyper {
+                lr: 1e-2,
+                weight_decay: 0.0,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("limit"), "{err}");
+    assert_eq!(p, vec![0.5f32; 30]);
+    assert_eq!(stepper.state().unwrap().step, u64::MAX);
+
+    // The sharded model: refused at `begin`, and at `finish` when the counter was set to the
+    // limit while the step was in flight.
+    let params: Vec<mulo::shard::ShardedParam> = [("w", vec![6, 5]), ("b", vec![7])]
+        .iter()
+        .map(|(n, d)| {
+            mulo::shard::ShardedParam::new(*n, &Shape::new(d.clone()).unwrap(), None, None).unwrap()
+        })
+        .collect();
+    let mut model =
+        mulo::shard::ShardedModel::new(&lopt, params, None, NonFinitePolicy::Skip).unwrap();
+    let mut p = vec![vec![0.5f32; 30], vec![0.25f32; 7]];
+    let g = [vec![0.1f32; 30], vec![-0.2f32; 7]];
+    let hypers = [Hyper {
+        lr: 1e-2,
+        weight_decay: 0.0,
+    }; 2];
+    let grads: Vec<Option<&[f32]>> = g.iter().map(|x| Some(x.as_slice())).collect();
+    model.set_step_count(u64::MAX);
+    let err = model
+        .begin(&crefs(&p), &grads, &hypers)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("limit"), "{err}");
+    model.set_step_count(5);
+    let mut buf = model.begin(&crefs(&p), &grads, &hypers).unwrap();
+    for _ in 1..model.rounds() {
+        buf = model.advance(&buf).unwrap();
+    }
+    model.set_step_count(u64::MAX);
+    let states: Vec<TensorState> = (0..2).map(|i| model.state(i).unwrap().clone()).collect();
+    let err = model
+        .finish(&buf, &mut refs(&mut p))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("limit"), "{err}");
+    assert_eq!(p, vec![vec![0.5f32; 30], vec![0.25f32; 7]]);
+    for (i, s) in states.iter().enumerate() {
+        assert_eq!(model.state(i).unwrap(), s);
+    }
+    assert_eq!(model.step_count(), u64::MAX);
+}
+
+/// A stepper with a bug the step guard cannot see: its steps leave a finite but negative
+/// `rms` value.
+struct NegativeRms(InterpStepper);
+
+impl TensorStepper for NegativeRms {
+    fn target(&self) -> &'static str {
+        "negative-rms"
+    }
+    fn layout(&self) -> &Layout {
+        self.0.layout()
+    }
+    fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> mulo::Result<()> {
+        self.0.step(param, grad, hyper)?;
+        let mut state = self.0.state()?;
+        state.get_mut(Buffer::Rms)[0] = -1.0;
+        self.0.set_state(state)
+    }
+    fn state(&self) -> mulo::Result<TensorState> {
+        self.0.state()
+    }
+    fn set_state(&mut self, state: TensorState) -> mulo::Result<()> {
+        self.0.set_state(state)
+    }
+}
+
+struct NegativeRmsFactory;
+
+impl StepperFactory for NegativeRmsFactory {
+    fn target(&self) -> &'static str {
+        "negative-rms"
+    }
+    fn stepper(
+        &self,
+        ir: Arc<mulo::ir::StepIr>,
+        start_step: u64,
+    ) -> mulo::Result<Box<dyn TensorStepper>> {
+        Ok(Box::new(NegativeRms(InterpStepper::new(ir, start_step))))
+    }
+}
+
+/// A checkpoint that a load would refuse is never written: saving a state that breaks a
+/// rule of imported state is an error naming the tensor and the rule, and the file at the
+/// path is left as it was.
+#[test]
+fn a_state_that_could_not_be_loaded_back_is_not_saved() {
+    let options = OptimizerOptions {
+        backend: Arc::new(PerTensor(NegativeRmsFactory)),
+        ..Default::default()
+    };
+    let mut opt =
+        MuloOptimizer::new(&common::fixture_lopt(), specs(&[("w", &[4, 3])]), options).unwrap();
+    let dir = common::temp_dir("unloadable");
+    let path = dir.join("ckpt.safetensors");
+    opt.save_checkpoint(&path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let mut p = vec![0.5f32; 12];
+    opt.step(&mut [p.as_mut_slice()], &[&[0.1f32; 12]], 1e-2, 0.0)
+        .unwrap();
+    let err = opt.save_checkpoint(&path).unwrap_err().to_string();
+    assert!(err.contains("`w/rms`") && err.contains("negative"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
 }

@@ -326,7 +326,7 @@ pub fn execute<T: Real>(
     let mut values: Vec<Option<Vec<T>>> = vec![None; ir.nodes.len()];
     let mut new_param = param.to_vec();
     let mut new_state = state.clone();
-    new_state.step = state.step + 1;
+    new_state.step = crate::state::next_step(state.step)?;
 
     for (i, node) in ir.nodes.iter().enumerate() {
         let live = Live {

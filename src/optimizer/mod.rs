@@ -403,6 +403,8 @@ impl MuloOptimizer {
         weight_decay: f32,
     ) -> Result<StepReport> {
         self.check_usable()?;
+        // Checked first: at the counter's limit the step is refused before anything changes.
+        let next = crate::state::next_step(self.step)?;
         let n = self.specs.len();
         for (what, len) in [("params", params.len()), ("grads", grads.len())] {
             if len != n {
@@ -576,7 +578,7 @@ impl MuloOptimizer {
                 .state
                 .take()
                 .expect("the guard took a snapshot of every stepped tensor");
-            restored.step = self.step + 1;
+            restored.step = next;
             if let Err(e) = self.backend.set_state(i, restored) {
                 self.poisoned = Some(e.to_string());
                 return Err(e);
@@ -597,7 +599,7 @@ impl MuloOptimizer {
         for (i, g) in work.iter().enumerate() {
             if g.is_none() {
                 let advanced = self.backend.state(i).and_then(|mut s| {
-                    s.step = self.step + 1;
+                    s.step = next;
                     self.backend.set_state(i, s)
                 });
                 if let Err(e) = advanced {
@@ -606,7 +608,7 @@ impl MuloOptimizer {
                 }
             }
         }
-        self.step += 1;
+        self.step = next;
         Ok(report)
     }
 
@@ -616,11 +618,43 @@ impl MuloOptimizer {
     }
 
     /// Replaces the state of parameter `name`. Its step counter must equal the optimizer's
-    /// (use [`set_step_count`](Self::set_step_count) first to move it).
+    /// (use [`set_step_count`](Self::set_step_count) first to move it), and its values must
+    /// be a state stepping can reach ([`TensorState::validate`]: finite, accumulators ≥ 0,
+    /// |mom| < 2^64); otherwise it is refused, naming the tensor and the rule, and nothing
+    /// changes.
     pub fn set_state(&mut self, name: &str, state: TensorState) -> Result<()> {
         let i = self.index_of(name)?;
         self.check_state(i, &state)?;
         self.backend.set_state(i, state)
+    }
+
+    /// Replaces the states of several parameters at once: every state is checked as by
+    /// [`set_state`](Self::set_state) before any is replaced, so a refused call changes
+    /// nothing (e.g. a whole model's state loaded from a file).
+    pub fn set_states(&mut self, states: Vec<(String, TensorState)>) -> Result<()> {
+        let mut checked = Vec::with_capacity(states.len());
+        let mut seen = HashSet::new();
+        for (name, state) in states {
+            let i = self.index_of(&name)?;
+            if !seen.insert(i) {
+                return Err(Error::argument(&name, "state given twice"));
+            }
+            self.check_state(i, &state)?;
+            checked.push((i, state));
+        }
+        self.replace_states(checked)
+    }
+
+    /// Replaces checked states; a backend that fails part-way leaves the optimizer poisoned
+    /// (some tensors replaced, some not), so that it is not stepped in that mixed state.
+    fn replace_states(&mut self, states: Vec<(usize, TensorState)>) -> Result<()> {
+        for (i, state) in states {
+            if let Err(e) = self.backend.set_state(i, state) {
+                self.poisoned = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn check_state(&self, i: usize, state: &TensorState) -> Result<()> {
@@ -644,7 +678,12 @@ impl MuloOptimizer {
                 ),
             ));
         }
-        Ok(())
+        state.validate().map_err(|why| {
+            Error::argument(
+                &spec.name,
+                format!("state refused, nothing was changed: {why}"),
+            )
+        })
     }
 
     /// Sets the step counter of the optimizer and of every tensor's state (e.g. to PyLO's
@@ -665,7 +704,8 @@ impl MuloOptimizer {
     /// Imports the PyLO `AdafacLO_naive` state of parameter `name` (decay-last `mom`, `rms`,
     /// `fac_vec_row`, `fac_vec_col` or `fac_vec_v`; `lookup` gives a tensor's shape and values
     /// by its PyLO name). The step counter is the optimizer's: set PyLO's group `step` with
-    /// [`set_step_count`](Self::set_step_count).
+    /// [`set_step_count`](Self::set_step_count). The values are checked as by
+    /// [`set_state`](Self::set_state); a refused import changes nothing.
     pub fn import_pylo_state(
         &mut self,
         name: &str,
@@ -674,6 +714,7 @@ impl MuloOptimizer {
         let i = self.index_of(name)?;
         let state = TensorState::from_pylo(&self.layouts[i], self.step, lookup)
             .map_err(|e| Error::argument(name, format!("cannot import its PyLO state: {e}")))?;
+        self.check_state(i, &state)?;
         self.backend.set_state(i, state)
     }
 

@@ -208,6 +208,8 @@ impl CpuStaged {
     ) -> Result<CpuStagedStep> {
         let local = self.local_layout();
         crate::backend::check_step_args(local, param.len(), grad.len(), &hyper)?;
+        // `finish` gives the state step + 1: refused here, at the counter's limit.
+        crate::state::next_step(state.step)?;
         if state.layout() != local {
             return Err(Error::argument(
                 "state",

@@ -312,6 +312,8 @@ impl TensorStepper for CpuStepper {
     fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> Result<()> {
         let prog = Arc::clone(&self.prog);
         check_step_args(&prog.ir.layout, param.len(), grad.len(), &hyper)?;
+        // Checked before the passes write `param` and the state in place.
+        let next = crate::state::next_step(self.step)?;
         for k in 0..prog.passes.len() {
             for &v in &prog.small_phases[k] {
                 self.eval_small(v, &hyper);
@@ -319,7 +321,7 @@ impl TensorStepper for CpuStepper {
             self.run_pass(k, param, grad);
         }
         store_small(&prog, &self.small, &mut self.state);
-        self.step += 1;
+        self.step = next;
         Ok(())
     }
 

@@ -109,6 +109,9 @@ impl<E: PackedExecutor> PackedBackend<E> {
             if let Some(h) = h {
                 h.validate()
                     .map_err(|e| Error::argument("hypers", format!("tensor {i}: {e}")))?;
+                // A counter at its limit refuses the step before anything runs.
+                crate::state::next_step(self.steps[i])
+                    .map_err(|e| Error::argument("hypers", format!("tensor {i}: {e}")))?;
             }
         }
         let active: Vec<bool> = hypers.iter().map(Option::is_some).collect();
@@ -121,6 +124,7 @@ impl<E: PackedExecutor> PackedBackend<E> {
         let grids = self.model.grids(&starts)?;
         self.exec.run(&entries, &starts, &grids)?;
         for (s, on) in self.steps.iter_mut().zip(active) {
+            // Cannot overflow: every stepped counter was checked above.
             *s += on as u64;
         }
         Ok(())

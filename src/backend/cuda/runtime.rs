@@ -301,6 +301,8 @@ impl CudaStepper {
         hyper: Hyper,
     ) -> Result<()> {
         check_step_args(&self.program.layout, param.len(), grad.len(), &hyper)?;
+        // Checked before the kernels write `param` and the state in place.
+        let next = crate::state::next_step(self.step)?;
         let stream = self.program.stream.clone();
         let step_f = self.step as f32;
         for (f, cfg) in &self.program.kernels {
@@ -320,7 +322,7 @@ impl CudaStepper {
             // and every buffer has the length the kernels were compiled for.
             unsafe { b.launch(f, *cfg) }?;
         }
-        self.step += 1;
+        self.step = next;
         Ok(())
     }
 
