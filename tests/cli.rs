@@ -7,8 +7,10 @@ use std::process::{Command, Output};
 fn mulo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mulo-compile"))
         .args(args)
-        // An empty cache, so the default weights are predictable.
+        // An empty cache, so the default weights are predictable, and never the network (the
+        // downloads are tests/hub.rs's, against a loopback server).
         .env("HF_HUB_CACHE", common::temp_dir("cli-empty-cache"))
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("mulo-compile runs")
 }

@@ -19,8 +19,10 @@ use std::time::Instant;
 ///
 /// Weights: `--weights` takes a directory in the Hub layout (model.safetensors + config.json),
 /// a .safetensors file, or a Hub key owner/name looked up in the local Hugging Face cache
-/// ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub). Without it, btherien/mulo
-/// is used if the cache has it, else the bundled DEMO network (not the trained μLO_M).
+/// ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub) and downloaded into it
+/// from $HF_ENDPOINT (else huggingface.co) when it is not there, unless --offline or
+/// $HF_HUB_OFFLINE. Without it, btherien/mulo the same way, else the bundled DEMO network (not
+/// the trained μLO_M) with a warning saying why.
 #[derive(Parser, Debug)]
 #[command(name = "mulo-compile", version, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -49,10 +51,17 @@ enum Command {
 /// Where the learned optimizer comes from.
 #[derive(Args, Debug, Clone)]
 struct WeightsArgs {
-    /// Weights: a Hub-layout directory, a .safetensors file, or a Hub key owner/name in the
-    /// local Hugging Face cache. Default: btherien/mulo from the cache, else the bundled demo.
+    /// Weights: a Hub-layout directory, a .safetensors file, or a Hub key owner/name (the local
+    /// Hugging Face cache, then the Hub). Default: btherien/mulo the same way, else the bundled
+    /// demo.
     #[arg(long, value_name = "W")]
     weights: Option<String>,
+    /// The Hub revision (branch, tag or commit hash) of a Hub key.
+    #[arg(long, value_name = "REV", default_value = mulo::lopt::DEFAULT_REVISION)]
+    revision: String,
+    /// Never download: Hub keys come from the local cache only (as HF_HUB_OFFLINE=1 does).
+    #[arg(long)]
+    offline: bool,
     /// JSON file overriding meta-parameters (exp_mult, step_mult, momentum_decays, rms_decay,
     /// adafactor_decays); fields left out keep μLO_M's values.
     #[arg(long, value_name = "FILE")]
@@ -61,16 +70,36 @@ struct WeightsArgs {
 
 impl WeightsArgs {
     fn load(&self) -> Result<LearnedOptimizer> {
-        let lopt = match &self.weights {
-            Some(spec) => LearnedOptimizer::load(spec)?,
-            None => LearnedOptimizer::load_default(),
-        };
+        let lopt = self.load_weights()?;
         let lopt = match &self.meta {
             Some(path) => lopt.with_meta_file(path)?,
             None => lopt,
         };
         eprintln!("weights: {}", lopt.origin);
         Ok(lopt)
+    }
+
+    /// The cache, then the Hub (with the `hub` feature); for the default key, the demo network
+    /// when neither has it.
+    fn load_weights(&self) -> Result<LearnedOptimizer> {
+        use mulo::lopt::DEFAULT_HUB_KEY;
+        let offline = self.offline || mulo::lopt::hub_offline_from_env();
+        Ok(match &self.weights {
+            Some(spec) => LearnedOptimizer::load_or_download(spec, &self.revision, offline)?,
+            None => LearnedOptimizer::from_hub(DEFAULT_HUB_KEY, &self.revision, offline)
+                .unwrap_or_else(|why| {
+                    let build = if cfg!(feature = "hub") {
+                        ""
+                    } else {
+                        " (built without the `hub` feature: never downloads)"
+                    };
+                    eprintln!(
+                        "warning: using the bundled DEMO network, not the trained μLO_M \
+                         {DEFAULT_HUB_KEY}{build}: {why}"
+                    );
+                    LearnedOptimizer::demo()
+                }),
+        })
     }
 }
 

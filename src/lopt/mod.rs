@@ -1,13 +1,19 @@
 //! The learned optimizer: its meta-network and meta-parameters, and where they come from
-//! (a Hub key resolved in the local Hugging Face cache, a directory in the Hub layout, a
-//! `.safetensors` file, or the bundled demo network).
+//! (a Hub key resolved in the local Hugging Face cache or, with the `hub` feature, downloaded
+//! into it on first use; a directory in the Hub layout; a `.safetensors` file; or the bundled
+//! demo network).
 
 pub mod demo;
 mod hub;
 mod meta;
 mod network;
 
-pub use hub::{hub_cache_dir, resolve_hub_snapshot};
+#[cfg(feature = "hub")]
+pub use hub::download_hub_snapshot;
+pub use hub::{
+    hub_cache_dir, hub_offline_from_env, resolve_hub_snapshot, resolve_hub_snapshot_at,
+    DEFAULT_REVISION,
+};
 pub use meta::MetaParams;
 pub use network::{read_config, Dense, MetaNetwork, NetworkConfig, INPUT_SIZE, OUTPUT_SIZE};
 
@@ -22,6 +28,14 @@ pub const DEFAULT_HUB_KEY: &str = "btherien/mulo";
 pub enum WeightsOrigin {
     /// A Hub key resolved in the local Hugging Face cache, with the snapshot directory used.
     Hub {
+        /// `owner/name`.
+        key: String,
+        /// The snapshot directory.
+        snapshot: PathBuf,
+    },
+    /// A Hub key that was not in the local cache and was downloaded into it, with the snapshot
+    /// directory used.
+    HubDownloaded {
         /// `owner/name`.
         key: String,
         /// The snapshot directory.
@@ -45,8 +59,15 @@ impl std::fmt::Display for WeightsOrigin {
                     snapshot.display()
                 )
             }
-            WeightsOrigin::Directory(dir) => write!(f, "directory {}", dir.display()),
-            WeightsOrigin::File(file) => write!(f, "file {}", file.display()),
+            WeightsOrigin::HubDownloaded { key, snapshot } => {
+                write!(
+                    f,
+                    "Hub model {key}, downloaded into the local cache ({})",
+                    snapshot.display()
+                )
+            }
+            WeightsOrigin::Directory(dir) => write!(f, "given directory {}", dir.display()),
+            WeightsOrigin::File(file) => write!(f, "given file {}", file.display()),
             WeightsOrigin::Demo => write!(
                 f,
                 "bundled DEMO meta-network (hand-built Adam-like rule, not the trained μLO_M)"
@@ -161,13 +182,57 @@ impl LearnedOptimizer {
 
     /// Loads a Hub key from the local Hugging Face cache (never from the network).
     pub fn from_hub_cache(key: &str) -> Result<Self> {
-        let snapshot = resolve_hub_snapshot(key)?;
+        Self::from_hub_cache_at(key, DEFAULT_REVISION)
+    }
+
+    /// Loads a Hub key at `revision` (branch, tag or commit hash) from the local Hugging Face
+    /// cache (never from the network).
+    pub fn from_hub_cache_at(key: &str, revision: &str) -> Result<Self> {
+        let snapshot = resolve_hub_snapshot_at(key, revision)?;
         let mut lopt = Self::from_dir(&snapshot)?;
         lopt.origin = WeightsOrigin::Hub {
             key: key.to_string(),
             snapshot,
         };
         Ok(lopt)
+    }
+
+    /// Loads a Hub key at `revision` from the local Hugging Face cache and, when it is not
+    /// there and `offline` is false and `HF_HUB_OFFLINE` is unset, downloads it into the cache
+    /// first (see `download_hub_snapshot`, feature `hub`, for what is honored and what a failure
+    /// leaves).
+    /// Offline with nothing cached, the error is the cache's. Built without the `hub` feature,
+    /// this is [`LearnedOptimizer::from_hub_cache_at`].
+    pub fn from_hub(key: &str, revision: &str, offline: bool) -> Result<Self> {
+        #[cfg(not(feature = "hub"))]
+        {
+            let _ = offline;
+            Self::from_hub_cache_at(key, revision)
+        }
+        #[cfg(feature = "hub")]
+        match Self::from_hub_cache_at(key, revision) {
+            Err(Error::WeightsNotFound(_)) if !offline && !hub_offline_from_env() => {
+                let snapshot = download_hub_snapshot(key, revision)?;
+                let mut lopt = Self::from_dir(&snapshot)?;
+                lopt.origin = WeightsOrigin::HubDownloaded {
+                    key: key.to_string(),
+                    snapshot,
+                };
+                Ok(lopt)
+            }
+            other => other,
+        }
+    }
+
+    /// As [`LearnedOptimizer::load`], but a Hub key not in the cache is downloaded (unless
+    /// `offline` or `HF_HUB_OFFLINE`), at `revision` (see [`LearnedOptimizer::from_hub`]).
+    pub fn load_or_download(spec: &str, revision: &str, offline: bool) -> Result<Self> {
+        let path = Path::new(spec);
+        if !path.exists() && looks_like_hub_key(spec) {
+            Self::from_hub(spec, revision, offline)
+        } else {
+            Self::load(spec)
+        }
     }
 
     /// Replaces the meta-parameters with those of a JSON file (fields left out keep μLO_M's).

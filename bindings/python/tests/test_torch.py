@@ -519,7 +519,10 @@ def test_backend_interp_matches_golden_too():
         assert rel_err(p.detach(), t[f"p{step}"], disp) <= TOL
 
 
-def test_weights_and_meta_parameters():
+def test_weights_and_meta_parameters(monkeypatch):
+    # An uncached Hub key would be downloaded; offline, the test never leaves the machine (the
+    # downloads are test_hub.py's, against a loopback server).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     p = torch.nn.Parameter(torch.zeros(3))
     by_dir = AdafacLO([p], hf_key=WEIGHTS).lopt
     by_file = AdafacLO([p], hf_key=WEIGHTS + "/model.safetensors").lopt

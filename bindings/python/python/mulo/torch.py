@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 from mulo._native import CudaModel as _CudaModel
 from mulo import _state
+from mulo import hub as _hub
 from mulo import distributed as _distributed
 from mulo._native import Group as _Group
 from mulo._native import buffer_conflict as _buffer_conflict
@@ -80,11 +81,12 @@ def _decays(initial: Sequence[float], offsets: Sequence[float]) -> List[float]:
     return [float(x) for x in torch.clip(decay, 0.0, 1.0)]
 
 
-def _load_lopt(hf_key: Any, meta: Dict[str, Any]) -> LearnedOptimizer:
+def _load_lopt(hf_key: Any, meta: Dict[str, Any], revision: Optional[str] = None) -> LearnedOptimizer:
     if isinstance(hf_key, LearnedOptimizer):
         lopt = hf_key
     elif isinstance(hf_key, str):
-        lopt = LearnedOptimizer.load(hf_key)
+        # A Hub key becomes its snapshot in the local cache, downloaded on first use.
+        lopt = LearnedOptimizer.load(_hub.local_weights(hf_key, revision))
     else:
         raise TypeError(
             f"hf_key must be a Hub key, a directory, a .safetensors file, 'demo' or a "
@@ -538,9 +540,10 @@ class AdafacLO(Optimizer):
     Arguments as PyLO's: ``lr`` (default 1.0), ``max_grad_norm`` (per-tensor clipping), the
     meta-parameters (``exp_mult``, ``step_mult``, ``momentum_decays``, ``rms_decays``,
     ``adafactor_decays`` as offsets of the ``initial_*`` decays) and ``hf_key``: a Hub key
-    looked up in the local Hugging Face cache (default ``btherien/mulo``), a directory in the
-    Hub layout, a ``.safetensors`` file, ``"demo"`` (the bundled demo network) or a
-    ``mulo.LearnedOptimizer``. mulo never downloads.
+    (default ``btherien/mulo``) taken from the local Hugging Face cache and downloaded into it
+    with ``huggingface_hub`` on first use (at ``revision``, default the main branch; see
+    :mod:`mulo.hub` for the variables honored), a directory in the Hub layout, a
+    ``.safetensors`` file, ``"demo"`` (the bundled demo network) or a ``mulo.LearnedOptimizer``.
 
     mulo's additions: ``weight_decay`` (``P ← P − lr·wd·P`` after the update, per group),
     ``nonfinite`` (``"skip"``: a tensor whose gradient has NaN/Inf is left unchanged;
@@ -590,6 +593,7 @@ class AdafacLO(Optimizer):
         guard: bool = True,
         backend: str = "auto",
         factored_axes: Optional[Dict[torch.Tensor, Tuple[int, int]]] = None,
+        revision: Optional[str] = None,
     ):
         """Builds the optimizer; nothing is compiled or stepped before the first :meth:`step`.
 
@@ -636,7 +640,7 @@ class AdafacLO(Optimizer):
             initial_rms_decays=initial_rms_decays,
             initial_adafactor_decays=initial_adafactor_decays,
         )
-        self.lopt = _load_lopt(hf_key, meta)
+        self.lopt = _load_lopt(hf_key, meta, revision)
         self._nonfinite = nonfinite
         self._guard = bool(guard)
         self._backend = backend
