@@ -262,16 +262,16 @@ fn killed_checkpoint_writers_never_lose_the_checkpoint() {
         "{round} kills: checkpoint steps {steps_seen:?}; {mid_write} kills landed inside a \
          save (temporary files left), {advanced} rounds saw a new checkpoint"
     );
-    assert!(
-        advanced > 0,
-        "no child ever completed a checkpoint: the test exercised nothing"
-    );
     // Without a kill between a save's start and its rename, the atomicity under test was
     // never exercised: a plain `fs::write` would have passed too.
     assert!(
         mid_write > 0,
         "none of {round} kills landed inside a save (no temporary file left): the test \
          exercised no interrupted write"
+    );
+    assert!(
+        advanced > 0,
+        "no child ever completed a checkpoint: the test exercised nothing"
     );
 }
 
