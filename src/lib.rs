@@ -62,6 +62,15 @@ pub fn compile_step(shape: &Shape, lopt: &LearnedOptimizer) -> Result<StepIr> {
 /// Builds, verifies and optimizes the step IR of `lopt` for a tensor of `layout`: a shape with
 /// its factored axes ([`Layout::with_axes`]).
 pub fn compile_layout(layout: &Layout, lopt: &LearnedOptimizer) -> Result<StepIr> {
+    // Zero elements: nothing to compute, and the means over an empty axis have no value.
+    if layout.numel() == 0 {
+        return Err(Error::Shape {
+            text: layout.shape().to_string(),
+            reason: "the tensor has no elements (a dimension is 0): no step program is \
+                     compiled for it (MuloOptimizer leaves such a tensor as it is)"
+                .into(),
+        });
+    }
     let ir = frontend::build_step(layout, lopt);
     ir::verify(&ir)?;
     passes::optimize(ir)

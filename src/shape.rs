@@ -20,7 +20,13 @@ pub const MAX_RANK: usize = 16;
 pub struct Shape(Vec<usize>);
 
 impl Shape {
-    /// A shape from its dimensions; rejects zero dimensions, too many axes and too many elements.
+    /// A shape from its dimensions; rejects too many axes and too many elements.
+    ///
+    /// A dimension may be 0 (a tensor with no elements, as PyTorch allows): such a shape is
+    /// a valid parameter, which [`MuloOptimizer`](crate::optimizer::MuloOptimizer) accepts
+    /// and leaves as it is, but no step program is compiled for it
+    /// ([`compile_layout`](crate::compile_layout) refuses it), and the command line's
+    /// [`parse`](Self::parse), whose shapes are compiled, refuses a 0.
     pub fn new(dims: Vec<usize>) -> Result<Self> {
         let text = dims
             .iter()
@@ -35,11 +41,6 @@ impl Shape {
             return Err(reject(format!(
                 "rank {} is over the maximum {MAX_RANK}",
                 dims.len()
-            )));
-        }
-        if let Some(axis) = dims.iter().position(|&d| d == 0) {
-            return Err(reject(format!(
-                "dimension {axis} is 0: every dimension must be at least 1"
             )));
         }
         let product: u128 = dims.iter().map(|&d| d as u128).product();
@@ -105,9 +106,14 @@ impl Shape {
         &self.0
     }
 
-    /// Number of elements (1 for a 0-d tensor).
+    /// Number of elements (1 for a 0-d tensor, 0 when a dimension is 0).
     pub fn numel(&self) -> usize {
         self.0.iter().product()
+    }
+
+    /// Whether the tensor has no elements (a dimension is 0).
+    pub fn is_empty(&self) -> bool {
+        self.numel() == 0
     }
 }
 

@@ -244,7 +244,8 @@ impl TensorState<f32> {
 
 /// Transposes a row-major `[values.len() / cols, cols]` matrix.
 fn transpose(values: &[f32], cols: usize) -> Vec<f32> {
-    let rows = values.len() / cols;
+    // No columns: a buffer of a zero-element tensor, which has no values either.
+    let rows = values.len().checked_div(cols).unwrap_or(0);
     let mut out = vec![0.0; values.len()];
     for r in 0..rows {
         for c in 0..cols {

@@ -306,3 +306,39 @@ fn replay_uses_the_recorded_axes_and_steps_0d_tensors() {
         assert!(stdout.contains("1 of 1 cases within tolerance"), "{stdout}");
     }
 }
+
+#[test]
+fn a_shape_too_large_for_the_machine_exits_2_naming_it() {
+    // 2^40 elements: a valid shape (the maximum), but 4 TiB per buffer. An infallible
+    // allocation aborted the process (SIGABRT) here.
+    for target in ["cpu", "interp"] {
+        let out = mulo(&[
+            "bench",
+            "--shape",
+            "1048576x1048576",
+            "--target",
+            target,
+            "--steps",
+            "1",
+        ]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{target}: {stderr}");
+        assert!(
+            stderr.contains("--shape 1048576x1048576") && stderr.contains("host memory"),
+            "{target}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn output_onto_dev_null_writes_into_it_and_leaves_the_device() {
+    use std::os::unix::fs::FileTypeExt;
+    let out = mulo(&["--shape", "4", "--target", "ir", "-o", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+}

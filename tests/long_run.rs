@@ -327,7 +327,28 @@ fn long_run_with_faults_matches_the_clean_run_where_no_fault_was_injected() {
                         retry[t] = clean_grads[t].clone();
                     }
                 }
-                step_once(&mut opt, &mut params, &retry, lr).unwrap();
+                // The retry's gradients are finite: nothing skipped or sanitized; the guard
+                // may still undo a faulted tensor's step (a huge gradient stays in the
+                // retry), never a clean tensor's.
+                let report = step_once(&mut opt, &mut params, &retry, lr)
+                    .unwrap_or_else(|e| panic!("step {step}: the clean retry failed: {e}"));
+                // (A tensor the guard reverted is listed as skipped too.)
+                assert!(
+                    report.skipped.iter().all(|n| report.reverted.contains(n))
+                        && report.sanitized.is_empty(),
+                    "step {step}: the clean retry skipped {:?} (reverted {:?}), sanitized {:?}",
+                    report.skipped,
+                    report.reverted,
+                    report.sanitized
+                );
+                for name in &report.reverted {
+                    let t: usize = name[1..].parse().unwrap();
+                    assert!(
+                        t >= CLEAN,
+                        "step {step}: the clean retry reverted clean tensor {name}"
+                    );
+                    add(&mut counts, "steps undone by the guard", 1);
+                }
             }
         }
         step += 1;
@@ -377,6 +398,13 @@ fn long_run_with_faults_matches_the_clean_run_where_no_fault_was_injected() {
     for (k, v) in &counts {
         println!("  {k}: {v}");
     }
+    // The total is the sum of the per-kind lines above (printed, not typed into the report).
+    let faults: u64 = counts
+        .iter()
+        .filter(|(k, _)| k.starts_with("fault "))
+        .map(|(_, v)| v)
+        .sum();
+    println!("  faults injected in all (sum of the fault lines): {faults}");
     println!(
         "  result: tensors t00..t{:02} bitwise equal to the clean run; every parameter and \
          state finite",

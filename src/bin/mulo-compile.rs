@@ -1,7 +1,7 @@
 //! `mulo-compile`: compile μLO_M optimizer steps for concrete tensor shapes, and check them
 //! against trajectories recorded from PyLO.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mulo::backend::cuda::nvrtc::Level;
 use mulo::backend::interp::InterpStepper;
@@ -557,6 +557,10 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
     );
     for path in &args.cases {
         let traj = Trajectory::load(path)?;
+        check_host_memory(
+            &format!("{}: shape {}", path.display(), traj.layout.shape()),
+            &traj.layout,
+        )?;
         let mut stepper = make_stepper(args.target, &traj.layout, &lopt)?;
         let started = Instant::now();
         let report = replay(stepper.as_mut(), &traj)?;
@@ -600,20 +604,21 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
     }
     let layout = layout_arg(&args.shape[0], args.factored_axes.as_deref())?;
     let shape = layout.shape().clone();
+    // Before the weights are loaded and the program compiled: an impossible size fails at once.
+    let what = format!("--shape {}", args.shape[0]);
+    if args.target != RunTarget::Cuda {
+        check_host_memory(&what, &layout)?;
+    }
     let lopt = args.weights.load()?;
     let ir = mulo::compile_layout(&layout, &lopt)?;
     if args.target == RunTarget::Cuda {
         return bench_cuda(&ir, args);
     }
-    let mut stepper = make_stepper(args.target, &layout, &lopt)?;
     let n = layout.numel();
     // Deterministic, varied data: the timing must not depend on special values.
-    let mut param: Vec<f32> = (0..n)
-        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
-        .collect();
-    let grad: Vec<f32> = (0..n)
-        .map(|i| ((i * 104729 % 997) as f32 - 498.0) * 1e-4)
-        .collect();
+    let mut param = try_filled(&what, n, |i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)?;
+    let grad = try_filled(&what, n, |i| ((i * 104729 % 997) as f32 - 498.0) * 1e-4)?;
+    let mut stepper = make_stepper(args.target, &layout, &lopt)?;
     let hyper = mulo::backend::Hyper {
         lr: 1e-3,
         weight_decay: 0.0,
@@ -642,6 +647,86 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
     );
     println!("{}", report.to_json());
     Ok(0)
+}
+
+/// The host memory a CPU step of `layout` holds at once, in bytes: the parameter, the
+/// gradient, the optimizer state, and the step's new parameter and state (the interpreter
+/// builds them before replacing the old ones). `None` when it does not fit in a `usize`.
+fn host_bytes(layout: &Layout) -> Option<usize> {
+    let state: u128 = mulo::ir::Buffer::state_for_layout(layout)
+        .into_iter()
+        .map(|b| b.len(layout) as u128)
+        .sum();
+    let floats = 3 * layout.numel() as u128 + 2 * state;
+    usize::try_from(floats * 4)
+        .ok()
+        .filter(|&b| b <= isize::MAX as usize)
+}
+
+/// Refuses, before anything is allocated, a shape whose buffers ([`host_bytes`]) cannot be
+/// held: more than the machine's memory and swap, or more than the allocator grants. `what`
+/// (the argument or file that gave the shape) starts the error, which `main` turns into exit
+/// status 2; an infallible allocation of that size would abort the process instead.
+fn check_host_memory(what: &str, layout: &Layout) -> Result<()> {
+    let shape = layout.shape();
+    let refuse = |need: String, why: String| {
+        anyhow!(
+            "{what}: a step of shape {shape} ({} elements) needs {need} of host memory for its parameter, gradient and optimizer state; {why}",
+            layout.numel()
+        )
+    };
+    let Some(bytes) = host_bytes(layout) else {
+        return Err(refuse(
+            "more bytes than an address space holds".into(),
+            "no machine can allocate it".into(),
+        ));
+    };
+    let need = format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64);
+    // Checked against the machine first: with overcommit the allocator may grant far more
+    // than exists, and the process would be killed when the pages are touched.
+    if let Some(total) = machine_memory() {
+        if bytes as u128 > total {
+            return Err(refuse(
+                need,
+                format!(
+                    "this machine has {:.1} GiB of memory and swap",
+                    total as f64 / (1u64 << 30) as f64
+                ),
+            ));
+        }
+    }
+    let mut probe: Vec<u8> = Vec::new();
+    probe
+        .try_reserve_exact(bytes)
+        .map_err(|e| refuse(need, format!("the allocator refused it ({e})")))?;
+    Ok(())
+}
+
+/// The machine's memory and swap in bytes (Linux `sysinfo`); `None` elsewhere or on error.
+fn machine_memory() -> Option<u128> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysinfo only writes the struct it is given; zeroed is a valid value of it.
+        let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid pointer to a sysinfo struct.
+        if unsafe { libc::sysinfo(&mut info) } != 0 {
+            return None;
+        }
+        let unit = u128::from(info.mem_unit.max(1));
+        Some((info.totalram as u128 + info.totalswap as u128) * unit)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+/// `n` values `f(0..n)`, allocated fallibly: an error starting with `what` instead of an
+/// abort when the memory is not there.
+fn try_filled(what: &str, n: usize, f: impl Fn(usize) -> f32) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|e| anyhow!("{what}: cannot allocate {n} values of 4 bytes ({e})"))?;
+    v.extend((0..n).map(f));
+    Ok(v)
 }
 
 /// `bench --target cuda`: device-resident steps; floors from the measured copy bandwidth and

@@ -32,6 +32,7 @@
 //! number of launches (see [`crate::backend::model`]).
 
 mod checkpoint;
+mod empty;
 
 /// `docs/training.md`, compiled and run as doc tests.
 #[cfg(doctest)]
@@ -250,6 +251,11 @@ impl fmt::Debug for MuloOptimizer {
 impl MuloOptimizer {
     /// An optimizer for `params` at step 0: checks the names (unique, not empty), resolves μP,
     /// and compiles `lopt` once per distinct shape on `options.backend`.
+    ///
+    /// A tensor with no elements (a dimension of size 0) is accepted and never changed: no
+    /// program is compiled for it, its state is the zero-filled one of its layout (buffers
+    /// spanning the empty axis have length 0), its step counter follows the optimizer's, and
+    /// it is saved, loaded and exported like any other.
     pub fn new(
         lopt: &LearnedOptimizer,
         params: Vec<ParamSpec>,
@@ -280,7 +286,8 @@ impl MuloOptimizer {
             .iter()
             .map(ParamSpec::layout)
             .collect::<Result<Vec<_>>>()?;
-        let backend = options.backend.build(lopt, &layouts, 0)?;
+        // Zero-element tensors are kept beside the backend, which never sees them.
+        let backend = empty::WithEmpty::build(options.backend.as_ref(), lopt, &layouts, 0)?;
         Ok(MuloOptimizer {
             lopt_fingerprint: lopt.fingerprint(),
             layouts,
@@ -438,7 +445,12 @@ impl MuloOptimizer {
                 weight_decay,
             })
             .collect();
-        for (spec, h) in self.specs.iter().zip(&hypers) {
+        for ((spec, h), layout) in self.specs.iter().zip(&hypers).zip(&self.layouts) {
+            // A zero-element tensor's lr reaches no program (μP may make it infinite: its
+            // width is 0).
+            if layout.numel() == 0 {
+                continue;
+            }
             h.validate().map_err(|e| {
                 Error::argument(
                     format!("lr of `{}`", spec.name),

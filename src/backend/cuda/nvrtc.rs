@@ -224,6 +224,11 @@ pub fn check_arch(arch: &str) -> Result<()> {
 
 /// Where compiled PTX is cached: `$MULO_CACHE_DIR`, else `$XDG_CACHE_HOME/mulo`, else
 /// `~/.cache/mulo`.
+///
+/// The directory must stay private: the entries' checksums tell a torn entry from a complete
+/// one, but anyone who can write into the directory can plant an entry with a valid checksum.
+/// [`usable_cache_dir`] therefore creates it with mode 0700 and refuses one owned by another
+/// user or writable by its group or others ([`private_dir`](crate::fsio::private_dir)).
 pub fn cache_dir() -> Option<PathBuf> {
     let env = |k: &str| {
         std::env::var_os(k)
@@ -233,6 +238,26 @@ pub fn cache_dir() -> Option<PathBuf> {
     env("MULO_CACHE_DIR")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("mulo")))
         .or_else(|| env("HOME").map(|h| h.join(".cache").join("mulo")))
+}
+
+/// The cache directory the compilers use ([`cache_dir`]), created private (0700) when
+/// missing. One that is refused (owned by another user, writable by the group or others, not
+/// a directory) is not used: the compilation goes on without the cache, as if it were
+/// disabled, and a warning naming the directory and the reason is printed once per process.
+/// Failing the compilation instead would make a shared machine's misconfigured cache stop
+/// every build; ignoring the directory silently would hide that every build is a cold one.
+pub fn usable_cache_dir() -> Option<PathBuf> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let dir = cache_dir()?;
+    match crate::fsio::private_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!("warning: not using the NVRTC disk cache: {e}");
+            }
+            None
+        }
+    }
 }
 
 /// The cache key of a compilation: sha256 of the source, the architecture, the NVRTC
@@ -262,26 +287,30 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Writes a checksummed cache entry atomically ([`write_atomic`](crate::fsio::write_atomic)):
+/// Writes a checksummed cache entry atomically ([`replace_atomic`](crate::fsio::replace_atomic)):
 /// `payload`, then `marker`, the payload's SHA-256 in hex and a newline. Two processes storing
 /// the same entry at once each rename a complete file into place; either one wins and both
-/// hold the same payload.
+/// hold the same payload. The entry's directory must be private
+/// ([`private_dir`](crate::fsio::private_dir), created 0700 when missing); a link or FIFO
+/// planted at `path` is replaced, never followed, so its target is untouched.
 fn store_checksummed(path: &Path, payload: &[u8], marker: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        crate::fsio::create_dir_all(dir)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::fsio::private_dir(dir)?;
     }
     let mut bytes = Vec::with_capacity(payload.len() + marker.len() + 65);
     bytes.extend_from_slice(payload);
     bytes.extend_from_slice(marker);
     bytes.extend_from_slice(sha256_hex(payload).as_bytes());
     bytes.push(b'\n');
-    crate::fsio::write_atomic(path, &bytes)
+    crate::fsio::replace_atomic(path, &bytes)
 }
 
 /// The payload of an entry written by [`store_checksummed`] with `marker`: `None` when the
-/// file is missing, lacks the trailer or its checksum does not match (a torn or damaged entry).
+/// file is missing, lacks the trailer or its checksum does not match (a torn or damaged
+/// entry), or is not a regular file: a symbolic link is not followed
+/// ([`read_no_follow`](crate::fsio::read_no_follow)).
 fn load_checksummed(path: &Path, marker: &[u8]) -> Option<Vec<u8>> {
-    let mut bytes = std::fs::read(path).ok()?;
+    let mut bytes = crate::fsio::read_no_follow(path).ok()?;
     let body = bytes.len().checked_sub(marker.len() + 64 + 1)?;
     let sum = bytes[body..].strip_prefix(marker)?.strip_suffix(b"\n")?;
     if sum != sha256_hex(&bytes[..body]).as_bytes() {
@@ -433,7 +462,7 @@ fn compile_ptx(source: &str, arch: &str, use_cache: bool, output: Output) -> Res
     let version = nvrtc_version()?;
     let key = cache_key(source, arch, version, output);
     let cached = use_cache
-        .then(cache_dir)
+        .then(usable_cache_dir)
         .flatten()
         .map(|d| d.join(format!("{key}.ptx")));
     if let Some(ptx) = cached.as_deref().and_then(cache_load) {
@@ -533,7 +562,7 @@ fn cubin_through_cache(
     let output = Output::Cubin(level);
     let key = cache_key(source, arch, version, output);
     let cached = use_cache
-        .then(cache_dir)
+        .then(usable_cache_dir)
         .flatten()
         .map(|d| d.join(format!("{key}.cubin")));
     let done = |cubin, from_cache, phases| CompiledCubin {
@@ -934,6 +963,43 @@ mod tests {
         // A complete entry without a kernel is not used either.
         cache_store(&path, ".version 8.0\n").unwrap();
         assert_eq!(cache_load(&path), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_cache_never_follows_a_planted_link_and_refuses_a_shared_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        let ptx = ".version 8.0\n.visible .entry k0()\n{\n}\n";
+        // A forged entry outside the cache, with a valid checksum, behind a planted link.
+        let forged = root.path().join("forged.ptx");
+        cache_store(&forged, ptx).unwrap();
+        let forged_bytes = std::fs::read(&forged).unwrap();
+        cache_store(&dir.join("seed.ptx"), ptx).unwrap();
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700,
+            "the cache directory is created private"
+        );
+        let entry = dir.join("k.ptx");
+        std::os::unix::fs::symlink(&forged, &entry).unwrap();
+        assert_eq!(cache_load(&entry), None, "a link is not followed");
+        cache_store(&entry, ".version 8.0\n.visible .entry other()\n{\n}\n").unwrap();
+        assert!(std::fs::symlink_metadata(&entry).unwrap().is_file());
+        assert_eq!(
+            std::fs::read(&forged).unwrap(),
+            forged_bytes,
+            "target untouched"
+        );
+        assert!(cache_load(&entry).unwrap().contains("other"));
+        // A directory others can write into is refused, naming it.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = cache_store(&dir.join("k2.ptx"), ptx)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache") && err.contains("mode 0777"), "{err}");
+        assert!(!dir.join("k2.ptx").exists());
     }
 
     /// A minimal image [`is_cubin`] accepts: the ELF header fields it reads, then filler.
