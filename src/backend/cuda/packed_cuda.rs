@@ -136,6 +136,7 @@ impl CudaExecutor {
     /// Compiles `model` to a CUBIN for the runtime's architecture (through the NVRTC disk
     /// cache), loads it (no driver JIT) and allocates its arenas (zero).
     pub fn new(runtime: &CudaRuntime, model: &PackedModel) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         let stream = runtime.stream().clone();
         let launches = PackedLaunches::load(&stream, model, runtime.arch())?;
         let alloc = |n: usize| {
@@ -219,6 +220,7 @@ impl CudaExecutor {
     ///
     /// Not run on a GPU yet: its logic is the emulated one of `tests/cuda_staged_emulated.rs`.
     pub fn run_stage(&mut self, stage: usize, steps: &[Option<(Hyper, u64)>]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         if stage >= self.model.stages() {
             return Err(Error::argument(
                 "stage",
@@ -264,6 +266,7 @@ impl CudaExecutor {
 
     /// Copies round `round`'s buffer to the host (waits for the stream).
     pub fn read_round(&self, round: usize) -> Result<Vec<f64>> {
+        let _current = super::current::RestoreCurrent::new();
         let len = self.round_len(round)?;
         let mut out = vec![0f64; len];
         if len > 0 {
@@ -276,6 +279,7 @@ impl CudaExecutor {
 
     /// Replaces round `round`'s buffer by `sums` (its sum over every rank), from the host.
     pub fn write_round(&mut self, round: usize, sums: &[f64]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         let want = self.round_len(round)?;
         if want != sums.len() {
             return Err(Error::argument(
@@ -358,6 +362,7 @@ fn check_range(arena: Buffer, offset: usize, len: usize, have: usize) -> Result<
 
 impl PackedExecutor for CudaExecutor {
     fn write(&mut self, arena: Buffer, offset: usize, data: &[f32]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         if data.is_empty() {
             return Ok(());
         }
@@ -374,6 +379,7 @@ impl PackedExecutor for CudaExecutor {
     }
 
     fn read(&self, arena: Buffer, offset: usize, out: &mut [f32]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         if out.is_empty() {
             return Ok(());
         }
@@ -389,6 +395,7 @@ impl PackedExecutor for CudaExecutor {
     }
 
     fn run(&mut self, steps: &[Option<(Hyper, u64)>], starts: &[i64], grids: &[u32]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         // Nothing reaches the device unless it stays inside the arenas.
         self.model.check_launch(starts, grids)?;
         self.queue(steps, starts, grids)?;
@@ -463,6 +470,7 @@ pub struct PackedCuda {
 impl PackedCuda {
     /// Opens CUDA device `ordinal`.
     pub fn new(ordinal: usize) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         Ok(PackedCuda {
             runtime: CudaRuntime::new(ordinal)?,
         })

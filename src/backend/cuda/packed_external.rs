@@ -39,6 +39,7 @@ impl ExternalCuda {
     /// only on the layouts and the learned optimizer), loads it (no driver JIT) and allocates
     /// its scratch.
     pub fn new(ordinal: usize, model: Arc<PackedModel>) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         let ctx = open_device(ordinal)?;
         let (major, minor) = ctx
             .compute_capability()
@@ -101,6 +102,7 @@ impl ExternalCuda {
         tensors: &[TensorAddrs],
         steps: &[Option<(Hyper, u64)>],
     ) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         // SAFETY: the caller guarantees `stream` is a live stream of this context.
         let stream = unsafe { self.ctx.wrap_borrowed_stream(stream) };
         if let Some(last) = &self.last {
@@ -132,6 +134,7 @@ impl ExternalCuda {
 
 impl Drop for ExternalCuda {
     fn drop(&mut self) {
+        let _current = super::current::RestoreCurrent::new();
         // The queued launches read the table, the starts and the scratch freed next.
         if let Some(last) = &self.last {
             let _ = last.synchronize();
