@@ -29,37 +29,67 @@ pub trait ContextSlot {
 pub struct Driver;
 
 impl ContextSlot for Driver {
-    type Ctx = sys::CUcontext;
+    /// The `CUcontext`'s address (an integer, so that a guard can be a field of a `Send`
+    /// type: [`RestoreAfterFields`]).
+    type Ctx = usize;
 
-    fn current(&self) -> Option<sys::CUcontext> {
+    fn current(&self) -> Option<usize> {
         if !super::nvrtc::driver_available() {
             return None; // no driver: no call of mulo's can change a context either
         }
         let mut ctx: sys::CUcontext = std::ptr::null_mut();
         // SAFETY: one out-pointer, valid for the call; the library is present (checked).
         match unsafe { sys::cuCtxGetCurrent(&mut ctx) } {
-            CUresult::CUDA_SUCCESS => Some(ctx),
+            CUresult::CUDA_SUCCESS => Some(ctx as usize),
             // Before cuInit no context can be current: restore "none" after the call.
-            CUresult::CUDA_ERROR_NOT_INITIALIZED => Some(std::ptr::null_mut()),
+            CUresult::CUDA_ERROR_NOT_INITIALIZED => Some(0),
             _ => None,
         }
     }
 
-    fn make_current(&self, ctx: sys::CUcontext) {
+    fn make_current(&self, ctx: usize) {
         // SAFETY: `ctx` was the thread's current context when the guard was made (or null),
         // and every context mulo creates outlives the calls that hold a guard. A failure
         // leaves the thread as the call left it; there is nothing better to do in a drop.
-        let _ = unsafe { sys::cuCtxSetCurrent(ctx) };
+        let _ = unsafe { sys::cuCtxSetCurrent(ctx as sys::CUcontext) };
     }
 }
 
 /// Saves the thread's current context when made and makes it current again when dropped, if
-/// something changed it. Not `Send`: the slot it restores is its thread's.
+/// something changed it. Drop it on the thread that made it: the slot it restores is that
+/// thread's.
 #[must_use = "the context is restored when the guard is dropped"]
+#[derive(Debug)]
 pub struct RestoreCurrent<S: ContextSlot = Driver> {
     slot: S,
     saved: Option<S::Ctx>,
-    _thread: std::marker::PhantomData<*const ()>,
+}
+
+/// A field to declare last in a type whose other fields free CUDA resources when dropped
+/// (which binds their context, after the type's own `Drop::drop` has returned): the type's
+/// `drop` calls [`arm`](Self::arm), and this field, dropped after the others, puts back the
+/// context the thread had when `drop` began.
+#[derive(Debug)]
+pub struct RestoreAfterFields<S: ContextSlot = Driver>(Option<RestoreCurrent<S>>);
+
+impl<S: ContextSlot> Default for RestoreAfterFields<S> {
+    fn default() -> Self {
+        RestoreAfterFields(None)
+    }
+}
+
+impl RestoreAfterFields<Driver> {
+    /// Saves the thread's current context, to restore when this field drops.
+    pub fn arm(&mut self) {
+        self.arm_with(Driver);
+    }
+}
+
+impl<S: ContextSlot> RestoreAfterFields<S> {
+    /// Saves `slot`'s current context, to restore when this field drops.
+    pub fn arm_with(&mut self, slot: S) {
+        self.0 = Some(RestoreCurrent::of(slot));
+    }
 }
 
 impl RestoreCurrent<Driver> {
@@ -79,11 +109,7 @@ impl<S: ContextSlot> RestoreCurrent<S> {
     /// A guard of `slot`'s current context.
     pub fn of(slot: S) -> Self {
         let saved = slot.current();
-        RestoreCurrent {
-            slot,
-            saved,
-            _thread: std::marker::PhantomData,
-        }
+        RestoreCurrent { slot, saved }
     }
 }
 
@@ -198,6 +224,36 @@ mod tests {
         }
         assert_eq!(f.current.get(), 2);
         assert!(f.sets.borrow().is_empty());
+    }
+
+    /// A type whose fields bind another context when they drop, after its `drop` returned:
+    /// the last field, armed in `drop`, restores the context the thread had.
+    #[test]
+    fn restore_after_fields_runs_after_the_other_fields() {
+        struct Binds<'a>(&'a Fake);
+        impl Drop for Binds<'_> {
+            fn drop(&mut self) {
+                self.0.current.set(9); // as freeing device memory binds its context
+            }
+        }
+        struct Owner<'a> {
+            _memory: Binds<'a>,
+            restore: RestoreAfterFields<&'a Fake>,
+            slot: &'a Fake,
+        }
+        impl Drop for Owner<'_> {
+            fn drop(&mut self) {
+                self.restore.arm_with(self.slot);
+            }
+        }
+        let f = fake(4);
+        drop(Owner {
+            _memory: Binds(&f),
+            restore: RestoreAfterFields::default(),
+            slot: &f,
+        });
+        assert_eq!(f.current.get(), 4);
+        assert_eq!(*f.sets.borrow(), vec![4]);
     }
 
     /// Without a driver (or before any context exists) the guard changes nothing and does

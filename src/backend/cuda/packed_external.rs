@@ -31,6 +31,8 @@ pub struct ExternalCuda {
     /// Recorded after the last step's launches: the next step (maybe on another stream) and
     /// the drop wait for it before the table, the starts or the scratch are reused or freed.
     last: Option<CudaEvent>,
+    /// Last: restores the thread's context after the fields above have freed their memory.
+    restore: super::current::RestoreAfterFields,
 }
 
 impl ExternalCuda {
@@ -59,6 +61,7 @@ impl ExternalCuda {
             arch,
             launches,
             last: None,
+            restore: Default::default(),
         };
         // The allocations are complete before any stream of the caller's uses them.
         this.ctx
@@ -134,7 +137,7 @@ impl ExternalCuda {
 
 impl Drop for ExternalCuda {
     fn drop(&mut self) {
-        let _current = super::current::RestoreCurrent::new();
+        self.restore.arm();
         // The queued launches read the table, the starts and the scratch freed next.
         if let Some(last) = &self.last {
             let _ = last.synchronize();
