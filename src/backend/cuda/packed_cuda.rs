@@ -110,7 +110,7 @@ impl PackedLaunches {
                 .memcpy_htod(starts, &mut view)
                 .map_err(driver_err("uploading the block starts"))?;
         }
-        for (f, &grid) in self.slots.iter().zip(grids) {
+        for (slot, (f, &grid)) in self.slots.iter().zip(grids).enumerate() {
             if grid == 0 {
                 continue;
             }
@@ -126,9 +126,32 @@ impl PackedLaunches {
             // SAFETY: the arguments are those of templates/model_kernel.cu.j2 in order (table,
             // starts, tensor count); the table's addresses, the starts and the grids are what
             // this function's contract requires.
-            unsafe { b.launch(f, cfg) }?;
+            unsafe { b.launch(f, cfg) }.map_err(|e| {
+                let n = self.n_tensors as usize;
+                let entries = starts
+                    .get(slot * (n + 1)..(slot + 1) * (n + 1))
+                    .map_or_else(|| "unknown table entries".to_string(), launched_entries);
+                Error::backend("cuda", format!("{e}; the launch stepped {entries}"))
+            })?;
         }
         Ok(())
+    }
+}
+
+/// The tensor table entries one slot's launch steps, from its `n + 1` block starts (entry `t`
+/// owns blocks `starts[t]..starts[t + 1]`), as words for an error: `table entries 0 (blocks
+/// 0..4), 2 (blocks 4..9)`.
+fn launched_entries(starts: &[i64]) -> String {
+    let entries: Vec<String> = starts
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] > w[0])
+        .map(|(t, w)| format!("{t} (blocks {}..{})", w[0], w[1]))
+        .collect();
+    if entries.is_empty() {
+        "no table entry".to_string()
+    } else {
+        format!("table entries {}", entries.join(", "))
     }
 }
 
@@ -606,4 +629,19 @@ pub fn bench_packed(
         peak_madds_per_sec: peak,
         launches: model.slots.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::launched_entries;
+
+    #[test]
+    fn a_fault_names_the_table_entries_the_launch_stepped() {
+        // Entries 0 and 2 own blocks, 1 and 3 none (not stepped, or not in this pass).
+        assert_eq!(
+            launched_entries(&[0, 4, 4, 9, 9]),
+            "table entries 0 (blocks 0..4), 2 (blocks 4..9)"
+        );
+        assert_eq!(launched_entries(&[0, 0, 0]), "no table entry");
+    }
 }
