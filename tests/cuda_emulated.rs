@@ -9,7 +9,10 @@
 
 mod common;
 
-use common::emulation::{compile, gxx_or_skip, run, EMULATION, LAUNCH};
+use common::emulation::{
+    compile_with, constants_loader, gxx_or_skip, try_run, Seeds, EMULATION, LAUNCH,
+};
+use cuda::manifest::ConstantJson;
 use mulo::backend::cuda;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::{check_step_args, Hyper, TensorStepper};
@@ -28,6 +31,7 @@ struct EmulatedStepper {
     exe: PathBuf,
     dir: PathBuf,
     state: TensorState,
+    seeds: Seeds,
 }
 
 impl EmulatedStepper {
@@ -37,12 +41,26 @@ impl EmulatedStepper {
 
     /// Emulates the kernels of `schedule` (a schedule of `ir`).
     fn with_schedule(ir: &StepIr, name: &str, schedule: cuda::schedule::Schedule) -> Self {
-        let generated = cuda::CudaSource {
+        Self::planted(ir, name, schedule, |_, _| {}, None)
+    }
+
+    /// [`with_schedule`](Self::with_schedule), the generated source and the manifest's
+    /// `constants` edited by `plant` before the program is built (a planted defect), compiled
+    /// with the sanitizers `sanitize` (else those of `MULO_EMU_SANITIZE`).
+    fn planted(
+        ir: &StepIr,
+        name: &str,
+        schedule: cuda::schedule::Schedule,
+        plant: impl FnOnce(&mut String, &mut Vec<ConstantJson>),
+        sanitize: Option<&str>,
+    ) -> Self {
+        let mut generated = cuda::CudaSource {
             source: cuda::render::render(ir, &schedule).expect("renders"),
             schedule,
         };
-        let manifest =
+        let mut manifest =
             cuda::manifest::Manifest::new(ir, &generated.schedule, "sm_80", (0, 0)).unwrap();
+        plant(&mut generated.source, &mut manifest.constants);
         let dir = std::env::temp_dir().join(format!("mulo-emu-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("mulo_step.cu"), &generated.source).unwrap();
@@ -51,6 +69,11 @@ impl EmulatedStepper {
         let mut main = String::from(EMULATION);
         main.push_str("#include \"mulo_step.cu\"\n");
         main.push_str(LAUNCH);
+        main.push_str(&constants_loader(
+            &dir,
+            &generated.source,
+            &manifest.constants,
+        ));
         main.push_str(
             "struct Args { float* b[8]; float* scratch; double* partials; float lr, wd, step; };\n",
         );
@@ -71,7 +94,7 @@ impl EmulatedStepper {
                 call_args.join(", ")
             ));
         }
-        main.push_str("int main(int argc, char** argv) {\n    FILE* f = fopen(argv[1], \"rb\"); Args a;\n    float s[3]; if (fread(s, 4, 3, f) != 3) return 3; a.lr = s[0]; a.wd = s[1]; a.step = s[2];\n");
+        main.push_str("int main(int argc, char** argv) {\n    mulo_fill_constants();\n    FILE* f = fopen(argv[1], \"rb\"); Args a;\n    float s[3]; if (fread(s, 4, 3, f) != 3) return 3; a.lr = s[0]; a.wd = s[1]; a.step = s[2];\n");
         for (i, b) in buffers.iter().enumerate() {
             let n = b.len(&layout);
             main.push_str(&format!(
@@ -79,7 +102,7 @@ impl EmulatedStepper {
             ));
         }
         main.push_str(&format!(
-            "    fclose(f);\n    a.scratch = (float*)calloc({}, 4); a.partials = (double*)calloc({}, 8);\n",
+            "    fclose(f);\n    a.scratch = (float*)mulo_poisoned({} * 4); a.partials = (double*)mulo_poisoned({} * 8);\n",
             manifest.scratch[0].len, manifest.scratch[1].len
         ));
         for k in &manifest.kernels {
@@ -97,13 +120,17 @@ impl EmulatedStepper {
         }
         main.push_str("    fclose(o);\n    return 0;\n}\n");
         std::fs::write(dir.join("main.cpp"), main).unwrap();
-        let exe = compile(&dir);
+        let sanitize = sanitize
+            .map(str::to_string)
+            .or_else(|| std::env::var("MULO_EMU_SANITIZE").ok());
+        let exe = compile_with(&dir, sanitize.as_deref().filter(|s| !s.is_empty()));
         let state = TensorState::zeros(&layout, 0);
         EmulatedStepper {
             layout,
             exe,
             dir,
             state,
+            seeds: Seeds::default(),
         }
     }
 }
@@ -123,6 +150,28 @@ impl TensorStepper for EmulatedStepper {
     }
     fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> Result<()> {
         check_step_args(&self.layout, param.len(), grad.len(), &hyper)?;
+        self.try_step(param, grad, hyper)
+            .unwrap_or_else(|e| panic!("emulated step failed: {e}"));
+        Ok(())
+    }
+    fn state(&self) -> Result<TensorState> {
+        Ok(self.state.clone())
+    }
+    fn set_state(&mut self, state: TensorState) -> Result<()> {
+        self.state = state;
+        Ok(())
+    }
+}
+
+impl EmulatedStepper {
+    /// One step; an error holding what the program printed when it fails (a sanitizer's
+    /// report), parameters and state then unchanged.
+    fn try_step(
+        &mut self,
+        param: &mut [f32],
+        grad: &[f32],
+        hyper: Hyper,
+    ) -> std::result::Result<(), String> {
         let mut bytes = Vec::new();
         let mut push = |v: &[f32]| v.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
         push(&[hyper.lr, hyper.weight_decay, self.state.step as f32]);
@@ -133,24 +182,17 @@ impl TensorStepper for EmulatedStepper {
                 s => push(self.state.get(s)),
             }
         }
-        let mut vals = run(&self.exe, &self.dir, &bytes).into_iter();
+        let mut vals = try_run(&self.exe, &self.dir, &bytes, self.seeds.next(), None)?.into_iter();
         for b in Buffer::for_layout(&self.layout) {
             let n = b.len(&self.layout);
             let v: Vec<f32> = vals.by_ref().take(n).collect();
             match b {
                 Buffer::Param => param.copy_from_slice(&v),
                 Buffer::Grad => {}
-                s => self.state.set(s, v)?,
+                s => self.state.set(s, v).map_err(|e| e.to_string())?,
             }
         }
         self.state.step += 1;
-        Ok(())
-    }
-    fn state(&self) -> Result<TensorState> {
-        Ok(self.state.clone())
-    }
-    fn set_state(&mut self, state: TensorState) -> Result<()> {
-        self.state = state;
         Ok(())
     }
 }
@@ -514,4 +556,328 @@ fn emulated_1024x512_matches_the_interpreter() {
     let err = max_abs_diff(&pe, &pc) / max_abs_diff(&pc, &p0).max(f64::MIN_POSITIVE);
     eprintln!("1024x512: param error {err:.3e}");
     assert!(err <= DEFAULT_TOLERANCE, "{err:e}");
+}
+
+// The emulation's checks, each shown to catch the defect it guards: a defect planted in
+// generated source or in a small hand-written kernel, caught; the same program without it,
+// passing.
+
+/// A hand-written program through the emulation layer: `kernels` (each
+/// `__global__ void name(float* out, float* buf, double* partials)`, compiled as generated
+/// source is), launched as `launches` gives (`(name, grid)`, in order) on poisoned buffers
+/// of `n` values; returns the `n` values of `out`, or the failure and what the program printed.
+/// Blocks in `order` when given, compiled with the sanitizers `sanitize`.
+fn hand_written(
+    name: &str,
+    kernels: &str,
+    launches: &[(&str, u32)],
+    n: usize,
+    order: Option<&str>,
+    sanitize: Option<&str>,
+) -> std::result::Result<Vec<f32>, String> {
+    let dir = common::temp_dir(&format!("emu-defect-{name}"));
+    let mut main = String::from(EMULATION);
+    main.push_str(kernels);
+    main.push_str(LAUNCH);
+    main.push_str("struct Args { float* out; float* buf; double* partials; };\n");
+    for (k, _) in launches {
+        main.push_str(&format!(
+            "static void call_{k}(void* p) {{ Args* x = (Args*)p; {k}(x->out, x->buf, x->partials); }}\n"
+        ));
+    }
+    main.push_str(&format!(
+        "int main(int argc, char** argv) {{\n    Args a; a.out = (float*)mulo_poisoned({n} * 4); a.buf = (float*)mulo_poisoned({n} * 4); a.partials = (double*)mulo_poisoned({n} * 8);\n"
+    ));
+    for (k, grid) in launches {
+        main.push_str(&format!("    mulo_launch({grid}, call_{k}, &a);\n"));
+    }
+    main.push_str(&format!(
+        "    FILE* o = fopen(argv[2], \"wb\"); fwrite(a.out, 4, {n}, o); fclose(o);\n    return 0;\n}}\n"
+    ));
+    std::fs::write(dir.join("main.cpp"), main).unwrap();
+    let exe = compile_with(&dir, sanitize);
+    let out = try_run(&exe, &dir, &[], 0, order);
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+/// A read before a write of the step (an accumulation into a partials buffer that assumes
+/// it starts at zero, as it would with the buffers zeroed before every step; on the GPU it
+/// holds the last step's sums) gives NaN: the buffers are poisoned.
+#[test]
+fn emulation_catches_a_read_before_write() {
+    if !gxx_or_skip("emulation_catches_a_read_before_write") {
+        return;
+    }
+    let kernel = |init: &str| {
+        format!(
+            "__global__ void accumulate(float* out, float* buf, double* partials) {{
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    {init}
+    partials[i] += 1.0;
+    out[i] = (float)partials[i];
+}}\n"
+        )
+    };
+    let planted = hand_written("rbw", &kernel(""), &[("accumulate", 2)], 512, None, None).unwrap();
+    assert!(
+        planted.iter().all(|x| x.is_nan()),
+        "not caught: {planted:?}"
+    );
+    let fixed = hand_written(
+        "rbw-fixed",
+        &kernel("partials[i] = 0.0;"),
+        &[("accumulate", 2)],
+        512,
+        None,
+        None,
+    )
+    .unwrap();
+    assert!(fixed.iter().all(|&x| x == 1.0), "{fixed:?}");
+}
+
+/// A block reading `__shared__` memory it did not write (what an earlier block left there,
+/// which the GPU does not promise) reads NaN, in any block order: shared memory is poisoned at
+/// each block's start.
+#[test]
+fn emulation_catches_a_read_of_shared_memory_before_write() {
+    if !gxx_or_skip("emulation_catches_a_read_of_shared_memory_before_write") {
+        return;
+    }
+    let kernel = |cond: &str| {
+        format!(
+            "__global__ void stale(float* out, float* buf, double* partials) {{
+    __shared__ float s[256];
+    if ({cond}) s[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[blockIdx.x * 256 + threadIdx.x] = s[threadIdx.x];
+}}\n"
+        )
+    };
+    let planted = hand_written(
+        "shared",
+        &kernel("blockIdx.x == 0"),
+        &[("stale", 3)],
+        768,
+        Some("ascending"),
+        None,
+    )
+    .unwrap();
+    assert!(planted[..256].iter().all(|&x| x == 1.0));
+    assert!(
+        planted[256..].iter().all(|x| x.is_nan()),
+        "not caught: {planted:?}"
+    );
+    let fixed = hand_written(
+        "shared-fixed",
+        &kernel("true"),
+        &[("stale", 3)],
+        768,
+        None,
+        None,
+    )
+    .unwrap();
+    assert!(fixed.iter().all(|&x| x == 1.0), "{fixed:?}");
+}
+
+/// A block reading another block's output of the same launch: right in ascending order (the
+/// only order the emulation had), NaN in descending order, and caught by one of the first three
+/// runs of a program (the orders a harness's seeds rotate through).
+#[test]
+fn emulation_catches_a_read_of_another_blocks_output_within_a_launch() {
+    if !gxx_or_skip("emulation_catches_a_read_of_another_blocks_output_within_a_launch") {
+        return;
+    }
+    let kernels = "__global__ void neighbour(float* out, float* buf, double* partials) {
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    buf[i] = (float)blockIdx.x;
+    __syncthreads();
+    out[i] = blockIdx.x > 0 ? buf[i - 256] : -1.0f;
+}\n";
+    let want: Vec<f32> = (0..1024).map(|i| (i / 256) as f32 - 1.0).collect();
+    let run = |order| hand_written("blocks", kernels, &[("neighbour", 4)], 1024, order, None);
+    assert_eq!(run(Some("ascending")).unwrap(), want);
+    let desc = run(Some("descending")).unwrap();
+    assert!(
+        desc[256..].iter().all(|x| x.is_nan()),
+        "not caught: {desc:?}"
+    );
+    // Without a forced order: seeds 0, 1 and 2 start at the three orders.
+    let dir = common::temp_dir("emu-defect-blocks-seeds");
+    let mut caught = 0;
+    for seed in 0..3 {
+        let mut main = String::from(EMULATION);
+        main.push_str(kernels);
+        main.push_str(LAUNCH);
+        main.push_str("struct Args { float* out; float* buf; double* partials; };\nstatic void call(void* p) { Args* x = (Args*)p; neighbour(x->out, x->buf, x->partials); }\nint main(int argc, char** argv) {\n    Args a; a.out = (float*)mulo_poisoned(4096); a.buf = (float*)mulo_poisoned(4096); a.partials = nullptr;\n    mulo_launch(4, call, &a);\n    FILE* o = fopen(argv[2], \"wb\"); fwrite(a.out, 4, 1024, o); fclose(o);\n    return 0;\n}\n");
+        std::fs::write(dir.join("main.cpp"), main).unwrap();
+        let exe = compile_with(&dir, None);
+        let out = try_run(&exe, &dir, &[], seed, None).unwrap();
+        caught += (out != want) as usize;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(caught >= 1, "no run of the three seeds caught it");
+}
+
+/// Whether ThreadSanitizer can build and run a program here (g++'s libtsan); required under
+/// `CI=true`.
+fn tsan_or_skip(test: &str) -> bool {
+    if !gxx_or_skip(test) {
+        return false;
+    }
+    let ok = hand_written(
+        "tsan-probe",
+        "__global__ void nothing(float* out, float* buf, double* partials) { out[blockIdx.x * 256 + threadIdx.x] = 0.0f; }\n",
+        &[("nothing", 1)],
+        256,
+        None,
+        Some("thread"),
+    )
+    .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: ThreadSanitizer does not run under CI"
+        );
+        eprintln!("SKIPPED {test}: g++ -fsanitize=thread does not build or run here");
+    }
+    ok
+}
+
+/// A shuffle synchronizes its warp only: reading shared memory another warp stored before
+/// its shuffle, with no `__syncthreads` in between, is a data race (which the old emulation,
+/// whose shuffles waited for the whole block, hid); ThreadSanitizer reports it. With the
+/// barrier, no report.
+#[test]
+fn emulation_catches_a_shuffle_taken_for_a_block_barrier() {
+    if !tsan_or_skip("emulation_catches_a_shuffle_taken_for_a_block_barrier") {
+        return;
+    }
+    let kernel = |barrier: &str| {
+        format!(
+            "__global__ void warps(float* out, float* buf, double* partials) {{
+    __shared__ double s[256];
+    const unsigned t = threadIdx.x;
+    s[t] = t;
+    const double v = __shfl_xor_sync(0xffffffffu, (double)t, 1, 32);
+    {barrier}
+    out[t] = (float)(s[(t + 32) % 256] + v);
+}}\n"
+        )
+    };
+    let planted = hand_written(
+        "warp",
+        &kernel(""),
+        &[("warps", 1)],
+        256,
+        None,
+        Some("thread"),
+    );
+    let err = planted.expect_err("the race was not reported");
+    assert!(err.contains("ThreadSanitizer: data race"), "{err}");
+    let fixed = hand_written(
+        "warp-fixed",
+        &kernel("__syncthreads();"),
+        &[("warps", 1)],
+        256,
+        None,
+        Some("thread"),
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..256u32)
+        .map(|t| (((t + 32) % 256) + (t ^ 1)) as f32)
+        .collect();
+    assert_eq!(fixed, want);
+}
+
+/// The generated program of a small shape (small kernels end their means in
+/// `mulo_block_sum`), as a stepper, with `plant` applied and the sanitizers `sanitize`;
+/// and its IR.
+fn planted_program(
+    name: &str,
+    plant: impl FnOnce(&mut String, &mut Vec<ConstantJson>),
+    sanitize: Option<&str>,
+) -> (EmulatedStepper, Arc<StepIr>) {
+    let shape = Shape::parse("5x7x3").unwrap();
+    let ir = Arc::new(mulo::compile_step(&shape, &common::fixture_lopt()).unwrap());
+    let schedule = cuda::schedule::schedule(&ir);
+    (
+        EmulatedStepper::planted(&ir, name, schedule, plant, sanitize),
+        ir,
+    )
+}
+
+/// One step of `emu` and of the interpreter from the same parameters: whether the parameters
+/// are bitwise equal, or the failure of the emulated step.
+fn one_step_is_bitwise(
+    emu: &mut EmulatedStepper,
+    ir: &Arc<StepIr>,
+) -> std::result::Result<bool, String> {
+    let n = ir.layout.numel();
+    let p0 = common::spread_values(n, 7, 0);
+    let g = common::spread_values(n, 8, 1);
+    let hyper = Hyper {
+        lr: 0.1,
+        weight_decay: 0.01,
+    };
+    let (mut pe, mut pc) = (p0.clone(), p0);
+    emu.try_step(&mut pe, &g, hyper)?;
+    InterpStepper::new(ir.clone(), 0)
+        .step(&mut pc, &g, hyper)
+        .unwrap();
+    Ok(pe.iter().zip(&pc).all(|(a, b)| a.to_bits() == b.to_bits()))
+}
+
+/// A missing `__syncthreads` in generated source (the one between the stores of
+/// `mulo_block_sum` and its tree's first reads): ThreadSanitizer reports the race; the
+/// program as generated runs clean under it, bitwise as the interpreter.
+#[test]
+fn emulation_catches_a_missing_barrier_in_generated_source() {
+    if !tsan_or_skip("emulation_catches_a_missing_barrier_in_generated_source") {
+        return;
+    }
+    let (mut clean, ir) = planted_program("tsan-clean", |_, _| {}, Some("thread"));
+    assert_eq!(one_step_is_bitwise(&mut clean, &ir), Ok(true));
+    let barrier = "    sm[tid] = v;\n    __syncthreads();\n";
+    let (mut planted, ir) = planted_program(
+        "tsan-planted",
+        |src, _| {
+            assert!(src.contains(barrier), "mulo_block_sum changed");
+            *src = src.replacen(barrier, "    sm[tid] = v;\n", 1);
+        },
+        Some("thread"),
+    );
+    let err = one_step_is_bitwise(&mut planted, &ir).expect_err("the race was not reported");
+    assert!(err.contains("ThreadSanitizer: data race"), "{err}");
+}
+
+/// A `__constant__` array the manifest leaves out stays poisoned (it is not compiled in), so
+/// the step is NaN where the interpreter's is not; one of the wrong size is refused at load,
+/// naming it, as `fill_constants` refuses it.
+#[test]
+fn emulation_catches_a_constant_left_unfilled() {
+    if !gxx_or_skip("emulation_catches_a_constant_left_unfilled") {
+        return;
+    }
+    let mut dropped = String::new();
+    let (mut planted, ir) = planted_program(
+        "unfilled",
+        |_, constants| dropped = constants.remove(0).name,
+        None,
+    );
+    assert!(dropped.starts_with("mulo_"), "{dropped}");
+    assert_eq!(one_step_is_bitwise(&mut planted, &ir), Ok(false));
+    let mut short = String::new();
+    let (mut planted, ir) = planted_program(
+        "short",
+        |_, constants| {
+            let c = &mut constants[0];
+            c.len -= 1;
+            c.hex.truncate(8 * c.len);
+            short = c.name.clone();
+        },
+        None,
+    );
+    let err = one_step_is_bitwise(&mut planted, &ir).expect_err("a short array was filled");
+    assert!(err.contains(&format!("`{short}` has")), "{err}");
 }

@@ -120,7 +120,14 @@ impl Rank {
 
     /// Runs stage `stage` of a step of the tensors with `steps[t]` (hyper-parameters and
     /// step counter; `None`: left out of this step).
+    /// Scratch, partials and round buffers are poisoned before stage 0 (what a step finds in
+    /// them is not its own).
     fn run_stage(&mut self, stage: usize, steps: &[Option<(Hyper, u64)>]) {
+        if stage == 0 {
+            for r in &mut self.regions[SCRATCH..] {
+                r.fill(common::emulation::POISON);
+            }
+        }
         let bases = ArenaBases {
             arenas: std::array::from_fn(|k| reloc(k, 0)),
             scratch: reloc(SCRATCH, 0),

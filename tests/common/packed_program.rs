@@ -1,7 +1,8 @@
 //! The packed model program (`mulo_model.cu`) compiled for the CPU with the emulation layer
 //! of [`super::emulation`], run in a subprocess on relocatable regions.
 
-use super::emulation::{compile, EMULATION, LAUNCH};
+use super::emulation::{command, compile, constants_loader, poisoned, Seeds, EMULATION, LAUNCH};
+use mulo::backend::cuda::manifest::{constants_json, ConstantJson};
 use mulo::backend::cuda::packed::{PackedModel, TABLE_ENTRY_BYTES};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +16,7 @@ pub struct EmulatedProgram {
     exe: PathBuf,
     n_tensors: usize,
     n_slots: usize,
+    seeds: Seeds,
 }
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
@@ -26,15 +28,26 @@ pub fn reloc(region: usize, offset: u64) -> u64 {
 
 impl EmulatedProgram {
     pub fn new(model: &PackedModel) -> Self {
+        Self::with_constants(model, |_| {})
+    }
+
+    /// [`new`](Self::new), the manifest's `constants` edited by `edit` before the program is
+    /// built to fill them (a planted defect).
+    pub fn with_constants(model: &PackedModel, edit: impl FnOnce(&mut Vec<ConstantJson>)) -> Self {
         let dir = super::temp_dir(&format!(
             "packed-emu-{}",
             NEXT_DIR.fetch_add(1, Ordering::SeqCst)
         ));
-        std::fs::write(dir.join("mulo_model.cu"), model.source().unwrap()).unwrap();
+        let source = model.source().unwrap();
+        std::fs::write(dir.join("mulo_model.cu"), &source).unwrap();
+        // The manifest's `constants` (what `PackedModel::manifest` writes).
+        let mut constants = constants_json(&model.constant_arrays(&source).unwrap());
+        edit(&mut constants);
         let n = model.tensors.len();
         let mut main = String::from(EMULATION);
         main.push_str("#include \"mulo_model.cu\"\n");
         main.push_str(LAUNCH);
+        main.push_str(&constants_loader(&dir, &source, &constants));
         main.push_str("struct Args { const MuloTensor* table; const idx_t* starts; int n; };\n");
         for (s, slot) in model.slots.iter().enumerate() {
             main.push_str(&format!(
@@ -46,6 +59,7 @@ impl EmulatedProgram {
         main.push_str(&format!(
             r#"static unsigned long long rd(FILE* f) {{ unsigned long long v; if (fread(&v, 8, 1, f) != 1) exit(3); return v; }}
 int main(int argc, char** argv) {{
+    mulo_fill_constants();
     FILE* f = fopen(argv[1], "rb");
     const unsigned long long nr = rd(f);
     std::vector<char*> region(nr); std::vector<unsigned long long> size(nr);
@@ -88,17 +102,19 @@ int main(int argc, char** argv) {{
             exe,
             n_tensors: n,
             n_slots: slots,
+            seeds: Seeds::default(),
         }
     }
 
     /// Runs one step on `regions` (f32 values), updating them in place; after them come
-    /// zeroed regions of the byte sizes in `extra` (scratch, partials), not returned.
+    /// poisoned regions of the byte sizes in `extra` (scratch, partials: NaN bytes, as a
+    /// previous step might have left them), not returned.
     pub fn run(&self, regions: &mut [Vec<f32>], extra: &[usize], table: &[u8], starts: &[i64]) {
         let mut bytes: Vec<Vec<u8>> = regions
             .iter()
             .map(|r| r.iter().flat_map(|x| x.to_le_bytes()).collect())
             .collect();
-        bytes.extend(extra.iter().map(|&len| vec![0u8; len]));
+        bytes.extend(extra.iter().map(|&len| poisoned(len)));
         self.run_slots(&mut bytes, table, starts, 0..self.n_slots);
         for (r, b) in regions.iter_mut().zip(bytes) {
             *r = b
@@ -110,7 +126,8 @@ int main(int argc, char** argv) {{
 
     /// Runs the launches of `slots` (a stage of a staged model, or all of them) on `regions`
     /// (raw bytes, every one written back: scratch, partials and round buffers persist between
-    /// the stages of a step).
+    /// the stages of a step; the caller poisons them at a step's start). Each run takes the
+    /// next block-order seed.
     pub fn run_slots(
         &self,
         regions: &mut [Vec<u8>],
@@ -130,14 +147,19 @@ int main(int argc, char** argv) {{
         starts.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
         let (inp, outp) = (self.dir.join("in.bin"), self.dir.join("out.bin"));
         std::fs::write(&inp, &bytes).unwrap();
-        let status = std::process::Command::new(&self.exe)
+        let seed = self.seeds.next();
+        let status = command(&self.exe, seed)
             .arg(&inp)
             .arg(&outp)
             .arg(slots.start.to_string())
             .arg(slots.end.to_string())
             .status()
             .unwrap();
-        assert!(status.success(), "emulated launches failed: {status}");
+        assert!(
+            status.success(),
+            "emulated launches failed: {status} (MULO_EMU_SEED={seed})"
+        );
+        eprintln!("emulated launches {slots:?}: MULO_EMU_SEED={seed}");
         let out = std::fs::read(&outp).unwrap();
         let mut at = 0;
         for r in regions.iter_mut() {

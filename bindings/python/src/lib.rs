@@ -69,14 +69,23 @@ struct PyLearnedOptimizer {
 
 #[pymethods]
 impl PyLearnedOptimizer {
-    /// Loads a directory (Hub layout), a `.safetensors` file, or a Hub key `owner/name` from the
-    /// local Hugging Face cache; `"demo"` is the bundled demo network.
+    /// Loads a directory (Hub layout), a `.safetensors` file, or a Hub key `owner/name` (at
+    /// `revision`): from the local Hugging Face cache, downloaded there first on first use by
+    /// `mulo.hub.local_weights` (`huggingface_hub`, as `mulo.torch` does); `"demo"` is the
+    /// bundled demo network.
     #[staticmethod]
-    fn load(spec: &str) -> PyResult<Self> {
+    #[pyo3(signature = (spec, revision=None))]
+    fn load(py: Python<'_>, spec: &str, revision: Option<&str>) -> PyResult<Self> {
         let inner = if spec == "demo" {
             LearnedOptimizer::demo()
         } else {
-            LearnedOptimizer::load(spec).map_err(to_py)?
+            // One route for a Hub key, in Python: the cache, then the download, with the Hub
+            // client's variables and Python's error messages.
+            let path: String = py
+                .import("mulo.hub")?
+                .call_method1("local_weights", (spec, revision))?
+                .extract()?;
+            LearnedOptimizer::load(&path).map_err(to_py)?
         };
         Ok(PyLearnedOptimizer {
             inner: Arc::new(inner),

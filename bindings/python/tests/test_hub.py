@@ -158,10 +158,10 @@ if sys.argv[2] == "torch":  # the optimizer's own path, as a user's code takes i
     from mulo.torch import AdafacLO
     kw = {} if key is None else {"hf_key": key}
     lopt = AdafacLO([torch.nn.Parameter(torch.zeros(3))], **kw).lopt
-else:  # the same resolution without importing torch (slow to import on a busy machine)
+else:  # the native loader, which resolves a Hub key the same way (no torch: slow to import)
     from mulo import LearnedOptimizer
-    from mulo.hub import DEFAULT_HF_KEY, local_weights
-    lopt = LearnedOptimizer.load(local_weights(key or DEFAULT_HF_KEY))
+    from mulo.hub import DEFAULT_HF_KEY
+    lopt = LearnedOptimizer.load(key or DEFAULT_HF_KEY)
 print("FINGERPRINT", lopt.fingerprint)
 """
 
@@ -232,6 +232,11 @@ def test_first_use_downloads_then_the_cache_serves_offline(tmp_path):
     rc, out, err, _ = load(
         tmp_path, "http://127.0.0.1:9", key="mulo-test/other", via="torch", HF_HUB_OFFLINE="1"
     )
+    assert rc != 0
+    assert "hf_key='mulo-test/other'" in err and "HF_HUB_OFFLINE" in err, err
+    assert "--weights" not in err, err
+    # The same through mulo.LearnedOptimizer.load itself.
+    rc, out, err, _ = load(tmp_path, "http://127.0.0.1:9", key="mulo-test/other", HF_HUB_OFFLINE="1")
     assert rc != 0
     assert "hf_key='mulo-test/other'" in err and "HF_HUB_OFFLINE" in err, err
     assert "--weights" not in err, err

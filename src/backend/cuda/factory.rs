@@ -18,6 +18,7 @@ pub struct CudaFactory {
 impl CudaFactory {
     /// Opens CUDA device `ordinal`.
     pub fn new(ordinal: usize) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         Ok(CudaFactory {
             runtime: super::runtime::CudaRuntime::new(ordinal)?,
         })
@@ -30,6 +31,7 @@ impl StepperFactory for CudaFactory {
     }
 
     fn stepper(&self, ir: Arc<StepIr>, start_step: u64) -> Result<Box<dyn TensorStepper>> {
+        let _current = super::current::RestoreCurrent::new();
         let program = self.runtime.program(&ir)?;
         Ok(Box::new(super::runtime::CudaStepper::new(
             program, start_step,

@@ -386,8 +386,25 @@ impl<'a> Launch<'a> {
         r.map_err(driver_err(&format!(
             "launching {} of {}",
             kernel.name, kernel.module.program
-        )))
+        )))?;
+        if sync_after_launch() {
+            // A fault surfaces at the next synchronization, which would otherwise be the
+            // host's, naming nothing of mulo's.
+            self.stream.synchronize().map_err(driver_err(&format!(
+                "{} of {} (MULO_CUDA_SYNC=1: synchronized after its launch)",
+                kernel.name, kernel.module.program
+            )))?;
+        }
+        Ok(())
     }
+}
+
+/// Whether `MULO_CUDA_SYNC=1` is set: every launch is then followed by a synchronization of
+/// its stream, so that a fault is reported by the launch that caused it, naming the kernel
+/// and the program (and, for a packed program, the tensor table entries it stepped). For
+/// debugging: it serializes the host with the device.
+pub fn sync_after_launch() -> bool {
+    std::env::var_os("MULO_CUDA_SYNC").is_some_and(|v| v == "1")
 }
 
 /// Registers one block may use on every architecture mulo targets (sm_70 to sm_90: 64 K

@@ -7,6 +7,8 @@
 //! Compiling needs libnvrtc but no GPU; running needs a GPU. See `docs/cuda.md`.
 
 #[cfg(feature = "cuda")]
+pub mod current;
+#[cfg(feature = "cuda")]
 pub mod factory;
 #[cfg(feature = "cuda")]
 pub mod loader;

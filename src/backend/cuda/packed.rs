@@ -867,6 +867,14 @@ impl PackedModel {
             )?);
         }
         src.push('\n');
+        super::render::check_constant_memory(
+            &src,
+            &format!(
+                "the packed program of {} tensors ({} distinct plans)",
+                self.tensors.len(),
+                self.plans.len()
+            ),
+        )?;
         Ok(src)
     }
 
@@ -1267,7 +1275,20 @@ impl PackedModel {
 
 #[cfg(test)]
 mod tests {
+    use super::super::render::{constant_bytes, CONSTANT_BYTES};
     use super::*;
+
+    /// Shape `i` of a sequence of distinct shapes of every class (matrices, vectors, rank 3
+    /// and 4 tensors), each its own plan.
+    fn distinct_shape(i: usize) -> String {
+        let j = i / 4 + 2;
+        match i % 4 {
+            0 => format!("{}x{}", 8 + j, 3 + j),
+            1 => format!("{}", 5 + j),
+            2 => format!("{}x{}x3", 4 + j, 2 + j),
+            _ => format!("{}x{}x3x3", 6 + j, 2 + j),
+        }
+    }
 
     fn model(shapes: &[&str]) -> PackedModel {
         let layouts: Vec<Layout> = shapes
@@ -1275,6 +1296,74 @@ mod tests {
             .map(|s| Layout::new(crate::shape::Shape::parse(s).unwrap()))
             .collect();
         PackedModel::new(&LearnedOptimizer::demo(), &layouts).unwrap()
+    }
+
+    /// Distinct factored shapes (matrices, rank 3 and rank 4 tensors, each its own plan, with
+    /// ~680 bytes of rolled regions' tables each): 100 of them need more than 64 KiB of
+    /// `__constant__` memory with the weights, which ptxas would refuse with its own error;
+    /// mulo refuses the source first, naming the bytes of each part. 70 of them fit, counted.
+    #[test]
+    fn constant_memory_counts_the_roll_tables_and_refuses_past_64_kib() {
+        let shapes = |k: usize| -> Vec<String> {
+            (0..k)
+                .map(|i| distinct_shape(i / 3 * 4 + [0, 2, 3][i % 3]))
+                .collect()
+        };
+        let refs = |v: &[String]| -> PackedModel {
+            model(&v.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let fits = refs(&shapes(70));
+        assert_eq!(fits.plans.len(), 70);
+        let c = constant_bytes(&fits.source().unwrap()).unwrap();
+        assert!(c.tables > 70 * 600, "{c:?}");
+        assert!(c.total() <= CONSTANT_BYTES, "{c:?}");
+        let over = refs(&shapes(100));
+        assert_eq!(over.plans.len(), 100);
+        let err = over.source().unwrap_err().to_string();
+        assert!(
+            err.contains("the packed program of 100 tensors (100 distinct plans) needs up to")
+                && err.contains(&format!("({} for the meta-network's weights,", c.weights))
+                && err.contains("more than the 65536 a module may hold"),
+            "{err}"
+        );
+        // The manifest and the CUDA executor render the source: refused there too.
+        assert!(over.manifest("sm_80", (12, 9)).is_err());
+    }
+
+    /// The `cmem[3]` ptxas reports for a packed model's CUBIN is within [`constant_bytes`]'s
+    /// bounds: at least the arrays' bytes, at most with the worst padding (NVRTC; skipped, with
+    /// the reason, where libnvrtc is missing outside CI).
+    #[test]
+    fn constant_bytes_are_what_ptxas_reports() {
+        if !super::super::nvrtc::nvrtc_available() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "libnvrtc is missing under CI"
+            );
+            eprintln!("SKIPPED constant_bytes_are_what_ptxas_reports: no libnvrtc");
+            return;
+        }
+        let m = model(&["12x5", "7", "6x4x3", "8x4x3x3"]);
+        let src = m.source().unwrap();
+        let c = constant_bytes(&src).unwrap();
+        let report = super::super::nvrtc::cubin_ptxas_report(
+            &src,
+            "sm_80",
+            super::super::nvrtc::Level::Fast,
+        )
+        .unwrap();
+        let cmem3 = report
+            .lines()
+            .find_map(|l| {
+                l.strip_suffix(" bytes cmem[3]")
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|n| n.parse::<usize>().ok())
+            })
+            .unwrap_or_else(|| panic!("no cmem[3] in {report}"));
+        assert!(
+            c.weights + c.tables <= cmem3 && cmem3 <= c.total(),
+            "{c:?}, ptxas: {report}"
+        );
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl PackedLaunches {
                 .memcpy_htod(starts, &mut view)
                 .map_err(driver_err("uploading the block starts"))?;
         }
-        for (f, &grid) in self.slots.iter().zip(grids) {
+        for (slot, (f, &grid)) in self.slots.iter().zip(grids).enumerate() {
             if grid == 0 {
                 continue;
             }
@@ -126,9 +126,32 @@ impl PackedLaunches {
             // SAFETY: the arguments are those of templates/model_kernel.cu.j2 in order (table,
             // starts, tensor count); the table's addresses, the starts and the grids are what
             // this function's contract requires.
-            unsafe { b.launch(f, cfg) }?;
+            unsafe { b.launch(f, cfg) }.map_err(|e| {
+                let n = self.n_tensors as usize;
+                let entries = starts
+                    .get(slot * (n + 1)..(slot + 1) * (n + 1))
+                    .map_or_else(|| "unknown table entries".to_string(), launched_entries);
+                Error::backend("cuda", format!("{e}; the launch stepped {entries}"))
+            })?;
         }
         Ok(())
+    }
+}
+
+/// The tensor table entries one slot's launch steps, from its `n + 1` block starts (entry `t`
+/// owns blocks `starts[t]..starts[t + 1]`), as words for an error: `table entries 0 (blocks
+/// 0..4), 2 (blocks 4..9)`.
+fn launched_entries(starts: &[i64]) -> String {
+    let entries: Vec<String> = starts
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] > w[0])
+        .map(|(t, w)| format!("{t} (blocks {}..{})", w[0], w[1]))
+        .collect();
+    if entries.is_empty() {
+        "no table entry".to_string()
+    } else {
+        format!("table entries {}", entries.join(", "))
     }
 }
 
@@ -136,6 +159,7 @@ impl CudaExecutor {
     /// Compiles `model` to a CUBIN for the runtime's architecture (through the NVRTC disk
     /// cache), loads it (no driver JIT) and allocates its arenas (zero).
     pub fn new(runtime: &CudaRuntime, model: &PackedModel) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         let stream = runtime.stream().clone();
         let launches = PackedLaunches::load(&stream, model, runtime.arch())?;
         let alloc = |n: usize| {
@@ -219,6 +243,7 @@ impl CudaExecutor {
     ///
     /// Not run on a GPU yet: its logic is the emulated one of `tests/cuda_staged_emulated.rs`.
     pub fn run_stage(&mut self, stage: usize, steps: &[Option<(Hyper, u64)>]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         if stage >= self.model.stages() {
             return Err(Error::argument(
                 "stage",
@@ -264,6 +289,7 @@ impl CudaExecutor {
 
     /// Copies round `round`'s buffer to the host (waits for the stream).
     pub fn read_round(&self, round: usize) -> Result<Vec<f64>> {
+        let _current = super::current::RestoreCurrent::new();
         let len = self.round_len(round)?;
         let mut out = vec![0f64; len];
         if len > 0 {
@@ -276,6 +302,7 @@ impl CudaExecutor {
 
     /// Replaces round `round`'s buffer by `sums` (its sum over every rank), from the host.
     pub fn write_round(&mut self, round: usize, sums: &[f64]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         let want = self.round_len(round)?;
         if want != sums.len() {
             return Err(Error::argument(
@@ -358,6 +385,7 @@ fn check_range(arena: Buffer, offset: usize, len: usize, have: usize) -> Result<
 
 impl PackedExecutor for CudaExecutor {
     fn write(&mut self, arena: Buffer, offset: usize, data: &[f32]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         if data.is_empty() {
             return Ok(());
         }
@@ -374,6 +402,7 @@ impl PackedExecutor for CudaExecutor {
     }
 
     fn read(&self, arena: Buffer, offset: usize, out: &mut [f32]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         if out.is_empty() {
             return Ok(());
         }
@@ -389,6 +418,7 @@ impl PackedExecutor for CudaExecutor {
     }
 
     fn run(&mut self, steps: &[Option<(Hyper, u64)>], starts: &[i64], grids: &[u32]) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         // Nothing reaches the device unless it stays inside the arenas.
         self.model.check_launch(starts, grids)?;
         self.queue(steps, starts, grids)?;
@@ -463,6 +493,7 @@ pub struct PackedCuda {
 impl PackedCuda {
     /// Opens CUDA device `ordinal`.
     pub fn new(ordinal: usize) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         Ok(PackedCuda {
             runtime: CudaRuntime::new(ordinal)?,
         })
@@ -598,4 +629,19 @@ pub fn bench_packed(
         peak_madds_per_sec: peak,
         launches: model.slots.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::launched_entries;
+
+    #[test]
+    fn a_fault_names_the_table_entries_the_launch_stepped() {
+        // Entries 0 and 2 own blocks, 1 and 3 none (not stepped, or not in this pass).
+        assert_eq!(
+            launched_entries(&[0, 4, 4, 9, 9]),
+            "table entries 0 (blocks 0..4), 2 (blocks 4..9)"
+        );
+        assert_eq!(launched_entries(&[0, 0, 0]), "no table entry");
+    }
 }

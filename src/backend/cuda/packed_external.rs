@@ -31,6 +31,8 @@ pub struct ExternalCuda {
     /// Recorded after the last step's launches: the next step (maybe on another stream) and
     /// the drop wait for it before the table, the starts or the scratch are reused or freed.
     last: Option<CudaEvent>,
+    /// Last: restores the thread's context after the fields above have freed their memory.
+    restore: super::current::RestoreAfterFields,
 }
 
 impl ExternalCuda {
@@ -39,6 +41,7 @@ impl ExternalCuda {
     /// only on the layouts and the learned optimizer), loads it (no driver JIT) and allocates
     /// its scratch.
     pub fn new(ordinal: usize, model: Arc<PackedModel>) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         let ctx = open_device(ordinal)?;
         let (major, minor) = ctx
             .compute_capability()
@@ -58,6 +61,7 @@ impl ExternalCuda {
             arch,
             launches,
             last: None,
+            restore: Default::default(),
         };
         // The allocations are complete before any stream of the caller's uses them.
         this.ctx
@@ -101,6 +105,7 @@ impl ExternalCuda {
         tensors: &[TensorAddrs],
         steps: &[Option<(Hyper, u64)>],
     ) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         // SAFETY: the caller guarantees `stream` is a live stream of this context.
         let stream = unsafe { self.ctx.wrap_borrowed_stream(stream) };
         if let Some(last) = &self.last {
@@ -132,6 +137,7 @@ impl ExternalCuda {
 
 impl Drop for ExternalCuda {
     fn drop(&mut self) {
+        self.restore.arm();
         // The queued launches read the table, the starts and the scratch freed next.
         if let Some(last) = &self.last {
             let _ = last.synchronize();

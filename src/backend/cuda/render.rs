@@ -428,6 +428,111 @@ pub fn constant_arrays<'a>(
     Ok(out)
 }
 
+/// The `__constant__` memory a program declares ([`constant_bytes`]), in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConstantMemory {
+    /// The arrays declared for upload (under [`UPLOAD_MACRO`]): the meta-network's weights.
+    pub weights: usize,
+    /// The other arrays: the tables of rolled regions.
+    pub tables: usize,
+    /// The most alignment padding any placement of the arrays can need (`align - 1` per
+    /// array): ptxas does not keep the order of declaration, so the exact padding is its own.
+    pub padding: usize,
+}
+
+impl ConstantMemory {
+    /// An upper bound of the module's constant bank (ptxas's `cmem[3]`): what is refused
+    /// past [`CONSTANT_BYTES`], so that ptxas never is the one to refuse a program.
+    pub fn total(&self) -> usize {
+        self.weights + self.tables + self.padding
+    }
+}
+
+/// The `__constant__` memory a program's `source` declares: every array at file scope (the
+/// weights' arrays of [`constant_arrays`] and the tables of rolled regions, which may follow a
+/// kernel's closing brace on its line). An error names a declaration whose type or size it
+/// cannot read, so that nothing escapes the count.
+pub fn constant_bytes(source: &str) -> Result<ConstantMemory> {
+    let guard = format!("\n#ifndef {UPLOAD_MACRO}");
+    let mut out = ConstantMemory {
+        weights: 0,
+        tables: 0,
+        padding: 0,
+    };
+    for (at, _) in source.match_indices("__constant__ ") {
+        let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
+        if source[line_start..at].contains("//") {
+            continue; // a comment about them
+        }
+        let line_end = source[at..].find('\n').map_or(source.len(), |i| at + i);
+        let decl = &source[at + "__constant__ ".len()..line_end];
+        let bad = || {
+            Error::backend(
+                "cuda",
+                format!("cannot account for the __constant__ declaration `{decl}`"),
+            )
+        };
+        let (head, dims) = decl.split_once('[').ok_or_else(bad)?;
+        let ty = head.trim().rsplit_once(' ').ok_or_else(bad)?.0.trim();
+        let size = match ty {
+            "int" | "unsigned" | "float" => 4,
+            "double" | "long long" | "idx_t" => 8,
+            _ => return Err(bad()),
+        };
+        // `[a][b]…`, then an initializer, an `__align__(n)` or nothing.
+        let mut count = 1usize;
+        let mut rest = dims;
+        loop {
+            let (n, after) = rest.split_once(']').ok_or_else(bad)?;
+            count = count
+                .checked_mul(n.trim().parse::<usize>().map_err(|_| bad())?)
+                .ok_or_else(bad)?;
+            match after.strip_prefix('[') {
+                Some(next) => rest = next,
+                None => {
+                    rest = after;
+                    break;
+                }
+            }
+        }
+        let align = match rest.split_once("__align__(") {
+            Some((_, a)) => a
+                .split_once(')')
+                .and_then(|(a, _)| a.trim().parse::<usize>().ok())
+                .ok_or_else(bad)?,
+            None => size,
+        };
+        let bytes = size.checked_mul(count).ok_or_else(bad)?;
+        if source[line_end..].starts_with(&guard) {
+            out.weights += bytes;
+        } else {
+            out.tables += bytes;
+        }
+        out.padding += align.max(1) - 1;
+    }
+    Ok(out)
+}
+
+/// Refuses `source` (the program `what`) when its `__constant__` memory ([`constant_bytes`]:
+/// the weights, the rolled regions' tables and their alignment) may exceed [`CONSTANT_BYTES`],
+/// before NVRTC or ptxas see it.
+pub fn check_constant_memory(source: &str, what: &str) -> Result<()> {
+    let c = constant_bytes(source)?;
+    if c.total() > CONSTANT_BYTES {
+        return Err(Error::backend(
+            "cuda",
+            format!(
+                "{what} needs up to {} bytes of __constant__ memory ({} for the meta-network's weights, {} for the tables of its rolled regions, up to {} of alignment), more than the {CONSTANT_BYTES} a module may hold; compile fewer distinct shapes into one program (split the model into several packed models)",
+                c.total(),
+                c.weights,
+                c.tables,
+                c.padding
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Declarations of [`constant_arrays`], their values under `#ifndef` [`UPLOAD_MACRO`].
 pub fn matrix_constants<'a>(
     irs: impl IntoIterator<Item = &'a StepIr>,
@@ -570,6 +675,7 @@ pub fn render(ir: &StepIr, s: &Schedule) -> Result<String> {
     src.push_str(&matrix_constants([ir], &kernels)?);
     src.push_str(&kernels);
     src.push('\n');
+    check_constant_memory(&src, &format!("the CUDA program of {}", layout.shape()))?;
     Ok(src)
 }
 
@@ -1887,6 +1993,34 @@ fn small_group(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `__constant__` array at file scope counts, with its alignment's worst padding: an
+    /// uploaded weights array (`__align__(16)`), tables after a closing brace on one line,
+    /// `long long` and `double` tables; a comment does not; an unknown type is an error.
+    #[test]
+    fn constant_bytes_count_every_declaration() {
+        let src = format!(
+            "// about the __constant__ arrays [1]\n__constant__ int k_roll0_int[3][1] = {{\n    {{1}},\n}};\n\
+             __constant__ float mulo_w_x[5] __align__(16)\n#ifndef {UPLOAD_MACRO}\n= {{ 1.0f }}\n#endif\n;\n\
+             }}__constant__ double k_roll1_double[2][3] = {{\n}};\n__constant__ long long k_roll2_long[1][1] = {{ }};\n"
+        );
+        let want = ConstantMemory {
+            weights: 20,
+            tables: 12 + 48 + 8,
+            padding: 3 + 15 + 7 + 7,
+        };
+        assert_eq!(constant_bytes(&src).unwrap(), want);
+        let err = constant_bytes("__constant__ half h[2];\n").unwrap_err();
+        assert!(err.to_string().contains("`half h[2];`"), "{err}");
+        let over = format!("__constant__ float big[16381] __align__(16)\n#ifndef {UPLOAD_MACRO}\n");
+        let err = check_constant_memory(&over, "the program of 7").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the program of 7 needs up to 65539 bytes of __constant__ memory (65524 for the meta-network's weights, 0 for"),
+            "{err}"
+        );
+        check_constant_memory(&over.replace("16381", "16380"), "the program of 7").unwrap();
+    }
 
     #[test]
     fn literals_round_trip() {

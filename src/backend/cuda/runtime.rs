@@ -62,6 +62,7 @@ pub struct CudaRuntime {
 impl CudaRuntime {
     /// A runtime on device `ordinal`, compiling for that device's architecture.
     pub fn new(ordinal: usize) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         let ctx = open_device(ordinal)?;
         let (major, minor) = ctx
             .compute_capability()
@@ -93,6 +94,7 @@ impl CudaRuntime {
     /// The program of `ir`: from the in-memory cache, else compiled (through the disk cache)
     /// and loaded.
     pub fn program(&self, ir: &StepIr) -> Result<Arc<CudaStepProgram>> {
+        let _current = super::current::RestoreCurrent::new();
         let key = (
             ir.layout.dims().to_vec(),
             ir.lopt_fingerprint.clone(),
@@ -156,6 +158,7 @@ impl CudaStepProgram {
         ptx: &str,
         manifest: Manifest,
     ) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         let program = format!("mulo_step.ptx ({})", layout.shape());
         nvrtc::check_installed_driver(ptx, &program)?;
         // SAFETY: the caller's guarantee.
@@ -176,6 +179,7 @@ impl CudaStepProgram {
         nvrtc_version: (i32, i32),
         manifest: Manifest,
     ) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         let program = format!("mulo_step.cubin ({}, {})", layout.shape(), manifest.arch);
         nvrtc::check_installed_driver_cubin(nvrtc_version, &program)?;
         // SAFETY: the caller's guarantee.
@@ -245,6 +249,7 @@ pub struct CudaStepper {
 impl CudaStepper {
     /// Zero state, step counter `start_step`.
     pub fn new(program: Arc<CudaStepProgram>, start_step: u64) -> Result<Self> {
+        let _current = super::current::RestoreCurrent::new();
         let stream = program.stream.clone();
         let layout = program.layout.clone();
         let alloc = |n: usize| {
@@ -300,6 +305,7 @@ impl CudaStepper {
         grad: &CudaSlice<f32>,
         hyper: Hyper,
     ) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         check_step_args(&self.program.layout, param.len(), grad.len(), &hyper)?;
         // Checked before the kernels write `param` and the state in place.
         let next = crate::state::next_step(self.step)?;
@@ -328,6 +334,7 @@ impl CudaStepper {
 
     /// Waits for the launched steps to finish.
     pub fn synchronize(&self) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         self.program
             .stream
             .synchronize()
@@ -351,6 +358,7 @@ impl TensorStepper for CudaStepper {
     }
 
     fn step(&mut self, param: &mut [f32], grad: &[f32], hyper: Hyper) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         check_step_args(&self.program.layout, param.len(), grad.len(), &hyper)?;
         let stream = self.program.stream.clone();
         let mut p = stream
@@ -368,6 +376,7 @@ impl TensorStepper for CudaStepper {
     }
 
     fn state(&self) -> Result<TensorState> {
+        let _current = super::current::RestoreCurrent::new();
         let layout = &self.program.layout;
         let mut state = TensorState::zeros(layout, self.step);
         for (b, slice) in &self.state {
@@ -382,6 +391,7 @@ impl TensorStepper for CudaStepper {
     }
 
     fn set_state(&mut self, state: TensorState) -> Result<()> {
+        let _current = super::current::RestoreCurrent::new();
         crate::backend::check_state_layout(&self.program.layout, &state)?;
         let mut uploaded = BTreeMap::new();
         for (b, values) in state.iter() {

@@ -33,9 +33,10 @@ class LearnedOptimizer:
     """The learned optimizer (meta-network and meta-parameters)."""
 
     @staticmethod
-    def load(spec: str) -> "LearnedOptimizer":
+    def load(spec: str, revision: Optional[str] = None) -> "LearnedOptimizer":
         """Loads a directory (Hub layout), a ``.safetensors`` file, or a Hub key ``owner/name``
-        from the local Hugging Face cache; ``"demo"`` is the bundled demo network."""
+        (at ``revision``) from the local Hugging Face cache, downloaded there first on first use
+        (:func:`mulo.hub.local_weights`); ``"demo"`` is the bundled demo network."""
     def with_meta(
         self,
         exp_mult: float,
