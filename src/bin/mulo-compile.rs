@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use mulo::backend::cuda::nvrtc::Level;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::TensorStepper;
-use mulo::lopt::LearnedOptimizer;
+use mulo::lopt::{LearnedOptimizer, Rule};
 use mulo::shape::{FactoredAxes, Layout, Shape};
 use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
 use std::path::{Path, PathBuf};
@@ -54,22 +54,42 @@ struct WeightsArgs {
     #[arg(long, value_name = "W")]
     weights: Option<String>,
     /// JSON file overriding meta-parameters (exp_mult, step_mult, momentum_decays, rms_decay,
-    /// adafactor_decays); fields left out keep μLO_M's values.
+    /// adafactor_decays, rule); fields left out keep μLO_M's values, so with `--lopt elo` the
+    /// file must say `"rule": "elo"`.
     #[arg(long, value_name = "FILE")]
     meta: Option<PathBuf>,
+    /// Which learned optimizer's step: `mulo` (μLO_M/AdafacLO) or `elo` (PyLO's ELO_naive:
+    /// raw decays, nan_to_num gradients, p ← p − lr·(d·exp(exp_mult·m) + wd·p)). Without
+    /// --weights, its Hub weights (btherien/mulo or DiamondXL/elo) from the local cache.
+    #[arg(long, value_name = "RULE", default_value = "mulo")]
+    lopt: Rule,
 }
 
 impl WeightsArgs {
     fn load(&self) -> Result<LearnedOptimizer> {
-        let lopt = match &self.weights {
-            Some(spec) => LearnedOptimizer::load(spec)?,
-            None => LearnedOptimizer::load_default(),
-        };
+        let lopt = match (&self.weights, self.lopt) {
+            (Some(spec), _) => LearnedOptimizer::load(spec)?,
+            (None, Rule::Mulo) => LearnedOptimizer::load_default(),
+            (None, rule) => LearnedOptimizer::from_hub_cache(rule.hub_key())
+                .unwrap_or_else(|_| LearnedOptimizer::demo()),
+        }
+        .with_rule(self.lopt);
         let lopt = match &self.meta {
             Some(path) => lopt.with_meta_file(path)?,
             None => lopt,
         };
-        eprintln!("weights: {}", lopt.origin);
+        if lopt.rule() != self.lopt {
+            return Err(mulo::Error::argument(
+                "--meta",
+                format!(
+                    "the meta-parameter file gives rule `{}` but --lopt is `{}`",
+                    lopt.rule(),
+                    self.lopt
+                ),
+            )
+            .into());
+        }
+        eprintln!("weights: {} (rule {})", lopt.origin, lopt.rule());
         Ok(lopt)
     }
 }
@@ -528,6 +548,21 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
     );
     for path in &args.cases {
         let traj = Trajectory::load(path)?;
+        // Refused rather than followed: the weights were chosen for --lopt, and a μLO_M
+        // replay of an ELO file (or the reverse) is meaningless.
+        if traj.rule != lopt.rule() {
+            return Err(mulo::Error::argument(
+                "--lopt",
+                format!(
+                    "{} records lopt `{}` but the replay runs `{}`: pass --lopt {}",
+                    path.display(),
+                    traj.rule,
+                    lopt.rule(),
+                    traj.rule
+                ),
+            )
+            .into());
+        }
         let mut stepper = make_stepper(args.target, &traj.layout, &lopt)?;
         let started = Instant::now();
         let report = replay(stepper.as_mut(), &traj)?;
