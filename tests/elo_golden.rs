@@ -38,13 +38,13 @@ fn elo_cases() -> Vec<Trajectory> {
         .collect();
     paths.sort();
     assert_eq!(paths.len(), 9, "the 9 ELO golden cases: {paths:?}");
-    let cases: Vec<Trajectory> = paths
-        .iter()
-        .map(|p| Trajectory::load(p).unwrap())
-        .collect();
+    let cases: Vec<Trajectory> = paths.iter().map(|p| Trajectory::load(p).unwrap()).collect();
     assert!(cases.iter().all(|t| t.rule == Rule::Elo));
     assert!(cases.iter().all(|t| t.exp_mult == Some(0.001)));
-    assert!(cases.iter().any(|t| t.clip_norm.is_some()), "a clipped case");
+    assert!(
+        cases.iter().any(|t| t.clip_norm.is_some()),
+        "a clipped case"
+    );
     assert!(
         cases
             .iter()
@@ -236,4 +236,32 @@ fn elo_model_replays_on_the_interpreter() {
 fn elo_model_replays_on_the_cpu_backend() {
     let errors = replay_elo_model(Arc::new(PerTensor(CpuFactory)));
     assert_model_within_tolerance(&errors, "ELO model, cpu, global clipping");
+}
+
+/// The CLI: `replay --lopt elo` replays the fixture copy within tolerance on the CPU, and a
+/// replay of an ELO file under μLO_M's rule is refused with a message naming the file and the fix.
+#[test]
+fn cli_replays_elo_and_refuses_a_rule_mismatch() {
+    let exe = env!("CARGO_BIN_EXE_mulo-compile");
+    let weights = elo_dir().join("weights");
+    let case = elo_dir().join("elo_mat_64x64_clip.safetensors");
+    let run = |lopt: &str| {
+        std::process::Command::new(exe)
+            .args(["replay", "--target", "cpu", "--lopt", lopt, "--weights"])
+            .arg(&weights)
+            .arg(&case)
+            .output()
+            .unwrap()
+    };
+    let ok = run("elo");
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert!(stdout.contains("1 of 1 cases within tolerance"), "{stdout}");
+    let refused = run("mulo");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("elo_mat_64x64_clip") && stderr.contains("--lopt elo"),
+        "{stderr}"
+    );
 }
