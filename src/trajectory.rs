@@ -362,10 +362,10 @@ pub fn clip_global(grads: &[&[f32]], clip_norm: f32) -> Vec<Vec<f32>> {
         .sum();
     let denom = ((total as f32).sqrt()).max(clip_norm);
     // f32::max ignores NaN; PyTorch's clamp keeps it, and then `denom > 0` is false.
-    let scale = if total.is_nan() || !(denom > 0.0) {
-        1.0
-    } else {
+    let scale = if denom > 0.0 && !total.is_nan() {
         clip_norm / denom
+    } else {
+        1.0
     };
     grads
         .iter()
