@@ -1,8 +1,13 @@
 //! SPEC.md → IR: the μLO_M step written once. Every backend renders what this file builds;
 //! this is the only place in mulo that knows what feature 13 is.
+//!
+//! ELO (docs/SPEC.md, "ELO") is the same step with other constants, selected by
+//! [`Rule`]: its decays come in through the meta-parameters, and the two places where the
+//! rule itself differs (the gradient's `nan_to_num`, the update) branch on it here, so the
+//! features exist once.
 
 use crate::ir::{Buffer, IrBuilder, Matrix, RuntimeScalar, StepIr, Unary, ValueId};
-use crate::lopt::LearnedOptimizer;
+use crate::lopt::{LearnedOptimizer, Rule};
 use crate::shape::{Domain, Layout};
 use std::collections::HashMap;
 
@@ -34,7 +39,13 @@ pub fn build_step(layout: &Layout, lopt: &LearnedOptimizer) -> StepIr {
     let meta = &lopt.meta;
 
     // §3.1 accumulators. (1 − β) is formed in f32, as the reference does.
-    let g = b.load(Buffer::Grad, 0);
+    let loaded = b.load(Buffer::Grad, 0);
+    let g = match meta.rule {
+        Rule::Mulo => loaded,
+        // ELO sanitizes inside the step (NaN → 0, ±∞ → ±f32::MAX), so a NaN entry zeroes that
+        // entry's gradient instead of the whole tensor being skipped.
+        Rule::Elo => b.unary(Unary::NanToNum, loaded),
+    };
     b.note(g, "g");
     let p = b.load(Buffer::Param, 0);
     b.note(p, "P (before the step)");
@@ -230,7 +241,8 @@ pub fn build_step(layout: &Layout, lopt: &LearnedOptimizer) -> StepIr {
         }
     }
 
-    // §3.7 update: u = d · exp(m · exp_mult) · step_mult; P ← P − lr·u; P ← P − lr·wd·P.
+    // §3.7 update. μLO_M: u = d · exp(m · exp_mult) · step_mult; P ← P − lr·u; P ← P − lr·wd·P.
+    // ELO: P ← P − lr·(d · exp(m · exp_mult) + wd·P), P from before the step, no step_mult.
     let direction = b.lane(x, 0);
     b.note(direction, "direction d");
     let magnitude = b.lane(x, 1);
@@ -239,16 +251,31 @@ pub fn build_step(layout: &Layout, lopt: &LearnedOptimizer) -> StepIr {
     let scaled = b.mul(magnitude, exp_mult);
     let e = b.unary(Unary::Exp, scaled);
     let de = b.mul(direction, e);
-    let step_mult = b.constant_f32(meta.step_mult);
-    let u = b.mul(de, step_mult);
-    b.note(u, "update u");
-    let lr = b.scalar(RuntimeScalar::Lr);
-    let wd = b.scalar(RuntimeScalar::WeightDecay);
-    let lr_u = b.mul(lr, u);
-    let p1 = b.sub(p, lr_u);
-    let lr_wd = b.mul(lr, wd);
-    let decay = b.mul(lr_wd, p1);
-    let p2 = b.sub(p1, decay);
+    // The nodes are created in the order they always were, so μLO_M's IR text is unchanged.
+    let p2 = match meta.rule {
+        Rule::Mulo => {
+            let step_mult = b.constant_f32(meta.step_mult);
+            let u = b.mul(de, step_mult);
+            b.note(u, "update u");
+            let lr = b.scalar(RuntimeScalar::Lr);
+            let wd = b.scalar(RuntimeScalar::WeightDecay);
+            let lr_u = b.mul(lr, u);
+            let p1 = b.sub(p, lr_u);
+            let lr_wd = b.mul(lr, wd);
+            let decay = b.mul(lr_wd, p1);
+            b.sub(p1, decay)
+        }
+        Rule::Elo => {
+            b.note(de, "update u (ELO: no step_mult)");
+            let lr = b.scalar(RuntimeScalar::Lr);
+            let wd = b.scalar(RuntimeScalar::WeightDecay);
+            let wd_p = b.mul(wd, p);
+            let u = b.add(de, wd_p);
+            b.note(u, "u + wd·P (ELO)");
+            let lr_u = b.mul(lr, u);
+            b.sub(p, lr_u)
+        }
+    };
     b.note(p2, "P after the step");
     b.store(Buffer::Param, 0, p2);
     b.finish()

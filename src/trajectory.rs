@@ -5,9 +5,14 @@
 //! state `state.mom`, `state.rms`, `state.fac_vec_*` (optional), and string metadata `shape`
 //! (JSON list), `steps`, `lr`, `weight_decay`, `start_step`, and `factored_axes` (JSON
 //! `[d0, d1]` as PyLO chose them, or `null`; optional: the default axes when absent).
+//!
+//! ELO files (golden/elo/README.md) add `lopt` (`"elo"`; absent means μLO_M), `exp_mult` and
+//! `clip_norm` (`null` or ELO's global-norm clipping threshold), and their gradients may hold
+//! NaN and ±∞ (ELO sanitizes them inside the step).
 
 use crate::backend::{Hyper, TensorStepper};
 use crate::error::{Error, Result};
+use crate::lopt::Rule;
 use crate::shape::{FactoredAxes, Layout, Shape};
 use crate::state::TensorState;
 use safetensors::{Dtype, SafeTensors};
@@ -32,6 +37,12 @@ pub struct Trajectory {
     pub weight_decay: f32,
     /// Step counter before the first step.
     pub start_step: u64,
+    /// The learned optimizer that recorded it (metadata `lopt`; μLO_M when absent).
+    pub rule: Rule,
+    /// ELO's `exp_mult` as recorded (metadata `exp_mult`), if any.
+    pub exp_mult: Option<f32>,
+    /// ELO's global-norm clipping threshold (metadata `clip_norm`), `None` when not clipped.
+    pub clip_norm: Option<f32>,
     /// The parameter before the first step.
     pub p0: Vec<f32>,
     /// Gradient of step k+1 at index k.
@@ -83,6 +94,36 @@ impl Trajectory {
             Some(text) => parse(path, "start_step", text)?,
             None => 0,
         };
+        let rule: Rule = match meta.get("lopt") {
+            None => Rule::Mulo,
+            Some(text) => text
+                .trim()
+                .parse()
+                .map_err(|e: String| Error::bad_file(path, format!("metadata `lopt`: {e}")))?,
+        };
+        let positive = |key: &str| -> Result<Option<f32>> {
+            match meta.get(key).map(|t| t.trim()) {
+                None | Some("null") => Ok(None),
+                Some(text) => {
+                    let v: f32 = parse(path, key, text)?;
+                    if !(v.is_finite() && v > 0.0) {
+                        return Err(Error::bad_file(
+                            path,
+                            format!("metadata `{key}` = {v} is not a positive finite number"),
+                        ));
+                    }
+                    Ok(Some(v))
+                }
+            }
+        };
+        let exp_mult = positive("exp_mult")?;
+        let clip_norm = positive("clip_norm")?;
+        if rule == Rule::Mulo && clip_norm.is_some() {
+            return Err(Error::bad_file(
+                path,
+                "metadata `clip_norm` is set but `lopt` is not `elo`: only ELO clips globally",
+            ));
+        }
         let axes: Option<FactoredAxes> = match meta.get("factored_axes").map(|t| t.trim()) {
             None | Some("null") => None,
             Some(text) => {
@@ -100,6 +141,8 @@ impl Trajectory {
         };
         let layout = Layout::with_axes(shape.clone(), axes)
             .map_err(|e| Error::bad_file(path, format!("metadata `factored_axes`: {e}")))?;
+        // ELO's recorded gradients may hold NaN/±∞ on purpose (its step sanitizes them).
+        let finite_only = |name: &str| rule == Rule::Mulo || !name.starts_with('g');
         let read = |name: &str, want: &[usize]| -> Result<Option<Vec<f32>>> {
             let Ok(view) = tensors.tensor(name) else {
                 return Ok(None);
@@ -124,6 +167,9 @@ impl Trajectory {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
+            if !finite_only(name) {
+                return Ok(Some(values));
+            }
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                 return Err(Error::bad_file(
                     path,
@@ -190,6 +236,9 @@ impl Trajectory {
             lr,
             weight_decay,
             start_step,
+            rule,
+            exp_mult,
+            clip_norm,
             p0,
             grads,
             params,
@@ -256,6 +305,16 @@ pub fn replay(stepper: &mut dyn TensorStepper, traj: &Trajectory) -> Result<Repl
     let mut param = traj.p0.clone();
     let mut param_error = 0f64;
     for (grad, want) in traj.grads.iter().zip(&traj.params) {
+        let clipped;
+        let grad = match traj.clip_norm {
+            Some(clip_norm) => {
+                clipped = clip_global(&[grad.as_slice()], clip_norm)
+                    .pop()
+                    .expect("one tensor in, one out");
+                &clipped
+            }
+            None => grad,
+        };
         stepper.step(&mut param, grad, hyper)?;
         if let Some(want) = want {
             param_error = param_error.max(max_abs_diff(&param, want) / scale);
@@ -282,6 +341,42 @@ pub fn replay(stepper: &mut dyn TensorStepper, traj: &Trajectory) -> Result<Repl
         param_error,
         state_errors,
     })
+}
+
+/// ELO's global-norm clipping of one parameter group's gradients (PyLO `ELO_naive`'s
+/// `_global_grad_scale`): every gradient times the f32 scalar
+/// `clip_norm / max(‖g‖₂ over all of them, clip_norm)`; not applied when that norm is NaN (PyLO's
+/// `denom > 0` test fails), nor when the scale is exactly 1. The sum of squares is taken in f64
+/// and rounded once (PyTorch's f32 reduction order is not reproducible anyway).
+///
+/// This lives in the replay driver for now; it moves into the step policy (with
+/// `MuloOptimizer`'s per-tensor clipping) when that module exists.
+pub fn clip_global(grads: &[&[f32]], clip_norm: f32) -> Vec<Vec<f32>> {
+    let total: f64 = grads
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|&x| {
+            let x = x as f64;
+            x * x
+        })
+        .sum();
+    let denom = ((total as f32).sqrt()).max(clip_norm);
+    // f32::max ignores NaN; PyTorch's clamp keeps it, and then `denom > 0` is false.
+    let scale = if denom > 0.0 && !total.is_nan() {
+        clip_norm / denom
+    } else {
+        1.0
+    };
+    grads
+        .iter()
+        .map(|g| {
+            if scale == 1.0 {
+                g.to_vec()
+            } else {
+                g.iter().map(|&x| x * scale).collect()
+            }
+        })
+        .collect()
 }
 
 /// max |a − b| in f64; NaN anywhere counts as infinite.

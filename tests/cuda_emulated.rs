@@ -222,6 +222,38 @@ fn emulated_kernels_replay_the_golden_trajectories() {
     assert!(failures.is_empty(), "over tolerance: {failures:#?}");
 }
 
+/// ELO's rule in the generated CUDA (its `nan_to_num` and update): the ELO golden cases that
+/// cover NaN gradients, clipping (applied by the replay driver), a vector, a 0-d tensor and a
+/// kernel, from `tests/fixtures/golden_elo`.
+#[test]
+fn emulated_kernels_replay_elo_golden_trajectories() {
+    if !gxx_or_skip("emulated_kernels_replay_elo_golden_trajectories") {
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden_elo");
+    let lopt = mulo::lopt::LearnedOptimizer::from_dir(&dir.join("weights"))
+        .unwrap()
+        .with_rule(mulo::lopt::Rule::Elo);
+    let mut failures = Vec::new();
+    for case in [
+        "elo_mat_40x24_nan",
+        "elo_mat_64x64_clip",
+        "elo_vec_37",
+        "elo_scalar_0d",
+        "elo_conv_16x8x3x3",
+    ] {
+        let traj = Trajectory::load(&dir.join(format!("{case}.safetensors"))).unwrap();
+        let ir = mulo::compile_layout(&traj.layout, &lopt).unwrap();
+        let mut s = EmulatedStepper::new(&ir, &traj.name);
+        let report = replay(&mut s, &traj).unwrap();
+        eprintln!("{report:?}");
+        if report.worst() > DEFAULT_TOLERANCE || report.state_errors.is_empty() {
+            failures.push(format!("{report:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "over tolerance: {failures:#?}");
+}
+
 #[test]
 fn emulated_kernels_match_the_interpreter_on_odd_shapes() {
     if !gxx_or_skip("emulated_kernels_match_the_interpreter_on_odd_shapes") {

@@ -84,6 +84,19 @@ pub(crate) fn unary<T: Real>(op: Unary, x: T) -> T {
                 x
             }
         }
+        // The bounds are f32's even in f64: the gradient it sanitizes is an f32 tensor.
+        Unary::NanToNum => {
+            let big = T::from_f64(f32::MAX as f64);
+            if x.is_nan() {
+                zero
+            } else if x > big {
+                big
+            } else if x < -big {
+                -big
+            } else {
+                x
+            }
+        }
     }
 }
 

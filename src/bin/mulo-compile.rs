@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use mulo::backend::cuda::nvrtc::Level;
 use mulo::backend::interp::InterpStepper;
 use mulo::backend::TensorStepper;
-use mulo::lopt::LearnedOptimizer;
+use mulo::lopt::{LearnedOptimizer, Rule};
 use mulo::shape::{FactoredAxes, Layout, Shape};
 use mulo::trajectory::{replay, Trajectory, DEFAULT_TOLERANCE};
 use std::path::{Path, PathBuf};
@@ -63,30 +63,47 @@ struct WeightsArgs {
     #[arg(long)]
     offline: bool,
     /// JSON file overriding meta-parameters (exp_mult, step_mult, momentum_decays, rms_decay,
-    /// adafactor_decays); fields left out keep μLO_M's values.
+    /// adafactor_decays, rule); fields left out keep μLO_M's values, so with `--lopt elo` the
+    /// file must say `"rule": "elo"`.
     #[arg(long, value_name = "FILE")]
     meta: Option<PathBuf>,
+    /// Which learned optimizer's step: `mulo` (μLO_M/AdafacLO) or `elo` (PyLO's ELO_naive:
+    /// raw decays, nan_to_num gradients, p ← p − lr·(d·exp(exp_mult·m) + wd·p)). Without
+    /// --weights, its Hub weights (btherien/mulo or DiamondXL/elo) from the local cache.
+    #[arg(long, value_name = "RULE", default_value = "mulo")]
+    lopt: Rule,
 }
 
 impl WeightsArgs {
     fn load(&self) -> Result<LearnedOptimizer> {
-        let lopt = self.load_weights()?;
+        let lopt = self.load_weights()?.with_rule(self.lopt);
         let lopt = match &self.meta {
             Some(path) => lopt.with_meta_file(path)?,
             None => lopt,
         };
-        eprintln!("weights: {}", lopt.origin);
+        if lopt.rule() != self.lopt {
+            return Err(mulo::Error::argument(
+                "--meta",
+                format!(
+                    "the meta-parameter file gives rule `{}` but --lopt is `{}`",
+                    lopt.rule(),
+                    self.lopt
+                ),
+            )
+            .into());
+        }
+        eprintln!("weights: {} (rule {})", lopt.origin, lopt.rule());
         Ok(lopt)
     }
 
-    /// The cache, then the Hub (with the `hub` feature); for the default key, the demo network
-    /// when neither has it.
+    /// The cache, then the Hub (with the `hub` feature); for the default key (the rule's:
+    /// btherien/mulo or DiamondXL/elo), the demo network when neither has it.
     fn load_weights(&self) -> Result<LearnedOptimizer> {
-        use mulo::lopt::DEFAULT_HUB_KEY;
+        let key = self.lopt.hub_key();
         let offline = self.offline || mulo::lopt::hub_offline_from_env();
         Ok(match &self.weights {
             Some(spec) => LearnedOptimizer::load_or_download(spec, &self.revision, offline)?,
-            None => LearnedOptimizer::from_hub(DEFAULT_HUB_KEY, &self.revision, offline)
+            None => LearnedOptimizer::from_hub(key, &self.revision, offline)
                 .unwrap_or_else(|why| {
                     let build = if cfg!(feature = "hub") {
                         ""
@@ -94,8 +111,8 @@ impl WeightsArgs {
                         " (built without the `hub` feature: never downloads)"
                     };
                     eprintln!(
-                        "warning: using the bundled DEMO network, not the trained μLO_M \
-                         {DEFAULT_HUB_KEY}{build}: {why}"
+                        "warning: using the bundled DEMO network, not the trained {key}{build}: \
+                         {why}"
                     );
                     LearnedOptimizer::demo()
                 }),
@@ -557,6 +574,21 @@ fn run_replay(args: &ReplayArgs) -> Result<i32> {
     );
     for path in &args.cases {
         let traj = Trajectory::load(path)?;
+        // Refused rather than followed: the weights were chosen for --lopt, and a μLO_M
+        // replay of an ELO file (or the reverse) is meaningless.
+        if traj.rule != lopt.rule() {
+            return Err(mulo::Error::argument(
+                "--lopt",
+                format!(
+                    "{} records lopt `{}` but the replay runs `{}`: pass --lopt {}",
+                    path.display(),
+                    traj.rule,
+                    lopt.rule(),
+                    traj.rule
+                ),
+            )
+            .into());
+        }
         check_host_memory(
             &format!("{}: shape {}", path.display(), traj.layout.shape()),
             &traj.layout,

@@ -198,6 +198,8 @@ pub enum Unary {
     Tanh,
     /// `max(x, 0)`
     Relu,
+    /// PyTorch's `nan_to_num` in f32: NaN → 0, +∞ → f32::MAX, −∞ → −f32::MAX (ELO's gradient).
+    NanToNum,
 }
 
 impl Unary {
@@ -210,6 +212,7 @@ impl Unary {
             Unary::Exp => "exp",
             Unary::Tanh => "tanh",
             Unary::Relu => "relu",
+            Unary::NanToNum => "nan_to_num",
         }
     }
 }

@@ -4,6 +4,62 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// Which learned optimizer's step the meta-network drives: the features are the same, the
+/// constants and the update rule differ (docs/SPEC.md, "ELO").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rule {
+    /// μLO_M / AdafacLO: `p ← p − lr·step_mult·d·exp(exp_mult·m)`, then `p ← p − lr·wd·p`.
+    #[default]
+    Mulo,
+    /// ELO (PyLO's `ELO_naive`): the gradient goes through `nan_to_num` inside the step, and
+    /// `p ← p − lr·(d·exp(exp_mult·m) + wd·p)` with `p` from before the step (no `step_mult`).
+    Elo,
+}
+
+impl Rule {
+    /// The name used on the command line and in file metadata (`mulo`, `elo`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::Mulo => "mulo",
+            Rule::Elo => "elo",
+        }
+    }
+
+    /// The Hub key of the rule's trained weights, loaded when `--weights` is not given.
+    pub fn hub_key(self) -> &'static str {
+        match self {
+            Rule::Mulo => super::DEFAULT_HUB_KEY,
+            Rule::Elo => super::ELO_HUB_KEY,
+        }
+    }
+
+    /// Whether this is μLO_M's rule (the default, left out of serialized meta-parameters so
+    /// that μLO_M's fingerprint, and with it every μLO_M program, stays as it was).
+    pub fn is_mulo(&self) -> bool {
+        *self == Rule::Mulo
+    }
+}
+
+impl std::str::FromStr for Rule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mulo" => Ok(Rule::Mulo),
+            "elo" => Ok(Rule::Elo),
+            other => Err(format!(
+                "unknown learned optimizer `{other}` (expected `mulo` or `elo`)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The decays and output scales of the learned optimizer.
 ///
 /// Defaults are μLO_M's. The decays are the normative f32 values of SPEC.md §1 (the
@@ -22,6 +78,9 @@ pub struct MetaParams {
     pub rms_decay: f32,
     /// β_f1..β_f3, the Adafactor accumulator decays.
     pub adafactor_decays: [f32; 3],
+    /// Which update rule the step uses (μLO_M's unless set).
+    #[serde(skip_serializing_if = "Rule::is_mulo")]
+    pub rule: Rule,
 }
 
 impl Default for MetaParams {
@@ -40,11 +99,33 @@ impl Default for MetaParams {
                 f32::from_bits(0x3f7f_22e0),
                 f32::from_bits(0x3f7f_dcb2),
             ],
+            rule: Rule::Mulo,
         }
     }
 }
 
 impl MetaParams {
+    /// ELO's meta-parameters (PyLO `ELO_naive`'s defaults): the raw decays, used as they are,
+    /// `exp_mult` 0.001. `step_mult` is 1 and unused: ELO's update has none (`lr` plays its part).
+    pub fn elo() -> Self {
+        MetaParams {
+            exp_mult: 0.001,
+            step_mult: 1.0,
+            momentum_decays: [0.9, 0.99, 0.999],
+            rms_decay: 0.999,
+            adafactor_decays: [0.9, 0.99, 0.999],
+            rule: Rule::Elo,
+        }
+    }
+
+    /// The default meta-parameters of `rule`.
+    pub fn for_rule(rule: Rule) -> Self {
+        match rule {
+            Rule::Mulo => Self::default(),
+            Rule::Elo => Self::elo(),
+        }
+    }
+
     /// Reads overrides from a JSON file; fields left out keep μLO_M's values.
     ///
     /// ```json

@@ -14,7 +14,7 @@ pub use hub::{
     hub_cache_dir, hub_offline_from_env, resolve_hub_snapshot, resolve_hub_snapshot_at,
     DEFAULT_REVISION,
 };
-pub use meta::MetaParams;
+pub use meta::{MetaParams, Rule};
 pub use network::{read_config, Dense, MetaNetwork, NetworkConfig, INPUT_SIZE, OUTPUT_SIZE};
 
 use crate::error::{Error, Result};
@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 
 /// The Hub key of the trained μLO_M.
 pub const DEFAULT_HUB_KEY: &str = "btherien/mulo";
+
+/// The Hub key of the trained ELO (PyLO's `ELO_naive` default `hf_key`).
+pub const ELO_HUB_KEY: &str = "DiamondXL/elo";
 
 /// Where a learned optimizer's weights came from (printed by the CLI, kept in manifests).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -239,6 +242,18 @@ impl LearnedOptimizer {
     pub fn with_meta_file(mut self, path: &Path) -> Result<Self> {
         self.meta = MetaParams::from_json_file(path)?;
         Ok(self)
+    }
+
+    /// The same network with `rule`'s default meta-parameters (ELO: its raw decays; μLO_M: its
+    /// reparameterized ones). Apply before [`Self::with_meta_file`], which replaces them all.
+    pub fn with_rule(mut self, rule: Rule) -> Self {
+        self.meta = MetaParams::for_rule(rule);
+        self
+    }
+
+    /// Which learned optimizer's step this is.
+    pub fn rule(&self) -> Rule {
+        self.meta.rule
     }
 
     /// Whether this is the bundled demo network rather than real learned weights.

@@ -30,6 +30,7 @@ pub fn unary<const VEC_EXP: bool>(op: Unary, a: &[f32], out: &mut [f32]) {
         Unary::Exp => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x.exp()),
         Unary::Tanh => out.iter_mut().zip(a).for_each(|(o, &x)| *o = x.tanh()),
         Unary::Relu => map1(a, out, relu_of),
+        Unary::NanToNum => map1(a, out, nan_to_num),
     }
 }
 
@@ -147,6 +148,16 @@ pub fn exp(x: f32) -> f32 {
         0.0
     } else {
         e
+    }
+}
+
+/// PyTorch's f32 `nan_to_num`: NaN → 0, ±∞ → ±f32::MAX, everything else as it is.
+#[inline(always)]
+fn nan_to_num(x: f32) -> f32 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(-f32::MAX, f32::MAX)
     }
 }
 

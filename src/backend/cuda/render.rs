@@ -195,6 +195,11 @@ fn lanewise_expr(op: &Op, o: impl Fn(&ValueId) -> String) -> Option<String> {
                 Unary::Tanh => format!("tanhf({a})"),
                 // NaN propagates, as in PyTorch and the interpreter.
                 Unary::Relu => format!("({a} < 0.0f ? 0.0f : {a})"),
+                // NaN fails every comparison, hence the `x != x` test first; the bound is
+                // written out because NVRTC compiles without <cfloat>.
+                Unary::NanToNum => format!(
+                    "(({a}) != ({a}) ? 0.0f : fminf(fmaxf({a}, -3.40282347e+38f), 3.40282347e+38f))"
+                ),
             }
         }
         Op::Binary(b, x, y) => {

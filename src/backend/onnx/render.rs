@@ -329,6 +329,17 @@ impl<'a> Renderer<'a> {
                     Unary::Exp => self.node("Exp", &[&x], vec![], out),
                     Unary::Tanh => self.node("Tanh", &[&x], vec![], out),
                     Unary::Relu => self.node("Relu", &[&x], vec![], out),
+                    // ONNX has no nan_to_num: Where(IsNaN(x), 0, Min(Max(x, −MAX), MAX)).
+                    // The NaN test comes first because Max/Min's NaN handling varies by runtime.
+                    Unary::NanToNum => {
+                        let nan = self.node("IsNaN", &[&x], vec![], None);
+                        let zero = self.init_f32("c", &[], &[0.0]);
+                        let lo = self.init_f32("c", &[], &[-f32::MAX]);
+                        let hi = self.init_f32("c", &[], &[f32::MAX]);
+                        let above = self.node("Max", &[&x, &lo], vec![], None);
+                        let clamped = self.node("Min", &[&above, &hi], vec![], None);
+                        self.node("Where", &[&nan, &zero, &clamped], vec![], out)
+                    }
                 }
             }
             Op::Binary(op, a, b) => {
