@@ -103,8 +103,8 @@ impl WeightsArgs {
         let offline = self.offline || mulo::lopt::hub_offline_from_env();
         Ok(match &self.weights {
             Some(spec) => LearnedOptimizer::load_or_download(spec, &self.revision, offline)?,
-            None => LearnedOptimizer::from_hub(key, &self.revision, offline)
-                .unwrap_or_else(|why| {
+            None => {
+                LearnedOptimizer::from_hub(key, &self.revision, offline).unwrap_or_else(|why| {
                     let build = if cfg!(feature = "hub") {
                         ""
                     } else {
@@ -115,7 +115,8 @@ impl WeightsArgs {
                          {why}"
                     );
                     LearnedOptimizer::demo()
-                }),
+                })
+            }
         })
     }
 }
