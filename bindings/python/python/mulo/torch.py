@@ -604,9 +604,10 @@ class AdafacLO(Optimizer):
             weight_decay: decoupled weight decay, ``P ← P − lr·wd·P`` after the update (mulo's
                 addition; default 0); per group.
             max_grad_norm: per-tensor gradient clipping norm (None: no clipping); per group.
-            hf_key: the weights: a Hub key looked up in the local Hugging Face cache (default
-                ``btherien/mulo``), a directory in the Hub layout, a ``.safetensors`` file,
-                ``"demo"`` (the bundled demo network) or a ``mulo.LearnedOptimizer``.
+            hf_key: the weights: a Hub key (default ``btherien/mulo``) from the local Hugging
+                Face cache, downloaded there with ``huggingface_hub`` on first use, a directory
+                in the Hub layout, a ``.safetensors`` file, ``"demo"`` (the bundled demo
+                network) or a ``mulo.LearnedOptimizer``.
             exp_mult: μLO_M's exponent multiplier of the update (PyLO's, default 0.001).
             step_mult: μLO_M's step multiplier of the update (PyLO's, default 0.01).
             momentum_decays: offsets of the 3 momentum decays (PyLO's parameterization).
@@ -624,6 +625,8 @@ class AdafacLO(Optimizer):
                 reference interpreter, CPU tensors).
             factored_axes: ``{param: (d0, d1)}`` overriding PyLO's numpy argsort for those
                 tensors (see :meth:`set_factored_axes`).
+            revision: the Hub revision (branch, tag or commit hash) of a Hub key ``hf_key``
+                (default: the main branch).
         """
         _check_hyper(type(self).__name__, lr, weight_decay, max_grad_norm)
         if nonfinite not in ("skip", "zero", "error"):
