@@ -19,7 +19,7 @@ echo "date $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD
 echo
 echo '```'
 python3 bench/pytorch_reference.py --weights "$WEIGHTS" --mulo target/release/mulo-compile \
-    --shapes 1024x512 4096x1024 --steps 10 --warmup 2 --targets cpu 2>&1
+    --shapes 1024x512 4096x1024 --steps 10 --warmup 3 --targets cpu --compile 2>&1
 echo '```'
 echo
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

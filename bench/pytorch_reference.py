@@ -12,6 +12,10 @@ a golden trajectory before it is timed (`--check`).
     python3 bench/pytorch_reference.py --weights tests/fixtures/golden/weights \
         --mulo target/release/mulo-compile --shapes 1024x512 4096x1024 --steps 10
 
+With `--compile`, the same step compiled by `torch.compile` (inductor, C++ on the CPU) is timed
+too, as target `pytorch-compile`; its compilation happens in the warm-up steps, which are not
+timed.
+
 Prints one JSON line per (shape, target) and, per shape and mulo target (`cpu`: the native
 chunk programs on every core; `onnx`: the exported graph in tract; `onnx-chunked`: statistics +
 per-chunk graphs on 2 threads), the speed-up over the PyTorch step.
@@ -67,7 +71,9 @@ class NaiveStep:
         self.shape = tuple(shape) if shape else (1,)
         self.user_shape = tuple(shape)
         self.mlp = mlp
-        self.t = start_step
+        # The step counter as a tensor: a Python int would make torch.compile specialize on it
+        # and compile the step again at every step.
+        self.t = torch.tensor(float(start_step))
         s = self.shape
         self.mom = torch.zeros(s + (3,))
         self.rms = torch.zeros(s + (1,))
@@ -118,19 +124,20 @@ class NaiveStep:
             feats.append(self.mom * torch.pow(self.v + 1e-6, -0.5))
         x = torch.cat(feats, dim=-1)
         x = x * torch.rsqrt(1e-5 + torch.mean(x**2, dim=axes, keepdim=True))
-        tau = torch.tanh(torch.tensor(float(self.t)) / torch.tensor(PERIODS, dtype=torch.float32) - 1.0)
+        tau = torch.tanh(self.t / torch.tensor(PERIODS, dtype=torch.float32) - 1.0)
         tau = tau.reshape((1,) * len(self.shape) + (11,)).repeat(self.shape + (1,))
         out = self.mlp(torch.cat([x, tau], dim=-1))
         d, m = out[..., 0], out[..., 1]
         p.sub_(lr * (d * torch.exp(m * EXP_MULT) * STEP_MULT))
         if wd > 0:
             p.sub_(lr * wd * p)
-        self.t += 1
+        self.t.add_(1.0)
         return p.reshape(self.user_shape)
 
 
-def check(mlp, case):
-    """Replays a golden case; returns max |p - p_ref| / max |pT - p0|."""
+def check(mlp, case, compiled=False):
+    """Replays a golden case (through torch.compile when `compiled`); returns
+    max |p - p_ref| / max |pT - p0|."""
     from safetensors import safe_open
 
     with safe_open(case, "np") as f:
@@ -139,32 +146,35 @@ def check(mlp, case):
     shape = json.loads(meta["shape"])
     steps = int(meta["steps"])
     s = NaiveStep(shape, mlp, int(meta.get("start_step", "0")))
+    step = torch.compile(s.step) if compiled else s.step
     p = torch.from_numpy(t["p0"].copy())
     scale = float(np.max(np.abs(t[f"p{steps}"] - t["p0"])))
     err = 0.0
     for k in range(1, steps + 1):
-        p = s.step(p, torch.from_numpy(t[f"g{k}"].copy()), float(meta["lr"]), float(meta["weight_decay"]))
+        p = step(p, torch.from_numpy(t[f"g{k}"].copy()), float(meta["lr"]), float(meta["weight_decay"]))
         if f"p{k}" in t:
             err = max(err, float(np.max(np.abs(p.numpy() - t[f"p{k}"]))) / scale)
     return err
 
 
-def time_torch(mlp, shape, steps, warmup):
+def time_torch(mlp, shape, steps, warmup, compiled=False):
+    """The reference step's median time; `compiled`: the step through `torch.compile`."""
     n = int(np.prod(shape))
     i = np.arange(n)
     p = torch.from_numpy((((i * 7919) % 1000) - 500.0).astype(np.float32) * 1e-3).reshape(shape)
     g = torch.from_numpy((((i * 104729) % 997) - 498.0).astype(np.float32) * 1e-4).reshape(shape)
     s = NaiveStep(shape, mlp)
+    step = torch.compile(s.step) if compiled else s.step
     for _ in range(warmup):
-        p = s.step(p, g, 1e-3, 0.0)
+        p = step(p, g, 1e-3, 0.0)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter_ns()
-        p = s.step(p, g, 1e-3, 0.0)
+        p = step(p, g, 1e-3, 0.0)
         times.append(time.perf_counter_ns() - t0)
     times.sort()
     median = times[len(times) // 2]
-    return {"shape": "x".join(map(str, shape)), "target": "pytorch-naive", "steps": steps,
+    return {"shape": "x".join(map(str, shape)), "target": "pytorch-compile" if compiled else "pytorch-naive", "steps": steps,
             "median_ns": median, "ns_per_element": median / n, "threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
@@ -184,25 +194,30 @@ def main():
     ap.add_argument("--weights", default="tests/fixtures/golden/weights")
     ap.add_argument("--mulo", default="target/release/mulo-compile")
     ap.add_argument("--shapes", nargs="+", default=["1024x512", "4096x1024"])
-    ap.add_argument("--targets", nargs="+", default=["cpu", "onnx", "onnx-chunked"],
+    ap.add_argument("--targets", nargs="*", default=["cpu", "onnx", "onnx-chunked"],
                     help="mulo-compile bench targets to compare")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the reference step compiled by torch.compile (target pytorch-compile)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--check", default="tests/fixtures/golden/mat_64x256.safetensors",
                     help="golden case the PyTorch step must reproduce first ('' to skip)")
     args = ap.parse_args()
     mlp = load_mlp(args.weights)
-    if args.check:
-        err = check(mlp, args.check)
-        print(f"pytorch reference vs {os.path.basename(args.check)}: error {err:.3e} of the displacement",
+    for compiled in ([False, True] if args.compile else [False]) if args.check else []:
+        err = check(mlp, args.check, compiled)
+        what = "torch.compile'd pytorch reference" if compiled else "pytorch reference"
+        print(f"{what} vs {os.path.basename(args.check)}: error {err:.3e} of the displacement",
               file=sys.stderr)
         if not err <= 1e-4:
-            print("the PyTorch reference does not reproduce the golden case", file=sys.stderr)
+            print(f"the {what} does not reproduce the golden case", file=sys.stderr)
             return 1
     for text in args.shapes:
         shape = tuple(int(d) for d in text.split("x"))
         ref = time_torch(mlp, shape, args.steps, args.warmup)
         print(json.dumps(ref))
+        if args.compile:
+            print(json.dumps(time_torch(mlp, shape, args.steps, args.warmup, compiled=True)), flush=True)
         for target in args.targets:
             ours = time_mulo(args.mulo, args.weights, shape, args.steps, args.warmup, target)
             print(json.dumps(ours))
