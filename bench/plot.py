@@ -2,7 +2,7 @@
 """Draws a committed CPU benchmark (ns per element of one optimizer step, by tensor shape) as
 a PNG: one bar per shape and step implementation, on a log scale.
 
-    python3 bench/plot.py [bench/results/cpu-quiet.md] [--out bench/results/cpu-quiet.png]
+    python3 bench/plot.py [bench/results/cpu-torch-compile.md] [--out bench/results/cpu-torch-compile.png]
 
 It reads the JSON lines that `bench/pytorch_reference.py` printed into the results file (the
 side-by-side section of `bench/cpu.sh`'s output): per shape, mulo's step (`"target": "cpu"`,
@@ -46,7 +46,7 @@ def read(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", nargs="?", default="bench/results/cpu-quiet.md")
+    ap.add_argument("results", nargs="?", default="bench/results/cpu-torch-compile.md")
     ap.add_argument("--out", help="the PNG (default: the results file with .png)")
     args = ap.parse_args()
     rows = read(args.results)
