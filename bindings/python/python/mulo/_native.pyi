@@ -15,6 +15,7 @@ __all__ = [
     "CudaStepper",
     "state_to_pylo",
     "state_from_pylo",
+    "buffer_conflict",
     "ShardedGroup",
     "__version__",
 ]
@@ -182,3 +183,10 @@ def state_to_pylo(shape: List[int], axes: _Axes, buffers: List[Tuple[str, bytes]
 
 def state_from_pylo(shape: List[int], axes: _Axes, tensors: List[_PyloTensor]) -> List[Tuple[str, bytes]]:
     """PyLO-layout state to the canonical layout, in ``CudaModel.state_buffers`` order."""
+
+def buffer_conflict(params: List[int], grads: List[int]) -> Optional[Tuple[int, int]]:
+    """Checks the buffers of every group of a step at once, before any group is stepped.
+    ``params`` and ``grads`` are flat ``[address, values, ...]`` lists of float32 buffers
+    (address 0: no gradient), numbered parameters first, then gradients. Returns ``(a, b)`` for
+    two overlapping buffers one of which is written, ``(k, k)`` for a null or misaligned
+    address, or None."""

@@ -33,7 +33,7 @@ def check_state_dict(opt, state_dict: Dict[str, Any]) -> None:
         where = f"state_dict param_groups[{gi}]"
         step = saved.get("step") if isinstance(saved, dict) else None
         if step is not None and (
-            isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < STEP_LIMIT
+            isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= int(step) < STEP_LIMIT
         ):
             raise ValueError(f"{where}: step={step!r} must be an int in [0, 2**63) (not a bool)")
         ours = opt.param_groups[gi] if gi < len(opt.param_groups) else None

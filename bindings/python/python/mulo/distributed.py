@@ -362,11 +362,11 @@ class ShardedSteps:
         groups = opt.param_groups
         self.ensure_built(opt)
         # Every group's tensors are checked (and staged) before any group changes.
-        work = [self._local(self.rts[gi], group) for gi, group in enumerate(groups)]
+        work = [self._local(self.built(gi), group) for gi, group in enumerate(groups)]
         if len(groups) > 1:
             conflict = _buffer_conflict([a for w in work for a in w.ptrs], [a for w in work for a in w.grads])
             if conflict is not None:
-                names = [n for gi in range(len(groups)) for n in self.rts[gi].names]
+                names = [n for gi in range(len(groups)) for n in self.built(gi).names]
                 what = [f"`{n}`" for n in names] + [f"the gradient of `{n}`" for n in names]
                 raise ValueError(
                     f"sharded step: the memory of {what[conflict[0]]} and {what[conflict[1]]} "

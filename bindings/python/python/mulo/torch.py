@@ -527,8 +527,8 @@ class _NoTensors:
     def set_max_grad_norm(self, max_grad_norm) -> None:
         pass
 
-    def step(self, params, grads, lr: float, weight_decay: float) -> Dict[str, list]:
-        report: Dict[str, list] = {k: [] for k in ("skipped", "sanitized", "nonfinite", "clipped", "reverted", "without_grad")}
+    def step(self, params, grads, lr: float, weight_decay: float) -> Dict[str, Any]:
+        report: Dict[str, Any] = {k: [] for k in ("skipped", "sanitized", "nonfinite", "clipped", "reverted", "without_grad")}
         report["step"] = self.step_count
         self.step_count += 1
         return report
@@ -812,7 +812,7 @@ class AdafacLO(Optimizer):
                     self.lopt,
                     [n_names[j] for j in k],
                     [list(n_shapes[j]) for j in k],
-                    [tuple(a) if a is not None else None for a in (n_axes[j] for j in k)],
+                    [(a[0], a[1]) if a is not None else None for a in (n_axes[j] for j in k)],
                     group["max_grad_norm"],
                     self._nonfinite,
                     self._guard,
